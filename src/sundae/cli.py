@@ -1,0 +1,397 @@
+"""`sundae <verb>`: the command line. Each verb is a thin wrapper over importable functions.
+
+Verbs: train-vqgan, reconstruct, tokenize, train, sample, inpaint, quickstart. Configs come from named
+presets plus `--set key=value` overrides checked against the dataclass fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from sundae import data as D
+from sundae.checkpoint import load_generator, load_tokenizer
+from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
+from sundae.sundae import sample, token_keep_mask
+from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, resolve_device, train_generator,
+                          train_vqgan)
+from sundae.vqgan import PRESETS as VQGAN_PRESETS
+from sundae.vqgan import VQGAN
+
+
+class UsageError(ValueError):
+    """A bad argument: printed as one line, exit status 2."""
+
+
+def _parse_value(key: str, text: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if isinstance(default, tuple):
+            kind = type(default[0]) if default else int
+            return tuple(kind(v) for v in text.split(",") if v.strip())
+        return type(default)(text)
+    except ValueError:
+        raise UsageError(f"--set {key}={text}: expected a value like {default!r}") from None
+
+
+def apply_overrides(pairs: Sequence[str], *configs: Any) -> list[Any]:
+    """Apply `key=value` strings to whichever of the frozen dataclass `configs` has the field `key`.
+
+    Raises UsageError for a malformed pair or a key no config has (listing the valid keys).
+    """
+    configs = list(configs)
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise UsageError(f"--set expects key=value, got {pair!r}")
+        for i, cfg in enumerate(configs):
+            fields = {f.name for f in dataclasses.fields(cfg)}
+            if key in fields:
+                configs[i] = dataclasses.replace(cfg, **{key: _parse_value(key, text, getattr(cfg, key))})
+                break
+        else:
+            valid = sorted({f.name for cfg in configs for f in dataclasses.fields(cfg)})
+            raise UsageError(f"--set {key}: unknown key; valid keys: {', '.join(valid)}")
+    return configs
+
+
+def _pair(text: str) -> tuple[float, float]:
+    """"0.8" -> (0.8, 0.8); "1.0,0.7" -> (1.0, 0.7): a schedule's start and end."""
+    parts = [float(v) for v in text.split(",")]
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected START or START,END, got {text!r}")
+    return (parts[0], parts[-1])
+
+
+def _preset(table: dict, name: str, what: str) -> Any:
+    if name not in table:
+        raise UsageError(f"unknown {what} preset {name!r}; choose from {', '.join(table)}")
+    return table[name]
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, hex: identifies which tokenizer checkpoint made a token file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- verbs -----------------------------------------------------------------------------------------
+
+def cmd_train_vqgan(args: argparse.Namespace) -> None:
+    model_cfg, train_cfg = apply_overrides(args.set, _preset(VQGAN_PRESETS, args.preset, "tokenizer"),
+                                           _preset(VQGAN_TRAIN_PRESETS, args.preset, "tokenizer training"))
+    dataset = D.open_images(args.data, model_cfg.resolution, model_cfg.in_channels, "train")
+    path = train_vqgan(model_cfg, train_cfg, dataset, args.out, resolve_device(args.device), args.resume)
+    print(f"tokenizer written to {path}")
+
+
+@torch.no_grad()
+def encode_dataset(tokenizer: VQGAN, dataset: torch.utils.data.Dataset, batch_size: int,
+                   device: torch.device, desc: str = "tokenize") -> tuple[np.ndarray, np.ndarray]:
+    """Encode every image of `dataset` -> (tokens uint16 `N h w`, labels int64 `N`)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    tokens, labels = [], []
+    for x, y in tqdm(loader, desc=desc, dynamic_ncols=True):
+        tokens.append(tokenizer.encode(x.to(device)).cpu().numpy().astype(np.uint16))
+        labels.append(y.numpy().astype(np.int64))
+    return np.concatenate(tokens), np.concatenate(labels)
+
+
+def write_token_folder(out: str | Path, tokens: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> None:
+    """Write `tokens.npy` (uint16 `N h w`), `labels.npy` and `meta.json` into `out`, each atomically."""
+    out = Path(out)
+    D.atomic_write(out / "tokens.npy", lambda tmp: np.save(open(tmp, "wb"), tokens.astype(np.uint16)))
+    D.atomic_write(out / "labels.npy", lambda tmp: np.save(open(tmp, "wb"), labels.astype(np.int64)))
+    D.write_json(out / "meta.json", {**meta, "grid": list(tokens.shape[1:]), "count": len(tokens)})
+
+
+def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out: str | Path,
+             device: torch.device, batch_size: int = 256, class_names: Sequence[str] = ()) -> Path:
+    """Encode `dataset` with the tokenizer checkpoint into a token folder (see `sundae.data`)."""
+    tokenizer = load_tokenizer(tokenizer_path, device)
+    if tokenizer.cfg.n_codes > 65536:
+        raise UsageError(f"{tokenizer_path}: {tokenizer.cfg.n_codes} codes do not fit the uint16 token file")
+    tokens, labels = encode_dataset(tokenizer, dataset, batch_size, device)
+    num_classes = int(getattr(dataset, "num_classes", 0))
+    meta = {"n_codes": tokenizer.cfg.n_codes, "f": tokenizer.cfg.f, "tokenizer": str(Path(tokenizer_path).resolve()),
+            "tokenizer_sha256": file_digest(tokenizer_path), "num_classes": num_classes,
+            "class_names": list(class_names or getattr(dataset, "classes", []) or []),
+            "channels": tokenizer.cfg.in_channels}
+    write_token_folder(out, tokens, labels, meta)
+    return Path(out)
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    cfg = load_tokenizer(args.tokenizer).cfg
+    dataset = D.open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split)
+    names = D.FASHION_MNIST_CLASSES if D.is_idx_dataset(args.data) else ()
+    out = tokenize(args.tokenizer, dataset, args.out, device, args.batch_size, names)
+    print(f"tokens written to {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    dataset = D.TokenDataset(args.tokens)
+    model_cfg, train_cfg = apply_overrides(args.set, _preset(HOURGLASS_PRESETS, args.preset, "generator"),
+                                           _preset(GENERATOR_TRAIN_PRESETS, args.preset, "generator training"))
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=dataset.meta["n_codes"],
+                                    num_classes=dataset.num_classes if model_cfg.num_classes else 0)
+    device = resolve_device(args.device)
+    tokenizer_path = args.tokenizer or dataset.meta.get("tokenizer")
+    tokenizer = load_tokenizer(tokenizer_path, device) if tokenizer_path and Path(tokenizer_path).is_file() else None
+    meta = {k: dataset.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names")}
+    path = train_generator(model_cfg, train_cfg, dataset, args.out, meta, tokenizer, device, args.resume)
+    print(f"generator written to {path}")
+
+
+def class_logits_fn(net: torch.nn.Module, labels: torch.Tensor | None):
+    """The sampler's logits function for `net`, conditioned on `labels` (`b` int64) when given."""
+    if labels is None:
+        return lambda z, rows: net(z)
+    return lambda z, rows: net(z, labels[rows])
+
+
+def _labels(text: str | None, num: int, num_classes: int, device: torch.device) -> torch.Tensor | None:
+    if num_classes == 0:
+        if text is not None:
+            raise UsageError("--class given, but the generator is unconditional")
+        return None
+    values = list(range(num_classes)) if text is None else [int(v) for v in text.split(",")]
+    bad = [v for v in values if not 0 <= v < num_classes]
+    if bad:
+        raise UsageError(f"--class {bad[0]} is outside the trained classes 0..{num_classes - 1}")
+    return torch.tensor(values, device=device).repeat(-(-num // len(values)))[:num]
+
+
+def _load_pair(args: argparse.Namespace, device: torch.device):
+    net, meta = load_generator(args.generator, device)
+    tokenizer_path = args.tokenizer or meta.get("tokenizer")
+    if not tokenizer_path:
+        raise UsageError(f"{args.generator} names no tokenizer: pass --tokenizer")
+    tokenizer = load_tokenizer(tokenizer_path, device)
+    if tokenizer.cfg.n_codes != net.cfg.vocab_size:
+        raise UsageError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.n_codes} codes, "
+                         f"generator {args.generator} expects {net.cfg.vocab_size}")
+    return net, meta, tokenizer
+
+
+def _schedule_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"steps": args.steps, "temperature": args.temperature, "update_proportion": args.update_proportion,
+            "min_steps": args.min_steps}
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    net, meta, tokenizer = _load_pair(args, device)
+    h, w = meta["grid"]
+    labels = _labels(args.class_, args.num, net.cfg.num_classes, device)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    images, taken, t0 = [], [], time.time()
+    with torch.inference_mode():
+        for start in tqdm(range(0, args.num, args.batch_size), desc="sample", dynamic_ncols=True):
+            b = min(args.batch_size, args.num - start)
+            lab = labels[start:start + b] if labels is not None else None
+            z, steps = sample(class_logits_fn(net, lab), (b, h, w), net.cfg.vocab_size, generator=gen,
+                              device=device, **_schedule_kwargs(args))
+            images.append(tokenizer.decode(z).cpu())
+            taken.append(steps.cpu())
+    images = torch.cat(images)
+    out = Path(args.out)
+    for i, img in enumerate(images):
+        D.save_image(img, out / "samples" / f"{i:05d}.png")
+    D.save_grid(images, out / "grid.png", nrow=args.nrow or int(np.ceil(np.sqrt(len(images)))))
+    print(f"{len(images)} samples in {time.time() - t0:.1f} s (mean {torch.cat(taken).float().mean():.1f} steps) "
+          f"written to {out}")
+
+
+def load_image(path: str | Path, channels: int) -> torch.Tensor:
+    """An image file -> `c H W` float in [-1, 1] (c = 1 grayscale or 3 RGB)."""
+    try:
+        with Image.open(path) as img:
+            return D.image_to_tensor(img.convert("L" if channels == 1 else "RGB"))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read image {path}: {err}") from None
+
+
+def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """A mask file -> `1 H W` float, 1 = regenerate (white, or transparent in an RGBA mask), 0 = keep."""
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("RGBA", "LA") or "transparency" in img.info:
+                mask = np.asarray(img.convert("RGBA"))[:, :, 3] < 128
+            else:
+                mask = np.asarray(img.convert("L")) >= 128
+    except OSError as err:
+        raise UsageError(f"cannot read mask {path}: {err}") from None
+    if mask.shape != tuple(size):
+        raise UsageError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]}, the image is {size[0]}x{size[1]}")
+    return torch.from_numpy(mask).float()[None]
+
+
+def inpaint_images(net, tokenizer: VQGAN, image: torch.Tensor, pixel_mask: torch.Tensor, num: int,
+                   labels: torch.Tensor | None, generator: torch.Generator, **schedule: Any):
+    """`num` completions of one image (`c H W`) where `pixel_mask` (`1 H W`, 1 = regenerate) is set.
+
+    Known tokens (whole f x f cell unmasked) are fixed; every pixel outside the regenerated cells is copied
+    from the input. Returns (images `num c H W` in [-1, 1], tokens `num h w`, keep-mask `num h w` bool,
+    the input's tokens `num h w`).
+    """
+    f = tokenizer.cfg.f
+    device = tokenizer.last_layer.device
+    x = image[None].to(device)
+    keep = token_keep_mask(pixel_mask[None].to(device), f).expand(num, -1, -1)
+    init = tokenizer.encode(x).expand(num, -1, -1)
+    z, _ = sample(class_logits_fn(net, labels), tuple(init.shape), net.cfg.vocab_size, init=init, keep=keep,
+                  generator=generator, device=device, **schedule)
+    decoded = tokenizer.decode(z)
+    keep_px = keep.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, None]
+    return torch.where(keep_px, x, decoded), z, keep, init
+
+
+def cmd_inpaint(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    net, _, tokenizer = _load_pair(args, device)
+    image = load_image(args.image, tokenizer.cfg.in_channels)
+    mask = load_mask(args.mask, tuple(image.shape[1:]))
+    if net.cfg.num_classes and args.class_ is None:
+        raise UsageError(f"{args.generator} is class-conditional: pass --class (0..{net.cfg.num_classes - 1})")
+    labels = _labels(args.class_, args.num, net.cfg.num_classes, device)
+    with torch.inference_mode():
+        out_images, *_ = inpaint_images(net, tokenizer, image, mask, args.num, labels,
+                                    torch.Generator(device).manual_seed(args.seed), **_schedule_kwargs(args))
+    out = Path(args.out)
+    for i, img in enumerate(out_images):
+        D.save_image(img, out / f"completion_{i:02d}.png")
+    masked = image * (1 - mask) + mask  # regenerate area shown white
+    D.save_grid(torch.cat([image[None], masked[None], out_images.cpu()]), out / "figure.png", nrow=args.num + 2)
+    print(f"{args.num} completions written to {out}")
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    tokenizer = load_tokenizer(args.tokenizer, device)
+    dataset = D.open_images(args.data, args.image_size or tokenizer.cfg.resolution, tokenizer.cfg.in_channels,
+                            args.split)
+    x = torch.stack([dataset[i][0] for i in range(min(args.num, len(dataset)))]).to(device)
+    with torch.inference_mode():
+        recon = tokenizer.decode(tokenizer.encode(x))
+    from sundae.evaluate import psnr
+    D.save_grid(torch.cat([x, recon]).cpu(), args.out, nrow=len(x))
+    print(f"PSNR {psnr(recon, x):.2f} dB on {len(x)} images; grid written to {args.out}")
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from sundae.quickstart import QUICKSTART_PRESETS, quickstart
+    cfg = _preset(QUICKSTART_PRESETS, args.preset, "quickstart")
+    metrics = quickstart(cfg, args.data, args.out, resolve_device(args.device))
+    print(f"quickstart done in {metrics['seconds_total']:.0f} s; results in {args.out}")
+
+
+# ---- parser ----------------------------------------------------------------------------------------
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generator", required=True, help="generator checkpoint (.pt from `sundae train`)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint; default: the one the generator was trained on")
+    p.add_argument("--num", type=int, default=16, help="number of images")
+    p.add_argument("--class", dest="class_", help="class label(s), comma-separated; cycled over the samples")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps T")
+    p.add_argument("--temperature", type=_pair, default=(0.8, 0.8), help="tau or tau_start,tau_end (linear)")
+    p.add_argument("--update-proportion", type=_pair, default=(0.5, 0.5), help="p or p_start,p_end (linear)")
+    p.add_argument("--min-steps", type=int, default=10, help="no early stop before this many steps")
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sundae", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("train-vqgan", help="train the VQ-GAN tokenizer on a folder of images")
+    p.add_argument("--data", required=True, help="image folder (sub-folders = classes) or idx folder")
+    p.add_argument("--out", required=True, help="run folder: tokenizer.pt, log.jsonl, samples/")
+    p.add_argument("--preset", default="ffhq256", help=f"one of {', '.join(VQGAN_PRESETS)}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/tokenizer.pt")
+    _common(p)
+    p.set_defaults(func=cmd_train_vqgan)
+
+    p = sub.add_parser("reconstruct", help="encode and decode images; write a grid and print PSNR")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="PNG grid: inputs on top, reconstructions below")
+    p.add_argument("--num", type=int, default=16)
+    p.add_argument("--split", default="test", help="train or test (idx folders only)")
+    p.add_argument("--image-size", type=int, default=0, help="pixels; default: the tokenizer's resolution")
+    _common(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("tokenize", help="encode a dataset once into a token folder")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="folder for tokens.npy, labels.npy, meta.json")
+    p.add_argument("--split", default="train", help="train or test (idx folders only)")
+    p.add_argument("--image-size", type=int, default=0, help="pixels; default: the tokenizer's resolution")
+    p.add_argument("--batch-size", type=int, default=256)
+    _common(p)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("train", help="train the SUNDAE hourglass generator on a token folder")
+    p.add_argument("--tokens", required=True, help="folder from `sundae tokenize`")
+    p.add_argument("--out", required=True, help="run folder: generator.pt, log.jsonl, samples/")
+    p.add_argument("--preset", default="ffhq256", help=f"one of {', '.join(HOURGLASS_PRESETS)}")
+    p.add_argument("--tokenizer", help="for the sample grids; default: the one named in meta.json")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/generator.pt")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate images")
+    _sampling_args(p)
+    p.add_argument("--out", required=True, help="folder: grid.png and samples/NNNNN.png")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--nrow", type=int, default=0, help="images per grid row; default: square")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("inpaint", help="regenerate the masked part of an image, several times")
+    _sampling_args(p)
+    p.add_argument("--image", required=True)
+    p.add_argument("--mask", required=True, help="same size as the image; white (or transparent) = regenerate")
+    p.add_argument("--out", required=True, help="folder: completion_NN.png and figure.png")
+    p.set_defaults(func=cmd_inpaint, num=4)
+
+    p = sub.add_parser("quickstart", help="the whole pipeline on Fashion-MNIST: tokenizer, generator, metrics")
+    p.add_argument("--data", default=str(D.FASHION_MNIST_DIR), help="folder with the Fashion-MNIST idx files")
+    p.add_argument("--out", default="quickstart", help="output folder")
+    p.add_argument("--preset", default="fashion", help="fashion (the real run) or tiny (a smoke test)")
+    _common(p)
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (UsageError, FileNotFoundError, ValueError) as err:
+        print(f"sundae {args.verb}: error: {err}", file=sys.stderr)
+        sys.exit(2)

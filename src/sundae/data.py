@@ -1,0 +1,227 @@
+"""Images in, tokens out, grids written: datasets, the token memmap format and image grids.
+
+Images leave this module as float tensors `c H W` in [-1, 1] with integer labels (0 where a dataset has
+no classes). Two sources: a folder of image files (class = first-level sub-folder, sorted by name) and a
+folder holding MNIST-style idx files (Fashion-MNIST as Debian's `dataset-fashion-mnist` installs it).
+
+Token datasets (`sundae tokenize`) are a folder with `tokens.npy` (uint16 `N h w`, read as a memmap),
+`labels.npy` (int64 `N`) and `meta.json` (codebook size, grid, f, the tokenizer that produced them).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes")
+    ndim = raw[3]
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: header says {dims}, found {data.size} values")
+    return data.reshape(dims)
+
+
+def _idx_file(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(
+        f"no {stem}[.gz] in {root}: install Fashion-MNIST with `apt-get install dataset-fashion-mnist` "
+        f"(it lands in {FASHION_MNIST_DIR}) or pass --data DIR holding the idx files"
+    )
+
+
+def is_idx_dataset(root: str | Path) -> bool:
+    """True if `root` holds MNIST-style idx files (train-images-idx3-ubyte[.gz])."""
+    root = Path(root)
+    return any((root / f"train-images-idx3-ubyte{s}").is_file() for s in (".gz", ""))
+
+
+class IdxImages(Dataset):
+    """MNIST-style idx images (`split` "train" or "test"), zero-padded to `size` pixels: items are
+    (`1 size size` float in [-1, 1], int label). Fashion-MNIST's black background pads with -1."""
+
+    def __init__(self, root: str | Path, split: str = "train", size: int = 32):
+        root = Path(root)
+        prefix = {"train": "train", "test": "t10k"}.get(split)
+        if prefix is None:
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        images = _read_idx(_idx_file(root, f"{prefix}-images-idx3-ubyte"))
+        self.labels = torch.from_numpy(_read_idx(_idx_file(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64))
+        if len(images) != len(self.labels):
+            raise ValueError(f"{root}: {len(images)} {split} images but {len(self.labels)} labels")
+        h, w = images.shape[1:]
+        if size < max(h, w):
+            raise ValueError(f"size {size} is smaller than the {h}x{w} images in {root}")
+        top, left = (size - h) // 2, (size - w) // 2
+        x = torch.from_numpy(images.copy()).float().div(127.5).sub(1.0)
+        self.images = torch.nn.functional.pad(x, (left, size - w - left, top, size - h - top), value=-1.0)[:, None]
+        self.num_classes = int(self.labels.max()) + 1
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+class ImageFolder(Dataset):
+    """A folder of image files, resized (shorter side) and centre-cropped to `size` x `size` pixels.
+
+    Sub-folders are classes (sorted names -> labels 0..); files directly in `root` get label 0 when there
+    are no sub-folders. `channels` 3 converts to RGB, 1 to grayscale ("L"). Items: (`c size size` float
+    in [-1, 1], int label). Raises FileNotFoundError when the folder holds no images.
+    """
+
+    def __init__(self, root: str | Path, size: int, channels: int = 3):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist")
+        self.size, self.mode = size, {1: "L", 3: "RGB"}[channels]
+        subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.classes = [p.name for p in subdirs]
+        self.files: list[tuple[Path, int]] = []
+        for label, folder in enumerate(subdirs or [root]):
+            self.files += [(p, label) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not self.files:
+            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
+        self.num_classes = len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        path, label = self.files[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert(self.mode)
+        except Exception as err:
+            raise ValueError(f"cannot read image {path}: {err}") from None
+        scale = self.size / min(img.size)
+        img = img.resize((max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))),
+                         Image.Resampling.BICUBIC)
+        left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        return image_to_tensor(img), label
+
+
+def open_images(path: str | Path, size: int, channels: int, split: str = "train") -> Dataset:
+    """An idx folder (Fashion-MNIST) or an image folder, as a dataset of (`c size size`, label)."""
+    path = Path(path)
+    if not path.exists():
+        hint = " (install it with `apt-get install dataset-fashion-mnist`)" if path == FASHION_MNIST_DIR else ""
+        raise FileNotFoundError(f"dataset folder {path} does not exist{hint}")
+    if is_idx_dataset(path):
+        ds = IdxImages(path, split, size)
+        if channels != 1:
+            raise ValueError(f"{path} holds grayscale idx images but the tokenizer expects {channels} channels")
+        return ds
+    return ImageFolder(path, size, channels)
+
+
+def image_to_tensor(img: Image.Image) -> Tensor:
+    """PIL image (L or RGB) -> `c H W` float in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0)
+
+
+def tensor_to_image(x: Tensor) -> Image.Image:
+    """`c H W` float in [-1, 1] (c = 1 or 3) -> PIL image (L or RGB)."""
+    arr = x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+
+
+def make_grid(images: Tensor, nrow: int, pad: int = 2, value: float = 1.0) -> Tensor:
+    """`b c H W` -> `c H' W'`: images in rows of `nrow`, separated by `pad` pixels of `value`."""
+    b, c, h, w = images.shape
+    ncol = nrow
+    nrows = -(-b // ncol)
+    grid = images.new_full((c, pad + nrows * (h + pad), pad + ncol * (w + pad)), value)
+    for i in range(b):
+        r, col = divmod(i, ncol)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+    return grid
+
+
+def save_image(x: Tensor, path: str | Path) -> None:
+    """Write `c H W` float in [-1, 1] as a PNG, atomically."""
+    img = tensor_to_image(x)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int, pad: int = 2) -> None:
+    """Write `b c H W` images in [-1, 1] as one PNG grid with `nrow` images per row, atomically."""
+    save_image(make_grid(images, nrow, pad), path)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+class TokenDataset(Dataset):
+    """A `sundae tokenize` folder: items are (`h w` int64 tokens, int label).
+
+    Raises FileNotFoundError naming the missing file, ValueError when the files disagree.
+    """
+
+    def __init__(self, root: str | Path):
+        root = Path(root)
+        for name in ("tokens.npy", "labels.npy", "meta.json"):
+            if not (root / name).is_file():
+                raise FileNotFoundError(f"{root / name} is missing: make the folder with `sundae tokenize`")
+        self.meta = json.loads((root / "meta.json").read_text())
+        self.tokens = np.load(root / "tokens.npy", mmap_mode="r")
+        self.labels = np.load(root / "labels.npy")
+        if self.tokens.ndim != 3 or len(self.tokens) != len(self.labels):
+            raise ValueError(f"{root}: tokens {self.tokens.shape} and labels {self.labels.shape} do not match")
+        if list(self.tokens.shape[1:]) != list(self.meta["grid"]):
+            raise ValueError(f"{root}: tokens grid {self.tokens.shape[1:]} but meta.json says {self.meta['grid']}")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta.get("num_classes", 0))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return torch.from_numpy(self.tokens[i].astype(np.int64)), int(self.labels[i])

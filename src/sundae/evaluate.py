@@ -1,0 +1,77 @@
+"""Measurements: tokenizer PSNR and codebook usage, and a small classifier that judges class accuracy.
+
+The classifier is the quickstart's judge of class-conditional samples: trained on the real training set,
+reported with its own test accuracy so a reader knows how much its verdict is worth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+def psnr(x: Tensor, y: Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2), over the whole batch."""
+    mse = F.mse_loss(x.float().clamp(-1, 1), y.float().clamp(-1, 1)).item()
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def codebook_usage(tokens: Tensor, n_codes: int) -> float:
+    """Fraction of the `n_codes` codebook entries that occur at least once in `tokens` (any shape)."""
+    return torch.unique(tokens).numel() / n_codes
+
+
+class SmallClassifier(nn.Module):
+    """A small CNN: `b c H W` images in [-1, 1] -> `b num_classes` logits."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * width, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def train_classifier(images: Tensor, labels: Tensor, num_classes: int, epochs: int = 2, batch_size: int = 128,
+                     lr: float = 2e-3, seed: int = 0, progress: bool = True) -> SmallClassifier:
+    """Train a `SmallClassifier` on `b c H W` images in [-1, 1] and `b` int64 labels (Adam, one-cycle lr)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = SmallClassifier(images.shape[1], num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * (len(images) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    bar = tqdm(total=steps, desc="classifier", disable=not progress, dynamic_ncols=True)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(images), generator=gen)
+        for i in range(len(images) // batch_size):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+    bar.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
+    """`b c H W` images -> `b` int64 predicted classes."""
+    model.eval()
+    return torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+
+
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
+    """Fraction of `images` whose predicted class equals `labels`."""
+    return (predict(model, images) == labels).float().mean().item()

@@ -1,0 +1,139 @@
+"""Training-only losses of the VQ-GAN tokenizer (Esser et al., arXiv 2012.09841, section 3.1).
+
+LPIPS perceptual loss on a VGG16 read from a local file, the PatchGAN discriminator, hinge losses and the
+adaptive weight that balances the GAN term against reconstruction. None of this ships in a tokenizer
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+_VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+_LPIPS_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's `features`
+
+
+def default_vgg16_path() -> Path:
+    """Where the perceptual loss looks for VGG16 weights: $SUNDAE_HOME (default ~/.cache/sundae)/vgg16.pth."""
+    return Path(os.environ.get("SUNDAE_HOME", Path.home() / ".cache" / "sundae")) / "vgg16.pth"
+
+
+class LPIPS(nn.Module):
+    """Learned perceptual distance with a frozen VGG16 backbone (Zhang et al. 2018).
+
+    `vgg16_path` holds torchvision's VGG16 state dict (`features.N.weight` keys). `lin_path`, optional,
+    holds LPIPS's linear heads (`linK.model.1.weight`, shape `1 c 1 1`); without it every channel has
+    weight 1 (the paper's "baseline" LPIPS variant).
+
+    Raises FileNotFoundError naming the expected path and where to get the file.
+    """
+
+    def __init__(self, vgg16_path: str | Path | None = None, lin_path: str | Path | None = None):
+        super().__init__()
+        path = Path(vgg16_path) if vgg16_path else default_vgg16_path()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"perceptual loss needs VGG16 weights at {path}: download {VGG16_URL} and save it there "
+                f"(or pass vgg16_path=...), or set perceptual_weight=0 to train without it"
+            )
+        layers: list[nn.Module] = []
+        c_in = 3
+        for item in _VGG16_LAYOUT:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c_in, int(item), 3, padding=1), nn.ReLU()]
+                c_in = int(item)
+        self.features = nn.Sequential(*layers)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+        try:
+            self.features.load_state_dict(features)
+        except RuntimeError as err:
+            raise ValueError(f"{path} is not a torchvision VGG16 state dict: {err}") from None
+        widths = (64, 128, 256, 512, 512)
+        lins = [torch.ones(1, c, 1, 1) for c in widths]
+        if lin_path:
+            lin_state = torch.load(lin_path, map_location="cpu", weights_only=True)
+            lins = [lin_state[f"lin{i}.model.1.weight"].float() for i in range(len(widths))]
+        for i, w in enumerate(lins):
+            self.register_buffer(f"lin{i}", w, persistent=False)
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None], persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None], persistent=False)
+        self.requires_grad_(False).eval()
+
+    def _taps(self, x: Tensor) -> list[Tensor]:
+        out, h = [], (x - self.shift) / self.scale
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in _LPIPS_TAPS:
+                out.append(h)
+        return out
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """`b c H W` images in [-1, 1] (c = 1 or 3) -> `b` float distances, 0 for identical inputs."""
+        if x.shape[1] == 1:
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+        dist = x.new_zeros(x.shape[0])
+        for i, (fx, fy) in enumerate(zip(self._taps(x), self._taps(y))):
+            fx = fx / (fx.norm(dim=1, keepdim=True) + 1e-10)
+            fy = fy / (fy.norm(dim=1, keepdim=True) + 1e-10)
+            dist = dist + ((fx - fy) ** 2 * getattr(self, f"lin{i}")).sum(1).mean((1, 2))
+        return dist
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator (Isola et al. 2017): `b c H W` images -> `b 1 h' w'` real/fake logits."""
+
+    def __init__(self, in_channels: int = 3, filters: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, filters, 4, 2, 1), nn.LeakyReLU(0.2)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(filters * prev, filters * mult, 4, stride, 1, bias=False),
+                       nn.BatchNorm2d(filters * mult), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(filters * mult, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Discriminator hinge loss: 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_hat)))."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def generator_loss(logits_fake: Tensor) -> Tensor:
+    """Generator side of the hinge GAN: -mean D(x_hat)."""
+    return -logits_fake.mean()
+
+
+def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, disc_weight: float,
+                    eps: float = 1e-4, max_weight: float = 1e4) -> Tensor:
+    """lambda = ||grad_L(rec)|| / (||grad_L(gan)|| + eps), clamped to [0, max_weight], detached, times
+    `disc_weight` (Esser et al. eq. 7), where L is the decoder's last layer weight.
+
+    Finite whenever the gradients are: a zero (or absent) gradient counts as norm 0, and eps keeps the
+    denominator positive.
+    """
+    def grad_norm(loss: Tensor) -> Tensor:
+        (g,) = torch.autograd.grad(loss, last_layer, retain_graph=True, allow_unused=True)
+        return last_layer.new_zeros(()) if g is None else g.float().norm()
+
+    weight = grad_norm(rec_loss) / (grad_norm(g_loss) + eps)
+    return weight.clamp(0.0, max_weight).detach() * disc_weight

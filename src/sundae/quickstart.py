@@ -1,0 +1,176 @@
+"""`sundae quickstart`: the whole pipeline on Fashion-MNIST, with numbers that say whether it worked.
+
+Steps: train a small judge classifier on the real training set; train the tokenizer; measure its PSNR and
+codebook usage on the test set; tokenize the training set; train a class-conditional hourglass with the
+SUNDAE loss; sample 100 images per class and let the judge classify them; inpaint test images. Writes
+into `out`: `reconstructions.png`, `samples_by_class.png` (a row per class), `inpainting.png` (per row: the
+image, the masked image, several completions), `metrics.json`, and the tokenizer/generator run folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sundae import data as D
+from sundae.checkpoint import load_generator, load_tokenizer
+from sundae.cli import class_logits_fn, encode_dataset, inpaint_images, tokenize
+from sundae.evaluate import accuracy, codebook_usage, psnr, train_classifier
+from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
+from sundae.hourglass import HourglassConfig
+from sundae.sundae import sample
+from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, GeneratorTrainConfig, VQGANTrainConfig,
+                          train_generator, train_vqgan)
+from sundae.vqgan import PRESETS as VQGAN_PRESETS
+from sundae.vqgan import VQGANConfig
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """What the quickstart trains and measures. `*_limit` 0 = the whole split."""
+
+    vqgan: VQGANConfig = VQGAN_PRESETS["fashion"]
+    vqgan_train: VQGANTrainConfig = VQGAN_TRAIN_PRESETS["fashion"]
+    hourglass: HourglassConfig = HOURGLASS_PRESETS["fashion"]
+    generator_train: GeneratorTrainConfig = GENERATOR_TRAIN_PRESETS["fashion"]
+    train_limit: int = 0
+    test_limit: int = 0
+    classifier_epochs: int = 2
+    samples_per_class: int = 100
+    sample_batch_size: int = 250
+    steps: int = 32
+    temperature: tuple[float, float] = (0.8, 0.8)
+    update_proportion: tuple[float, float] = (0.5, 0.5)
+    min_steps: int = 10
+    inpaint_images: int = 4
+    inpaint_completions: int = 4
+    seed: int = 0
+    image_size: int = 32
+
+
+QUICKSTART_PRESETS: dict[str, QuickstartConfig] = {
+    "fashion": QuickstartConfig(),
+    "tiny": QuickstartConfig(
+        vqgan=dataclasses.replace(VQGAN_PRESETS["tiny"], in_channels=1),
+        vqgan_train=VQGAN_TRAIN_PRESETS["tiny"],
+        hourglass=HOURGLASS_PRESETS["tiny"],
+        generator_train=GENERATOR_TRAIN_PRESETS["tiny"],
+        train_limit=256, test_limit=128, classifier_epochs=1, samples_per_class=2, sample_batch_size=10,
+        steps=4, min_steps=2, inpaint_images=2, inpaint_completions=3),
+}
+
+
+def _subset(ds: D.IdxImages, limit: int) -> D.IdxImages:
+    if limit:
+        ds.images, ds.labels = ds.images[:limit], ds.labels[:limit]
+    return ds
+
+
+def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
+               device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+    """Run the quickstart; returns the metrics it also writes to `out/metrics.json`."""
+    out = Path(out)
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
+    train = _subset(D.IdxImages(data_dir, "train", cfg.image_size), cfg.train_limit)
+    test = _subset(D.IdxImages(data_dir, "test", cfg.image_size), cfg.test_limit)
+    num_classes = len(D.FASHION_MNIST_CLASSES)
+    seconds: dict[str, float] = {}
+
+    t = time.time()
+    judge = train_classifier(train.images, train.labels, num_classes, cfg.classifier_epochs, seed=cfg.seed)
+    judge_acc = accuracy(judge, test.images, test.labels)
+    seconds["classifier"] = time.time() - t
+
+    t = time.time()
+    tok_path = train_vqgan(cfg.vqgan, cfg.vqgan_train, train, out / "tokenizer", device)
+    tokenizer = load_tokenizer(tok_path, device)
+    test_tokens, _ = encode_dataset(tokenizer, test, 500, device, desc="encode test")
+    with torch.inference_mode():
+        recon = torch.cat([tokenizer.decode(torch.from_numpy(test_tokens[i:i + 500].astype("int64")).to(device)).cpu()
+                           for i in range(0, len(test_tokens), 500)])
+    D.save_grid(torch.cat([test.images[:16], recon[:16]]), out / "reconstructions.png", nrow=16)
+    tokenizer_metrics = {"psnr_db": psnr(recon, test.images), "codebook_usage": codebook_usage(
+        torch.from_numpy(test_tokens.astype("int64")), cfg.vqgan.n_codes),
+        "classifier_accuracy_on_reconstructions": accuracy(judge, recon, test.labels)}
+    seconds["tokenizer"] = time.time() - t
+
+    t = time.time()
+    tokens_dir = tokenize(tok_path, train, out / "tokens", device, class_names=D.FASHION_MNIST_CLASSES)
+    seconds["tokenize"] = time.time() - t
+
+    t = time.time()
+    tokens = D.TokenDataset(tokens_dir)
+    hg_cfg = dataclasses.replace(cfg.hourglass, vocab_size=cfg.vqgan.n_codes, num_classes=num_classes)
+    meta = {k: tokens.meta[k] for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names")}
+    gen_path = train_generator(hg_cfg, cfg.generator_train, tokens, out / "generator", meta, tokenizer, device)
+    net, meta = load_generator(gen_path, device)
+    seconds["generator"] = time.time() - t
+
+    # Class-conditional samples, judged by the classifier.
+    h, w = meta["grid"]
+    labels = torch.arange(num_classes, device=device).repeat_interleave(cfg.samples_per_class)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    schedule = {"steps": cfg.steps, "temperature": cfg.temperature, "update_proportion": cfg.update_proportion,
+                "min_steps": cfg.min_steps}
+    images, taken = [], []
+    t = time.time()
+    with torch.inference_mode():
+        for i in range(0, len(labels), cfg.sample_batch_size):
+            lab = labels[i:i + cfg.sample_batch_size]
+            z, steps = sample(class_logits_fn(net, lab), (len(lab), h, w), net.cfg.vocab_size, generator=gen,
+                              device=device, **schedule)
+            images.append(tokenizer.decode(z).cpu())
+            taken.append(steps.cpu())
+    sample_seconds = time.time() - t
+    images, taken = torch.cat(images), torch.cat(taken)
+    per_class = min(10, cfg.samples_per_class)
+    by_class = torch.cat([images[c * cfg.samples_per_class:c * cfg.samples_per_class + per_class]
+                          for c in range(num_classes)])
+    D.save_grid(by_class, out / "samples_by_class.png", nrow=per_class)
+    sample_acc = accuracy(judge, images, labels.cpu())
+
+    # Inpainting: a centre square of test images regenerated, several completions each.
+    f = cfg.vqgan.f
+    mask = torch.zeros(1, cfg.image_size, cfg.image_size)
+    lo, hi = cfg.image_size // 4, 3 * cfg.image_size // 4
+    mask[:, lo:hi, lo:hi] = 1.0
+    rows, kept_exactly, diffs = [], True, []
+    with torch.inference_mode():
+        for i in range(cfg.inpaint_images):
+            image, label = test[i * 7]
+            lab = torch.full((cfg.inpaint_completions,), label, device=device)
+            completions, z, keep, init = inpaint_images(net, tokenizer, image, mask, cfg.inpaint_completions, lab,
+                                                        torch.Generator(device).manual_seed(cfg.seed + i),
+                                                        **schedule)
+            kept_exactly &= bool((z[keep] == init[keep]).all())
+            inside = mask.bool().expand_as(completions[0]).to(device)
+            flat = completions[:, inside]
+            diffs.append(torch.cdist(flat, flat).sum().item() / max(1, len(flat) * (len(flat) - 1)))
+            rows.append(torch.cat([image[None], (image * (1 - mask) + mask)[None], completions.cpu()]))
+    D.save_grid(torch.cat(rows), out / "inpainting.png", nrow=cfg.inpaint_completions + 2)
+
+    metrics = {
+        "dataset": {"name": "Fashion-MNIST", "path": str(data_dir), "train_images": len(train),
+                    "test_images": len(test), "image_size": cfg.image_size},
+        "classifier": {"test_accuracy": judge_acc, "epochs": cfg.classifier_epochs},
+        "tokenizer": {**tokenizer_metrics, "n_codes": cfg.vqgan.n_codes, "f": f, "grid": [h, w],
+                      "parameters": sum(p.numel() for p in tokenizer.parameters())},
+        "generator": {"parameters": sum(p.numel() for p in net.parameters()),
+                      "train_steps": cfg.generator_train.steps, "unroll_steps": cfg.generator_train.unroll_steps},
+        "samples": {"count": len(images), "class_accuracy": sample_acc,
+                    "seconds_per_image": sample_seconds / len(images), "mean_steps": taken.float().mean().item(),
+                    **{k: list(v) if isinstance(v, tuple) else v for k, v in schedule.items()}},
+        "inpainting": {"images": cfg.inpaint_images, "completions": cfg.inpaint_completions,
+                       "known_tokens_kept": kept_exactly, "mean_pairwise_l2_inside_mask": sum(diffs) / len(diffs)},
+        "seconds": {**seconds, "sampling": sample_seconds},
+        "seconds_total": time.time() - t_start,
+        "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    D.write_json(out / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,141 @@
+"""The SUNDAE process as plain functions: corruption, unrolled denoising loss, sampler, keep-masks.
+
+Savinov et al., "Step-unrolled Denoising Autoencoders for Text Generation" (arXiv 2112.06749), as used for
+images by McKinney & Willcocks (arXiv 2206.12351). Nothing here owns a model or an optimizer: the loss and
+the sampler take a *logits function*, and conditioning (class labels, guidance) is a closure around the
+network, so inpainting and new conditioning reuse the same sampler.
+
+Shapes: tokens `b h w` int64 in [0, v); logits `b h w v` float.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# logits_fn(tokens `b' h w`, rows `b'` int64 indices into the caller's batch) -> logits `b' h w v`.
+# `rows` tells a conditioning closure which samples are still in the batch (finished ones leave it).
+LogitsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def corrupt(tokens: Tensor, vocab_size: int, generator: torch.Generator | None = None) -> Tensor:
+    """q(z0 | z): per sample a rate a ~ U(0, 1); each token independently becomes, with probability a,
+    a token drawn uniformly from the codebook (Savinov et al. section 3, eq. 4). No mask token.
+
+    `b h w` int64 -> `b h w` int64.
+    """
+    rate = torch.rand(tokens.shape[0], 1, 1, device=tokens.device, generator=generator)
+    replace = torch.rand(tokens.shape, device=tokens.device, generator=generator) < rate
+    noise = torch.randint(0, vocab_size, tokens.shape, device=tokens.device, generator=generator)
+    return torch.where(replace, noise, tokens)
+
+
+def sample_logits(logits: Tensor, temperature: float | Tensor = 1.0,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Draw from Categorical(softmax(logits / temperature)) at every position, in float32 (Gumbel-max).
+
+    `... v` float -> `...` int64. `temperature` is a float or a tensor broadcastable to `...` (per sample).
+    """
+    if isinstance(temperature, Tensor):
+        temperature = temperature[..., None]
+    u = torch.rand(logits.shape, device=logits.device, generator=generator).clamp_(1e-20, 1.0 - 1e-7)
+    return (logits.float() / temperature - torch.log(-torch.log(u))).argmax(-1)
+
+
+def unrolled_loss(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, vocab_size: int,
+                  unroll_steps: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor, list[Tensor]]:
+    """Step-unrolled denoising loss (Savinov et al. section 3.1, eq. 6).
+
+    z0 = corrupt(z); logits_1 = f(z0); for t > 1, z_{t-1} ~ Categorical(logits_{t-1}) at temperature 1,
+    detached, and logits_t = f(z_{t-1}). The loss is the mean over t of the token-mean cross-entropy of
+    logits_t against the clean `tokens` (`b h w` int64). Returns (loss scalar, per-step losses).
+    """
+    if unroll_steps < 1:
+        raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
+    z = corrupt(tokens, vocab_size, generator)
+    losses = []
+    for t in range(unroll_steps):
+        logits = logits_fn(z)
+        losses.append(F.cross_entropy(logits.flatten(0, -2).float(), tokens.flatten()))
+        if t + 1 < unroll_steps:
+            z = sample_logits(logits.detach(), 1.0, generator)
+    return torch.stack(losses).mean(), losses
+
+
+def linear_schedule(start: float, end: float, steps: int) -> Tensor:
+    """`steps` float32 values going linearly from `start` (step 0) to `end` (step steps-1)."""
+    if steps == 1:
+        return torch.tensor([float(start)])
+    return torch.linspace(float(start), float(end), steps)
+
+
+def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: int, steps: int = 100,
+           temperature: tuple[float, float] = (0.8, 0.8), update_proportion: tuple[float, float] = (0.5, 0.5),
+           min_steps: int = 10, init: Tensor | None = None, keep: Tensor | None = None,
+           generator: torch.Generator | None = None, device: torch.device | str | None = None,
+           progress: Callable[[int, int], None] | None = None) -> tuple[Tensor, Tensor]:
+    """SUNDAE sampling (Savinov et al. section 3.3; McKinney & Willcocks section 3.4).
+
+    Start from tokens uniform over the codebook (or `init` where `keep` is True). For step n of `steps`,
+    temperature tau_n and update proportion p_n move linearly from their (start, end); draw
+    z' ~ Categorical(logits / tau_n) at every position and take z' where rand < p_n (never where `keep`).
+    A sample stops once a whole step after the first `min_steps` changes no token; stopped samples leave the
+    batch, so later steps cost less.
+
+    shape: (b, h, w) tokens. init: `b h w` int64, required with keep. keep: `b h w` bool, True = known token
+    that is never resampled (inpainting). progress(step, active) is called after every step.
+    Returns (tokens `b h w` int64, steps taken `b` int64 in [1, steps]).
+    Raises ValueError for steps < 1, temperatures <= 0 or update proportions outside (0, 1].
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if min(temperature) <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not all(0 < p <= 1 for p in update_proportion):
+        raise ValueError(f"update proportion must lie in (0, 1], got {update_proportion}")
+    if keep is not None and (init is None or keep.shape != init.shape or tuple(keep.shape) != tuple(shape)):
+        raise ValueError(f"keep needs an init of the same shape {shape}")
+    b, h, w = shape
+    if device is None:
+        device = init.device if init is not None else "cpu"
+    z = torch.randint(0, vocab_size, shape, device=device, generator=generator)
+    if keep is not None:
+        z = torch.where(keep.to(device), init.to(device), z)
+    taus = linear_schedule(*temperature, steps).tolist()
+    props = linear_schedule(*update_proportion, steps).tolist()
+    out = z.clone()
+    taken = torch.full((b,), steps, dtype=torch.long, device=device)
+    rows = torch.arange(b, device=device)
+    frozen = keep.to(device) if keep is not None else torch.zeros(shape, dtype=torch.bool, device=device)
+    for n in range(steps):
+        proposal = sample_logits(logits_fn(z, rows), taus[n], generator)
+        update = (torch.rand(z.shape, device=device, generator=generator) < props[n]) & ~frozen
+        z_next = torch.where(update, proposal, z)
+        unchanged = (z_next == z).flatten(1).all(1)
+        z = z_next
+        if n + 1 >= min_steps and n + 1 < steps and bool(unchanged.any()):
+            done = unchanged
+            out[rows[done]] = z[done]
+            taken[rows[done]] = n + 1
+            z, rows, frozen = z[~done], rows[~done], frozen[~done]
+        if progress is not None:
+            progress(n + 1, len(rows))
+        if len(rows) == 0:
+            break
+    out[rows] = z
+    return out, taken
+
+
+def token_keep_mask(pixel_mask: Tensor, f: int) -> Tensor:
+    """Pixel mask `b 1 H W` (1 = regenerate, 0 = known) -> token keep-mask `b h w` bool (True = known).
+
+    A token is known only if its whole f x f pixel cell is unmasked (McKinney & Willcocks section 3.5), so
+    one masked pixel marks exactly the cell that contains it. H and W must be multiples of f.
+    """
+    if pixel_mask.shape[-1] % f or pixel_mask.shape[-2] % f:
+        raise ValueError(f"mask size {tuple(pixel_mask.shape[-2:])} is not a multiple of f={f}")
+    masked = F.max_pool2d(pixel_mask.float(), kernel_size=f, stride=f)
+    return masked[:, 0] == 0
