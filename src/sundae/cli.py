@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from sundae import data as D
 from sundae.checkpoint import load_generator, load_tokenizer
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
-from sundae.sundae import sample, token_keep_mask
+from sundae.sundae import check_schedule, sample, token_keep_mask
 from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, resolve_device, train_generator,
                           train_vqgan)
 from sundae.vqgan import PRESETS as VQGAN_PRESETS
@@ -192,6 +192,7 @@ def _load_pair(args: argparse.Namespace, device: torch.device):
 
 
 def _schedule_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    check_schedule(args.steps, args.temperature, args.update_proportion)
     return {"steps": args.steps, "temperature": args.temperature, "update_proportion": args.update_proportion,
             "min_steps": args.min_steps}
 
@@ -201,6 +202,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     net, meta, tokenizer = _load_pair(args, device)
     h, w = meta["grid"]
     labels = _labels(args.class_, args.num, net.cfg.num_classes, device)
+    schedule = _schedule_kwargs(args)
     gen = torch.Generator(device).manual_seed(args.seed)
     images, taken, t0 = [], [], time.time()
     with torch.inference_mode():
@@ -208,7 +210,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             b = min(args.batch_size, args.num - start)
             lab = labels[start:start + b] if labels is not None else None
             z, steps = sample(class_logits_fn(net, lab), (b, h, w), net.cfg.vocab_size, generator=gen,
-                              device=device, **_schedule_kwargs(args))
+                              device=device, **schedule)
             images.append(tokenizer.decode(z).cpu())
             taken.append(steps.cpu())
     images = torch.cat(images)

@@ -200,7 +200,7 @@ class Hourglass(nn.Module):
 PRESETS: dict[str, HourglassConfig] = {
     "tiny": HourglassConfig(vocab_size=64, dim=32, heads=2, head_dim=16, depth=(1, 1, 1), num_classes=10),
     # Quickstart: class-conditional over the `fashion` tokenizer's 8x8 grid of 256 codes.
-    "fashion": HourglassConfig(vocab_size=256, dim=192, heads=4, head_dim=48, depth=(1, 3, 1), num_classes=10),
+    "fashion": HourglassConfig(vocab_size=256, dim=128, heads=4, head_dim=32, depth=(1, 2, 1), num_classes=10),
     "ffhq256": HourglassConfig(),
     "ffhq1024": HourglassConfig(vocab_size=8192, dim=2048),
     "imagenet256": HourglassConfig(depth=(2, 12, 2), num_classes=1000),

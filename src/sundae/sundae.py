@@ -72,6 +72,16 @@ def linear_schedule(start: float, end: float, steps: int) -> Tensor:
     return torch.linspace(float(start), float(end), steps)
 
 
+def check_schedule(steps: int, temperature: tuple[float, float], update_proportion: tuple[float, float]) -> None:
+    """Raise ValueError unless steps >= 1, temperatures > 0 and update proportions lie in (0, 1]."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if min(temperature) <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not all(0 < p <= 1 for p in update_proportion):
+        raise ValueError(f"update proportion must lie in (0, 1], got {update_proportion}")
+
+
 def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: int, steps: int = 100,
            temperature: tuple[float, float] = (0.8, 0.8), update_proportion: tuple[float, float] = (0.5, 0.5),
            min_steps: int = 10, init: Tensor | None = None, keep: Tensor | None = None,
@@ -90,12 +100,7 @@ def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: int, st
     Returns (tokens `b h w` int64, steps taken `b` int64 in [1, steps]).
     Raises ValueError for steps < 1, temperatures <= 0 or update proportions outside (0, 1].
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if min(temperature) <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not all(0 < p <= 1 for p in update_proportion):
-        raise ValueError(f"update proportion must lie in (0, 1], got {update_proportion}")
+    check_schedule(steps, temperature, update_proportion)
     if keep is not None and (init is None or keep.shape != init.shape or tuple(keep.shape) != tuple(shape)):
         raise ValueError(f"keep needs an init of the same shape {shape}")
     b, h, w = shape

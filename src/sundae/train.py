@@ -80,9 +80,9 @@ class GeneratorTrainConfig:
 VQGAN_TRAIN_PRESETS: dict[str, VQGANTrainConfig] = {
     "tiny": VQGANTrainConfig(steps=20, batch_size=8, lr=1e-3, perceptual_weight=0.0, disc_start=10,
                              disc_filters=8, log_every=5, sample_every=10, save_every=10),
-    "fashion": VQGANTrainConfig(steps=1500, batch_size=64, lr=1e-3, perceptual_weight=0.0, disc_start=1000,
-                                disc_weight=0.1, disc_filters=32, restart_dead_codes=100, ema_decay=0.99,
-                                sample_every=500, save_every=500),
+    "fashion": VQGANTrainConfig(steps=500, batch_size=64, lr=1e-3, perceptual_weight=0.0, disc_start=350,
+                                disc_weight=0.1, disc_filters=32, restart_dead_codes=50, ema_decay=0.99,
+                                sample_every=250, save_every=250),
     "ffhq256": VQGANTrainConfig(disc_start=30_000),
     "ffhq1024": VQGANTrainConfig(batch_size=4, lr=1.8e-5),
 }
@@ -90,8 +90,8 @@ VQGAN_TRAIN_PRESETS: dict[str, VQGANTrainConfig] = {
 GENERATOR_TRAIN_PRESETS: dict[str, GeneratorTrainConfig] = {
     "tiny": GeneratorTrainConfig(steps=20, batch_size=16, lr=1e-3, log_every=5, sample_every=10, save_every=10,
                                  sample_steps=4),
-    "fashion": GeneratorTrainConfig(steps=3000, batch_size=128, lr=1e-3, warmup_steps=100, grad_clip=1.0,
-                                    ema_decay=0.995, sample_every=1000, save_every=1000, sample_steps=16),
+    "fashion": GeneratorTrainConfig(steps=900, batch_size=64, lr=1e-3, warmup_steps=50, grad_clip=1.0,
+                                    ema_decay=0.99, sample_every=300, save_every=300, sample_steps=16),
     "ffhq256": GeneratorTrainConfig(),
     "ffhq1024": GeneratorTrainConfig(batch_size=16),
     "imagenet256": GeneratorTrainConfig(batch_size=192, lr=1e-6, unroll_steps=3),
@@ -188,11 +188,11 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
         ckpt = load_checkpoint(last, "tokenizer")
         model.load_state_dict(ckpt["model"])
         ema.module.load_state_dict(ckpt["ema"])
+        ema.n_averaged.fill_(ckpt["step"])  # one EMA update per step; 0 would restart the average
         disc.load_state_dict(ckpt["disc"])
         opt.load_state_dict(ckpt["optimizer"])
         opt_d.load_state_dict(ckpt["optimizer_disc"])
         step = ckpt["step"]
-        _set_rng_state(ckpt["rng"])
 
     def save(path: Path) -> None:
         save_checkpoint(path, "tokenizer", model_cfg, model, ema=ema.module.state_dict(), disc=disc.state_dict(),
@@ -200,6 +200,8 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
                         rng=_rng_state(), train=dataclasses.asdict(cfg))
 
     data = _loader(dataset, cfg.batch_size, cfg.seed, step)
+    if step:  # after building the loader, which draws from the global RNG
+        _set_rng_state(ckpt["rng"])
     fixed = torch.stack([dataset[i][0] for i in range(min(16, len(dataset)))]).to(device)
     usage = torch.zeros(model_cfg.n_codes, dtype=torch.long, device=device)
     bar = tqdm(total=cfg.steps, initial=step, desc="train-vqgan", disable=not progress, dynamic_ncols=True)
@@ -297,10 +299,10 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
         ckpt = load_checkpoint(last, "generator")
         model.load_state_dict(ckpt["model"])
         ema.module.load_state_dict(ckpt["ema"])
+        ema.n_averaged.fill_(ckpt["step"])  # one EMA update per step; 0 would restart the average
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         step = ckpt["step"]
-        _set_rng_state(ckpt["rng"])
 
     def save(path: Path) -> None:
         save_checkpoint(path, "generator", model_cfg, model, ema=ema.module.state_dict(), optimizer=opt.state_dict(),
@@ -309,6 +311,8 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
 
     conditional = model_cfg.num_classes > 0
     data = _loader(dataset, cfg.batch_size, cfg.seed, step)
+    if step:  # after building the loader, which draws from the global RNG
+        _set_rng_state(ckpt["rng"])
     h, w = meta["grid"]
     grid_labels = torch.arange(min(model_cfg.num_classes, 10) or 1, device=device).repeat_interleave(8)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)

@@ -1,0 +1,26 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """24 real PNG files, 32x32 RGB, in two class sub-folders (circles and squares of varying colour)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label in ("circles", "squares"):
+        (root / label).mkdir()
+        for i in range(12):
+            img = Image.new("RGB", (32, 32), tuple(int(v) for v in rng.integers(0, 80, 3)))
+            draw = ImageDraw.Draw(img)
+            x0, y0 = (int(v) for v in rng.integers(2, 14, 2))
+            box = (x0, y0, x0 + 16, y0 + 16)
+            colour = tuple(int(v) for v in rng.integers(120, 256, 3))
+            (draw.ellipse if label == "circles" else draw.rectangle)(box, fill=colour)
+            img.save(root / label / f"{i:02d}.png")
+    return root

@@ -1,0 +1,148 @@
+"""End-to-end: every verb of the `sundae` command on the tiny presets, and its one-line errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sundae.cli import main
+from sundae.data import FASHION_MNIST_DIR
+
+SET_TINY_VQ = ["--preset", "tiny", "--set", "steps=6", "--set", "batch_size=4", "--set", "disc_start=3"]
+
+
+def run(*argv):
+    main([str(a) for a in argv])
+
+
+def fails(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        run(*argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def pipeline(image_folder, tmp_path_factory):
+    """train-vqgan -> tokenize -> train on the image folder; returns the run folder."""
+    out = tmp_path_factory.mktemp("run")
+    run("train-vqgan", "--data", image_folder, "--out", out / "tok", *SET_TINY_VQ, "--device", "cpu")
+    run("tokenize", "--tokenizer", out / "tok" / "tokenizer.pt", "--data", image_folder, "--out", out / "tokens",
+        "--device", "cpu")
+    run("train", "--tokens", out / "tokens", "--out", out / "gen", "--preset", "tiny", "--set", "steps=6",
+        "--set", "batch_size=4", "--set", "sample_every=3", "--device", "cpu")
+    return out
+
+
+def test_train_vqgan_writes_checkpoint_log_and_grids(pipeline):
+    tok = pipeline / "tok"
+    ckpt = torch.load(tok / "tokenizer.pt", weights_only=True)
+    assert ckpt["kind"] == "tokenizer" and ckpt["step"] == 6
+    log = [json.loads(line) for line in (tok / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [5, 6]
+    assert log[-1]["adaptive_weight"] > 0  # the GAN term is on after disc_start=3
+    assert sorted(p.name for p in (tok / "samples").iterdir()) == ["step_0000006.png"]
+
+
+def test_tokenize_writes_memmap_and_meta(pipeline, image_folder):
+    tokens = np.load(pipeline / "tokens" / "tokens.npy", mmap_mode="r")
+    assert tokens.dtype == np.uint16 and tokens.shape == (24, 8, 8)
+    assert tokens.max() < 64
+    labels = np.load(pipeline / "tokens" / "labels.npy")
+    assert labels.tolist() == [0] * 12 + [1] * 12
+    meta = json.loads((pipeline / "tokens" / "meta.json").read_text())
+    assert meta["n_codes"] == 64 and meta["grid"] == [8, 8] and meta["f"] == 4 and meta["num_classes"] == 2
+    assert meta["class_names"] == ["circles", "squares"]
+    assert Path(meta["tokenizer"]) == (pipeline / "tok" / "tokenizer.pt").resolve()
+    assert len(meta["tokenizer_sha256"]) == 64
+
+
+def test_train_writes_generator_and_sample_grids(pipeline):
+    ckpt = torch.load(pipeline / "gen" / "generator.pt", weights_only=True)
+    assert ckpt["kind"] == "generator" and ckpt["config"]["num_classes"] == 2 and ckpt["config"]["vocab_size"] == 64
+    assert sorted(p.name for p in (pipeline / "gen" / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
+
+
+def test_sample(pipeline, tmp_path):
+    gen = pipeline / "gen" / "generator.pt"
+    run("sample", "--generator", gen, "--out", tmp_path / "a", "--num", 5, "--steps", 4, "--class", "1",
+        "--temperature", "1.0,0.7", "--device", "cpu")
+    files = sorted((tmp_path / "a" / "samples").iterdir())
+    assert len(files) == 5 and Image.open(files[0]).size == (32, 32)
+    assert Image.open(tmp_path / "a" / "grid.png").size[0] > 32
+    run("sample", "--generator", gen, "--out", tmp_path / "b", "--num", 5, "--steps", 4, "--class", "1",
+        "--temperature", "1.0,0.7", "--device", "cpu")
+    # Same seed, same config: the same images.
+    assert (tmp_path / "a" / "grid.png").read_bytes() == (tmp_path / "b" / "grid.png").read_bytes()
+
+
+def test_inpaint_keeps_pixels_outside_the_mask(pipeline, image_folder, tmp_path):
+    image = image_folder / "circles" / "00.png"
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[9:13, 20:30] = 255  # touches token rows 2-3, columns 5-7
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    run("inpaint", "--generator", pipeline / "gen" / "generator.pt", "--image", image, "--mask",
+        tmp_path / "mask.png", "--out", tmp_path / "out", "--num", 3, "--class", 0, "--steps", 5, "--device", "cpu")
+    original = np.asarray(Image.open(image))
+    regen = np.zeros((32, 32), dtype=bool)
+    regen[8:16, 20:32] = True  # the whole f x f cells the mask touches
+    completions = [np.asarray(Image.open(tmp_path / "out" / f"completion_{i:02d}.png")) for i in range(3)]
+    for c in completions:
+        assert np.array_equal(c[~regen], original[~regen])
+    assert (tmp_path / "out" / "figure.png").is_file()
+
+
+def test_reconstruct(pipeline, image_folder, tmp_path, capsys):
+    run("reconstruct", "--tokenizer", pipeline / "tok" / "tokenizer.pt", "--data", image_folder, "--num", 4,
+        "--out", tmp_path / "r.png", "--device", "cpu")
+    assert "PSNR" in capsys.readouterr().out and (tmp_path / "r.png").is_file()
+
+
+def test_one_line_errors(pipeline, image_folder, tmp_path, capsys):
+    gen, tok = pipeline / "gen" / "generator.pt", pipeline / "tok" / "tokenizer.pt"
+    assert "unknown key" in fails(capsys, "train", "--tokens", pipeline / "tokens", "--out", tmp_path,
+                                  "--preset", "tiny", "--set", "bogus=1")
+    assert "expected a value" in fails(capsys, "train", "--tokens", pipeline / "tokens", "--out", tmp_path,
+                                       "--preset", "tiny", "--set", "steps=many")
+    assert "unknown generator preset" in fails(capsys, "train", "--tokens", pipeline / "tokens", "--out", tmp_path,
+                                               "--preset", "huge")
+    assert "outside the trained classes" in fails(capsys, "sample", "--generator", gen, "--out", tmp_path,
+                                                  "--class", "7")
+    assert "steps must be >= 1" in fails(capsys, "sample", "--generator", gen, "--out", tmp_path, "--steps", "0")
+    assert "but a generator was expected" in fails(capsys, "sample", "--generator", tok, "--out", tmp_path)
+    assert "does not exist" in fails(capsys, "train-vqgan", "--data", tmp_path / "nothing", "--out", tmp_path,
+                                     "--preset", "tiny")
+    small = np.zeros((16, 16), dtype=np.uint8)
+    Image.fromarray(small).save(tmp_path / "small_mask.png")
+    assert "mask" in fails(capsys, "inpaint", "--generator", gen, "--image", image_folder / "circles" / "00.png",
+                           "--mask", tmp_path / "small_mask.png", "--out", tmp_path, "--class", "0")
+
+
+def test_every_verb_has_help():
+    for verb in ("train-vqgan", "reconstruct", "tokenize", "train", "sample", "inpaint", "quickstart"):
+        result = subprocess.run([sys.executable, "-m", "sundae", verb, "--help"], capture_output=True, text=True)
+        assert result.returncode == 0 and "usage: sundae" in result.stdout
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_quickstart_tiny_console_script(tmp_path):
+    exe = shutil.which("sundae") or f"{sys.executable} -m sundae"
+    cmd = exe.split() + ["quickstart", "--preset", "tiny", "--out", str(tmp_path / "qs"), "--device", "cpu"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "qs" / "metrics.json").read_text())
+    assert metrics["samples"]["count"] == 20
+    assert 0.0 <= metrics["samples"]["class_accuracy"] <= 1.0
+    assert metrics["inpainting"]["known_tokens_kept"] is True
+    assert metrics["inpainting"]["mean_pairwise_l2_inside_mask"] > 0
+    for name in ("reconstructions.png", "samples_by_class.png", "inpainting.png"):
+        assert Image.open(tmp_path / "qs" / name).size[0] > 32

@@ -1,0 +1,125 @@
+import pytest
+import torch
+
+from sundae.hourglass import PRESETS, Hourglass, HourglassConfig, apply_rotary, rotary_angles
+
+TINY = PRESETS["tiny"]
+
+
+def _model(cfg=TINY, seed=0):
+    torch.manual_seed(seed)
+    return Hourglass(cfg).eval()
+
+
+def test_logits_shape_and_dtype():
+    model = _model()
+    tokens = torch.randint(0, TINY.vocab_size, (3, 6, 8))
+    logits = model(tokens, torch.tensor([0, 1, 9]))
+    assert logits.shape == (3, 6, 8, TINY.vocab_size) and logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name,expected", [("ffhq256", 178e6), ("ffhq1024", 671e6), ("imagenet256", 200e6)])
+def test_paper_parameter_counts(name, expected):
+    with torch.device("meta"):
+        model = Hourglass(PRESETS[name])
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - expected) / expected < 0.05, count
+
+
+def test_paper_presets_have_paper_shapes():
+    assert PRESETS["ffhq1024"].dim == 2048 and PRESETS["ffhq1024"].depth == (2, 10, 2)
+    assert PRESETS["ffhq1024"].vocab_size == 8192 and PRESETS["ffhq256"].heads == 8
+    assert PRESETS["imagenet256"].depth == (2, 12, 2) and PRESETS["imagenet256"].num_classes == 1000
+
+
+def test_non_causal():
+    model = _model()
+    tokens = torch.randint(0, TINY.vocab_size, (1, 4, 4))
+    changed = tokens.clone()
+    changed[0, 3, 3] = (changed[0, 3, 3] + 1) % TINY.vocab_size
+    with torch.no_grad():
+        # The first position sees a change at the last one.
+        assert not torch.allclose(model(tokens)[0, 0, 0], model(changed)[0, 0, 0])
+
+
+def _influence(fn, x, position):
+    """Which output grid cells change when input cell `position` of `x` (`b h w d`) changes."""
+    y = x.clone()
+    y[(0, *position)] += torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(1))  # not a constant: LayerNorm would erase it
+    with torch.no_grad():
+        diff = (fn(x) - fn(y)).abs().amax(-1)[0]
+    return {tuple(p) for p in (diff > 1e-6).nonzero().tolist()}
+
+
+def test_shortening_merges_exactly_one_2x2_patch():
+    model = _model()
+    x = torch.randn(1, 4, 6, TINY.dim)
+    # Token (2, 3) belongs to patch (1, 1): it must reach valley cell (1, 1) only.
+    assert _influence(model.shorten_grid, x, (2, 3)) == {(1, 1)}
+    # And valley cell (1, 1) depends on exactly the tokens {(2,2), (2,3), (3,2), (3,3)}.
+    sources = {(i, j) for i in range(4) for j in range(6) if (1, 1) in _influence(model.shorten_grid, x, (i, j))}
+    assert sources == {(2, 2), (2, 3), (3, 2), (3, 3)}
+
+
+def test_upsampling_returns_into_the_same_patch():
+    model = _model()
+    z = torch.randn(1, 2, 3, TINY.dim)
+    residual = torch.randn(1, 4, 6, TINY.dim)
+    up_from_valley = _influence(lambda v: model.upsample_grid(v, residual), z, (1, 2))
+    assert up_from_valley == {(2, 4), (2, 5), (3, 4), (3, 5)}
+    # The resampling attention mixes a residual token only with the tokens of its own patch.
+    up_from_residual = _influence(lambda r: model.upsample_grid(z, r), residual, (0, 1))
+    assert up_from_residual == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
+
+def test_rotary_reaches_every_head():
+    cfg = HourglassConfig(vocab_size=8, dim=64, heads=4, head_dim=16, depth=(1, 1, 1))
+    angles = rotary_angles(4, 4, cfg.head_dim, cfg.rotary_base)
+    q = torch.randn(1, 1, 1, cfg.head_dim).expand(1, cfg.heads, 16, cfg.head_dim)
+    rotated = apply_rotary(q, angles)
+    for head in range(cfg.heads):
+        # Position 0 is unrotated; every other position is rotated, in every head.
+        torch.testing.assert_close(rotated[0, head, 0], q[0, head, 0])
+        for pos in range(1, 16):
+            assert not torch.allclose(rotated[0, head, pos], q[0, head, pos])
+
+
+def test_rotary_scores_depend_on_relative_2d_offset_only():
+    head_dim = 16
+    angles = rotary_angles(6, 6, head_dim, 10000.0).reshape(6, 6, -1)
+    torch.manual_seed(0)
+    q, k = torch.randn(head_dim), torch.randn(head_dim)
+
+    def score(pq, pk):
+        rq = apply_rotary(q[None, None, None], angles[pq][None])
+        rk = apply_rotary(k[None, None, None], angles[pk][None])
+        return (rq * rk).sum().item()
+
+    # Same offset (+1 row, +2 cols) at two places: same score. A row offset differs from a column offset.
+    assert score((0, 0), (1, 2)) == pytest.approx(score((3, 2), (4, 4)), abs=1e-5)
+    assert score((0, 0), (1, 0)) != pytest.approx(score((0, 0), (0, 1)), abs=1e-3)
+
+
+def test_rotary_is_used_inside_attention():
+    model = _model()
+    tokens = torch.zeros(1, 4, 4, dtype=torch.long)  # identical tokens: only positions tell them apart
+    with torch.no_grad():
+        logits = model(tokens)
+    assert not torch.allclose(logits[0, 0, 0], logits[0, 2, 3])
+
+
+def test_class_embedding_changes_logits_and_checks_input():
+    model = _model()
+    tokens = torch.randint(0, TINY.vocab_size, (2, 4, 4))
+    with torch.no_grad():
+        a = model(tokens, torch.tensor([0, 0]))
+        b = model(tokens, torch.tensor([3, 3]))
+    assert not torch.allclose(a, b)
+    unconditional = _model(HourglassConfig(vocab_size=8, dim=32, heads=2, head_dim=16, depth=(1, 1, 1)))
+    with pytest.raises(ValueError, match="unconditional"):
+        unconditional(torch.zeros(1, 2, 2, dtype=torch.long), torch.tensor([1]))
+
+
+def test_grid_must_be_a_multiple_of_the_shorten_factor():
+    with pytest.raises(ValueError, match="shorten factor"):
+        _model()(torch.zeros(1, 5, 4, dtype=torch.long))

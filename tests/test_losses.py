@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sundae.losses import LPIPS, PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
+
+
+def test_hinge_losses():
+    # Confident and correct discriminator: no loss; undecided (0, 0): 0.5 * (1 + 1) = 1.
+    assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)).item() == 0.0
+    assert hinge_d_loss(torch.zeros(4), torch.zeros(4)).item() == 1.0
+    assert generator_loss(torch.tensor([1.0, 3.0])).item() == -2.0
+
+
+def test_discriminator_is_patchgan():
+    d = PatchDiscriminator(3, filters=8, n_layers=3)
+    out = d(torch.randn(2, 3, 64, 64))
+    # 64 -> 32 -> 16 -> 8 (stride 2) -> 7 -> 6 (stride 1, kernel 4, padding 1): a 6x6 grid of patch logits.
+    assert out.shape == (2, 1, 6, 6)
+
+
+def _last_layer_setup():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    return layer, layer(x)
+
+
+def test_adaptive_weight_is_gradient_norm_ratio():
+    layer, y = _last_layer_setup()
+    rec, gan = (y**2).mean(), -(3 * y).mean()
+    g_rec = torch.autograd.grad(rec, layer.weight, retain_graph=True)[0].norm()
+    g_gan = torch.autograd.grad(gan, layer.weight, retain_graph=True)[0].norm()
+    w = adaptive_weight(rec, gan, layer.weight, disc_weight=0.5)
+    torch.testing.assert_close(w, (g_rec / (g_gan + 1e-4)) * 0.5)
+    assert not w.requires_grad
+
+
+def test_adaptive_weight_finite_when_a_gradient_is_zero():
+    layer, y = _last_layer_setup()
+    rec = (y**2).mean()
+    zero_gan = (y * 0).sum()
+    w = adaptive_weight(rec, zero_gan, layer.weight, disc_weight=1.0)
+    assert math.isfinite(w.item()) and 0 < w.item() <= 1e4  # eps keeps it finite, the clamp bounds it
+    w = adaptive_weight((y * 0).sum(), -(y.mean()), layer.weight, disc_weight=1.0)
+    assert w.item() == 0.0
+    # A GAN loss that does not touch the layer at all counts as a zero gradient.
+    unrelated = nn.Parameter(torch.ones(()))
+    w = adaptive_weight(rec, unrelated * 2, layer.weight, disc_weight=1.0)
+    assert math.isfinite(w.item())
+
+
+def test_lpips_missing_weights_message(tmp_path):
+    missing = tmp_path / "nope" / "vgg16.pth"
+    with pytest.raises(FileNotFoundError) as err:
+        LPIPS(missing)
+    assert str(missing) in str(err.value) and "vgg16-397923af.pth" in str(err.value)
+
+
+def test_lpips_loads_torchvision_layout(tmp_path):
+    # A torchvision-layout VGG16 state dict with random weights: `features.N.*` for every conv.
+    torch.manual_seed(0)
+    state, c_in, idx = {}, 3, 0
+    for item in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
+        if item == "M":
+            idx += 1
+            continue
+        state[f"features.{idx}.weight"] = torch.randn(item, c_in, 3, 3) * (2 / (9 * c_in)) ** 0.5
+        state[f"features.{idx}.bias"] = torch.zeros(item)
+        c_in, idx = item, idx + 2
+    state["classifier.0.weight"] = torch.zeros(1)  # ignored
+    path = tmp_path / "vgg16.pth"
+    torch.save(state, path)
+    lpips = LPIPS(path)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    y = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(lpips(x, x), torch.zeros(2), atol=1e-6)
+    d = lpips(x, y)
+    assert d.shape == (2,) and (d > 0).all()
+    gray = torch.rand(2, 1, 32, 32)
+    assert lpips(gray, gray * 0.5).shape == (2,)
+    assert not any(p.requires_grad for p in lpips.parameters())

@@ -1,0 +1,27 @@
+"""The README's examples run, and CI runs the README's test command."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_python_examples_run():
+    blocks = _blocks("python")
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+
+
+def test_ci_runs_the_readme_test_command():
+    test_command = next(line for block in _blocks("bash") for line in block.splitlines() if "pytest" in line)
+    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_quickstart_command_names_the_verb():
+    assert any("sundae quickstart" in block and "pip install torch==2.13.0" in block for block in _blocks("bash"))

@@ -1,0 +1,197 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sundae.hourglass import PRESETS, Hourglass
+from sundae.sundae import corrupt, linear_schedule, sample, sample_logits, token_keep_mask, unrolled_loss
+
+V = 16
+
+
+def test_corruption_rate_is_per_sample_uniform():
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.zeros(4000, 8, 8, dtype=torch.long)
+    z0 = corrupt(tokens, V, gen)
+    assert z0.min() >= 0 and z0.max() < V
+    changed = (z0 != tokens).float().flatten(1).mean(1)
+    # A token changes with probability a * (V - 1) / V, a ~ U(0, 1): the mean is (V - 1) / (2V).
+    assert changed.mean().item() == pytest.approx((V - 1) / (2 * V), abs=0.01)
+    # Rates differ between samples and cover (0, 1): some samples barely change, some nearly all.
+    assert (changed < 0.1).any() and (changed > 0.85).any()
+    # Replacement tokens are uniform over the codebook (token 0 included).
+    replaced = z0[z0 != 0]
+    counts = torch.bincount(replaced, minlength=V)[1:].float()
+    assert (counts / counts.mean() - 1).abs().max() < 0.05
+
+
+def test_sample_logits_follows_temperature():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([0.7, 0.2, 0.1])).expand(20000, 3)
+    freq = torch.bincount(sample_logits(logits, 1.0, gen), minlength=3).float() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.015, rtol=0)
+    # Temperature 0.5 squares the probabilities (then renormalises).
+    p = torch.tensor([0.49, 0.04, 0.01]) / 0.54
+    freq = torch.bincount(sample_logits(logits, 0.5, gen), minlength=3).float() / 20000
+    torch.testing.assert_close(freq, p, atol=0.015, rtol=0)
+
+
+def test_loss_at_init_is_log_vocab():
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    net = Hourglass(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (8, 8, 8))
+    loss, per_step = unrolled_loss(lambda z: net(z, None), tokens, cfg.vocab_size, unroll_steps=2)
+    assert len(per_step) == 2
+    assert loss.item() == pytest.approx(math.log(cfg.vocab_size), rel=0.05)
+
+
+def test_unrolled_loss_averages_each_step_and_feeds_samples_forward():
+    calls = []
+    tokens = torch.randint(0, V, (2, 4, 4))
+    weight = torch.zeros(V, requires_grad=True)
+
+    def logits_fn(z):
+        calls.append(z.clone())
+        return F.one_hot(z, V).float() * 5 + weight  # predicts its input back
+
+    loss, per_step = unrolled_loss(logits_fn, tokens, V, unroll_steps=3, generator=torch.Generator().manual_seed(1))
+    assert len(calls) == 3 and len(per_step) == 3
+    expected = [F.cross_entropy((F.one_hot(z, V).float() * 5).flatten(0, 2), tokens.flatten()) for z in calls]
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    # Step t+1 sees a sample from step t's logits (not the clean tokens, not step t's input verbatim
+    # everywhere: with a peaked but soft distribution some tokens move).
+    assert not torch.equal(calls[1], tokens) or not torch.equal(calls[0], tokens)
+    loss.backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError):
+        unrolled_loss(logits_fn, tokens, V, unroll_steps=0)
+
+
+def test_overfit_one_batch():
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    net = Hourglass(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 4, 4))
+    labels = torch.arange(4)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        loss, _ = unrolled_loss(lambda z: net(z, labels), tokens, cfg.vocab_size, 2, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # From ln(64) = 4.16 at init to memorised: the class label alone identifies each grid.
+    assert loss.item() < 0.5
+    with torch.no_grad():
+        z, _ = sample(lambda z, rows: net(z, labels[rows]), (4, 4, 4), cfg.vocab_size, steps=30, min_steps=30,
+                      temperature=(0.5, 0.5), generator=torch.Generator().manual_seed(0))
+    assert (z == tokens).float().mean() > 0.9
+
+
+def test_linear_schedule_hits_both_ends():
+    s = linear_schedule(1.0, 0.7, 100)
+    assert len(s) == 100 and s[0].item() == pytest.approx(1.0) and s[-1].item() == pytest.approx(0.7)
+    assert torch.all(s[1:] <= s[:-1])
+    assert linear_schedule(0.5, 0.9, 1).tolist() == [0.5]
+
+
+def _copy_logits(z, rows):
+    """A denoiser that is certain the current tokens are right: a step changes nothing."""
+    return F.one_hot(z, V).float() * 100.0
+
+
+def test_early_stop_respects_min_steps():
+    calls = []
+
+    def fn(z, rows):
+        calls.append(len(rows))
+        return _copy_logits(z, rows)
+
+    tokens, taken = sample(fn, (3, 4, 4), V, steps=50, min_steps=7, generator=torch.Generator().manual_seed(0))
+    assert taken.tolist() == [7, 7, 7] and len(calls) == 7
+    calls.clear()
+    _, taken = sample(fn, (3, 4, 4), V, steps=5, min_steps=10, generator=torch.Generator().manual_seed(0))
+    assert taken.tolist() == [5, 5, 5] and len(calls) == 5
+
+
+def test_finished_samples_leave_the_batch():
+    seen = []
+
+    def fn(z, rows):
+        # Row 1 is settled from the start; the others keep changing (uniform logits).
+        seen.append(rows.tolist())
+        logits = torch.zeros(len(rows), *z.shape[1:], V)
+        settled = rows == 1
+        logits[settled] = _copy_logits(z[settled], rows[settled])
+        return logits
+
+    tokens, taken = sample(fn, (3, 8, 8), V, steps=20, min_steps=4, update_proportion=(1.0, 1.0),
+                           generator=torch.Generator().manual_seed(0))
+    assert seen[3] == [0, 1, 2] and seen[4] == [0, 2]
+    assert taken.tolist() == [20, 4, 20]
+
+
+def test_schedules_reach_the_sampler():
+    temps, props = [], []
+
+    def fn(z, rows):
+        return torch.zeros(*z.shape, V)
+
+    # Record the update proportion actually used: with uniform logits, a token changes with prob p * (V-1)/V.
+    gen = torch.Generator().manual_seed(0)
+    z_prev = None
+
+    def recording(z, rows):
+        nonlocal z_prev
+        if z_prev is not None:
+            props.append((z != z_prev).float().mean().item() * V / (V - 1))
+        z_prev = z.clone()
+        return fn(z, rows)
+
+    sample(recording, (64, 16, 16), V, steps=11, min_steps=11, update_proportion=(0.1, 0.9), generator=gen)
+    # props[i] is the proportion of step i (0-based): 0.1 + 0.08 i.
+    for i, p in enumerate(props):
+        assert p == pytest.approx(0.1 + 0.08 * i, abs=0.02)
+
+
+def test_keep_mask_tokens_never_change_and_same_seed_same_sample():
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    net = Hourglass(cfg).eval()
+    init = torch.randint(0, cfg.vocab_size, (4, 6, 6))
+    keep = torch.rand(4, 6, 6) < 0.5
+    labels = torch.tensor([1, 2, 3, 4])
+
+    def run(seed):
+        with torch.no_grad():
+            return sample(lambda z, rows: net(z, labels[rows]), (4, 6, 6), cfg.vocab_size, steps=20, init=init,
+                          keep=keep, generator=torch.Generator().manual_seed(seed))[0]
+
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a[keep], init[keep])
+    assert torch.equal(a, b)
+    assert not torch.equal(a[~keep], c[~keep])
+
+
+def test_sampler_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="steps"):
+        sample(_copy_logits, (1, 2, 2), V, steps=0)
+    with pytest.raises(ValueError, match="temperature"):
+        sample(_copy_logits, (1, 2, 2), V, temperature=(0.0, 1.0))
+    with pytest.raises(ValueError, match="update proportion"):
+        sample(_copy_logits, (1, 2, 2), V, update_proportion=(0.5, 1.5))
+
+
+def test_token_keep_mask_cells():
+    f = 4
+    mask = torch.zeros(1, 1, 16, 12)
+    mask[0, 0, 5, 10] = 1  # one pixel in cell (1, 2)
+    keep = token_keep_mask(mask, f)
+    assert keep.shape == (1, 4, 3)
+    assert (~keep).nonzero().tolist() == [[0, 1, 2]]
+    mask[0, 0, 8:16, 0:4] = 1  # two whole cells
+    assert (~token_keep_mask(mask, f)).sum().item() == 3
+    with pytest.raises(ValueError):
+        token_keep_mask(torch.zeros(1, 1, 10, 12), f)

@@ -1,0 +1,99 @@
+import dataclasses
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sundae.data import IdxImages, ImageFolder, TokenDataset, make_grid
+from sundae.hourglass import PRESETS as HG
+from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, EpochBatchSampler, train_generator,
+                          train_vqgan)
+from sundae.vqgan import PRESETS as VQ
+
+
+def test_epoch_batch_sampler_resumes_at_the_same_batch():
+    full = EpochBatchSampler(10, 3, seed=1)
+    it = iter(full)
+    batches = [next(it) for _ in range(7)]  # 3 batches an epoch: crosses two epoch boundaries
+    assert all(len(b) == 3 for b in batches)
+    assert len(set(sum(batches[:3], []))) == 9  # no repeats within an epoch
+    resumed = iter(EpochBatchSampler(10, 3, seed=1, start_step=4))
+    assert [next(resumed) for _ in range(3)] == batches[4:7]
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        EpochBatchSampler(2, 3, seed=0)
+
+
+@pytest.fixture()
+def token_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "tokens").mkdir()
+    np.save(tmp_path / "tokens" / "tokens.npy", rng.integers(0, 64, (20, 4, 4)).astype(np.uint16))
+    np.save(tmp_path / "tokens" / "labels.npy", rng.integers(0, 10, 20).astype(np.int64))
+    (tmp_path / "tokens" / "meta.json").write_text(json.dumps({"grid": [4, 4], "n_codes": 64, "num_classes": 10}))
+    return tmp_path / "tokens"
+
+
+def test_generator_resume_matches_uninterrupted_run(token_dir, tmp_path):
+    ds = TokenDataset(token_dir)
+    cfg = dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=6, batch_size=4, save_every=3, sample_every=100)
+    meta = {"grid": [4, 4]}
+    a = train_generator(HG["tiny"], cfg, ds, tmp_path / "a", meta, progress=False)
+    # Interrupted after 3 steps, then resumed to 6.
+    train_generator(HG["tiny"], dataclasses.replace(cfg, steps=3), ds, tmp_path / "b", meta, progress=False)
+    b = train_generator(HG["tiny"], cfg, ds, tmp_path / "b", meta, resume=True, progress=False)
+    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert sa["step"] == sb["step"] == 6
+    for key in sa["model"]:
+        torch.testing.assert_close(sa["model"][key], sb["model"][key], rtol=0, atol=0)
+    for key in sa["ema"]:
+        torch.testing.assert_close(sa["ema"][key], sb["ema"][key], rtol=0, atol=0)
+
+
+def test_vqgan_resume_matches_uninterrupted_run(image_folder, tmp_path):
+    ds = ImageFolder(image_folder, 32, 3)
+    cfg = dataclasses.replace(VQGAN_TRAIN_PRESETS["tiny"], steps=4, batch_size=4, disc_start=1, save_every=2,
+                              restart_dead_codes=2)
+    a = train_vqgan(VQ["tiny"], cfg, ds, tmp_path / "a", progress=False)
+    train_vqgan(VQ["tiny"], dataclasses.replace(cfg, steps=2), ds, tmp_path / "b", progress=False)
+    b = train_vqgan(VQ["tiny"], cfg, ds, tmp_path / "b", resume=True, progress=False)
+    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    for part in ("model", "disc"):
+        for key in sa[part]:
+            torch.testing.assert_close(sa[part][key], sb[part][key], rtol=0, atol=0)
+
+
+def test_non_finite_loss_stops_with_the_step(token_dir, tmp_path):
+    ds = TokenDataset(token_dir)
+    cfg = dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=3, batch_size=4, lr=float("inf"))
+    with pytest.raises(FloatingPointError, match="at step"):
+        train_generator(HG["tiny"], cfg, ds, tmp_path / "x", {"grid": [4, 4]}, progress=False)
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_images_pad_and_scale(tmp_path):
+    images = np.zeros((3, 28, 28), dtype=np.uint8)
+    images[:, 0, 0] = 255
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([4, 0, 9]))
+    ds = IdxImages(tmp_path, "train", 32)
+    x, y = ds[0]
+    assert x.shape == (1, 32, 32) and y == 4
+    assert x[0, 2, 2].item() == 1.0 and x[0, 0, 0].item() == -1.0 and x.min().item() == -1.0
+    assert ds.num_classes == 10
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz"):
+        IdxImages(tmp_path, "test", 32)
+
+
+def test_make_grid_places_images():
+    imgs = torch.stack([torch.full((1, 2, 2), float(i)) for i in range(3)])
+    grid = make_grid(imgs, nrow=2, pad=1, value=-1.0)
+    assert grid.shape == (1, 1 + 2 * 3, 1 + 2 * 3)
+    assert grid[0, 1, 1] == 0 and grid[0, 1, 4] == 1 and grid[0, 4, 1] == 2 and grid[0, 4, 4] == -1
