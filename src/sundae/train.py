@@ -80,9 +80,9 @@ class GeneratorTrainConfig:
 VQGAN_TRAIN_PRESETS: dict[str, VQGANTrainConfig] = {
     "tiny": VQGANTrainConfig(steps=20, batch_size=8, lr=1e-3, perceptual_weight=0.0, disc_start=10,
                              disc_filters=8, log_every=5, sample_every=10, save_every=10),
-    "fashion": VQGANTrainConfig(steps=500, batch_size=64, lr=1e-3, perceptual_weight=0.0, disc_start=350,
-                                disc_weight=0.1, disc_filters=32, restart_dead_codes=50, ema_decay=0.99,
-                                sample_every=250, save_every=250),
+    "fashion": VQGANTrainConfig(steps=2000, batch_size=16, lr=1e-3, perceptual_weight=0.0, disc_start=1600,
+                                disc_weight=0.1, disc_filters=32, restart_dead_codes=100, ema_decay=0.99,
+                                sample_every=500, save_every=500),
     "ffhq256": VQGANTrainConfig(disc_start=30_000),
     "ffhq1024": VQGANTrainConfig(batch_size=4, lr=1.8e-5),
 }
