@@ -98,6 +98,8 @@ def test_inpaint_keeps_pixels_outside_the_mask(pipeline, image_folder, tmp_path)
     completions = [np.asarray(Image.open(tmp_path / "out" / f"completion_{i:02d}.png")) for i in range(3)]
     for c in completions:
         assert np.array_equal(c[~regen], original[~regen])
+    # Different completions inside the regenerated cells.
+    assert not np.array_equal(completions[0][regen], completions[1][regen])
     assert (tmp_path / "out" / "figure.png").is_file()
 
 
@@ -125,6 +127,11 @@ def test_one_line_errors(pipeline, image_folder, tmp_path, capsys):
     Image.fromarray(small).save(tmp_path / "small_mask.png")
     assert "mask" in fails(capsys, "inpaint", "--generator", gen, "--image", image_folder / "circles" / "00.png",
                            "--mask", tmp_path / "small_mask.png", "--out", tmp_path, "--class", "0")
+
+
+def test_quickstart_without_data_says_how_to_get_it(tmp_path, capsys):
+    err = fails(capsys, "quickstart", "--data", tmp_path / "empty", "--out", tmp_path / "qs", "--preset", "tiny")
+    assert "apt-get install dataset-fashion-mnist" in err and str(tmp_path / "empty") in err
 
 
 def test_every_verb_has_help():

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from sundae import data as D
 from sundae.checkpoint import load_generator, load_tokenizer
+from sundae.evaluate import codebook_usage, psnr
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.sundae import check_schedule, sample, token_keep_mask
 from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, resolve_device, train_generator,
@@ -292,10 +293,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
                             args.split)
     x = torch.stack([dataset[i][0] for i in range(min(args.num, len(dataset)))]).to(device)
     with torch.inference_mode():
-        recon = tokenizer.decode(tokenizer.encode(x))
-    from sundae.evaluate import psnr
+        tokens = tokenizer.encode(x)
+        recon = tokenizer.decode(tokens)
     D.save_grid(torch.cat([x, recon]).cpu(), args.out, nrow=len(x))
-    print(f"PSNR {psnr(recon, x):.2f} dB on {len(x)} images; grid written to {args.out}")
+    print(f"PSNR {psnr(recon, x):.2f} dB, codebook usage {codebook_usage(tokens, tokenizer.cfg.n_codes):.3f} "
+          f"on {len(x)} images; grid written to {args.out}")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -309,6 +311,15 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+
+
+def _encode_args(p: argparse.ArgumentParser, out_help: str, split: str) -> None:
+    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (.pt from `sundae train-vqgan`)")
+    p.add_argument("--data", required=True, help="image folder (sub-folders = classes) or idx folder")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--split", default=split, help="train or test (idx folders only)")
+    p.add_argument("--image-size", type=int, default=0, help="pixels; default: the tokenizer's resolution")
+    _common(p)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -338,23 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_vqgan)
 
     p = sub.add_parser("reconstruct", help="encode and decode images; write a grid and print PSNR")
-    p.add_argument("--tokenizer", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="PNG grid: inputs on top, reconstructions below")
+    _encode_args(p, "PNG grid: inputs on top, reconstructions below", split="test")
     p.add_argument("--num", type=int, default=16)
-    p.add_argument("--split", default="test", help="train or test (idx folders only)")
-    p.add_argument("--image-size", type=int, default=0, help="pixels; default: the tokenizer's resolution")
-    _common(p)
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("tokenize", help="encode a dataset once into a token folder")
-    p.add_argument("--tokenizer", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="folder for tokens.npy, labels.npy, meta.json")
-    p.add_argument("--split", default="train", help="train or test (idx folders only)")
-    p.add_argument("--image-size", type=int, default=0, help="pixels; default: the tokenizer's resolution")
+    _encode_args(p, "folder for tokens.npy, labels.npy, meta.json", split="train")
     p.add_argument("--batch-size", type=int, default=256)
-    _common(p)
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("train", help="train the SUNDAE hourglass generator on a token folder")

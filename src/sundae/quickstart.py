@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from sundae import data as D
 from sundae.checkpoint import load_generator, load_tokenizer
@@ -121,7 +122,7 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
     images, taken = [], []
     t = time.time()
     with torch.inference_mode():
-        for i in range(0, len(labels), cfg.sample_batch_size):
+        for i in tqdm(range(0, len(labels), cfg.sample_batch_size), desc="sample", dynamic_ncols=True):
             lab = labels[i:i + cfg.sample_batch_size]
             z, steps = sample(class_logits_fn(net, lab), (len(lab), h, w), net.cfg.vocab_size, generator=gen,
                               device=device, **schedule)

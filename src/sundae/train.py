@@ -162,6 +162,29 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _restore(path: Path, kind: str, parts: dict[str, Any], ema: AveragedModel) -> tuple[int, Any]:
+    """Load a run's last checkpoint into `parts` (key -> object with load_state_dict) and the EMA.
+
+    Returns (step, RNG state), or (0, None) when there is no checkpoint yet.
+    """
+    if not path.is_file():
+        return 0, None
+    ckpt = load_checkpoint(path, kind)
+    for key, obj in parts.items():
+        obj.load_state_dict(ckpt[key])
+    ema.module.load_state_dict(ckpt["ema"])
+    ema.n_averaged.fill_(ckpt["step"])  # one EMA update per step; 0 would restart the average
+    return ckpt["step"], ckpt["rng"]
+
+
+def _save(path: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str, Any], ema: AveragedModel,
+          step: int, **extra: Any) -> None:
+    """Write everything `_restore` needs, plus `extra` keys, as one atomic checkpoint."""
+    states = {key: obj.state_dict() for key, obj in parts.items() if key != "model"}
+    save_checkpoint(path, kind, model_cfg, parts["model"], ema=ema.module.state_dict(), step=step, rng=_rng_state(),
+                    train=dataclasses.asdict(train_cfg), **states, **extra)
+
+
 def _check_finite(loss: Tensor, step: int) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good checkpoint is kept")
@@ -173,6 +196,8 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
 
     Per step: L = l1 * |x - x_hat| + perceptual * LPIPS + codebook * L_VQ (+ lambda * (-D(x_hat)) from
     `disc_start`, lambda the adaptive weight), then one discriminator hinge step (Esser et al. eq. 5-7).
+    `resume` continues from `out/tokenizer.pt` exactly (model, EMA, discriminator, optimizers, data position,
+    RNG). Raises FloatingPointError naming the step when the loss is not finite (checkpoints stay intact).
     """
     device, out = torch.device(device), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,25 +208,17 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)
     ema = _ema(model, cfg.ema_decay)
-    step, last = 0, out / "tokenizer.pt"
-    if resume and last.is_file():
-        ckpt = load_checkpoint(last, "tokenizer")
-        model.load_state_dict(ckpt["model"])
-        ema.module.load_state_dict(ckpt["ema"])
-        ema.n_averaged.fill_(ckpt["step"])  # one EMA update per step; 0 would restart the average
-        disc.load_state_dict(ckpt["disc"])
-        opt.load_state_dict(ckpt["optimizer"])
-        opt_d.load_state_dict(ckpt["optimizer_disc"])
-        step = ckpt["step"]
+    parts = {"model": model, "disc": disc, "optimizer": opt, "optimizer_disc": opt_d}
+    last = out / "tokenizer.pt"
+    step, rng = _restore(last, "tokenizer", parts, ema) if resume else (0, None)
 
-    def save(path: Path) -> None:
-        save_checkpoint(path, "tokenizer", model_cfg, model, ema=ema.module.state_dict(), disc=disc.state_dict(),
-                        optimizer=opt.state_dict(), optimizer_disc=opt_d.state_dict(), step=step,
-                        rng=_rng_state(), train=dataclasses.asdict(cfg))
+    def save() -> None:  # the resumable last checkpoint, and a numbered copy
+        for path in (last, out / "checkpoints" / f"step_{step:07d}.pt"):
+            _save(path, "tokenizer", model_cfg, cfg, parts, ema, step)
 
     data = _loader(dataset, cfg.batch_size, cfg.seed, step)
-    if step:  # after building the loader, which draws from the global RNG
-        _set_rng_state(ckpt["rng"])
+    if rng is not None:  # after building the loader, which draws from the global RNG
+        _set_rng_state(rng)
     fixed = torch.stack([dataset[i][0] for i in range(min(16, len(dataset)))]).to(device)
     usage = torch.zeros(model_cfg.n_codes, dtype=torch.long, device=device)
     bar = tqdm(total=cfg.steps, initial=step, desc="train-vqgan", disable=not progress, dynamic_ncols=True)
@@ -262,11 +279,10 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
                 recon = ema.module.decode(ema.module.encode(fixed))
             save_grid(torch.cat([fixed, recon]), out / "samples" / f"step_{step:07d}.png", nrow=len(fixed))
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save(last)
-            save(out / "checkpoints" / f"step_{step:07d}.pt")
+            save()
     bar.close()
     if not last.is_file():
-        save(last)
+        save()
     return last
 
 
@@ -282,6 +298,8 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     `dataset` items are (`h w` int64 tokens, int label); labels are used when `model_cfg.num_classes` > 0.
     `meta` (token grid, tokenizer path, class names) is stored in the checkpoint for `sundae sample`.
     `tokenizer`, if given, decodes the sample grids written every `sample_every` steps.
+    `resume` continues from `out/generator.pt` exactly. Raises FloatingPointError naming the step when the
+    loss is not finite (checkpoints stay intact).
     """
     device, out = torch.device(device), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,25 +312,18 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     ema = _ema(model, cfg.ema_decay)
-    step, last = 0, out / "generator.pt"
-    if resume and last.is_file():
-        ckpt = load_checkpoint(last, "generator")
-        model.load_state_dict(ckpt["model"])
-        ema.module.load_state_dict(ckpt["ema"])
-        ema.n_averaged.fill_(ckpt["step"])  # one EMA update per step; 0 would restart the average
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        step = ckpt["step"]
+    parts = {"model": model, "optimizer": opt, "scheduler": sched}
+    last = out / "generator.pt"
+    step, rng = _restore(last, "generator", parts, ema) if resume else (0, None)
 
-    def save(path: Path) -> None:
-        save_checkpoint(path, "generator", model_cfg, model, ema=ema.module.state_dict(), optimizer=opt.state_dict(),
-                        scheduler=sched.state_dict(), step=step, rng=_rng_state(), train=dataclasses.asdict(cfg),
-                        meta=meta)
+    def save() -> None:  # the resumable last checkpoint, and a numbered copy
+        for path in (last, out / "checkpoints" / f"step_{step:07d}.pt"):
+            _save(path, "generator", model_cfg, cfg, parts, ema, step, meta=meta)
 
     conditional = model_cfg.num_classes > 0
     data = _loader(dataset, cfg.batch_size, cfg.seed, step)
-    if step:  # after building the loader, which draws from the global RNG
-        _set_rng_state(ckpt["rng"])
+    if rng is not None:  # after building the loader, which draws from the global RNG
+        _set_rng_state(rng)
     h, w = meta["grid"]
     grid_labels = torch.arange(min(model_cfg.num_classes, 10) or 1, device=device).repeat_interleave(8)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
@@ -351,9 +362,8 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                 images = tokenizer.decode(z)
             save_grid(images.float(), out / "samples" / f"step_{step:07d}.png", nrow=8)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save(last)
-            save(out / "checkpoints" / f"step_{step:07d}.pt")
+            save()
     bar.close()
     if not last.is_file():
-        save(last)
+        save()
     return last
