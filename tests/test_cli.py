@@ -111,6 +111,7 @@ def test_reconstruct(pipeline, image_folder, tmp_path, capsys):
 
 def test_one_line_errors(pipeline, image_folder, tmp_path, capsys):
     gen, tok = pipeline / "gen" / "generator.pt", pipeline / "tok" / "tokenizer.pt"
+    Image.fromarray(np.zeros((28, 28, 3), dtype=np.uint8)).save(tmp_path / "odd.png")
     assert "unknown key" in fails(capsys, "train", "--tokens", pipeline / "tokens", "--out", tmp_path,
                                   "--preset", "tiny", "--set", "bogus=1")
     assert "expected a value" in fails(capsys, "train", "--tokens", pipeline / "tokens", "--out", tmp_path,
@@ -123,6 +124,16 @@ def test_one_line_errors(pipeline, image_folder, tmp_path, capsys):
     assert "but a generator was expected" in fails(capsys, "sample", "--generator", tok, "--out", tmp_path)
     assert "does not exist" in fails(capsys, "train-vqgan", "--data", tmp_path / "nothing", "--out", tmp_path,
                                      "--preset", "tiny")
+    assert "pass --resume" in fails(capsys, "train", "--tokens", pipeline / "tokens", "--out", pipeline / "gen",
+                                    "--preset", "tiny")
+    moved = tmp_path / "moved.pt"
+    shutil.copy(gen, moved)
+    ckpt = torch.load(moved, weights_only=True)
+    ckpt["meta"]["tokenizer"] = str(tmp_path / "gone" / "tokenizer.pt")
+    torch.save(ckpt, moved)
+    assert "pass --tokenizer" in fails(capsys, "sample", "--generator", moved, "--out", tmp_path)
+    assert "multiples of 8" in fails(capsys, "inpaint", "--generator", gen, "--image", tmp_path / "odd.png",
+                                     "--mask", tmp_path / "odd.png", "--out", tmp_path, "--class", "0")
     small = np.zeros((16, 16), dtype=np.uint8)
     Image.fromarray(small).save(tmp_path / "small_mask.png")
     assert "mask" in fails(capsys, "inpaint", "--generator", gen, "--image", image_folder / "circles" / "00.png",
@@ -141,15 +152,20 @@ def test_every_verb_has_help():
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist")
-def test_quickstart_tiny_console_script(tmp_path):
+def test_quickstart_tiny_console_script(tmp_path, monkeypatch):
     exe = shutil.which("sundae") or f"{sys.executable} -m sundae"
-    cmd = exe.split() + ["quickstart", "--preset", "tiny", "--out", str(tmp_path / "qs"), "--device", "cpu"]
+    cmd = exe.split() + ["quickstart", "--preset", "tiny", "--out", str(tmp_path / "quickstart"), "--device", "cpu"]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    metrics = json.loads((tmp_path / "qs" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "quickstart" / "metrics.json").read_text())
     assert metrics["samples"]["count"] == 20
     assert 0.0 <= metrics["samples"]["class_accuracy"] <= 1.0
     assert metrics["inpainting"]["known_tokens_kept"] is True
     assert metrics["inpainting"]["mean_pairwise_l2_inside_mask"] > 0
     for name in ("reconstructions.png", "samples_by_class.png", "inpainting.png"):
-        assert Image.open(tmp_path / "qs" / name).size[0] > 32
+        assert Image.open(tmp_path / "quickstart" / name).size[0] > 32
+    # The README's example of loading the quickstart's checkpoints, run where it expects them.
+    from test_readme import python_examples
+    monkeypatch.chdir(tmp_path)
+    exec(compile(python_examples()[1], "README.md", "exec"), {})
+    assert Image.open(tmp_path / "one_per_class.png").size[1] == 36  # one row of 32-pixel images, 2-pixel pads

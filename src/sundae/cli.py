@@ -185,6 +185,9 @@ def _load_pair(args: argparse.Namespace, device: torch.device):
     tokenizer_path = args.tokenizer or meta.get("tokenizer")
     if not tokenizer_path:
         raise UsageError(f"{args.generator} names no tokenizer: pass --tokenizer")
+    if not args.tokenizer and not Path(tokenizer_path).is_file():
+        raise UsageError(f"the tokenizer {args.generator} was trained with, {tokenizer_path}, does not exist "
+                         f"(moved?): pass --tokenizer PATH")
     tokenizer = load_tokenizer(tokenizer_path, device)
     if tokenizer.cfg.n_codes != net.cfg.vocab_size:
         raise UsageError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.n_codes} codes, "
@@ -271,6 +274,10 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     net, _, tokenizer = _load_pair(args, device)
     image = load_image(args.image, tokenizer.cfg.in_channels)
+    multiple = tokenizer.cfg.f * net.cfg.shorten_factor
+    if image.shape[1] % multiple or image.shape[2] % multiple:
+        raise UsageError(f"image {args.image} is {image.shape[1]}x{image.shape[2]}: this tokenizer (f={tokenizer.cfg.f}) "
+                         f"and generator need sides that are multiples of {multiple} pixels")
     mask = load_mask(args.mask, tuple(image.shape[1:]))
     if net.cfg.num_classes and args.class_ is None:
         raise UsageError(f"{args.generator} is class-conditional: pass --class (0..{net.cfg.num_classes - 1})")
@@ -326,11 +333,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generator", required=True, help="generator checkpoint (.pt from `sundae train`)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint; default: the one the generator was trained on")
     p.add_argument("--num", type=int, default=16, help="number of images")
-    p.add_argument("--class", dest="class_", help="class label(s), comma-separated; cycled over the samples")
-    p.add_argument("--steps", type=int, default=100, help="sampling steps T")
-    p.add_argument("--temperature", type=_pair, default=(0.8, 0.8), help="tau or tau_start,tau_end (linear)")
-    p.add_argument("--update-proportion", type=_pair, default=(0.5, 0.5), help="p or p_start,p_end (linear)")
-    p.add_argument("--min-steps", type=int, default=10, help="no early stop before this many steps")
+    p.add_argument("--class", dest="class_", help="class label(s), comma-separated, cycled over the images; "
+                   "`sample` cycles through all classes when omitted, `inpaint` needs it for a class-conditional "
+                   "generator")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps T (default 100, the paper's)")
+    p.add_argument("--temperature", type=_pair, default=(0.8, 0.8), help="tau or tau_start,tau_end, linear over the steps (default 0.8)")
+    p.add_argument("--update-proportion", type=_pair, default=(0.5, 0.5), help="p or p_start,p_end, linear over the steps (default 0.5)")
+    p.add_argument("--min-steps", type=int, default=10, help="no early stop before this many steps (default 10)")
     p.add_argument("--seed", type=int, default=0)
     _common(p)
 
@@ -395,6 +404,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, FileNotFoundError, ValueError) as err:
+    except (UsageError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"sundae {args.verb}: error: {err}", file=sys.stderr)
         sys.exit(2)

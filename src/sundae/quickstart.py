@@ -89,7 +89,8 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
     seconds["classifier"] = time.time() - t
 
     t = time.time()
-    tok_path = train_vqgan(cfg.vqgan, cfg.vqgan_train, train, out / "tokenizer", device)
+    # resume=True: a rerun into the same folder continues (or reuses) the runs instead of starting over.
+    tok_path = train_vqgan(cfg.vqgan, cfg.vqgan_train, train, out / "tokenizer", device, resume=True)
     tokenizer = load_tokenizer(tok_path, device)
     test_tokens, _ = encode_dataset(tokenizer, test, 500, device, desc="encode test")
     with torch.inference_mode():
@@ -109,7 +110,8 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
     tokens = D.TokenDataset(tokens_dir)
     hg_cfg = dataclasses.replace(cfg.hourglass, vocab_size=cfg.vqgan.n_codes, num_classes=num_classes)
     meta = {k: tokens.meta[k] for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names")}
-    gen_path = train_generator(hg_cfg, cfg.generator_train, tokens, out / "generator", meta, tokenizer, device)
+    gen_path = train_generator(hg_cfg, cfg.generator_train, tokens, out / "generator", meta, tokenizer, device,
+                               resume=True)
     net, meta = load_generator(gen_path, device)
     seconds["generator"] = time.time() - t
 

@@ -210,6 +210,8 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     ema = _ema(model, cfg.ema_decay)
     parts = {"model": model, "disc": disc, "optimizer": opt, "optimizer_disc": opt_d}
     last = out / "tokenizer.pt"
+    if last.is_file() and not resume:
+        raise FileExistsError(f"{last} exists: pass --resume to continue that run, or choose another --out")
     step, rng = _restore(last, "tokenizer", parts, ema) if resume else (0, None)
 
     def save() -> None:  # the resumable last checkpoint, and a numbered copy
@@ -314,6 +316,8 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     ema = _ema(model, cfg.ema_decay)
     parts = {"model": model, "optimizer": opt, "scheduler": sched}
     last = out / "generator.pt"
+    if last.is_file() and not resume:
+        raise FileExistsError(f"{last} exists: pass --resume to continue that run, or choose another --out")
     step, rng = _restore(last, "generator", parts, ema) if resume else (0, None)
 
     def save() -> None:  # the resumable last checkpoint, and a numbered copy
