@@ -134,6 +134,15 @@ def test_one_line_errors(pipeline, image_folder, tmp_path, capsys):
     assert "pass --tokenizer" in fails(capsys, "sample", "--generator", moved, "--out", tmp_path)
     assert "multiples of 8" in fails(capsys, "inpaint", "--generator", gen, "--image", tmp_path / "odd.png",
                                      "--mask", tmp_path / "odd.png", "--out", tmp_path, "--class", "0")
+    assert "depth must be three" in fails(capsys, "train", "--tokens", pipeline / "tokens", "--out", tmp_path / "d",
+                                          "--preset", "tiny", "--set", "depth=1,1")
+    assert "temperature" in fails(capsys, "sample", "--generator", gen, "--out", tmp_path, "--temperature", "nan")
+    assert "integers" in fails(capsys, "sample", "--generator", gen, "--out", tmp_path, "--class", "x")
+    other_tok = tmp_path / "other_tok.pt"
+    ckpt = torch.load(tok, weights_only=True)
+    ckpt["step"] += 1  # same weights, different file: not the tokenizer the generator recorded
+    torch.save(ckpt, other_tok)
+    assert "sha256" in fails(capsys, "sample", "--generator", gen, "--tokenizer", other_tok, "--out", tmp_path)
     small = np.zeros((16, 16), dtype=np.uint8)
     Image.fromarray(small).save(tmp_path / "small_mask.png")
     assert "mask" in fails(capsys, "inpaint", "--generator", gen, "--image", image_folder / "circles" / "00.png",
@@ -169,3 +178,16 @@ def test_quickstart_tiny_console_script(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(python_examples()[1], "README.md", "exec"), {})
     assert Image.open(tmp_path / "one_per_class.png").size[1] == 36  # one row of 32-pixel images, 2-pixel pads
+
+
+def test_resume_continues_with_the_stored_settings(image_folder, tmp_path):
+    out = tmp_path / "tok"
+    run("train-vqgan", "--data", image_folder, "--out", out, *SET_TINY_VQ[:2], "--set", "steps=3",
+        "--set", "batch_size=4", "--set", "save_every=1", "--device", "cpu")
+    ckpt = torch.load(out / "tokenizer.pt", weights_only=True)
+    ckpt["step"] = 2  # as if interrupted after step 2
+    torch.save(ckpt, out / "tokenizer.pt")
+    # No --set: steps=3 and batch_size=4 come from the checkpoint, not from the preset (20 and 8).
+    run("train-vqgan", "--data", image_folder, "--out", out, "--preset", "tiny", "--resume", "--device", "cpu")
+    resumed = torch.load(out / "tokenizer.pt", weights_only=True)
+    assert resumed["step"] == 3 and resumed["train"]["batch_size"] == 4

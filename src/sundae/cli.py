@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sundae import data as D
-from sundae.checkpoint import load_generator, load_tokenizer
+from sundae.checkpoint import config_from_dict, load_checkpoint, load_generator, load_tokenizer
 from sundae.evaluate import codebook_usage, psnr
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.sundae import check_schedule, sample, token_keep_mask
@@ -77,6 +77,13 @@ def _pair(text: str) -> tuple[float, float]:
     return (parts[0], parts[-1])
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def _preset(table: dict, name: str, what: str) -> Any:
     if name not in table:
         raise UsageError(f"unknown {what} preset {name!r}; choose from {', '.join(table)}")
@@ -94,11 +101,24 @@ def file_digest(path: str | Path) -> str:
 
 # ---- verbs -----------------------------------------------------------------------------------------
 
+def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_table: dict) -> list[Any]:
+    """The (model, training) configs of a run: the preset's, or with --resume the ones stored in the run's
+    last checkpoint; then the --set overrides on top."""
+    last = Path(args.out) / f"{kind}.pt"
+    if args.resume and last.is_file():
+        ckpt = load_checkpoint(last, kind)
+        model_cfg = config_from_dict(type(model_table[next(iter(model_table))]), ckpt["config"], str(last))
+        train_cfg = config_from_dict(type(train_table[next(iter(train_table))]), ckpt["train"], str(last))
+    else:
+        model_cfg = _preset(model_table, args.preset, kind)
+        train_cfg = _preset(train_table, args.preset, f"{kind} training")
+    return apply_overrides(args.set, model_cfg, train_cfg)
+
+
 def cmd_train_vqgan(args: argparse.Namespace) -> None:
-    model_cfg, train_cfg = apply_overrides(args.set, _preset(VQGAN_PRESETS, args.preset, "tokenizer"),
-                                           _preset(VQGAN_TRAIN_PRESETS, args.preset, "tokenizer training"))
+    model_cfg, train_cfg = _run_configs(args, "tokenizer", VQGAN_PRESETS, VQGAN_TRAIN_PRESETS)
     dataset = D.open_images(args.data, model_cfg.resolution, model_cfg.in_channels, "train")
-    path = train_vqgan(model_cfg, train_cfg, dataset, args.out, resolve_device(args.device), args.resume)
+    path = train_vqgan(model_cfg, train_cfg, dataset, args.out, args.device, args.resume)
     print(f"tokenizer written to {path}")
 
 
@@ -139,7 +159,7 @@ def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    device = resolve_device(args.device)
+    device = args.device
     cfg = load_tokenizer(args.tokenizer).cfg
     dataset = D.open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split)
     names = D.FASHION_MNIST_CLASSES if D.is_idx_dataset(args.data) else ()
@@ -149,13 +169,17 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     dataset = D.TokenDataset(args.tokens)
-    model_cfg, train_cfg = apply_overrides(args.set, _preset(HOURGLASS_PRESETS, args.preset, "generator"),
-                                           _preset(GENERATOR_TRAIN_PRESETS, args.preset, "generator training"))
+    model_cfg, train_cfg = _run_configs(args, "generator", HOURGLASS_PRESETS, GENERATOR_TRAIN_PRESETS)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=dataset.meta["n_codes"],
                                     num_classes=dataset.num_classes if model_cfg.num_classes else 0)
-    device = resolve_device(args.device)
+    device = args.device
+    tokenizer = None  # only for the sample grids: without one, training goes on without grids
     tokenizer_path = args.tokenizer or dataset.meta.get("tokenizer")
-    tokenizer = load_tokenizer(tokenizer_path, device) if tokenizer_path and Path(tokenizer_path).is_file() else None
+    if args.tokenizer or (tokenizer_path and Path(tokenizer_path).is_file()):
+        tokenizer = load_tokenizer(tokenizer_path, device)
+        if tokenizer.cfg.n_codes != dataset.meta["n_codes"]:
+            raise UsageError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.n_codes} codes, the tokens in "
+                             f"{args.tokens} have {dataset.meta['n_codes']}")
     meta = {k: dataset.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names")}
     path = train_generator(model_cfg, train_cfg, dataset, args.out, meta, tokenizer, device, args.resume)
     print(f"generator written to {path}")
@@ -173,7 +197,10 @@ def _labels(text: str | None, num: int, num_classes: int, device: torch.device) 
         if text is not None:
             raise UsageError("--class given, but the generator is unconditional")
         return None
-    values = list(range(num_classes)) if text is None else [int(v) for v in text.split(",")]
+    try:
+        values = list(range(num_classes)) if text is None else [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--class expects integers separated by commas, got {text!r}") from None
     bad = [v for v in values if not 0 <= v < num_classes]
     if bad:
         raise UsageError(f"--class {bad[0]} is outside the trained classes 0..{num_classes - 1}")
@@ -188,6 +215,10 @@ def _load_pair(args: argparse.Namespace, device: torch.device):
     if not args.tokenizer and not Path(tokenizer_path).is_file():
         raise UsageError(f"the tokenizer {args.generator} was trained with, {tokenizer_path}, does not exist "
                          f"(moved?): pass --tokenizer PATH")
+    digest = meta.get("tokenizer_sha256")
+    if digest and file_digest(tokenizer_path) != digest:
+        raise UsageError(f"{tokenizer_path} is not the tokenizer {args.generator} was trained with (its sha256 "
+                         f"differs from the one recorded at training time)")
     tokenizer = load_tokenizer(tokenizer_path, device)
     if tokenizer.cfg.n_codes != net.cfg.vocab_size:
         raise UsageError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.n_codes} codes, "
@@ -202,7 +233,7 @@ def _schedule_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    device = resolve_device(args.device)
+    device = args.device
     net, meta, tokenizer = _load_pair(args, device)
     h, w = meta["grid"]
     labels = _labels(args.class_, args.num, net.cfg.num_classes, device)
@@ -239,9 +270,10 @@ def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
     """A mask file -> `1 H W` float, 1 = regenerate (white, or transparent in an RGBA mask), 0 = keep."""
     try:
         with Image.open(path) as img:
-            if img.mode in ("RGBA", "LA") or "transparency" in img.info:
-                mask = np.asarray(img.convert("RGBA"))[:, :, 3] < 128
-            else:
+            alpha = np.asarray(img.convert("RGBA"))[:, :, 3]
+            if (img.mode in ("RGBA", "LA") or "transparency" in img.info) and (alpha < 255).any():
+                mask = alpha < 128
+            else:  # no transparency used: white = regenerate
                 mask = np.asarray(img.convert("L")) >= 128
     except OSError as err:
         raise UsageError(f"cannot read mask {path}: {err}") from None
@@ -271,7 +303,7 @@ def inpaint_images(net, tokenizer: VQGAN, image: torch.Tensor, pixel_mask: torch
 
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
-    device = resolve_device(args.device)
+    device = args.device
     net, _, tokenizer = _load_pair(args, device)
     image = load_image(args.image, tokenizer.cfg.in_channels)
     multiple = tokenizer.cfg.f * net.cfg.shorten_factor
@@ -294,7 +326,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
-    device = resolve_device(args.device)
+    device = args.device
     tokenizer = load_tokenizer(args.tokenizer, device)
     dataset = D.open_images(args.data, args.image_size or tokenizer.cfg.resolution, tokenizer.cfg.in_channels,
                             args.split)
@@ -310,14 +342,24 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from sundae.quickstart import QUICKSTART_PRESETS, quickstart
     cfg = _preset(QUICKSTART_PRESETS, args.preset, "quickstart")
-    metrics = quickstart(cfg, args.data, args.out, resolve_device(args.device))
+    metrics = quickstart(cfg, args.data, args.out, args.device)
     print(f"quickstart done in {metrics['seconds_total']:.0f} s; results in {args.out}")
 
 
 # ---- parser ----------------------------------------------------------------------------------------
 
+def _device(text: str) -> torch.device:
+    try:
+        device = resolve_device(text)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(str(err).splitlines()[0]) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available in this torch build or on this machine")
+    return device
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=_device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 
 
 def _encode_args(p: argparse.ArgumentParser, out_help: str, split: str) -> None:
@@ -332,7 +374,7 @@ def _encode_args(p: argparse.ArgumentParser, out_help: str, split: str) -> None:
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generator", required=True, help="generator checkpoint (.pt from `sundae train`)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint; default: the one the generator was trained on")
-    p.add_argument("--num", type=int, default=16, help="number of images")
+    p.add_argument("--num", type=_positive, default=16, help="number of images")
     p.add_argument("--class", dest="class_", help="class label(s), comma-separated, cycled over the images; "
                    "`sample` cycles through all classes when omitted, `inpaint` needs it for a class-conditional "
                    "generator")
@@ -359,12 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconstruct", help="encode and decode images; write a grid and print PSNR")
     _encode_args(p, "PNG grid: inputs on top, reconstructions below", split="test")
-    p.add_argument("--num", type=int, default=16)
+    p.add_argument("--num", type=_positive, default=16)
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("tokenize", help="encode a dataset once into a token folder")
     _encode_args(p, "folder for tokens.npy, labels.npy, meta.json", split="train")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=_positive, default=256)
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("train", help="train the SUNDAE hourglass generator on a token folder")
@@ -380,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images")
     _sampling_args(p)
     p.add_argument("--out", required=True, help="folder: grid.png and samples/NNNNN.png")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--nrow", type=int, default=0, help="images per grid row; default: square")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--nrow", type=_positive, default=None, help="images per grid row; default: square")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("inpaint", help="regenerate the masked part of an image, several times")
@@ -404,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (UsageError, OSError, ValueError) as err:
         print(f"sundae {args.verb}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"sundae {args.verb}: interrupted; training runs continue from their last checkpoint with --resume",
+              file=sys.stderr)
+        sys.exit(130)

@@ -214,13 +214,22 @@ class TokenDataset(Dataset):
         for name in ("tokens.npy", "labels.npy", "meta.json"):
             if not (root / name).is_file():
                 raise FileNotFoundError(f"{root / name} is missing: make the folder with `sundae tokenize`")
-        self.meta = json.loads((root / "meta.json").read_text())
+        try:
+            self.meta = json.loads((root / "meta.json").read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{root / 'meta.json'} is not valid JSON: {err}") from None
+        if not isinstance(self.meta, dict) or not {"grid", "n_codes"} <= set(self.meta):
+            raise ValueError(f"{root / 'meta.json'} must be an object with at least 'grid' and 'n_codes'")
         self.tokens = np.load(root / "tokens.npy", mmap_mode="r")
         self.labels = np.load(root / "labels.npy")
         if self.tokens.ndim != 3 or len(self.tokens) != len(self.labels):
             raise ValueError(f"{root}: tokens {self.tokens.shape} and labels {self.labels.shape} do not match")
         if list(self.tokens.shape[1:]) != list(self.meta["grid"]):
             raise ValueError(f"{root}: tokens grid {self.tokens.shape[1:]} but meta.json says {self.meta['grid']}")
+        if len(self.tokens) and int(self.tokens.max()) >= int(self.meta["n_codes"]):
+            raise ValueError(f"{root}: token id {int(self.tokens.max())} but meta.json says n_codes={self.meta['n_codes']}")
+        if self.num_classes and len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < self.num_classes:
+            raise ValueError(f"{root}: labels outside 0..{self.num_classes - 1} (meta.json num_classes)")
 
     @property
     def num_classes(self) -> int:

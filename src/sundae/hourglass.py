@@ -38,6 +38,12 @@ class HourglassConfig:
     num_classes: int = 0  # 0: unconditional
     rotary_base: float = 10000.0
 
+    def __post_init__(self) -> None:
+        if len(self.depth) != 3 or min(self.depth) < 0:
+            raise ValueError(f"depth must be three block counts (pre, valley, post), got {self.depth}")
+        if min(self.vocab_size, self.dim, self.heads, self.head_dim, self.shorten_factor) < 1:
+            raise ValueError("vocab_size, dim, heads, head_dim and shorten_factor must be positive")
+
 
 def rotary_angles(h: int, w: int, head_dim: int, base: float, stride: float = 1.0,
                   device: torch.device | None = None) -> Tensor:

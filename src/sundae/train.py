@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,18 @@ class VQGANTrainConfig:
     sample_every: int = 1000
     save_every: int = 5000
 
+    def __post_init__(self) -> None:
+        _check_train_config(self)
+
+
+def _check_train_config(cfg: Any) -> None:
+    if len(cfg.betas) != 2:
+        raise ValueError(f"betas must be two numbers, got {cfg.betas}")
+    if cfg.batch_size < 1 or cfg.steps < 0 or min(cfg.log_every, cfg.sample_every, cfg.save_every) < 1:
+        raise ValueError("batch_size and the *_every intervals must be >= 1, steps >= 0")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
+
 
 @dataclass(frozen=True)
 class GeneratorTrainConfig:
@@ -75,6 +88,11 @@ class GeneratorTrainConfig:
     sample_every: int = 1000
     save_every: int = 5000
     sample_steps: int = 50  # sampling steps for the grids written during training
+
+    def __post_init__(self) -> None:
+        _check_train_config(self)
+        if self.unroll_steps < 1 or self.sample_steps < 1:
+            raise ValueError("unroll_steps and sample_steps must be >= 1")
 
 
 VQGAN_TRAIN_PRESETS: dict[str, VQGANTrainConfig] = {
@@ -170,8 +188,11 @@ def _restore(path: Path, kind: str, parts: dict[str, Any], ema: AveragedModel) -
     if not path.is_file():
         return 0, None
     ckpt = load_checkpoint(path, kind)
-    for key, obj in parts.items():
-        obj.load_state_dict(ckpt[key])
+    try:
+        for key, obj in parts.items():
+            obj.load_state_dict(ckpt[key])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(f"{path} was made with a different config ({str(err).splitlines()[0]})") from None
     ema.module.load_state_dict(ckpt["ema"])
     ema.n_averaged.fill_(ckpt["step"])  # one EMA update per step; 0 would restart the average
     return ckpt["step"], ckpt["rng"]
@@ -183,6 +204,11 @@ def _save(path: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str
     states = {key: obj.state_dict() for key, obj in parts.items() if key != "model"}
     save_checkpoint(path, kind, model_cfg, parts["model"], ema=ema.module.state_dict(), step=step, rng=_rng_state(),
                     train=dataclasses.asdict(train_cfg), **states, **extra)
+
+
+def _quiet(progress: bool) -> bool:
+    """True when the progress bar should be hidden: asked for, or TQDM_DISABLE set in the environment."""
+    return not progress or bool(os.environ.get("TQDM_DISABLE"))
 
 
 def _check_finite(loss: Tensor, step: int) -> None:
@@ -223,7 +249,8 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
         _set_rng_state(rng)
     fixed = torch.stack([dataset[i][0] for i in range(min(16, len(dataset)))]).to(device)
     usage = torch.zeros(model_cfg.n_codes, dtype=torch.long, device=device)
-    bar = tqdm(total=cfg.steps, initial=step, desc="train-vqgan", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train-vqgan", disable=_quiet(progress),
+               dynamic_ncols=True)
     t0, images_seen = time.time(), 0
     while step < cfg.steps:
         x = next(data)[0].to(device)
@@ -276,12 +303,12 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
                       "lr": cfg.lr, "images_per_s": images_seen / (time.time() - t0)}
             _log(out / "log.jsonl", record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{psnr:.1f}")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save()
         if step % cfg.sample_every == 0 or step == cfg.steps:
             with torch.no_grad():
                 recon = ema.module.decode(ema.module.encode(fixed))
             save_grid(torch.cat([fixed, recon]), out / "samples" / f"step_{step:07d}.png", nrow=len(fixed))
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save()
     bar.close()
     if not last.is_file():
         save()
@@ -330,7 +357,8 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
         _set_rng_state(rng)
     h, w = meta["grid"]
     grid_labels = torch.arange(min(model_cfg.num_classes, 10) or 1, device=device).repeat_interleave(8)
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=_quiet(progress),
+               dynamic_ncols=True)
     t0, tokens_seen = time.time(), 0
     while step < cfg.steps:
         tokens, labels = next(data)
@@ -356,6 +384,8 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                       "tokens_per_s": tokens_seen / (time.time() - t0)}
             _log(out / "log.jsonl", record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save()
         if tokenizer is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
             net = ema.module.eval()
             fn = (lambda z, rows: net(z, grid_labels[rows])) if conditional else (lambda z, rows: net(z))
@@ -365,8 +395,6 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                               device=device)
                 images = tokenizer.decode(z)
             save_grid(images.float(), out / "samples" / f"step_{step:07d}.png", nrow=8)
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save()
     bar.close()
     if not last.is_file():
         save()

@@ -37,6 +37,10 @@ class VQGANConfig:
     beta: float = 0.25  # commitment weight, on the encoder side only (van den Oord et al. eq. 3)
     norm_groups: int = 32
 
+    def __post_init__(self) -> None:
+        if not self.ch_mult or min(self.ch_mult) < 1 or min(self.ch, self.n_codes, self.embed_dim, self.z_channels) < 1:
+            raise ValueError(f"VQGANConfig needs a non-empty ch_mult and positive widths, got {self}")
+
     @property
     def f(self) -> int:
         """Downsampling factor in pixels per token side."""
