@@ -45,7 +45,8 @@ def test_non_causal():
 def _influence(fn, x, position):
     """Which output grid cells change when input cell `position` of `x` (`b h w d`) changes."""
     y = x.clone()
-    y[(0, *position)] += torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(1))  # not a constant: LayerNorm would erase it
+    # A random direction, not a constant: LayerNorm would erase a constant shift.
+    y[(0, *position)] += torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (fn(x) - fn(y)).abs().amax(-1)[0]
     return {tuple(p) for p in (diff > 1e-6).nonzero().tolist()}

@@ -107,8 +107,9 @@ def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_t
     last = Path(args.out) / f"{kind}.pt"
     if args.resume and last.is_file():
         ckpt = load_checkpoint(last, kind)
-        model_cfg = config_from_dict(type(model_table[next(iter(model_table))]), ckpt["config"], str(last))
-        train_cfg = config_from_dict(type(train_table[next(iter(train_table))]), ckpt["train"], str(last))
+        model_cls, train_cls = (type(next(iter(table.values()))) for table in (model_table, train_table))
+        model_cfg = config_from_dict(model_cls, ckpt["config"], str(last))
+        train_cfg = config_from_dict(train_cls, ckpt["train"], str(last))
     else:
         model_cfg = _preset(model_table, args.preset, kind)
         train_cfg = _preset(train_table, args.preset, f"{kind} training")
@@ -308,8 +309,8 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     image = load_image(args.image, tokenizer.cfg.in_channels)
     multiple = tokenizer.cfg.f * net.cfg.shorten_factor
     if image.shape[1] % multiple or image.shape[2] % multiple:
-        raise UsageError(f"image {args.image} is {image.shape[1]}x{image.shape[2]}: this tokenizer (f={tokenizer.cfg.f}) "
-                         f"and generator need sides that are multiples of {multiple} pixels")
+        raise UsageError(f"image {args.image} is {image.shape[1]}x{image.shape[2]}: this tokenizer "
+                         f"(f={tokenizer.cfg.f}) and generator need sides that are multiples of {multiple} pixels")
     mask = load_mask(args.mask, tuple(image.shape[1:]))
     if net.cfg.num_classes and args.class_ is None:
         raise UsageError(f"{args.generator} is class-conditional: pass --class (0..{net.cfg.num_classes - 1})")
@@ -359,7 +360,8 @@ def _device(text: str) -> torch.device:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", type=_device, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=_device, default="auto",
+                   help="auto (cuda if available), cpu, cuda, cuda:1, ...")
 
 
 def _encode_args(p: argparse.ArgumentParser, out_help: str, split: str) -> None:
@@ -379,8 +381,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    "`sample` cycles through all classes when omitted, `inpaint` needs it for a class-conditional "
                    "generator")
     p.add_argument("--steps", type=int, default=100, help="sampling steps T (default 100, the paper's)")
-    p.add_argument("--temperature", type=_pair, default=(0.8, 0.8), help="tau or tau_start,tau_end, linear over the steps (default 0.8)")
-    p.add_argument("--update-proportion", type=_pair, default=(0.5, 0.5), help="p or p_start,p_end, linear over the steps (default 0.5)")
+    p.add_argument("--temperature", type=_pair, default=(0.8, 0.8),
+                   help="tau or tau_start,tau_end, linear over the steps (default 0.8)")
+    p.add_argument("--update-proportion", type=_pair, default=(0.5, 0.5),
+                   help="p or p_start,p_end, linear over the steps (default 0.5)")
     p.add_argument("--min-steps", type=int, default=10, help="no early stop before this many steps (default 10)")
     p.add_argument("--seed", type=int, default=0)
     _common(p)

@@ -182,7 +182,8 @@ def make_grid(images: Tensor, nrow: int, pad: int = 2, value: float = 1.0) -> Te
     grid = images.new_full((c, pad + nrows * (h + pad), pad + ncol * (w + pad)), value)
     for i in range(b):
         r, col = divmod(i, ncol)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top:top + h, left:left + w] = images[i]
     return grid
 
 
@@ -226,10 +227,12 @@ class TokenDataset(Dataset):
             raise ValueError(f"{root}: tokens {self.tokens.shape} and labels {self.labels.shape} do not match")
         if list(self.tokens.shape[1:]) != list(self.meta["grid"]):
             raise ValueError(f"{root}: tokens grid {self.tokens.shape[1:]} but meta.json says {self.meta['grid']}")
-        if len(self.tokens) and int(self.tokens.max()) >= int(self.meta["n_codes"]):
-            raise ValueError(f"{root}: token id {int(self.tokens.max())} but meta.json says n_codes={self.meta['n_codes']}")
-        if self.num_classes and len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < self.num_classes:
-            raise ValueError(f"{root}: labels outside 0..{self.num_classes - 1} (meta.json num_classes)")
+        top = int(self.tokens.max()) if len(self.tokens) else 0
+        if top >= int(self.meta["n_codes"]):
+            raise ValueError(f"{root}: token id {top} but meta.json says n_codes={self.meta['n_codes']}")
+        n = self.num_classes
+        if n and len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < n:
+            raise ValueError(f"{root}: labels outside 0..{n - 1} (meta.json num_classes)")
 
     @property
     def num_classes(self) -> int:

@@ -154,8 +154,13 @@ class EpochBatchSampler(Sampler[list[int]]):
             epoch, skip = epoch + 1, 0
 
 
-def _loader(dataset: Dataset, batch_size: int, seed: int, start_step: int) -> Iterator:
-    return iter(DataLoader(dataset, batch_sampler=EpochBatchSampler(len(dataset), batch_size, seed, start_step)))
+def _loader(dataset: Dataset, batch_size: int, seed: int, start_step: int, rng: Any = None) -> Iterator:
+    """Endless batches from `start_step` on; a resumed run's RNG state `rng` is set after the loader is built,
+    since building it draws from the global RNG."""
+    loader = iter(DataLoader(dataset, batch_sampler=EpochBatchSampler(len(dataset), batch_size, seed, start_step)))
+    if rng is not None:
+        _set_rng_state(rng)
+    return loader
 
 
 def _ema(model: nn.Module, decay: float) -> AveragedModel:
@@ -180,13 +185,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _restore(path: Path, kind: str, parts: dict[str, Any], ema: AveragedModel) -> tuple[int, Any]:
-    """Load a run's last checkpoint into `parts` (key -> object with load_state_dict) and the EMA.
+def _restore(out: Path, kind: str, parts: dict[str, Any], ema: AveragedModel, resume: bool) -> tuple[int, Any]:
+    """Load the run's last checkpoint `out/<kind>.pt` into `parts` (key -> object with load_state_dict) and
+    the EMA. Returns (step, RNG state), or (0, None) when there is no checkpoint yet.
 
-    Returns (step, RNG state), or (0, None) when there is no checkpoint yet.
+    Raises FileExistsError when a checkpoint exists but `resume` is False (a new run would overwrite it).
     """
+    path = out / f"{kind}.pt"
     if not path.is_file():
         return 0, None
+    if not resume:
+        raise FileExistsError(f"{path} exists: pass --resume to continue that run, or choose another --out")
     ckpt = load_checkpoint(path, kind)
     try:
         for key, obj in parts.items():
@@ -198,12 +207,16 @@ def _restore(path: Path, kind: str, parts: dict[str, Any], ema: AveragedModel) -
     return ckpt["step"], ckpt["rng"]
 
 
-def _save(path: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str, Any], ema: AveragedModel,
-          step: int, **extra: Any) -> None:
-    """Write everything `_restore` needs, plus `extra` keys, as one atomic checkpoint."""
+def _save(out: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str, Any], ema: AveragedModel,
+          step: int, **extra: Any) -> Path:
+    """Write everything `_restore` needs, plus `extra` keys, atomically to the resumable `out/<kind>.pt` and
+    to a numbered copy `out/checkpoints/step_NNNNNNN.pt`. Returns the former."""
     states = {key: obj.state_dict() for key, obj in parts.items() if key != "model"}
-    save_checkpoint(path, kind, model_cfg, parts["model"], ema=ema.module.state_dict(), step=step, rng=_rng_state(),
-                    train=dataclasses.asdict(train_cfg), **states, **extra)
+    last = out / f"{kind}.pt"
+    for path in (last, out / "checkpoints" / f"step_{step:07d}.pt"):
+        save_checkpoint(path, kind, model_cfg, parts["model"], ema=ema.module.state_dict(), step=step,
+                        rng=_rng_state(), train=dataclasses.asdict(train_cfg), **states, **extra)
+    return last
 
 
 def _quiet(progress: bool) -> bool:
@@ -235,18 +248,12 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)
     ema = _ema(model, cfg.ema_decay)
     parts = {"model": model, "disc": disc, "optimizer": opt, "optimizer_disc": opt_d}
-    last = out / "tokenizer.pt"
-    if last.is_file() and not resume:
-        raise FileExistsError(f"{last} exists: pass --resume to continue that run, or choose another --out")
-    step, rng = _restore(last, "tokenizer", parts, ema) if resume else (0, None)
+    step, rng = _restore(out, "tokenizer", parts, ema, resume)
 
-    def save() -> None:  # the resumable last checkpoint, and a numbered copy
-        for path in (last, out / "checkpoints" / f"step_{step:07d}.pt"):
-            _save(path, "tokenizer", model_cfg, cfg, parts, ema, step)
+    def save() -> Path:
+        return _save(out, "tokenizer", model_cfg, cfg, parts, ema, step)
 
-    data = _loader(dataset, cfg.batch_size, cfg.seed, step)
-    if rng is not None:  # after building the loader, which draws from the global RNG
-        _set_rng_state(rng)
+    data = _loader(dataset, cfg.batch_size, cfg.seed, step, rng)
     fixed = torch.stack([dataset[i][0] for i in range(min(16, len(dataset)))]).to(device)
     usage = torch.zeros(model_cfg.n_codes, dtype=torch.long, device=device)
     bar = tqdm(total=cfg.steps, initial=step, desc="train-vqgan", disable=_quiet(progress),
@@ -310,9 +317,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
                 recon = ema.module.decode(ema.module.encode(fixed))
             save_grid(torch.cat([fixed, recon]), out / "samples" / f"step_{step:07d}.png", nrow=len(fixed))
     bar.close()
-    if not last.is_file():
-        save()
-    return last
+    return save() if step == 0 else out / "tokenizer.pt"  # step > 0: saved at the last step
 
 
 def _lr_lambda(cfg: GeneratorTrainConfig):
@@ -342,19 +347,13 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     ema = _ema(model, cfg.ema_decay)
     parts = {"model": model, "optimizer": opt, "scheduler": sched}
-    last = out / "generator.pt"
-    if last.is_file() and not resume:
-        raise FileExistsError(f"{last} exists: pass --resume to continue that run, or choose another --out")
-    step, rng = _restore(last, "generator", parts, ema) if resume else (0, None)
+    step, rng = _restore(out, "generator", parts, ema, resume)
 
-    def save() -> None:  # the resumable last checkpoint, and a numbered copy
-        for path in (last, out / "checkpoints" / f"step_{step:07d}.pt"):
-            _save(path, "generator", model_cfg, cfg, parts, ema, step, meta=meta)
+    def save() -> Path:
+        return _save(out, "generator", model_cfg, cfg, parts, ema, step, meta=meta)
 
     conditional = model_cfg.num_classes > 0
-    data = _loader(dataset, cfg.batch_size, cfg.seed, step)
-    if rng is not None:  # after building the loader, which draws from the global RNG
-        _set_rng_state(rng)
+    data = _loader(dataset, cfg.batch_size, cfg.seed, step, rng)
     h, w = meta["grid"]
     grid_labels = torch.arange(min(model_cfg.num_classes, 10) or 1, device=device).repeat_interleave(8)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=_quiet(progress),
@@ -396,6 +395,4 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                 images = tokenizer.decode(z)
             save_grid(images.float(), out / "samples" / f"step_{step:07d}.png", nrow=8)
     bar.close()
-    if not last.is_file():
-        save()
-    return last
+    return save() if step == 0 else out / "generator.pt"  # step > 0: saved at the last step
