@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sundae.evaluate import psnr
-from sundae.vqgan import PRESETS, VQGAN, VectorQuantizer
+from sundae.vqgan import PRESETS, VQGAN, VectorQuantizer, pad_to_multiple
 
 
 @pytest.mark.parametrize("name", ["tiny", "fashion"])
@@ -38,7 +38,9 @@ def test_downsampling_factor_of_presets():
 def test_bad_sizes_raise():
     model = VQGAN(PRESETS["tiny"])
     with pytest.raises(ValueError, match="multiple of"):
-        model.encode(torch.zeros(1, 3, 30, 32))
+        model(torch.zeros(1, 3, 30, 32))  # training takes only multiples of f
+    with pytest.raises(ValueError, match="does not match"):
+        model.decode(torch.zeros(1, 8, 8, dtype=torch.long), size=(40, 32))
     with pytest.raises(ValueError, match="channels|shape"):
         model.encode(torch.zeros(1, 1, 32, 32))
     with pytest.raises(ValueError, match=r"\[0, 64\)"):
@@ -103,3 +105,20 @@ def test_overfit_one_batch():
     end = psnr(model(x)[0].detach(), x)
     assert end > start + 6, (start, end)
     assert math.isfinite(end)
+
+
+def test_any_size_round_trip_pads_by_edge_replication_and_crops_back():
+    torch.manual_seed(0)
+    model = VQGAN(PRESETS["tiny"]).eval()  # f = 4
+    x = torch.rand(2, 3, 30, 17) * 2 - 1
+    tokens = model.encode(x)
+    assert tokens.shape == (2, 8, 5)  # ceil(30/4), ceil(17/4)
+    # The padding is edge replication: the same as encoding a 32x20 image whose extra rows/columns
+    # repeat the last real row/column, built here by indexing instead of F.pad.
+    rows = torch.arange(32).clamp(max=29)
+    cols = torch.arange(20).clamp(max=16)
+    assert torch.equal(tokens, model.encode(x[:, :, rows][:, :, :, cols]))
+    out = model.decode(tokens, size=(30, 17))
+    assert out.shape == x.shape
+    assert torch.equal(out, model.decode(tokens)[..., :30, :17])
+    assert pad_to_multiple(x[:, :, :28, :16], 4).shape == (2, 3, 28, 16)  # already multiples: unchanged

@@ -204,10 +204,28 @@ class VectorQuantizer(nn.Module):
         return z_q, codebook_loss + self.beta * commitment_loss, tokens
 
 
+def token_grid(height: int, width: int, f: int) -> tuple[int, int]:
+    """Token grid (h, w) for an H x W image: ceil(H / f) x ceil(W / f) (the padding policy of `VQGAN.encode`)."""
+    return -(-height // f), -(-width // f)
+
+
+def pad_to_multiple(x: Tensor, f: int) -> Tensor:
+    """Pad `b c H W` on the right and bottom, replicating the edge pixels, to the next multiple of f.
+
+    Replicated edges (not zeros) keep the padded cells close to real image content, so the codes of the
+    real border cells are not pulled towards black. Works for any H, W >= 1; `crop` undoes it.
+    """
+    h, w = token_grid(x.shape[-2], x.shape[-1], f)
+    pad_h, pad_w = h * f - x.shape[-2], w * f - x.shape[-1]
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
+
+
 class VQGAN(nn.Module):
     """The tokenizer: `encode` images to tokens, `decode` tokens to images (Esser et al. section 3).
 
-    Raises ValueError when H or W is not a multiple of f.
+    Size policy: `encode` takes any H x W, padding right and bottom by edge replication to multiples of f
+    (`pad_to_multiple`), and `decode(tokens, size=(H, W))` crops the decoded image back, so a round trip
+    returns the input size. The training `forward` takes only multiples of f (raises ValueError otherwise).
     """
 
     def __init__(self, cfg: VQGANConfig):
@@ -217,11 +235,11 @@ class VQGAN(nn.Module):
         self.quantizer = VectorQuantizer(cfg.n_codes, cfg.embed_dim, cfg.beta)
         self.decoder = Decoder(cfg)
 
-    def _check(self, x: Tensor) -> None:
+    def _check(self, x: Tensor, multiple: bool = True) -> None:
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"expected images of shape (b, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
         f = self.cfg.f
-        if x.shape[2] % f or x.shape[3] % f:
+        if multiple and (x.shape[2] % f or x.shape[3] % f):
             raise ValueError(f"image size {x.shape[2]}x{x.shape[3]} is not a multiple of the tokenizer's f={f}")
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -232,18 +250,30 @@ class VQGAN(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
-        """`b c H W` float images in [-1, 1] -> `b h w` int64 tokens."""
-        self._check(x)
-        return self.quantizer.lookup(self.encoder(x))
+        """`b c H W` float images in [-1, 1], any H, W -> `b h w` int64 tokens, h = ceil(H/f), w = ceil(W/f).
+
+        Sides that are not multiples of f are padded first (`pad_to_multiple`).
+        Raises ValueError for a wrong channel count.
+        """
+        self._check(x, multiple=False)
+        return self.quantizer.lookup(self.encoder(pad_to_multiple(x, self.cfg.f)))
 
     @torch.no_grad()
-    def decode(self, tokens: Tensor) -> Tensor:
-        """`b h w` int64 tokens -> `b c H W` float images clamped to [-1, 1]."""
+    def decode(self, tokens: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """`b h w` int64 tokens -> `b c H W` float images clamped to [-1, 1].
+
+        H, W = `size` (pixels; the image size given to `encode`, cropped from the top left) or h*f, w*f.
+        Raises ValueError for ids outside [0, n_codes) or a `size` that does not fit the token grid.
+        """
+        if size is not None and token_grid(*size, self.cfg.f) != tuple(tokens.shape[-2:]):
+            raise ValueError(f"image size {size[0]}x{size[1]} does not match a {tokens.shape[-2]}x{tokens.shape[-1]} "
+                             f"token grid at f={self.cfg.f}")
         if tokens.ndim != 3:
             raise ValueError(f"expected tokens of shape (b, h, w), got {tuple(tokens.shape)}")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.n_codes):
             raise ValueError(f"token ids must lie in [0, {self.cfg.n_codes}), got [{tokens.min()}, {tokens.max()}]")
-        return self.decoder(self.quantizer.embed(tokens)).clamp(-1, 1)
+        images = self.decoder(self.quantizer.embed(tokens)).clamp(-1, 1)
+        return images if size is None else images[..., :size[0], :size[1]]
 
     @property
     def last_layer(self) -> Tensor:
