@@ -109,8 +109,14 @@ def test_early_stop_respects_min_steps():
         calls.append(len(rows))
         return _copy_logits(z, rows)
 
-    tokens, taken = sample(fn, (3, 4, 4), V, steps=50, min_steps=7, generator=torch.Generator().manual_seed(0))
+    tokens, taken = sample(fn, (3, 4, 4), V, steps=50, min_steps=7, generator=torch.Generator().manual_seed(0),
+                           compact_every=1)
     assert taken.tolist() == [7, 7, 7] and len(calls) == 7
+    calls.clear()
+    # Compacting every 4 steps: all finish at step 7, the batch empties at step 8.
+    _, taken = sample(fn, (3, 4, 4), V, steps=50, min_steps=7, generator=torch.Generator().manual_seed(0),
+                      compact_every=4)
+    assert taken.tolist() == [7, 7, 7] and len(calls) == 8
     calls.clear()
     _, taken = sample(fn, (3, 4, 4), V, steps=5, min_steps=10, generator=torch.Generator().manual_seed(0))
     assert taken.tolist() == [5, 5, 5] and len(calls) == 5
@@ -128,9 +134,28 @@ def test_finished_samples_leave_the_batch():
         return logits
 
     tokens, taken = sample(fn, (3, 8, 8), V, steps=20, min_steps=4, update_proportion=(1.0, 1.0),
-                           generator=torch.Generator().manual_seed(0))
+                           generator=torch.Generator().manual_seed(0), compact_every=1)
     assert seen[3] == [0, 1, 2] and seen[4] == [0, 2]
     assert taken.tolist() == [20, 4, 20]
+    seen.clear()
+    again, taken = sample(fn, (3, 8, 8), V, steps=20, min_steps=4, update_proportion=(1.0, 1.0),
+                          generator=torch.Generator().manual_seed(0), compact_every=5)
+    assert seen[4] == [0, 1, 2] and seen[5] == [0, 2]  # row 1 finished at step 4, left at the step-5 compaction
+    assert taken.tolist() == [20, 4, 20] and torch.equal(again, tokens)
+
+
+def test_results_do_not_depend_on_when_others_leave_the_batch():
+    confidence = torch.tensor([0.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # per sample: how much it prefers its tokens
+
+    def fn(z, rows):
+        return F.one_hot(z, V).float() * confidence[rows, None, None, None]
+
+    runs = [sample(fn, (6, 3, 3), V, steps=40, min_steps=2, generator=torch.Generator().manual_seed(1),
+                   compact_every=k) for k in (1, 3, 100)]
+    taken = runs[0][1]
+    assert taken[0] == 40 and len(set(taken[1:].tolist())) > 1  # they stopped at different steps
+    for tokens, taken in runs[1:]:
+        assert torch.equal(tokens, runs[0][0]) and torch.equal(taken, runs[0][1])
 
 
 def test_schedules_reach_the_sampler():

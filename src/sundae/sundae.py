@@ -34,14 +34,17 @@ def corrupt(tokens: Tensor, vocab_size: int, generator: torch.Generator | None =
 
 
 def sample_logits(logits: Tensor, temperature: float | Tensor = 1.0,
-                  generator: torch.Generator | None = None) -> Tensor:
+                  generator: torch.Generator | None = None, uniform: Tensor | None = None) -> Tensor:
     """Draw from Categorical(softmax(logits / temperature)) at every position, in float32 (Gumbel-max).
 
     `... v` float -> `...` int64. `temperature` is a float or a tensor broadcastable to `...` (per sample).
+    `uniform`: optional U(0, 1) draws of the shape of `logits` to use instead of drawing from `generator`.
     """
     if isinstance(temperature, Tensor):
         temperature = temperature[..., None]
-    u = torch.rand(logits.shape, device=logits.device, generator=generator).clamp_(1e-20, 1.0 - 1e-7)
+    if uniform is None:
+        uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
+    u = uniform.clamp(1e-20, 1.0 - 1e-7)
     return (logits.float() / temperature - torch.log(-torch.log(u))).argmax(-1)
 
 
@@ -86,53 +89,84 @@ def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: int, st
            temperature: tuple[float, float] = (0.8, 0.8), update_proportion: tuple[float, float] = (0.5, 0.5),
            min_steps: int = 10, init: Tensor | None = None, keep: Tensor | None = None,
            generator: torch.Generator | None = None, device: torch.device | str | None = None,
-           progress: Callable[[int, int], None] | None = None) -> tuple[Tensor, Tensor]:
+           progress: Callable[[int, int], None] | None = None, compact_every: int = 10) -> tuple[Tensor, Tensor]:
     """SUNDAE sampling (Savinov et al. section 3.3; McKinney & Willcocks section 3.4).
 
     Start from tokens uniform over the codebook (or `init` where `keep` is True). For step n of `steps`,
     temperature tau_n and update proportion p_n move linearly from their (start, end); draw
     z' ~ Categorical(logits / tau_n) at every position and take z' where rand < p_n (never where `keep`).
-    A sample stops once a whole step after the first `min_steps` changes no token; stopped samples leave the
-    batch, so later steps cost less.
+    A sample is finished once a whole step after the first `min_steps` changes no token; its tokens are
+    frozen from then on and it leaves the batch at the next compaction, so later steps cost less.
+    The random draws are made for the whole batch and indexed by the rows still in it, so a sample's
+    result does not depend on when the others finish, nor on `compact_every`.
+
+    The step loop keeps the early-stop bookkeeping on the device: the host waits for the device only at a
+    compaction, once every `compact_every` steps (the batch size must be known to launch the next step).
+    On a GPU the steps in between queue up without synchronising. Runs under `torch.inference_mode`.
 
     shape: (b, h, w) tokens. init: `b h w` int64, required with keep. keep: `b h w` bool, True = known token
-    that is never resampled (inpainting). progress(step, active) is called after every step.
+    that is never resampled (inpainting). progress(step, active) is called after every step, with the
+    number of samples still in the batch as of the last compaction.
     Returns (tokens `b h w` int64, steps taken `b` int64 in [1, steps]).
-    Raises ValueError for steps < 1, temperatures <= 0 or update proportions outside (0, 1].
+    Raises ValueError for steps < 1, temperatures <= 0, update proportions outside (0, 1] or
+    compact_every < 1.
     """
     check_schedule(steps, temperature, update_proportion)
+    if compact_every < 1:
+        raise ValueError(f"compact_every must be >= 1, got {compact_every}")
     if keep is not None and (init is None or keep.shape != init.shape or tuple(keep.shape) != tuple(shape)):
         raise ValueError(f"keep needs an init of the same shape {shape}")
-    b, h, w = shape
+    with torch.inference_mode():
+        return _sample_loop(logits_fn, shape, vocab_size, steps, temperature, update_proportion, min_steps,
+                            init, keep, generator, device, progress, compact_every)
+
+
+def _sample_loop(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: int, steps: int,
+                 temperature: tuple[float, float], update_proportion: tuple[float, float], min_steps: int,
+                 init: Tensor | None, keep: Tensor | None, generator: torch.Generator | None,
+                 device: torch.device | str | None, progress: Callable[[int, int], None] | None,
+                 compact_every: int) -> tuple[Tensor, Tensor]:
+    b = shape[0]
     if device is None:
         device = init.device if init is not None else "cpu"
     z = torch.randint(0, vocab_size, shape, device=device, generator=generator)
     if keep is not None:
         z = torch.where(keep.to(device), init.to(device), z)
-    taus = linear_schedule(*temperature, steps).tolist()
+    taus = linear_schedule(*temperature, steps).tolist()  # host floats: no device reads in the loop
     props = linear_schedule(*update_proportion, steps).tolist()
     out = z.clone()
-    taken = torch.full((b,), steps, dtype=torch.long, device=device)
-    rows = torch.arange(b, device=device)
+    steps_taken = torch.full((b,), steps, dtype=torch.long, device=device)  # per caller sample
     frozen = keep.to(device) if keep is not None else torch.zeros(shape, dtype=torch.bool, device=device)
+    rows = torch.arange(b, device=device)  # which caller sample each batch row holds
+    taken = torch.full((b,), steps, dtype=torch.long, device=device)  # per batch row
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    active = b
     for n in range(steps):
-        proposal = sample_logits(logits_fn(z, rows), taus[n], generator)
-        update = (torch.rand(z.shape, device=device, generator=generator) < props[n]) & ~frozen
+        uniform = torch.rand((b, *shape[1:], vocab_size), device=device, generator=generator)
+        flip = torch.rand(shape, device=device, generator=generator)
+        if active < b:
+            uniform, flip = uniform[rows], flip[rows]
+        proposal = sample_logits(logits_fn(z, rows), taus[n], uniform=uniform)
+        update = (flip < props[n]) & ~frozen & ~done[:, None, None]  # finished samples stay as they are
         z_next = torch.where(update, proposal, z)
-        unchanged = (z_next == z).flatten(1).all(1)
+        if min_steps <= n + 1 < steps:
+            newly = (z_next == z).flatten(1).all(1) & ~done
+            taken = torch.where(newly, n + 1, taken)
+            done = done | newly
         z = z_next
-        if n + 1 >= min_steps and n + 1 < steps and bool(unchanged.any()):
-            done = unchanged
-            out[rows[done]] = z[done]
-            taken[rows[done]] = n + 1
-            z, rows, frozen = z[~done], rows[~done], frozen[~done]
+        if (n + 1) % compact_every == 0 and n + 1 < steps:
+            finished = done.nonzero()[:, 0]  # the one host sync: the batch size of the next step
+            if len(finished):
+                out[rows[finished]], steps_taken[rows[finished]] = z[finished], taken[finished]
+                left = (~done).nonzero()[:, 0]
+                z, rows, frozen, taken, done = z[left], rows[left], frozen[left], taken[left], done[left]
+                active = len(rows)
         if progress is not None:
-            progress(n + 1, len(rows))
-        if len(rows) == 0:
+            progress(n + 1, active)
+        if active == 0:
             break
-    out[rows] = z
-    return out, taken
-
+    out[rows], steps_taken[rows] = z, taken
+    return out, steps_taken
 
 def token_keep_mask(pixel_mask: Tensor, f: int) -> Tensor:
     """Pixel mask `b 1 H W` (1 = regenerate, 0 = known) -> token keep-mask `b h w` bool (True = known).
