@@ -83,6 +83,9 @@ def test_sample(pipeline, tmp_path):
         "--temperature", "1.0,0.7", "--device", "cpu")
     # Same seed, same config: the same images.
     assert (tmp_path / "a" / "grid.png").read_bytes() == (tmp_path / "b" / "grid.png").read_bytes()
+    run("sample", "--generator", gen, "--out", tmp_path / "c", "--num", 5, "--steps", 4, "--class", "1",
+        "--temperature", "1.0,0.7", "--device", "cpu", "--precision", "bf16")
+    assert len(list((tmp_path / "c" / "samples").iterdir())) == 5
 
 
 def test_inpaint_keeps_pixels_outside_the_mask(pipeline, image_folder, tmp_path):

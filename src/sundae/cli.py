@@ -186,11 +186,23 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"generator written to {path}")
 
 
-def class_logits_fn(net: torch.nn.Module, labels: torch.Tensor | None):
-    """The sampler's logits function for `net`, conditioned on `labels` (`b` int64) when given."""
-    if labels is None:
-        return lambda z, rows: net(z)
-    return lambda z, rows: net(z, labels[rows])
+def class_logits_fn(net: torch.nn.Module, labels: torch.Tensor | None, precision: str = "fp32",
+                    compile: bool = False):
+    """The sampler's logits function for `net`, conditioned on `labels` (`b` int64) when given.
+
+    precision "bf16" runs the network under bf16 autocast; the logits come out float32 and the sampler
+    draws from them in float32 (attention's softmax accumulates in float32 inside the fused kernels).
+    compile wraps the network in `torch.compile(dynamic=True)`: the batch shrinks as samples finish.
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    forward = torch.compile(net, dynamic=True) if compile else net
+    device_type = next(net.parameters()).device.type
+
+    def logits_fn(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return forward(z) if labels is None else forward(z, labels[rows])
+    return logits_fn
 
 
 def _labels(text: str | None, num: int, num_classes: int, device: torch.device) -> torch.Tensor | None:
@@ -245,8 +257,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         for start in tqdm(range(0, args.num, args.batch_size), desc="sample", dynamic_ncols=True):
             b = min(args.batch_size, args.num - start)
             lab = labels[start:start + b] if labels is not None else None
-            z, steps = sample(class_logits_fn(net, lab), (b, h, w), net.cfg.vocab_size, generator=gen,
-                              device=device, **schedule)
+            z, steps = sample(class_logits_fn(net, lab, args.precision, args.compile), (b, h, w),
+                              net.cfg.vocab_size, generator=gen, device=device, **schedule)
             images.append(tokenizer.decode(z).cpu())
             taken.append(steps.cpu())
     images = torch.cat(images)
@@ -387,6 +399,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="p or p_start,p_end, linear over the steps (default 0.5)")
     p.add_argument("--min-steps", type=int, default=10, help="no early stop before this many steps (default 10)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: network under bf16 autocast (logits and sampling stay fp32); fastest on GPUs")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (slow first call)")
     _common(p)
 
 

@@ -203,6 +203,31 @@ class Hourglass(nn.Module):
         return rearrange(logits, "b (h w) v -> b h w v", h=h)
 
 
+def forward_flops(cfg: HourglassConfig, h: int, w: int, batch: int = 1) -> int:
+    """Analytic FLOPs of one `Hourglass` forward pass over a `batch h w` token grid (one sampling step).
+
+    Counts the matrix multiplications (2 FLOPs per multiply-add): the linear layers, q k^T and
+    attention-weighted values, the shorten/upsample linears and the logits. Norms, activations, rotary
+    and softmax are left out (a few percent at the paper's widths). h and w are the grid the network
+    runs on (multiples of the shorten factor). Units: FLOPs (not FLOP/s).
+    """
+    d, inner, hidden, v = cfg.dim, cfg.heads * cfg.head_dim, cfg.mlp_ratio * cfg.dim, cfg.vocab_size
+    k = cfg.shorten_factor**2
+    n, n_c = h * w, h * w // k  # full-resolution and valley tokens
+
+    def block(tokens: int, keys_per_query: int) -> int:
+        return 8 * tokens * d * inner + 4 * tokens * keys_per_query * inner + 4 * tokens * d * hidden
+
+    pre_post = (cfg.depth[0] + cfg.depth[2]) * block(n, n)
+    valley = cfg.depth[1] * block(n_c, n_c)
+    # Down-resampling: n_c queries attend to their patch of k; keys and values come from all n tokens.
+    down = 2 * n_c * d * inner + 4 * n * d * inner + 2 * n_c * inner * d + 4 * n_c * k * inner + 4 * n_c * d * hidden
+    up = block(n, k)  # every token attends to the k tokens of its own patch
+    resample_linears = 2 * (2 * n_c * k * d * d)
+    logits = 2 * n * d * v
+    return batch * (pre_post + valley + down + up + resample_linears + logits)
+
+
 PRESETS: dict[str, HourglassConfig] = {
     "tiny": HourglassConfig(vocab_size=64, dim=32, heads=2, head_dim=16, depth=(1, 1, 1), num_classes=10),
     # Quickstart: class-conditional over the `fashion` tokenizer's 8x8 grid of 256 codes.
