@@ -15,6 +15,7 @@ says which), and measures:
 
     python benchmarks/sampling.py                                  # CPU, fp32, all presets
     python benchmarks/sampling.py --device cuda --precision bf16 --full-batch 16
+    python benchmarks/sampling.py --presets fashion --generator quickstart/generator/generator.pt
 
 Prints a table, writes benchmarks/results/sampling.json and the decoded images (PNG) under --images.
 """
@@ -40,7 +41,8 @@ from sundae.vqgan import VQGAN
 
 
 def photo(name: str, size: tuple[int, int] | None) -> torch.Tensor:
-    """A real photo from scikit-image as `1 3 H W` float in [-1, 1], centre-cropped to `size` if given."""
+    """A real photo from scikit-image as `1 3 H W` float in [-1, 1], centre-cropped to `size` if given
+    (resized first, bicubic, when the photo is smaller than `size`)."""
     import skimage.data
     image = getattr(skimage.data, name)()[..., :3]
     if size is not None:
@@ -58,7 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="tiny,ffhq256,ffhq1024")
     parser.add_argument("--generator", help="trained generator checkpoint (only with a single preset)")
-    parser.add_argument("--tokenizer", help="trained tokenizer checkpoint (only with a single preset)")
+    parser.add_argument("--tokenizer", help="trained tokenizer checkpoint; default with --generator: the one it "
+                        "was trained with")
     parser.add_argument("--precision", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--step-batches", default="1,8", help="batch sizes for the per-step timing")
@@ -87,7 +90,8 @@ def main() -> None:
             grid = tuple(meta["grid"])
         else:
             net = Hourglass(HOURGLASS_PRESETS[name]).to(device).eval()
-        tokenizer = (load_tokenizer(args.tokenizer, device) if args.tokenizer
+        tokenizer_path = args.tokenizer or (meta.get("tokenizer") if args.generator else None)
+        tokenizer = (load_tokenizer(tokenizer_path, device) if tokenizer_path
                      else VQGAN(VQGAN_PRESETS[name]).to(device).eval())
         vq = tokenizer.cfg
         if not args.generator:
@@ -130,10 +134,14 @@ def main() -> None:
             t0 = time.perf_counter()
             _, taken = run(args.full_batch, args.full_steps, 10)
             row.update(early_stop_s=time.perf_counter() - t0, early_stop_mean_steps=taken.float().mean().item())
+            print(f"  with early stop (min_steps 10): {row['early_stop_s']:.2f} s, "
+                  f"{row['early_stop_mean_steps']:.1f} steps taken on average")
 
         for photo_name, size in [("retina", (vq.resolution, vq.resolution))] + (
                 [("hubble_deep_field", None)] if name == "ffhq1024" else []):
             x = photo(photo_name, size).to(device)
+            if vq.in_channels == 1:
+                x = x.mean(1, keepdim=True)
 
             def round_trip(x: torch.Tensor = x) -> tuple[torch.Tensor, float, float]:
                 with torch.inference_mode():
@@ -165,6 +173,7 @@ def main() -> None:
                 + [(f"step_s_b{b}", f"s/step b{b}", ".3f") for b in batches]
                 + [(f"mfu_b{b}", f"MFU b{b}", ".2f") for b in batches]
                 + [("seconds_per_image", f"s/image T={args.full_steps}", ".2f"), ("decode_s", "decode s", ".2f"),
+                   ("early_stop_s", "early-stop s", ".2f"), ("early_stop_mean_steps", "steps taken", ".1f"),
                    ("sample_peak_gib", "peak GiB", ".2f"), ("round_trip_peak_gib", "round trip GiB", ".2f")])
     write_json(args.out, {"environment": env, "precision": args.precision, "peak_tflops": peak / 1e12,
                           "compile": args.compile, "results": rows})
