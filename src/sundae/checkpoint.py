@@ -24,12 +24,17 @@ C = TypeVar("C")
 
 
 def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
-    """Build the frozen dataclass `cls` from a dict (lists become tuples). Unknown keys are a ValueError."""
+    """Build the frozen dataclass `cls` from a dict (lists become tuples).
+
+    Raises ValueError naming `source` for unknown keys or values of the wrong type."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
         raise ValueError(f"{source}: unknown {cls.__name__} keys {sorted(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except TypeError as err:  # a value of the wrong type (a string where a number belongs, ...)
+        raise ValueError(f"{source}: invalid {cls.__name__}: {err}") from None
 
 
 def save_checkpoint(path: str | Path, kind: str, config: Any, model: nn.Module, **extra: Any) -> None:
@@ -60,6 +65,8 @@ def load_checkpoint(path: str | Path, kind: str) -> dict[str, Any]:
 
 
 def _build(ckpt: dict[str, Any], path: Path, cls: type[nn.Module], cfg_cls: type, ema: bool) -> nn.Module:
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path} lacks a 'config' or 'model' entry: not a complete sundae checkpoint")
     model = cls(config_from_dict(cfg_cls, ckpt["config"], str(path)))
     state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
     try:

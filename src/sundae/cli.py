@@ -182,6 +182,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         if tokenizer.cfg.n_codes != dataset.meta["n_codes"]:
             raise UsageError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.n_codes} codes, the tokens in "
                              f"{args.tokens} have {dataset.meta['n_codes']}")
+        digest = dataset.meta.get("tokenizer_sha256")
+        if digest and file_digest(tokenizer_path) != digest:
+            raise UsageError(f"the tokens in {args.tokens} were made by {dataset.meta.get('tokenizer')}, not by "
+                             f"{tokenizer_path} (sha256 differs): pass the tokenizer that made them")
     meta = {k: dataset.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names")}
     path = train_generator(model_cfg, train_cfg, dataset, args.out, meta, tokenizer, device, args.resume)
     print(f"generator written to {path}")
@@ -217,11 +221,11 @@ def _load_pair(args: argparse.Namespace, device: torch.device):
     if not args.tokenizer and not Path(tokenizer_path).is_file():
         raise UsageError(f"the tokenizer {args.generator} was trained with, {tokenizer_path}, does not exist "
                          f"(moved?): pass --tokenizer PATH")
+    tokenizer = load_tokenizer(tokenizer_path, device)  # first: a wrong kind of file says so
     digest = meta.get("tokenizer_sha256")
     if digest and file_digest(tokenizer_path) != digest:
         raise UsageError(f"{tokenizer_path} is not the tokenizer {args.generator} was trained with (its sha256 "
                          f"differs from the one recorded at training time)")
-    tokenizer = load_tokenizer(tokenizer_path, device)
     if tokenizer.cfg.n_codes != net.cfg.vocab_size:
         raise UsageError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.n_codes} codes, "
                          f"generator {args.generator} expects {net.cfg.vocab_size}")

@@ -206,7 +206,7 @@ class ImageFolder(Dataset):
                 except ImageError as err:
                     if strict:
                         raise ImageError(f"{err} (--strict stops at the first unusable file)") from None
-                    log.warning("skipped %s", err)
+                    log.warning("skipped: %s", err)
                     self.skipped.append((path, str(err)))
                     continue
                 self.files.append((path, label))
