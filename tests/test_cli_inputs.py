@@ -4,6 +4,7 @@ The models are untrained tiny ones written with `save_checkpoint` (no training n
 """
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -110,15 +111,18 @@ def test_mask_and_image_errors(models, picture, tmp_path, capsys):
     (tmp_path / "empty.png").write_bytes(b"")
     assert f"cannot read image {tmp_path / 'empty.png'}: empty file" in fails(
         capsys, "inpaint", *common, "--image", tmp_path / "empty.png", "--mask", path)
-    assert "mask: cannot read image" in fails(capsys, "inpaint", *common, "--image", path, "--mask", tmp_path / "empty.png")
-    assert "--dilate must be >= 0" in fails(capsys, "inpaint", *common, "--image", path, "--mask", path, "--dilate", -1)
+    err = fails(capsys, "inpaint", *common, "--image", path, "--mask", tmp_path / "empty.png")
+    assert "mask: cannot read image" in err
+    err = fails(capsys, "inpaint", *common, "--image", path, "--mask", path, "--dilate", -1)
+    assert "--dilate must be >= 0" in err
 
 
 def test_checkpoint_errors(models, picture, tmp_path, capsys, image_folder):
     path, _ = picture
     tok, gen = models / "tok_a.pt", models / "gen.pt"
     out = ("--out", tmp_path / "o", "--device", "cpu")
-    assert f"{tok} holds a tokenizer, but a generator was expected" in fails(capsys, "sample", "--generator", tok, *out)
+    err = fails(capsys, "sample", "--generator", tok, *out)
+    assert f"{tok} holds a tokenizer, but a generator was expected" in err
     assert f"{gen} holds a generator, but a tokenizer was expected" in fails(
         capsys, "reconstruct", "--tokenizer", gen, "--data", path, *out)
     assert f"{gen} holds a generator, but a tokenizer was expected" in fails(
@@ -134,17 +138,20 @@ def test_checkpoint_errors(models, picture, tmp_path, capsys, image_folder):
         capsys, "sample", "--generator", tmp_path / "mismatch.pt", *out)
     ckpt["config"]["dim"] = "wide"
     torch.save(ckpt, tmp_path / "badtype.pt")
-    assert "badtype.pt: invalid HourglassConfig" in fails(capsys, "sample", "--generator", tmp_path / "badtype.pt", *out)
+    err = fails(capsys, "sample", "--generator", tmp_path / "badtype.pt", *out)
+    assert "badtype.pt: invalid HourglassConfig" in err
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
-    assert "foreign.pt is not a sundae checkpoint" in fails(capsys, "sample", "--generator", tmp_path / "foreign.pt", *out)
+    err = fails(capsys, "sample", "--generator", tmp_path / "foreign.pt", *out)
+    assert "foreign.pt is not a sundae checkpoint" in err
     # A token folder made by tokenizer A, decoded (training sample grids) with tokenizer B.
     run("tokenize", "--tokenizer", tok, "--data", image_folder, "--out", tmp_path / "tokens", "--device", "cpu")
     capsys.readouterr()
-    err = fails(capsys, "train", "--tokens", tmp_path / "tokens", "--tokenizer", models / "tok_b.pt", "--preset", "tiny",
-                "--out", tmp_path / "run", "--device", "cpu")
+    err = fails(capsys, "train", "--tokens", tmp_path / "tokens", "--tokenizer", models / "tok_b.pt",
+                "--preset", "tiny", "--out", tmp_path / "run", "--device", "cpu")
     assert f"the tokens in {tmp_path / 'tokens'} were made by {tok}, not by {models / 'tok_b.pt'}" in err
     # And a generator sampled with a tokenizer other than its own.
-    assert "is not the tokenizer" in fails(capsys, "sample", "--generator", gen, "--tokenizer", models / "tok_b.pt", *out)
+    err = fails(capsys, "sample", "--generator", gen, "--tokenizer", models / "tok_b.pt", *out)
+    assert "is not the tokenizer" in err
 
 
 def test_argument_errors(models, tmp_path, capsys):
@@ -152,10 +159,10 @@ def test_argument_errors(models, tmp_path, capsys):
     out = ("--out", tmp_path / "o", "--device", "cpu")
     assert "steps must be >= 1, got 0" in fails(capsys, "sample", "--generator", gen, *out, "--steps", 0)
     assert "steps must be >= 1, got -3" in fails(capsys, "sample", "--generator", gen, *out, "--steps", -3)
-    assert "temperature must be > 0, got (0.0, 0.0)" in fails(capsys, "sample", "--generator", gen, *out,
-                                                             "--temperature", 0)
-    assert "temperature must be > 0, got (1.0, -0.5)" in fails(capsys, "sample", "--generator", gen, *out,
-                                                              "--temperature", "1,-0.5")
+    for value, shown in (("0", "(0.0, 0.0)"), ("1,-0.5", "(1.0, -0.5)"), ("inf", "(inf, inf)")):
+        err = fails(capsys, "sample", "--generator", gen, *out, "--temperature", value)
+        assert f"temperature must be finite and > 0, got {shown}" in err
+    assert "--min-steps must be >= 0, got -1" in fails(capsys, "sample", "--generator", gen, *out, "--min-steps=-1")
     for value in ("0", "1.5", "0.5,0"):
         assert "update proportion must lie in (0, 1]" in fails(capsys, "sample", "--generator", gen, *out,
                                                                "--update-proportion", value)
@@ -189,3 +196,29 @@ def test_unexpected_errors_are_one_line_too(models, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(cli, "load_generator", broken)
     err = fails(capsys, "sample", "--generator", models / "gen.pt", "--out", tmp_path, "--device", "cpu")
     assert err == "sundae sample: error: something inside torch (RuntimeError; run with --debug for the traceback)"
+
+
+def test_fresh_user_mistakes(models, picture, tmp_path, capsys):
+    """What a new user tried: a file where a folder belongs, a file as --out."""
+    path, _ = picture
+    tok = models / "tok_a.pt"
+    err = fails(capsys, "tokenize", "--tokenizer", tok, "--data", path, "--out", tmp_path / "t", "--device", "cpu")
+    assert f"{path} is a file: expected a folder of images" in err
+    err = fails(capsys, "tokenize", "--tokenizer", tok, "--data", tmp_path, "--out", path, "--device", "cpu")
+    assert f"--out {path} is a file: expected a folder" in err
+    err = fails(capsys, "inpaint", "--generator", models / "gen.pt", "--image", tmp_path / "nothere.png", "--mask",
+                path, "--out", tmp_path / "o", "--class", 0, "--device", "cpu")
+    assert f"image {tmp_path / 'nothere.png'} does not exist" in err
+
+
+def test_images_of_a_size_off_the_token_grid_come_back_at_that_size(models, image_folder, tmp_path):
+    # 30x30 crops at f=4: 8x8 tokens (padded); the generator's samples are cropped back to 30x30.
+    run("tokenize", "--tokenizer", models / "tok_a.pt", "--data", image_folder, "--image-size", 30,
+        "--out", tmp_path / "tokens", "--device", "cpu")
+    meta = json.loads((tmp_path / "tokens" / "meta.json").read_text())
+    assert meta["grid"] == [8, 8] and meta["image_size"] == [30, 30]
+    run("train", "--tokens", tmp_path / "tokens", "--out", tmp_path / "gen", "--preset", "tiny", "--set", "steps=1",
+        "--set", "batch_size=4", "--set", "sample_every=100", "--device", "cpu")
+    run("sample", "--generator", tmp_path / "gen" / "generator.pt", "--out", tmp_path / "s", "--num", 2,
+        "--steps", 2, "--device", "cpu")
+    assert Image.open(tmp_path / "s" / "samples" / "00000.png").size == (30, 30)

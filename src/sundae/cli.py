@@ -85,6 +85,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def _preset(table: dict, name: str, what: str) -> Any:
     if name not in table:
         raise UsageError(f"unknown {what} preset {name!r}; choose from {', '.join(table)}")
@@ -152,10 +159,11 @@ def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out:
         raise UsageError(f"{tokenizer_path}: {tokenizer.cfg.n_codes} codes do not fit the uint16 token file")
     tokens, labels = encode_dataset(tokenizer, dataset, batch_size, device)
     num_classes = int(getattr(dataset, "num_classes", 0))
+    image_size = list(dataset[0][0].shape[-2:]) if len(dataset) else None  # pixels, before the tokenizer's padding
     meta = {"n_codes": tokenizer.cfg.n_codes, "f": tokenizer.cfg.f, "tokenizer": str(Path(tokenizer_path).resolve()),
             "tokenizer_sha256": file_digest(tokenizer_path), "num_classes": num_classes,
             "class_names": list(class_names or getattr(dataset, "classes", []) or []),
-            "channels": tokenizer.cfg.in_channels}
+            "channels": tokenizer.cfg.in_channels, "image_size": image_size}
     write_token_folder(out, tokens, labels, meta)
     return Path(out)
 
@@ -186,7 +194,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         if digest and file_digest(tokenizer_path) != digest:
             raise UsageError(f"the tokens in {args.tokens} were made by {dataset.meta.get('tokenizer')}, not by "
                              f"{tokenizer_path} (sha256 differs): pass the tokenizer that made them")
-    meta = {k: dataset.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names")}
+    meta = {k: dataset.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names",
+                                              "image_size")}
     path = train_generator(model_cfg, train_cfg, dataset, args.out, meta, tokenizer, device, args.resume)
     print(f"generator written to {path}")
 
@@ -234,6 +243,8 @@ def _load_pair(args: argparse.Namespace, device: torch.device):
 
 def _schedule_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     check_schedule(args.steps, args.temperature, args.update_proportion)
+    if args.min_steps < 0:
+        raise UsageError(f"--min-steps must be >= 0, got {args.min_steps}")
     return {"steps": args.steps, "temperature": args.temperature, "update_proportion": args.update_proportion,
             "min_steps": args.min_steps}
 
@@ -242,6 +253,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     device = args.device
     net, meta, tokenizer = _load_pair(args, device)
     h, w = meta["grid"]
+    # The training images' size (pixels), when the tokenizer padded them (sides not multiples of f).
+    size = tuple(meta["image_size"]) if meta.get("image_size") else None
     labels = _labels(args.class_, args.num, net.cfg.num_classes, device)
     schedule = _schedule_kwargs(args)
     gen = torch.Generator(device).manual_seed(args.seed)
@@ -252,7 +265,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             lab = labels[start:start + b] if labels is not None else None
             z, steps = sample(class_logits_fn(net, lab), (b, h, w), net.cfg.vocab_size, generator=gen,
                               device=device, **schedule)
-            images.append(tokenizer.decode(z).cpu())
+            images.append(tokenizer.decode(z, size=size).cpu())
             taken.append(steps.cpu())
     images = torch.cat(images)
     out = Path(args.out)
@@ -400,7 +413,7 @@ def _encode_args(p: argparse.ArgumentParser, out_help: str, split: str,
     p.add_argument("--data", required=True, help=data_help)
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--split", default=split, help="train or test (idx folders only)")
-    p.add_argument("--image-size", type=int, default=0, help="pixels; default: the tokenizer's resolution")
+    p.add_argument("--image-size", type=_non_negative, default=0, help="pixels; default: the tokenizer's resolution")
     _strict(p)
     _common(p)
 
@@ -507,6 +520,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     handler = _StderrHandler(args.verb)
     D.log.addHandler(handler)
     try:
+        out = Path(getattr(args, "out", ""))
+        if args.verb != "reconstruct" and out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file: expected a folder (it is created if missing)")
         args.func(args)
     except KeyboardInterrupt:
         if args.debug:

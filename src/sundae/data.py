@@ -243,6 +243,8 @@ def open_images(path: str | Path, size: int, channels: int, split: str = "train"
     if not path.exists():
         hint = " (install it with `apt-get install dataset-fashion-mnist`)" if path == FASHION_MNIST_DIR else ""
         raise FileNotFoundError(f"dataset folder {path} does not exist{hint}")
+    if path.is_file():
+        raise FileNotFoundError(f"{path} is a file: expected a folder of images (or of idx files)")
     if is_idx_dataset(path):
         ds = IdxImages(path, split, size)
         if channels != 1:

@@ -73,11 +73,11 @@ def linear_schedule(start: float, end: float, steps: int) -> Tensor:
 
 
 def check_schedule(steps: int, temperature: tuple[float, float], update_proportion: tuple[float, float]) -> None:
-    """Raise ValueError unless steps >= 1, temperatures > 0 and update proportions lie in (0, 1]."""
+    """Raise ValueError unless steps >= 1, temperatures are finite and > 0 and update proportions lie in (0, 1]."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if not all(t > 0 for t in temperature):  # also rejects NaN
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not all(0 < t < float("inf") for t in temperature):  # also rejects NaN
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     if not all(0 < p <= 1 for p in update_proportion):
         raise ValueError(f"update proportion must lie in (0, 1], got {update_proportion}")
 
