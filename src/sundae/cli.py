@@ -1,7 +1,9 @@
 """`sundae <verb>`: the command line. Each verb is a thin wrapper over importable functions.
 
 Verbs: train-vqgan, reconstruct, tokenize, train, sample, inpaint, quickstart. Configs come from named
-presets plus `--set key=value` overrides checked against the dataclass fields.
+presets plus `--set key=value` overrides checked against the dataclass fields. Images are read by
+`sundae.data.read_image`'s policy; errors are one line (`--debug` shows the traceback); the library's
+warnings (skipped files, ...) print as `sundae VERB: warning: ...`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from sundae import data as D
