@@ -222,3 +222,14 @@ def test_images_of_a_size_off_the_token_grid_come_back_at_that_size(models, imag
     run("sample", "--generator", tmp_path / "gen" / "generator.pt", "--out", tmp_path / "s", "--num", 2,
         "--steps", 2, "--device", "cpu")
     assert Image.open(tmp_path / "s" / "samples" / "00000.png").size == (30, 30)
+
+
+def test_empty_and_full_masks_warn(models, picture, tmp_path, capsys):
+    path, pixels = picture
+    for value, expected in ((0, "marks no pixel to regenerate"), (255, "marks every pixel")):
+        Image.fromarray(np.full((30, 17), value, dtype=np.uint8)).save(tmp_path / "m.png")
+        completions = _inpaint(models, path, tmp_path / "m.png", tmp_path / "out")
+        assert expected in capsys.readouterr().err
+        if value == 0:  # nothing regenerated: the input comes back exactly
+            assert all(np.array_equal(c, pixels) for c in completions)
+    assert not np.array_equal(completions[0], pixels)  # the full mask regenerated the image

@@ -345,6 +345,12 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
         raise UsageError(f"--dilate must be >= 0 token cells, got {args.dilate}")
     image = load_image(args.image, tokenizer.cfg.in_channels)
     mask = load_mask(args.mask, tuple(image.shape[1:]))
+    if not mask.any():
+        D.log.warning("mask %s marks no pixel to regenerate (white or transparent = regenerate): the completions "
+                      "will equal the image", args.mask)
+    elif mask.all():
+        D.log.warning("mask %s marks every pixel (white or transparent = regenerate): nothing of the image is kept",
+                      args.mask)
     grid = list(token_grid(image.shape[1], image.shape[2], tokenizer.cfg.f))
     if meta.get("grid") and grid != list(meta["grid"]):
         D.log.warning("%s gives a %dx%d token grid; %s was trained on %dx%d: completions may be poor",
