@@ -233,3 +233,22 @@ def test_empty_and_full_masks_warn(models, picture, tmp_path, capsys):
         if value == 0:  # nothing regenerated: the input comes back exactly
             assert all(np.array_equal(c, pixels) for c in completions)
     assert not np.array_equal(completions[0], pixels)  # the full mask regenerated the image
+
+
+def test_broken_token_folders_and_run_folders(models, image_folder, tmp_path, capsys):
+    run("tokenize", "--tokenizer", models / "tok_a.pt", "--data", image_folder, "--out", tmp_path / "tokens",
+        "--device", "cpu")
+    capsys.readouterr()
+    train = ("train", "--tokens", tmp_path / "tokens", "--out", tmp_path / "gen", "--preset", "tiny", "--device", "cpu")
+    raw = (tmp_path / "tokens" / "tokens.npy").read_bytes()
+    (tmp_path / "tokens" / "tokens.npy").write_bytes(raw[:100])
+    assert f"cannot read the token files in {tmp_path / 'tokens'} (truncated?" in fails(capsys, *train)
+    (tmp_path / "tokens" / "meta.json").write_text('{"grid": [8, 8], "n_codes": "many"}')
+    assert "'n_codes' a positive integer" in fails(capsys, *train)
+    # A run folder where a checkpoint file belongs.
+    gen_dir = tmp_path / "run"
+    gen_dir.mkdir()
+    (gen_dir / "generator.pt").write_bytes((models / "gen.pt").read_bytes())
+    err = fails(capsys, "sample", "--generator", gen_dir, "--out", tmp_path / "s", "--device", "cpu")
+    expected = f"{gen_dir} is a folder, expected a generator checkpoint file: did you mean {gen_dir / 'generator.pt'}?"
+    assert expected in err

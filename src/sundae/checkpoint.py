@@ -51,6 +51,9 @@ def load_checkpoint(path: str | Path, kind: str) -> dict[str, Any]:
     or of the other kind.
     """
     path = Path(path)
+    if path.is_dir():
+        hint = f": did you mean {path / f'{kind}.pt'}?" if (path / f"{kind}.pt").is_file() else ""
+        raise FileNotFoundError(f"{path} is a folder, expected a {kind} checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:

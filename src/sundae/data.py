@@ -314,8 +314,17 @@ class TokenDataset(Dataset):
             raise ValueError(f"{root / 'meta.json'} is not valid JSON: {err}") from None
         if not isinstance(self.meta, dict) or not {"grid", "n_codes"} <= set(self.meta):
             raise ValueError(f"{root / 'meta.json'} must be an object with at least 'grid' and 'n_codes'")
-        self.tokens = np.load(root / "tokens.npy", mmap_mode="r")
-        self.labels = np.load(root / "labels.npy")
+        grid, n_codes = self.meta["grid"], self.meta["n_codes"]
+        if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)
+                and isinstance(n_codes, int) and n_codes > 0):
+            raise ValueError(f"{root / 'meta.json'}: 'grid' must be two positive integers and 'n_codes' a positive "
+                             f"integer, got grid={grid!r}, n_codes={n_codes!r}")
+        try:
+            self.tokens = np.load(root / "tokens.npy", mmap_mode="r")
+            self.labels = np.load(root / "labels.npy")
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"cannot read the token files in {root} (truncated? re-run `sundae tokenize`): "
+                             f"{err}") from None
         if self.tokens.ndim != 3 or len(self.tokens) != len(self.labels):
             raise ValueError(f"{root}: tokens {self.tokens.shape} and labels {self.labels.shape} do not match")
         if list(self.tokens.shape[1:]) != list(self.meta["grid"]):
