@@ -228,9 +228,10 @@ class Hourglass(nn.Module):
             x = x + self.class_embedding(labels, b)[:, None, None, :]
         fine = rotary_angles(height, width, self.cfg.head_dim, self.cfg.rotary_base, device=tokens.device)
         coarse = rotary_angles(height // s, width // s, self.cfg.head_dim, self.cfg.rotary_base, s, tokens.device)
-        # Key masks broadcast to `b heads n m`; a valley without padded patches needs none.
+        # Key masks broadcast to `b heads n m`; a valley without wholly padded patches needs none.
         fine_mask = None if valid is None else valid.flatten()[None, None, None, :]
-        coarse_mask = None if coarse_valid is None or bool(coarse_valid.all()) else coarse_valid[None, None, None, :]
+        padded_patches = height - h >= s or width - w >= s
+        coarse_mask = coarse_valid[None, None, None, :] if padded_patches else None
 
         x = rearrange(x, "b h w d -> b (h w) d")
         for block in self.pre:
