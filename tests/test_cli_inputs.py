@@ -252,3 +252,11 @@ def test_broken_token_folders_and_run_folders(models, image_folder, tmp_path, ca
     err = fails(capsys, "sample", "--generator", gen_dir, "--out", tmp_path / "s", "--device", "cpu")
     expected = f"{gen_dir} is a folder, expected a generator checkpoint file: did you mean {gen_dir / 'generator.pt'}?"
     assert expected in err
+
+
+def test_incomplete_checkpoint(models, tmp_path, capsys):
+    ckpt = torch.load(models / "gen.pt", weights_only=True)
+    del ckpt["model"]
+    torch.save(ckpt, tmp_path / "nomodel.pt")
+    err = fails(capsys, "sample", "--generator", tmp_path / "nomodel.pt", "--out", tmp_path / "s", "--device", "cpu")
+    assert "nomodel.pt lacks a 'config' or 'model' entry" in err

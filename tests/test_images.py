@@ -176,3 +176,15 @@ def test_tokenize_a_messy_folder(messy_folder, tiny_tokenizer, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(root / bad[0]) in err and "--strict" in err
     assert not (tmp_path / "s").exists()
+
+
+def test_unusable_inputs_are_named(tmp_path):
+    Image.new("F", (4, 4), 0.5).save(tmp_path / "float.tif")
+    with pytest.raises(ImageError, match="float.tif is a floating-point image"):
+        read_image(tmp_path / "float.tif", 3)
+    with pytest.raises(ValueError, match="channels must be 1 or 3, got 4"):
+        read_image(tmp_path / "float.tif", 4)
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "a.png").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no usable images found under .*only \(1 files, 1 skipped\)"):
+        ImageFolder(tmp_path / "only", 32, 3)
