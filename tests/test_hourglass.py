@@ -163,6 +163,25 @@ def test_class_embedding_changes_logits_and_checks_input():
         unconditional(torch.zeros(1, 2, 2, dtype=torch.long), torch.tensor([1]))
 
 
-def test_grid_must_be_a_multiple_of_the_shorten_factor():
-    with pytest.raises(ValueError, match="shorten factor"):
-        _model()(torch.zeros(1, 5, 4, dtype=torch.long))
+@pytest.mark.parametrize("h,w", [(7, 7), (15, 17), (1, 3), (6, 5)])
+def test_any_grid_padding_never_changes_real_logits(h, w):
+    model = _model()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, TINY.vocab_size, (2, h, w), generator=g)
+    labels = torch.tensor([0, 3])
+    with torch.no_grad():
+        ref = model(tokens, labels)
+        assert ref.shape == (2, h, w, TINY.vocab_size) and torch.isfinite(ref).all()
+        # Padding of any content and any amount (also whole padded patches) leaves the real logits alone.
+        for extra_h, extra_w in [(1, 0), (0, 1), (1, 1), (3, 5), (4, 4)]:
+            for _ in range(2):
+                big = torch.randint(0, TINY.vocab_size, (2, h + extra_h, w + extra_w), generator=g)
+                big[:, :h, :w] = tokens
+                torch.testing.assert_close(model(big, labels, grid=(h, w)), ref, rtol=1e-5, atol=1e-5)
+        # The same extra tokens counted as real do change the logits: the masking is what hides them.
+        assert not torch.allclose(model(big, labels)[:, :h, :w], ref, atol=1e-4)
+
+
+def test_grid_must_fit_the_tokens():
+    with pytest.raises(ValueError, match="does not fit"):
+        _model()(torch.zeros(1, 4, 4, dtype=torch.long), grid=(5, 4))

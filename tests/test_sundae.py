@@ -218,5 +218,19 @@ def test_token_keep_mask_cells():
     assert (~keep).nonzero().tolist() == [[0, 1, 2]]
     mask[0, 0, 8:16, 0:4] = 1  # two whole cells
     assert (~token_keep_mask(mask, f)).sum().item() == 3
-    with pytest.raises(ValueError):
-        token_keep_mask(torch.zeros(1, 1, 10, 12), f)
+
+def test_token_keep_mask_any_size_and_dilation():
+    # 10x13 pixels at f=4: a 3x4 grid (the tokenizer pads right/bottom); the padded pixels count as known.
+    mask = torch.zeros(1, 1, 10, 13)
+    assert token_keep_mask(mask, 4).shape == (1, 3, 4) and bool(token_keep_mask(mask, 4).all())
+    mask[0, 0, 9, 12] = 1  # the bottom-right real pixel lies in cell (2, 3)
+    assert (~token_keep_mask(mask, 4)).nonzero().tolist() == [[0, 2, 3]]
+    # Dilation by one cell, 8-neighbourhood: the corner cell (2, 3) grows to rows 1-2, columns 2-3.
+    assert (~token_keep_mask(mask, 4, dilate=1)).nonzero().tolist() == [[0, 1, 2], [0, 1, 3], [0, 2, 2], [0, 2, 3]]
+    centre = torch.zeros(1, 1, 16, 16)
+    centre[0, 0, 5, 6] = 1  # cell (1, 1) of a 4x4 grid
+    grown = ~token_keep_mask(centre, 4, dilate=1)
+    assert grown[0, :3, :3].all() and grown.sum() == 9  # the 3x3 cells around (1, 1)
+    assert (~token_keep_mask(centre, 4, dilate=2)).sum() == 16
+    with pytest.raises(ValueError, match="dilate"):
+        token_keep_mask(centre, 4, dilate=-1)

@@ -24,12 +24,17 @@ C = TypeVar("C")
 
 
 def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
-    """Build the frozen dataclass `cls` from a dict (lists become tuples). Unknown keys are a ValueError."""
+    """Build the frozen dataclass `cls` from a dict (lists become tuples).
+
+    Raises ValueError naming `source` for unknown keys or values of the wrong type."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
         raise ValueError(f"{source}: unknown {cls.__name__} keys {sorted(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except TypeError as err:  # a value of the wrong type (a string where a number belongs, ...)
+        raise ValueError(f"{source}: invalid {cls.__name__}: {err}") from None
 
 
 def save_checkpoint(path: str | Path, kind: str, config: Any, model: nn.Module, **extra: Any) -> None:
@@ -46,6 +51,9 @@ def load_checkpoint(path: str | Path, kind: str) -> dict[str, Any]:
     or of the other kind.
     """
     path = Path(path)
+    if path.is_dir():
+        hint = f": did you mean {path / f'{kind}.pt'}?" if (path / f"{kind}.pt").is_file() else ""
+        raise FileNotFoundError(f"{path} is a folder, expected a {kind} checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -60,6 +68,8 @@ def load_checkpoint(path: str | Path, kind: str) -> dict[str, Any]:
 
 
 def _build(ckpt: dict[str, Any], path: Path, cls: type[nn.Module], cfg_cls: type, ema: bool) -> nn.Module:
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"{path} lacks a 'config' or 'model' entry: not a complete sundae checkpoint")
     model = cls(config_from_dict(cfg_cls, ckpt["config"], str(path)))
     state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
     try:

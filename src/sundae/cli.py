@@ -1,7 +1,9 @@
 """`sundae <verb>`: the command line. Each verb is a thin wrapper over importable functions.
 
 Verbs: train-vqgan, reconstruct, tokenize, train, sample, inpaint, quickstart. Configs come from named
-presets plus `--set key=value` overrides checked against the dataclass fields.
+presets plus `--set key=value` overrides checked against the dataclass fields. Images are read by
+`sundae.data.read_image`'s policy; errors are one line (`--debug` shows the traceback); the library's
+warnings (skipped files, ...) print as `sundae VERB: warning: ...`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import logging
 import sys
 import time
 from pathlib import Path
@@ -16,7 +19,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from sundae import data as D
@@ -27,7 +29,7 @@ from sundae.sundae import check_schedule, sample, token_keep_mask
 from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, resolve_device, train_generator,
                           train_vqgan)
 from sundae.vqgan import PRESETS as VQGAN_PRESETS
-from sundae.vqgan import VQGAN
+from sundae.vqgan import VQGAN, token_grid
 
 
 class UsageError(ValueError):
@@ -84,6 +86,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def _preset(table: dict, name: str, what: str) -> Any:
     if name not in table:
         raise UsageError(f"unknown {what} preset {name!r}; choose from {', '.join(table)}")
@@ -118,7 +127,7 @@ def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_t
 
 def cmd_train_vqgan(args: argparse.Namespace) -> None:
     model_cfg, train_cfg = _run_configs(args, "tokenizer", VQGAN_PRESETS, VQGAN_TRAIN_PRESETS)
-    dataset = D.open_images(args.data, model_cfg.resolution, model_cfg.in_channels, "train")
+    dataset = D.open_images(args.data, model_cfg.resolution, model_cfg.in_channels, "train", args.strict)
     path = train_vqgan(model_cfg, train_cfg, dataset, args.out, args.device, args.resume)
     print(f"tokenizer written to {path}")
 
@@ -151,10 +160,11 @@ def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out:
         raise UsageError(f"{tokenizer_path}: {tokenizer.cfg.n_codes} codes do not fit the uint16 token file")
     tokens, labels = encode_dataset(tokenizer, dataset, batch_size, device)
     num_classes = int(getattr(dataset, "num_classes", 0))
+    image_size = list(dataset[0][0].shape[-2:]) if len(dataset) else None  # pixels, before the tokenizer's padding
     meta = {"n_codes": tokenizer.cfg.n_codes, "f": tokenizer.cfg.f, "tokenizer": str(Path(tokenizer_path).resolve()),
             "tokenizer_sha256": file_digest(tokenizer_path), "num_classes": num_classes,
             "class_names": list(class_names or getattr(dataset, "classes", []) or []),
-            "channels": tokenizer.cfg.in_channels}
+            "channels": tokenizer.cfg.in_channels, "image_size": image_size}
     write_token_folder(out, tokens, labels, meta)
     return Path(out)
 
@@ -162,7 +172,7 @@ def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out:
 def cmd_tokenize(args: argparse.Namespace) -> None:
     device = args.device
     cfg = load_tokenizer(args.tokenizer).cfg
-    dataset = D.open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split)
+    dataset = D.open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split, args.strict)
     names = D.FASHION_MNIST_CLASSES if D.is_idx_dataset(args.data) else ()
     out = tokenize(args.tokenizer, dataset, args.out, device, args.batch_size, names)
     print(f"tokens written to {out}")
@@ -181,7 +191,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         if tokenizer.cfg.n_codes != dataset.meta["n_codes"]:
             raise UsageError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.n_codes} codes, the tokens in "
                              f"{args.tokens} have {dataset.meta['n_codes']}")
-    meta = {k: dataset.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names")}
+        digest = dataset.meta.get("tokenizer_sha256")
+        if digest and file_digest(tokenizer_path) != digest:
+            raise UsageError(f"the tokens in {args.tokens} were made by {dataset.meta.get('tokenizer')}, not by "
+                             f"{tokenizer_path} (sha256 differs): pass the tokenizer that made them")
+    meta = {k: dataset.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names",
+                                              "image_size")}
     path = train_generator(model_cfg, train_cfg, dataset, args.out, meta, tokenizer, device, args.resume)
     print(f"generator written to {path}")
 
@@ -228,11 +243,11 @@ def _load_pair(args: argparse.Namespace, device: torch.device):
     if not args.tokenizer and not Path(tokenizer_path).is_file():
         raise UsageError(f"the tokenizer {args.generator} was trained with, {tokenizer_path}, does not exist "
                          f"(moved?): pass --tokenizer PATH")
+    tokenizer = load_tokenizer(tokenizer_path, device)  # first: a wrong kind of file says so
     digest = meta.get("tokenizer_sha256")
     if digest and file_digest(tokenizer_path) != digest:
         raise UsageError(f"{tokenizer_path} is not the tokenizer {args.generator} was trained with (its sha256 "
                          f"differs from the one recorded at training time)")
-    tokenizer = load_tokenizer(tokenizer_path, device)
     if tokenizer.cfg.n_codes != net.cfg.vocab_size:
         raise UsageError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.n_codes} codes, "
                          f"generator {args.generator} expects {net.cfg.vocab_size}")
@@ -241,6 +256,8 @@ def _load_pair(args: argparse.Namespace, device: torch.device):
 
 def _schedule_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     check_schedule(args.steps, args.temperature, args.update_proportion)
+    if args.min_steps < 0:
+        raise UsageError(f"--min-steps must be >= 0, got {args.min_steps}")
     return {"steps": args.steps, "temperature": args.temperature, "update_proportion": args.update_proportion,
             "min_steps": args.min_steps}
 
@@ -249,6 +266,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     device = args.device
     net, meta, tokenizer = _load_pair(args, device)
     h, w = meta["grid"]
+    # The training images' size (pixels), when the tokenizer padded them (sides not multiples of f).
+    size = tuple(meta["image_size"]) if meta.get("image_size") else None
     labels = _labels(args.class_, args.num, net.cfg.num_classes, device)
     schedule = _schedule_kwargs(args)
     gen = torch.Generator(device).manual_seed(args.seed)
@@ -259,7 +278,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             lab = labels[start:start + b] if labels is not None else None
             z, steps = sample(class_logits_fn(net, lab, args.precision, args.compile), (b, h, w),
                               net.cfg.vocab_size, generator=gen, device=device, **schedule)
-            images.append(tokenizer.decode(z).cpu())
+            images.append(tokenizer.decode(z, size=size).cpu())
             taken.append(steps.cpu())
     images = torch.cat(images)
     out = Path(args.out)
@@ -271,65 +290,89 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def load_image(path: str | Path, channels: int) -> torch.Tensor:
-    """An image file -> `c H W` float in [-1, 1] (c = 1 grayscale or 3 RGB)."""
-    try:
-        with Image.open(path) as img:
-            return D.image_to_tensor(img.convert("L" if channels == 1 else "RGB"))
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read image {path}: {err}") from None
+    """An image file -> `c H W` float in [-1, 1] (c = 1 grayscale or 3 RGB), by `sundae.data.read_image`'s
+    policy (EXIF orientation, alpha onto white, 16-bit scaled). Raises ImageError naming the file."""
+    return D.image_to_tensor(D.read_image(path, channels))
 
 
 def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
-    """A mask file -> `1 H W` float, 1 = regenerate (white, or transparent in an RGBA mask), 0 = keep."""
+    """A mask file -> `1 H W` float, 1 = regenerate, 0 = keep; `size` = the image's (H, W).
+
+    The convention: if the file has transparency (RGBA, LA, PA, or a transparent palette entry) and some
+    pixel is not fully opaque, transparent (alpha < 128) = regenerate; otherwise white (brightness at least
+    half the range: >= 128, or >= 32768 for 16-bit masks) = regenerate. EXIF orientation is applied, as for
+    the image. Raises UsageError for an unreadable file or a size other than `size`.
+    """
     try:
-        with Image.open(path) as img:
+        img = D.open_image_file(path)
+        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+            mask = np.asarray(img) >= 32768
+        elif img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
             alpha = np.asarray(img.convert("RGBA"))[:, :, 3]
-            if (img.mode in ("RGBA", "LA") or "transparency" in img.info) and (alpha < 255).any():
-                mask = alpha < 128
-            else:  # no transparency used: white = regenerate
-                mask = np.asarray(img.convert("L")) >= 128
-    except OSError as err:
+            # An alpha channel that is opaque everywhere carries no mask: read the brightness instead.
+            mask = alpha < 128 if (alpha < 255).any() else np.asarray(img.convert("L")) >= 128
+        else:
+            mask = np.asarray(img.convert("L")) >= 128
+    except D.ImageError as err:
+        raise UsageError(f"mask: {err}") from None
+    except (OSError, ValueError) as err:
         raise UsageError(f"cannot read mask {path}: {err}") from None
     if mask.shape != tuple(size):
-        raise UsageError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]}, the image is {size[0]}x{size[1]}")
+        raise UsageError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} (HxW), the image is {size[0]}x{size[1]}: "
+                         f"they must be the same size")
     return torch.from_numpy(mask).float()[None]
 
 
 def inpaint_images(net, tokenizer: VQGAN, image: torch.Tensor, pixel_mask: torch.Tensor, num: int,
-                   labels: torch.Tensor | None, generator: torch.Generator, **schedule: Any):
-    """`num` completions of one image (`c H W`) where `pixel_mask` (`1 H W`, 1 = regenerate) is set.
+                   labels: torch.Tensor | None, generator: torch.Generator, dilate: int = 0,
+                   precision: str = "fp32", compile: bool = False, **schedule: Any):
+    """`num` completions of one image (`c H W`, any H, W) where `pixel_mask` (`1 H W`, 1 = regenerate) is set.
 
-    Known tokens (whole f x f cell unmasked) are fixed; every pixel outside the regenerated cells is copied
-    from the input. Returns (images `num c H W` in [-1, 1], tokens `num h w`, keep-mask `num h w` bool,
-    the input's tokens `num h w`).
+    The image is tokenized with the tokenizer's size policy (padded to multiples of f, `VQGAN.encode`).
+    Known tokens (`token_keep_mask`: no masked pixel in the cell, grown by `dilate` cells) are fixed; the
+    decoded images are cropped back to H x W and every pixel outside the regenerated cells is copied from
+    the input. Returns (images `num c H W` in [-1, 1], tokens `num h w`, keep-mask `num h w` bool, the
+    input's tokens `num h w`), h = ceil(H / f), w = ceil(W / f). precision and compile: see
+    `class_logits_fn`.
     """
     f = tokenizer.cfg.f
+    height, width = image.shape[-2:]
     device = tokenizer.last_layer.device
     x = image[None].to(device)
-    keep = token_keep_mask(pixel_mask[None].to(device), f).expand(num, -1, -1)
+    keep = token_keep_mask(pixel_mask[None].to(device), f, dilate).expand(num, -1, -1)
     init = tokenizer.encode(x).expand(num, -1, -1)
-    z, _ = sample(class_logits_fn(net, labels), tuple(init.shape), net.cfg.vocab_size, init=init, keep=keep,
+    z, _ = sample(class_logits_fn(net, labels, precision, compile), tuple(init.shape), net.cfg.vocab_size, init=init, keep=keep,
                   generator=generator, device=device, **schedule)
-    decoded = tokenizer.decode(z)
-    keep_px = keep.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, None]
+    decoded = tokenizer.decode(z, size=(height, width))
+    keep_px = keep.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, None, :height, :width]
     return torch.where(keep_px, x, decoded), z, keep, init
 
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
     device = args.device
-    net, _, tokenizer = _load_pair(args, device)
-    image = load_image(args.image, tokenizer.cfg.in_channels)
-    multiple = tokenizer.cfg.f * net.cfg.shorten_factor
-    if image.shape[1] % multiple or image.shape[2] % multiple:
-        raise UsageError(f"image {args.image} is {image.shape[1]}x{image.shape[2]}: this tokenizer "
-                         f"(f={tokenizer.cfg.f}) and generator need sides that are multiples of {multiple} pixels")
-    mask = load_mask(args.mask, tuple(image.shape[1:]))
+    net, meta, tokenizer = _load_pair(args, device)
+    schedule = _schedule_kwargs(args)
     if net.cfg.num_classes and args.class_ is None:
         raise UsageError(f"{args.generator} is class-conditional: pass --class (0..{net.cfg.num_classes - 1})")
     labels = _labels(args.class_, args.num, net.cfg.num_classes, device)
+    if args.dilate < 0:
+        raise UsageError(f"--dilate must be >= 0 token cells, got {args.dilate}")
+    image = load_image(args.image, tokenizer.cfg.in_channels)
+    mask = load_mask(args.mask, tuple(image.shape[1:]))
+    if not mask.any():
+        D.log.warning("mask %s marks no pixel to regenerate (white or transparent = regenerate): the completions "
+                      "will equal the image", args.mask)
+    elif mask.all():
+        D.log.warning("mask %s marks every pixel (white or transparent = regenerate): nothing of the image is kept",
+                      args.mask)
+    grid = list(token_grid(image.shape[1], image.shape[2], tokenizer.cfg.f))
+    if meta.get("grid") and grid != list(meta["grid"]):
+        D.log.warning("%s gives a %dx%d token grid; %s was trained on %dx%d: completions may be poor",
+                      args.image, *grid, args.generator, *meta["grid"])
     with torch.inference_mode():
         out_images, *_ = inpaint_images(net, tokenizer, image, mask, args.num, labels,
-                                    torch.Generator(device).manual_seed(args.seed), **_schedule_kwargs(args))
+                                        torch.Generator(device).manual_seed(args.seed), args.dilate,
+                                        args.precision, args.compile, **schedule)
     out = Path(args.out)
     for i, img in enumerate(out_images):
         D.save_image(img, out / f"completion_{i:02d}.png")
@@ -341,12 +384,15 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     device = args.device
     tokenizer = load_tokenizer(args.tokenizer, device)
-    dataset = D.open_images(args.data, args.image_size or tokenizer.cfg.resolution, tokenizer.cfg.in_channels,
-                            args.split)
-    x = torch.stack([dataset[i][0] for i in range(min(args.num, len(dataset)))]).to(device)
+    if Path(args.data).is_file():  # one image at its own size
+        x = load_image(args.data, tokenizer.cfg.in_channels)[None].to(device)
+    else:
+        dataset = D.open_images(args.data, args.image_size or tokenizer.cfg.resolution, tokenizer.cfg.in_channels,
+                                args.split, args.strict)
+        x = torch.stack([dataset[i][0] for i in range(min(args.num, len(dataset)))]).to(device)
     with torch.inference_mode():
         tokens = tokenizer.encode(x)
-        recon = tokenizer.decode(tokens)
+        recon = tokenizer.decode(tokens, size=tuple(x.shape[-2:]))
     D.save_grid(torch.cat([x, recon]).cpu(), args.out, nrow=len(x))
     print(f"PSNR {psnr(recon, x):.2f} dB, codebook usage {codebook_usage(tokens, tokenizer.cfg.n_codes):.3f} "
           f"on {len(x)} images; grid written to {args.out}")
@@ -374,14 +420,23 @@ def _device(text: str) -> torch.device:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=_device, default="auto",
                    help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the Python traceback of an error instead of one line")
 
 
-def _encode_args(p: argparse.ArgumentParser, out_help: str, split: str) -> None:
+def _strict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable or too small image "
+                   "file instead of skipping it with a warning")
+
+
+def _encode_args(p: argparse.ArgumentParser, out_help: str, split: str,
+                 data_help: str = "image folder (sub-folders = classes) or idx folder") -> None:
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (.pt from `sundae train-vqgan`)")
-    p.add_argument("--data", required=True, help="image folder (sub-folders = classes) or idx folder")
+    p.add_argument("--data", required=True, help=data_help)
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--split", default=split, help="train or test (idx folders only)")
-    p.add_argument("--image-size", type=int, default=0, help="pixels; default: the tokenizer's resolution")
+    p.add_argument("--image-size", type=_non_negative, default=0, help="pixels; default: the tokenizer's resolution")
+    _strict(p)
     _common(p)
 
 
@@ -407,6 +462,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sundae", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error instead of "
+                        "one line (also accepted after the verb)")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("train-vqgan", help="train the VQ-GAN tokenizer on a folder of images")
@@ -415,11 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="ffhq256", help=f"one of {', '.join(VQGAN_PRESETS)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", action="store_true", help="continue from OUT/tokenizer.pt")
+    _strict(p)
     _common(p)
     p.set_defaults(func=cmd_train_vqgan)
 
     p = sub.add_parser("reconstruct", help="encode and decode images; write a grid and print PSNR")
-    _encode_args(p, "PNG grid: inputs on top, reconstructions below", split="test")
+    _encode_args(p, "PNG grid: inputs on top, reconstructions below", split="test",
+                 data_help="image folder, idx folder, or one image file (reconstructed at its own size)")
     p.add_argument("--num", type=_positive, default=16)
     p.set_defaults(func=cmd_reconstruct)
 
@@ -449,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     p.add_argument("--image", required=True)
     p.add_argument("--mask", required=True, help="same size as the image; white (or transparent) = regenerate")
+    p.add_argument("--dilate", type=int, default=0, help="grow the regenerated token cells by this many cells "
+                   "(8-neighbourhood: a 3x3 square of cells per step; default 0)")
     p.add_argument("--out", required=True, help="folder: completion_NN.png and figure.png")
     p.set_defaults(func=cmd_inpaint, num=4)
 
@@ -461,14 +522,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Warnings of the library (logger "sundae") as `sundae VERB: warning: ...` lines on the current stderr."""
+
+    def __init__(self, verb: str):
+        super().__init__()
+        self.setFormatter(logging.Formatter(f"sundae {verb}: warning: %(message)s"))
+
+    @property
+    def stream(self):  # the stderr of the moment, so redirections (and pytest's capture) see the lines
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command line. Errors print one line `sundae VERB: error: ...` and exit with status 2 (130 on
+    Ctrl-C); `--debug` re-raises them with the traceback."""
     args = build_parser().parse_args(argv)
+    handler = _StderrHandler(args.verb)
+    D.log.addHandler(handler)
     try:
+        out = Path(getattr(args, "out", ""))
+        if args.verb != "reconstruct" and out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file: expected a folder (it is created if missing)")
         args.func(args)
-    except (UsageError, OSError, ValueError) as err:
-        print(f"sundae {args.verb}: error: {err}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
+        if args.debug:
+            raise
         print(f"sundae {args.verb}: interrupted; training runs continue from their last checkpoint with --resume",
               file=sys.stderr)
         sys.exit(130)
+    except Exception as err:
+        if args.debug:
+            raise
+        expected = isinstance(err, (UsageError, OSError, ValueError))
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = "" if expected else f" ({type(err).__name__}; run with --debug for the traceback)"
+        print(f"sundae {args.verb}: error: {text}{hint}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        D.log.removeHandler(handler)

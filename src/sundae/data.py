@@ -4,6 +4,14 @@ Images leave this module as float tensors `c H W` in [-1, 1] with integer labels
 no classes). Two sources: a folder of image files (class = first-level sub-folder, sorted by name) and a
 folder holding MNIST-style idx files (Fashion-MNIST as Debian's `dataset-fashion-mnist` installs it).
 
+Image files, one policy for every verb (`read_image`): any mode Pillow opens (L, LA, P with or without
+transparency, RGB, RGBA, CMYK, 16-bit I;16 and RGB PNGs, ...); EXIF orientation applied; alpha composited
+onto white (`BACKGROUND`); then converted to what the tokenizer takes: 1 channel -> grayscale "L" (ITU-R
+601 luma), 3 channels -> "RGB" (grayscale replicated). 16-bit samples are scaled to 8 bits by value (not
+clipped). Files that cannot be used raise `ImageError`; `ImageFolder` skips them with a warning (or stops
+at the first with `strict=True`). Images over Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`)
+are refused.
+
 Token datasets (`sundae tokenize`) are a folder with `tokens.npy` (uint16 `N h w`, read as a memmap),
 `labels.npy` (int64 `N`) and `meta.json` (codebook size, grid, f, the tokenizer that produced them).
 """
@@ -12,20 +20,81 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+BACKGROUND = (255, 255, 255)  # transparent pixels become white
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 16-bit grayscale PNG/TIFF modes (values 0..65535)
+log = logging.getLogger("sundae")
+
+
+class ImageError(ValueError):
+    """A file that cannot be used as an image; the message names the file and why."""
+
+
+def open_image_file(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file, EXIF orientation applied, in its own mode (no conversion).
+
+    Raises ImageError naming `path` for missing, empty, truncated, corrupt or non-image files and images over
+    Pillow's decompression-bomb limit `Image.MAX_IMAGE_PIXELS` (also between the limit and twice it, where
+    Pillow itself only warns).
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return ImageOps.exif_transpose(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{path} refused as a possible decompression bomb (Pillow's limit "
+                         f"Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): {err}") from None
+    except FileNotFoundError:
+        raise ImageError(f"image {path} does not exist") from None
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, zlib/struct errors on bad data
+        reason = "empty file" if path.is_file() and path.stat().st_size == 0 else str(err) or type(err).__name__
+        raise ImageError(f"cannot read image {path}: {reason}") from None
+
+
+def read_image(path: str | Path, channels: int, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """Open an image file as a loaded PIL image of mode "L" (`channels` 1) or "RGB" (`channels` 3).
+
+    EXIF orientation is applied (`ImageOps.exif_transpose`), so phone photos load upright. Transparency
+    (RGBA, LA, PA, P or L with a transparent colour) is composited onto `background` (default white).
+    16-bit samples (modes I;16*, and I holding 0..65535) are scaled by 255/65535 and rounded; 16-bit RGB(A)
+    PNGs are already 8-bit after Pillow's decoding. CMYK uses Pillow's conversion.
+    Raises ImageError naming `path` for missing, empty, truncated, corrupt or non-image files, floating
+    point images (mode F), and images over Pillow's decompression-bomb limit `Image.MAX_IMAGE_PIXELS`.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    path = Path(path)
+    img = open_image_file(path)
+    if img.mode == "F":
+        raise ImageError(f"{path} is a floating-point image (mode F): convert it to 8 or 16-bit integers")
+    if img.mode in _SIXTEEN_BIT:
+        values = np.asarray(img, dtype=np.float64) * (255 / 65535)
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    try:
+        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
+        return img.convert("L" if channels == 1 else "RGB")
+    except (ValueError, OSError) as err:
+        raise ImageError(f"cannot convert image {path} (mode {img.mode}) to {'L' if channels == 1 else 'RGB'}: "
+                         f"{err}") from None
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -110,34 +179,55 @@ class ImageFolder(Dataset):
     """A folder of image files, resized (shorter side) and centre-cropped to `size` x `size` pixels.
 
     Sub-folders are classes (sorted names -> labels 0..); files directly in `root` get label 0 when there
-    are no sub-folders. `channels` 3 converts to RGB, 1 to grayscale ("L"). Items: (`c size size` float
-    in [-1, 1], int label). Raises FileNotFoundError when the folder holds no images.
+    are no sub-folders. Every file not starting with "." is read once here with `read_image` (its policy
+    for modes, EXIF, alpha and `channels`): files that cannot be read, and images whose shorter side is
+    under `size`, are skipped with a warning naming the file (logger "sundae") and a count at the end, or
+    with `strict` the first one raises ImageError. Items: (`c size size` float in [-1, 1], int label).
+    Raises FileNotFoundError when no usable image is left. `skipped` lists (path, reason).
     """
 
-    def __init__(self, root: str | Path, size: int, channels: int = 3):
+    def __init__(self, root: str | Path, size: int, channels: int = 3, strict: bool = False):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
-        self.size, self.mode = size, {1: "L", 3: "RGB"}[channels]
+        self.size, self.channels = size, channels
         subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self.classes = [p.name for p in subdirs]
         self.files: list[tuple[Path, int]] = []
+        self.skipped: list[tuple[Path, str]] = []
+        candidates = 0
         for label, folder in enumerate(subdirs or [root]):
-            self.files += [(p, label) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+            for path in sorted(folder.rglob("*")):
+                if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
+                    continue
+                candidates += 1
+                try:
+                    self._check(path)
+                except ImageError as err:
+                    if strict:
+                        raise ImageError(f"{err} (--strict stops at the first unusable file)") from None
+                    log.warning("skipped: %s", err)
+                    self.skipped.append((path, str(err)))
+                    continue
+                self.files.append((path, label))
+        if self.skipped:
+            log.warning("skipped %d of %d files under %s (see above)", len(self.skipped), candidates, root)
         if not self.files:
-            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
+            raise FileNotFoundError(f"no usable images found under {root} ({candidates} files, "
+                                    f"{len(self.skipped)} skipped)")
         self.num_classes = len(self.classes)
+
+    def _check(self, path: Path) -> None:
+        img = read_image(path, self.channels)
+        if min(img.size) < self.size:
+            raise ImageError(f"image {path} is {img.height}x{img.width}, smaller than the {self.size}-pixel crop")
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         path, label = self.files[i]
-        try:
-            with Image.open(path) as img:
-                img = img.convert(self.mode)
-        except Exception as err:
-            raise ValueError(f"cannot read image {path}: {err}") from None
+        img = read_image(path, self.channels)
         scale = self.size / min(img.size)
         img = img.resize((max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))),
                          Image.Resampling.BICUBIC)
@@ -146,18 +236,21 @@ class ImageFolder(Dataset):
         return image_to_tensor(img), label
 
 
-def open_images(path: str | Path, size: int, channels: int, split: str = "train") -> Dataset:
-    """An idx folder (Fashion-MNIST) or an image folder, as a dataset of (`c size size`, label)."""
+def open_images(path: str | Path, size: int, channels: int, split: str = "train", strict: bool = False) -> Dataset:
+    """An idx folder (Fashion-MNIST) or an image folder (`ImageFolder`, with `strict`), as a dataset of
+    (`c size size`, label)."""
     path = Path(path)
     if not path.exists():
         hint = " (install it with `apt-get install dataset-fashion-mnist`)" if path == FASHION_MNIST_DIR else ""
         raise FileNotFoundError(f"dataset folder {path} does not exist{hint}")
+    if path.is_file():
+        raise FileNotFoundError(f"{path} is a file: expected a folder of images (or of idx files)")
     if is_idx_dataset(path):
         ds = IdxImages(path, split, size)
         if channels != 1:
             raise ValueError(f"{path} holds grayscale idx images but the tokenizer expects {channels} channels")
         return ds
-    return ImageFolder(path, size, channels)
+    return ImageFolder(path, size, channels, strict)
 
 
 def image_to_tensor(img: Image.Image) -> Tensor:
@@ -221,8 +314,17 @@ class TokenDataset(Dataset):
             raise ValueError(f"{root / 'meta.json'} is not valid JSON: {err}") from None
         if not isinstance(self.meta, dict) or not {"grid", "n_codes"} <= set(self.meta):
             raise ValueError(f"{root / 'meta.json'} must be an object with at least 'grid' and 'n_codes'")
-        self.tokens = np.load(root / "tokens.npy", mmap_mode="r")
-        self.labels = np.load(root / "labels.npy")
+        grid, n_codes = self.meta["grid"], self.meta["n_codes"]
+        if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)
+                and isinstance(n_codes, int) and n_codes > 0):
+            raise ValueError(f"{root / 'meta.json'}: 'grid' must be two positive integers and 'n_codes' a positive "
+                             f"integer, got grid={grid!r}, n_codes={n_codes!r}")
+        try:
+            self.tokens = np.load(root / "tokens.npy", mmap_mode="r")
+            self.labels = np.load(root / "labels.npy")
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"cannot read the token files in {root} (truncated? re-run `sundae tokenize`): "
+                             f"{err}") from None
         if self.tokens.ndim != 3 or len(self.tokens) != len(self.labels):
             raise ValueError(f"{root}: tokens {self.tokens.shape} and labels {self.labels.shape} do not match")
         if list(self.tokens.shape[1:]) != list(self.meta["grid"]):

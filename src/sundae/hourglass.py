@@ -9,6 +9,10 @@ patches (s = `shorten_factor`, 2 in the paper, so k = 4 tokens merge), runs the 
 Willcocks section 3.2 merge square patches instead. Both resampling steps are followed by an attention
 block restricted to the tokens of one patch.
 
+Any `h x w` grid works: it is padded right and bottom to multiples of s, and the padding is invisible to
+the real positions (masked as attention keys, zero in the patch merge), so their logits depend neither on
+what the padding holds nor on how much of it there is.
+
 Shapes: tokens `b h w` int64 in [0, v); labels `b` int64; logits `b h w v` float32.
 """
 
@@ -83,13 +87,17 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(cfg.dim, 2 * inner, bias=False)
         self.out = nn.Linear(inner, cfg.dim)
 
-    def forward(self, x: Tensor, context: Tensor, angles: Tensor | None = None) -> Tensor:
-        """`b n d` queries, `b m d` context, optional rotary `angles` (needs n = m) -> `b n d`."""
+    def forward(self, x: Tensor, context: Tensor, angles: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """`b n d` queries, `b m d` context, optional rotary `angles` (needs n = m) -> `b n d`.
+
+        `mask`: bool, broadcastable to `b heads n m`, True = the key may be attended to; every query row
+        needs at least one True (a fully masked row would be NaN).
+        """
         q = rearrange(self.to_q(x), "b n (heads e) -> b heads n e", heads=self.heads)
         k, v = rearrange(self.to_kv(context), "b m (two heads e) -> two b heads m e", two=2, heads=self.heads)
         if angles is not None:
             q, k = apply_rotary(q, angles), apply_rotary(k, angles)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(rearrange(out, "b heads n e -> b n (heads e)"))
 
 
@@ -106,9 +114,9 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(cfg.dim), Attention(cfg)
         self.norm2, self.mlp = nn.LayerNorm(cfg.dim), _mlp(cfg)
 
-    def forward(self, x: Tensor, angles: Tensor) -> Tensor:
+    def forward(self, x: Tensor, angles: Tensor, mask: Tensor | None = None) -> Tensor:
         h = self.norm1(x)
-        x = x + self.attn(h, h, angles)
+        x = x + self.attn(h, h, angles, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -123,16 +131,13 @@ class ResampleBlock(nn.Module):
         self.norm_q, self.norm_kv, self.attn = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim), Attention(cfg)
         self.norm2, self.mlp = nn.LayerNorm(cfg.dim), _mlp(cfg)
 
-    def forward(self, x: Tensor, patch: Tensor) -> Tensor:
-        x = x + self.attn(self.norm_q(x), self.norm_kv(patch))
+    def forward(self, x: Tensor, patch: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm_q(x), self.norm_kv(patch), mask=mask)
         return x + self.mlp(self.norm2(x))
 
 
 class Hourglass(nn.Module):
-    """The denoiser f(z) of SUNDAE: `b h w` tokens (+ `b` labels) -> `b h w v` float32 logits.
-
-    h and w must be multiples of `shorten_factor`; raises ValueError otherwise.
-    """
+    """The denoiser f(z) of SUNDAE: `b h w` tokens (+ `b` labels) -> `b h w v` float32 logits, any h, w."""
 
     def __init__(self, cfg: HourglassConfig):
         super().__init__()
@@ -158,49 +163,89 @@ class Hourglass(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def shorten_grid(self, x: Tensor) -> Tensor:
-        """`b h w d` -> `b h/s w/s d`: linear merge of each s x s patch, then attention within the patch."""
+    def _patch_valid(self, valid: Tensor | None, b: int) -> Tensor | None:
+        """`H W` bool real positions -> `(b H/s W/s) (s s)` bool, the real tokens of each patch."""
+        if valid is None:
+            return None
+        s = self.cfg.shorten_factor
+        return rearrange(valid, "(h p1) (w p2) -> (h w) (p1 p2)", p1=s, p2=s).repeat(b, 1)
+
+    @staticmethod
+    def _key_mask(patch_valid: Tensor | None) -> Tensor | None:
+        """Per-patch key mask for the resample attention, `n 1 1 k`. A patch with no real token (only with
+        extra padding through `grid`) may attend to all of its own keys: its output is never used by a real
+        position, and a row with no key at all would be NaN, which would leak through 0 * NaN."""
+        if patch_valid is None:
+            return None
+        return (patch_valid | ~patch_valid.any(-1, keepdim=True))[:, None, None, :]
+
+    def shorten_grid(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """`b h w d` -> `b h/s w/s d`: linear merge of each s x s patch, then attention within the patch.
+
+        `valid` (`h w` bool, True = real token) zeroes padding in the merge and hides it from the attention.
+        """
         s = self.cfg.shorten_factor
         patch = rearrange(x, "b (h p1) (w p2) d -> (b h w) (p1 p2) d", p1=s, p2=s)
-        z = self.shorten(rearrange(patch, "n k d -> n 1 (k d)"))
-        z = self.down_resample(z, patch)
+        patch_valid = self._patch_valid(valid, x.shape[0])
+        merged = patch if patch_valid is None else patch * patch_valid[..., None].to(patch.dtype)
+        z = self.shorten(rearrange(merged, "n k d -> n 1 (k d)"))
+        z = self.down_resample(z, patch, self._key_mask(patch_valid))
         return rearrange(z, "(b h w) 1 d -> b h w d", b=x.shape[0], h=x.shape[1] // s)
 
-    def upsample_grid(self, z: Tensor, residual: Tensor) -> Tensor:
+    def upsample_grid(self, z: Tensor, residual: Tensor, valid: Tensor | None = None) -> Tensor:
         """`b h/s w/s d` valley + `b h w d` residual -> `b h w d`: split each token back into its patch,
-        add the residual, then attention among the tokens of that patch."""
+        add the residual, then attention among the tokens of that patch (real ones only, by `valid`)."""
         s = self.cfg.shorten_factor
         u = rearrange(self.upsample(z), "b h w (k d) -> (b h w) k d", k=s * s)
         u = u + rearrange(residual, "b (h p1) (w p2) d -> (b h w) (p1 p2) d", p1=s, p2=s)
-        u = self.up_resample(u, u)
+        u = self.up_resample(u, u, self._key_mask(self._patch_valid(valid, z.shape[0])))
         return rearrange(u, "(b h w) (p1 p2) d -> b (h p1) (w p2) d", b=z.shape[0], h=z.shape[1], p1=s)
 
-    def forward(self, tokens: Tensor, labels: Tensor | None = None) -> Tensor:
-        b, h, w = tokens.shape
-        s = self.cfg.shorten_factor
-        if h % s or w % s:
-            raise ValueError(f"token grid {h}x{w} is not a multiple of the shorten factor {s}")
+    def forward(self, tokens: Tensor, labels: Tensor | None = None, grid: tuple[int, int] | None = None) -> Tensor:
+        """`b H W` int64 tokens in [0, v) (+ `b` int64 labels) -> `b h w v` float32 logits.
+
+        Only the top-left `grid` = (h, w) tokens are real (default: all, h, w = H, W); the rest, and the
+        padding up to multiples of s, is masked out: never an attention key at full resolution or in the
+        resample attention, zero in the patch merge, and a valley key only if its patch holds a real token.
+        Raises ValueError for a `grid` larger than the tokens or labels given to an unconditional model.
+        """
+        b, height, width = tokens.shape
+        h, w = grid if grid is not None else (height, width)
+        if not (1 <= h <= height and 1 <= w <= width):
+            raise ValueError(f"grid {h}x{w} does not fit the {height}x{width} tokens")
         if labels is not None and self.class_embedding is None:
             raise ValueError("labels given to an unconditional model (num_classes=0)")
+        s = self.cfg.shorten_factor
+        height, width = -(-height // s) * s, -(-width // s) * s
+        tokens = F.pad(tokens, (0, width - tokens.shape[2], 0, height - tokens.shape[1]))  # id 0, masked anyway
+        valid = coarse_valid = None
+        if (h, w) != (height, width):
+            rows, cols = torch.arange(height, device=tokens.device), torch.arange(width, device=tokens.device)
+            valid = (rows[:, None] < h) & (cols[None, :] < w)
+            coarse_valid = rearrange(valid, "(h p1) (w p2) -> (h w) (p1 p2)", p1=s, p2=s).any(-1)
         x = self.token_embedding(tokens)
         if self.class_embedding is not None:
             x = x + self.class_embedding(labels, b)[:, None, None, :]
-        fine = rotary_angles(h, w, self.cfg.head_dim, self.cfg.rotary_base, device=tokens.device)
-        coarse = rotary_angles(h // s, w // s, self.cfg.head_dim, self.cfg.rotary_base, s, tokens.device)
+        fine = rotary_angles(height, width, self.cfg.head_dim, self.cfg.rotary_base, device=tokens.device)
+        coarse = rotary_angles(height // s, width // s, self.cfg.head_dim, self.cfg.rotary_base, s, tokens.device)
+        # Key masks broadcast to `b heads n m`; a valley without wholly padded patches needs none.
+        fine_mask = None if valid is None else valid.flatten()[None, None, None, :]
+        padded_patches = height - h >= s or width - w >= s
+        coarse_mask = coarse_valid[None, None, None, :] if padded_patches else None
 
         x = rearrange(x, "b h w d -> b (h w) d")
         for block in self.pre:
-            x = block(x, fine)
-        residual = rearrange(x, "b (h w) d -> b h w d", h=h)
-        z = rearrange(self.shorten_grid(residual), "b h w d -> b (h w) d")
+            x = block(x, fine, fine_mask)
+        residual = rearrange(x, "b (h w) d -> b h w d", h=height)
+        z = rearrange(self.shorten_grid(residual, valid), "b h w d -> b (h w) d")
         for block in self.valley:
-            z = block(z, coarse)
-        x = self.upsample_grid(rearrange(z, "b (h w) d -> b h w d", h=h // s), residual)
+            z = block(z, coarse, coarse_mask)
+        x = self.upsample_grid(rearrange(z, "b (h w) d -> b h w d", h=height // s), residual, valid)
         x = rearrange(x, "b h w d -> b (h w) d")
         for block in self.post:
-            x = block(x, fine)
+            x = block(x, fine, fine_mask)
         logits = self.to_logits(self.norm(x)).float()
-        return rearrange(logits, "b (h w) v -> b h w v", h=h)
+        return rearrange(logits, "b (h w) v -> b h w v", h=height)[:, :h, :w]
 
 
 def forward_flops(cfg: HourglassConfig, h: int, w: int, batch: int = 1) -> int:

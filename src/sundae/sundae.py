@@ -76,11 +76,11 @@ def linear_schedule(start: float, end: float, steps: int) -> Tensor:
 
 
 def check_schedule(steps: int, temperature: tuple[float, float], update_proportion: tuple[float, float]) -> None:
-    """Raise ValueError unless steps >= 1, temperatures > 0 and update proportions lie in (0, 1]."""
+    """Raise ValueError unless steps >= 1, temperatures are finite and > 0 and update proportions lie in (0, 1]."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if not all(t > 0 for t in temperature):  # also rejects NaN
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not all(0 < t < float("inf") for t in temperature):  # also rejects NaN
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     if not all(0 < p <= 1 for p in update_proportion):
         raise ValueError(f"update proportion must lie in (0, 1], got {update_proportion}")
 
@@ -168,13 +168,22 @@ def _sample_loop(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: i
     out[rows], steps_taken[rows] = z, taken
     return out, steps_taken
 
-def token_keep_mask(pixel_mask: Tensor, f: int) -> Tensor:
-    """Pixel mask `b 1 H W` (1 = regenerate, 0 = known) -> token keep-mask `b h w` bool (True = known).
+def token_keep_mask(pixel_mask: Tensor, f: int, dilate: int = 0) -> Tensor:
+    """Pixel mask `b 1 H W` (1 = regenerate, 0 = known), any H, W -> token keep-mask `b h w` bool (True =
+    known), h = ceil(H / f), w = ceil(W / f).
 
-    A token is known only if its whole f x f pixel cell is unmasked (McKinney & Willcocks section 3.5), so
-    one masked pixel marks exactly the cell that contains it. H and W must be multiples of f.
+    A token is known only if no pixel of its f x f cell is masked (McKinney & Willcocks section 3.5), so one
+    masked pixel marks exactly the cell that contains it. Sides that are not multiples of f follow the
+    tokenizer's padding (`VQGAN.encode`: right and bottom): the padded pixels count as known, so an edge
+    cell is regenerated only if one of its real pixels is masked. `dilate` grows the regenerated cells by
+    that many cells in the 8-neighbourhood (each step adds the 3x3 square of cells around each one).
+    Raises ValueError for f < 1 or dilate < 0.
     """
-    if pixel_mask.shape[-1] % f or pixel_mask.shape[-2] % f:
-        raise ValueError(f"mask size {tuple(pixel_mask.shape[-2:])} is not a multiple of f={f}")
-    masked = F.max_pool2d(pixel_mask.float(), kernel_size=f, stride=f)
+    if f < 1 or dilate < 0:
+        raise ValueError(f"token_keep_mask needs f >= 1 and dilate >= 0, got f={f}, dilate={dilate}")
+    height, width = pixel_mask.shape[-2:]
+    pad_h, pad_w = -height % f, -width % f
+    masked = F.max_pool2d(F.pad(pixel_mask.float(), (0, pad_w, 0, pad_h)), kernel_size=f, stride=f)
+    if dilate:
+        masked = F.max_pool2d(masked, kernel_size=2 * dilate + 1, stride=1, padding=dilate)
     return masked[:, 0] == 0

@@ -1,0 +1,262 @@
+"""Wrong and unusual inputs through the command line: sizes, masks, checkpoints, arguments, --debug.
+
+The models are untrained tiny ones written with `save_checkpoint` (no training needed for these checks).
+"""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sundae.checkpoint import save_checkpoint
+from sundae.cli import file_digest, load_mask, main
+from sundae.hourglass import PRESETS as HG
+from sundae.hourglass import Hourglass
+from sundae.vqgan import PRESETS as VQ
+from sundae.vqgan import VQGAN
+
+
+def run(*argv):
+    main([str(a) for a in argv])
+
+
+def fails(capsys, *argv) -> str:
+    """Run the CLI expecting a one-line error and exit status 2; returns the line."""
+    with pytest.raises(SystemExit) as exit_:
+        run(*argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Untrained tiny checkpoints: tokenizer A (f=4, 64 codes), tokenizer B (other weights), a generator
+    with 2 classes trained "on" A's 8x8 grids, and an unconditional one."""
+    root = tmp_path_factory.mktemp("models")
+    for name, seed in (("tok_a", 0), ("tok_b", 1)):
+        torch.manual_seed(seed)
+        model = VQGAN(VQ["tiny"])
+        save_checkpoint(root / f"{name}.pt", "tokenizer", model.cfg, model, ema=None)
+    meta = {"grid": [8, 8], "tokenizer": str(root / "tok_a.pt"), "tokenizer_sha256": file_digest(root / "tok_a.pt")}
+    for name, classes in (("gen", 2), ("gen_uncond", 0)):
+        torch.manual_seed(2)
+        net = Hourglass(dataclasses.replace(HG["tiny"], num_classes=classes))
+        save_checkpoint(root / f"{name}.pt", "generator", net.cfg, net, ema=None, meta=meta)
+    return root
+
+
+@pytest.fixture()
+def picture(tmp_path):
+    """A 30x17 (H x W) RGB picture: sides that are not multiples of f=4 (token grid 8x5, odd width)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 17, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "picture.png")
+    return tmp_path / "picture.png", pixels
+
+
+def test_reconstruct_one_image_keeps_its_size(models, picture, tmp_path, capsys):
+    path, _ = picture
+    run("reconstruct", "--tokenizer", models / "tok_a.pt", "--data", path, "--out", tmp_path / "r.png",
+        "--device", "cpu")
+    # Input above reconstruction, 2-pixel pads: (2 + 30 + 2 + 30 + 2) x (2 + 17 + 2).
+    assert Image.open(tmp_path / "r.png").size == (21, 66)
+    assert "PSNR" in capsys.readouterr().out
+
+
+def _inpaint(models, image, mask, out, *extra):
+    run("inpaint", "--generator", models / "gen.pt", "--image", image, "--mask", mask, "--out", out, "--num", 2,
+        "--class", 1, "--steps", 3, "--device", "cpu", *extra)
+    return [np.asarray(Image.open(out / f"completion_{i:02d}.png")) for i in range(2)]
+
+
+@pytest.mark.parametrize("dilate", [0, 1])
+def test_inpaint_any_size_regenerates_exactly_the_touched_cells(models, picture, tmp_path, dilate, capsys):
+    path, pixels = picture
+    mask = np.zeros((30, 17), dtype=np.uint8)
+    mask[29, 16] = 255  # the bottom-right pixel: cell (7, 4) of the 8x5 grid, which is cut to 2 x 1 pixels
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    completions = _inpaint(models, path, tmp_path / "mask.png", tmp_path / "out", "--dilate", dilate)
+    regen = np.zeros((30, 17), dtype=bool)
+    regen[28 - 4 * dilate:, 16 - 4 * dilate:] = True  # the cell, grown by one cell up and left with --dilate 1
+    for c in completions:
+        assert c.shape == (30, 17, 3)
+        assert np.array_equal(c[~regen], pixels[~regen])
+    # The trained grid is 8x8, this image gives 8x5: a warning, not an error.
+    assert "trained on 8x8" in capsys.readouterr().err
+
+
+def test_rgba_mask_transparent_means_regenerate(tmp_path):
+    rgba = np.zeros((8, 12, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[2, 5, 3] = 0  # one transparent pixel; the colour is black everywhere
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "m.png")
+    assert load_mask(tmp_path / "m.png", (8, 12)).nonzero().tolist() == [[0, 2, 5]]
+    gray = np.zeros((8, 12), dtype=np.uint8)
+    gray[2, 5] = 255  # white = regenerate: the same mask
+    Image.fromarray(gray).save(tmp_path / "w.png")
+    assert torch.equal(load_mask(tmp_path / "w.png", (8, 12)), load_mask(tmp_path / "m.png", (8, 12)))
+
+
+def test_mask_and_image_errors(models, picture, tmp_path, capsys):
+    path, _ = picture
+    Image.fromarray(np.zeros((17, 30), dtype=np.uint8)).save(tmp_path / "rotated.png")
+    gen = models / "gen.pt"
+    common = ("--generator", gen, "--out", tmp_path / "o", "--class", 0, "--device", "cpu")
+    err = fails(capsys, "inpaint", *common, "--image", path, "--mask", tmp_path / "rotated.png")
+    assert "rotated.png is 17x30 (HxW), the image is 30x17: they must be the same size" in err
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert f"cannot read image {tmp_path / 'empty.png'}: empty file" in fails(
+        capsys, "inpaint", *common, "--image", tmp_path / "empty.png", "--mask", path)
+    err = fails(capsys, "inpaint", *common, "--image", path, "--mask", tmp_path / "empty.png")
+    assert "mask: cannot read image" in err
+    err = fails(capsys, "inpaint", *common, "--image", path, "--mask", path, "--dilate", -1)
+    assert "--dilate must be >= 0" in err
+
+
+def test_checkpoint_errors(models, picture, tmp_path, capsys, image_folder):
+    path, _ = picture
+    tok, gen = models / "tok_a.pt", models / "gen.pt"
+    out = ("--out", tmp_path / "o", "--device", "cpu")
+    err = fails(capsys, "sample", "--generator", tok, *out)
+    assert f"{tok} holds a tokenizer, but a generator was expected" in err
+    assert f"{gen} holds a generator, but a tokenizer was expected" in fails(
+        capsys, "reconstruct", "--tokenizer", gen, "--data", path, *out)
+    assert f"{gen} holds a generator, but a tokenizer was expected" in fails(
+        capsys, "sample", "--generator", gen, "--tokenizer", gen, *out)
+    raw = gen.read_bytes()
+    (tmp_path / "half.pt").write_bytes(raw[: len(raw) // 2])
+    assert "half.pt is not a readable checkpoint (truncated or corrupt?)" in fails(
+        capsys, "sample", "--generator", tmp_path / "half.pt", *out)
+    ckpt = torch.load(gen, weights_only=True)
+    ckpt["config"]["dim"] = 48  # the weights are 32 wide
+    torch.save(ckpt, tmp_path / "mismatch.pt")
+    assert "mismatch.pt: the weights do not match the config" in fails(
+        capsys, "sample", "--generator", tmp_path / "mismatch.pt", *out)
+    ckpt["config"]["dim"] = "wide"
+    torch.save(ckpt, tmp_path / "badtype.pt")
+    err = fails(capsys, "sample", "--generator", tmp_path / "badtype.pt", *out)
+    assert "badtype.pt: invalid HourglassConfig" in err
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    err = fails(capsys, "sample", "--generator", tmp_path / "foreign.pt", *out)
+    assert "foreign.pt is not a sundae checkpoint" in err
+    # A token folder made by tokenizer A, decoded (training sample grids) with tokenizer B.
+    run("tokenize", "--tokenizer", tok, "--data", image_folder, "--out", tmp_path / "tokens", "--device", "cpu")
+    capsys.readouterr()
+    err = fails(capsys, "train", "--tokens", tmp_path / "tokens", "--tokenizer", models / "tok_b.pt",
+                "--preset", "tiny", "--out", tmp_path / "run", "--device", "cpu")
+    assert f"the tokens in {tmp_path / 'tokens'} were made by {tok}, not by {models / 'tok_b.pt'}" in err
+    # And a generator sampled with a tokenizer other than its own.
+    err = fails(capsys, "sample", "--generator", gen, "--tokenizer", models / "tok_b.pt", *out)
+    assert "is not the tokenizer" in err
+
+
+def test_argument_errors(models, tmp_path, capsys):
+    gen, uncond = models / "gen.pt", models / "gen_uncond.pt"
+    out = ("--out", tmp_path / "o", "--device", "cpu")
+    assert "steps must be >= 1, got 0" in fails(capsys, "sample", "--generator", gen, *out, "--steps", 0)
+    assert "steps must be >= 1, got -3" in fails(capsys, "sample", "--generator", gen, *out, "--steps", -3)
+    for value, shown in (("0", "(0.0, 0.0)"), ("1,-0.5", "(1.0, -0.5)"), ("inf", "(inf, inf)")):
+        err = fails(capsys, "sample", "--generator", gen, *out, "--temperature", value)
+        assert f"temperature must be finite and > 0, got {shown}" in err
+    assert "--min-steps must be >= 0, got -1" in fails(capsys, "sample", "--generator", gen, *out, "--min-steps=-1")
+    for value in ("0", "1.5", "0.5,0"):
+        assert "update proportion must lie in (0, 1]" in fails(capsys, "sample", "--generator", gen, *out,
+                                                               "--update-proportion", value)
+    assert "--class 2 is outside the trained classes 0..1" in fails(capsys, "sample", "--generator", gen, *out,
+                                                                    "--class", 2)
+    assert "--class -1 is outside the trained classes 0..1" in fails(capsys, "sample", "--generator", gen, *out,
+                                                                     "--class=-1")
+    assert "--class given, but the generator is unconditional" in fails(capsys, "sample", "--generator", uncond,
+                                                                        *out, "--class", 0)
+    err = fails(capsys, "train-vqgan", "--data", tmp_path, "--out", tmp_path / "r", "--preset", "tiny",
+                "--set", "learning_rate=1")
+    assert "--set learning_rate: unknown key; valid keys:" in err and "lr" in err
+    assert "--set expects key=value" in fails(capsys, "train-vqgan", "--data", tmp_path, "--out", tmp_path / "r",
+                                              "--preset", "tiny", "--set", "steps")
+
+
+def test_debug_shows_the_traceback(models, tmp_path):
+    tok = models / "tok_a.pt"
+    with pytest.raises(ValueError, match="but a generator was expected"):
+        run("--debug", "sample", "--generator", tok, "--out", tmp_path, "--device", "cpu")
+    with pytest.raises(ValueError, match="but a generator was expected"):
+        run("sample", "--generator", tok, "--out", tmp_path, "--device", "cpu", "--debug")
+
+
+def test_unexpected_errors_are_one_line_too(models, tmp_path, capsys, monkeypatch):
+    import sundae.cli as cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside torch\nwith a second line")
+
+    monkeypatch.setattr(cli, "load_generator", broken)
+    err = fails(capsys, "sample", "--generator", models / "gen.pt", "--out", tmp_path, "--device", "cpu")
+    assert err == "sundae sample: error: something inside torch (RuntimeError; run with --debug for the traceback)"
+
+
+def test_fresh_user_mistakes(models, picture, tmp_path, capsys):
+    """What a new user tried: a file where a folder belongs, a file as --out."""
+    path, _ = picture
+    tok = models / "tok_a.pt"
+    err = fails(capsys, "tokenize", "--tokenizer", tok, "--data", path, "--out", tmp_path / "t", "--device", "cpu")
+    assert f"{path} is a file: expected a folder of images" in err
+    err = fails(capsys, "tokenize", "--tokenizer", tok, "--data", tmp_path, "--out", path, "--device", "cpu")
+    assert f"--out {path} is a file: expected a folder" in err
+    err = fails(capsys, "inpaint", "--generator", models / "gen.pt", "--image", tmp_path / "nothere.png", "--mask",
+                path, "--out", tmp_path / "o", "--class", 0, "--device", "cpu")
+    assert f"image {tmp_path / 'nothere.png'} does not exist" in err
+
+
+def test_images_of_a_size_off_the_token_grid_come_back_at_that_size(models, image_folder, tmp_path):
+    # 30x30 crops at f=4: 8x8 tokens (padded); the generator's samples are cropped back to 30x30.
+    run("tokenize", "--tokenizer", models / "tok_a.pt", "--data", image_folder, "--image-size", 30,
+        "--out", tmp_path / "tokens", "--device", "cpu")
+    meta = json.loads((tmp_path / "tokens" / "meta.json").read_text())
+    assert meta["grid"] == [8, 8] and meta["image_size"] == [30, 30]
+    run("train", "--tokens", tmp_path / "tokens", "--out", tmp_path / "gen", "--preset", "tiny", "--set", "steps=1",
+        "--set", "batch_size=4", "--set", "sample_every=100", "--device", "cpu")
+    run("sample", "--generator", tmp_path / "gen" / "generator.pt", "--out", tmp_path / "s", "--num", 2,
+        "--steps", 2, "--device", "cpu")
+    assert Image.open(tmp_path / "s" / "samples" / "00000.png").size == (30, 30)
+
+
+def test_empty_and_full_masks_warn(models, picture, tmp_path, capsys):
+    path, pixels = picture
+    for value, expected in ((0, "marks no pixel to regenerate"), (255, "marks every pixel")):
+        Image.fromarray(np.full((30, 17), value, dtype=np.uint8)).save(tmp_path / "m.png")
+        completions = _inpaint(models, path, tmp_path / "m.png", tmp_path / "out")
+        assert expected in capsys.readouterr().err
+        if value == 0:  # nothing regenerated: the input comes back exactly
+            assert all(np.array_equal(c, pixels) for c in completions)
+    assert not np.array_equal(completions[0], pixels)  # the full mask regenerated the image
+
+
+def test_broken_token_folders_and_run_folders(models, image_folder, tmp_path, capsys):
+    run("tokenize", "--tokenizer", models / "tok_a.pt", "--data", image_folder, "--out", tmp_path / "tokens",
+        "--device", "cpu")
+    capsys.readouterr()
+    train = ("train", "--tokens", tmp_path / "tokens", "--out", tmp_path / "gen", "--preset", "tiny", "--device", "cpu")
+    raw = (tmp_path / "tokens" / "tokens.npy").read_bytes()
+    (tmp_path / "tokens" / "tokens.npy").write_bytes(raw[:100])
+    assert f"cannot read the token files in {tmp_path / 'tokens'} (truncated?" in fails(capsys, *train)
+    (tmp_path / "tokens" / "meta.json").write_text('{"grid": [8, 8], "n_codes": "many"}')
+    assert "'n_codes' a positive integer" in fails(capsys, *train)
+    # A run folder where a checkpoint file belongs.
+    gen_dir = tmp_path / "run"
+    gen_dir.mkdir()
+    (gen_dir / "generator.pt").write_bytes((models / "gen.pt").read_bytes())
+    err = fails(capsys, "sample", "--generator", gen_dir, "--out", tmp_path / "s", "--device", "cpu")
+    expected = f"{gen_dir} is a folder, expected a generator checkpoint file: did you mean {gen_dir / 'generator.pt'}?"
+    assert expected in err
+
+
+def test_incomplete_checkpoint(models, tmp_path, capsys):
+    ckpt = torch.load(models / "gen.pt", weights_only=True)
+    del ckpt["model"]
+    torch.save(ckpt, tmp_path / "nomodel.pt")
+    err = fails(capsys, "sample", "--generator", tmp_path / "nomodel.pt", "--out", tmp_path / "s", "--device", "cpu")
+    assert "nomodel.pt lacks a 'config' or 'model' entry" in err

@@ -1,0 +1,190 @@
+"""Real-world image files: every mode, 16-bit data, EXIF orientation, alpha, and the files that must be skipped."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sundae.checkpoint import save_checkpoint
+from sundae.cli import main
+from sundae.data import ImageError, ImageFolder, read_image
+from sundae.vqgan import PRESETS as VQ
+from sundae.vqgan import VQGAN
+
+
+def write_png16(path, values: np.ndarray) -> None:
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit RGB): `h w` gray or `h w 3` RGB uint16."""
+    arr = np.asarray(values, dtype=">u2")
+    h, w = arr.shape[:2]
+    colour_type = 0 if arr.ndim == 2 else 2
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\x00" + arr[r].tobytes() for r in range(h))  # filter type 0 on every row
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+SIXTEEN = np.array([[0, 2570, 30000, 65535]], dtype=np.uint16)
+# 8-bit values by 255/65535 scaling, rounded: 2570 = 10 * 257; 30000 * 255 / 65535 = 116.73.
+SIXTEEN_AS_8 = [0, 10, 117, 255]
+
+
+def test_16_bit_grayscale_png_keeps_its_values(tmp_path):
+    write_png16(tmp_path / "g16.png", SIXTEEN)
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")  # really 16-bit on disk
+    assert np.asarray(read_image(tmp_path / "g16.png", 1)).tolist() == [SIXTEEN_AS_8]
+    assert np.asarray(read_image(tmp_path / "g16.png", 3))[0, :, 1].tolist() == SIXTEEN_AS_8
+
+
+def test_16_bit_rgb_png_keeps_its_values(tmp_path):
+    rgb = np.stack([SIXTEEN, 65535 - SIXTEEN, np.full_like(SIXTEEN, 2570)], -1)
+    write_png16(tmp_path / "c16.png", rgb)
+    out = np.asarray(read_image(tmp_path / "c16.png", 3))
+    assert out[0, :, 0].tolist() == SIXTEEN_AS_8
+    assert out[0, :, 1].tolist() == [255 - v for v in SIXTEEN_AS_8]
+    assert out[0, :, 2].tolist() == [10] * 4
+
+
+def _save(img: Image.Image, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+def test_every_mode_by_the_documented_rules(tmp_path):
+    # L -> RGB replicates; RGB -> L is ITU-R 601 luma: red 255 -> 0.299 * 255 = 76.
+    assert np.asarray(read_image(_save(Image.new("L", (2, 2), 100), tmp_path / "l.png"), 3))[0, 0].tolist() == [100] * 3
+    assert np.asarray(read_image(_save(Image.new("RGB", (2, 2), (255, 0, 0)), tmp_path / "r.png"), 1))[0, 0] == 76
+    # Alpha composited onto white: transparent -> 255, opaque keeps its value, alpha 51 mixes 20 % of it.
+    la = Image.new("LA", (3, 1))
+    la.putdata([(0, 0), (0, 255), (0, 51)])
+    assert np.asarray(read_image(_save(la, tmp_path / "la.png"), 1))[0].tolist() == [255, 0, 204]
+    rgba = Image.new("RGBA", (2, 1))
+    rgba.putdata([(10, 20, 30, 0), (10, 20, 30, 255)])
+    assert np.asarray(read_image(_save(rgba, tmp_path / "rgba.png"), 3))[0].tolist() == [[255] * 3, [10, 20, 30]]
+    # Palette images, with and without a transparent entry.
+    p = Image.new("P", (2, 1))
+    p.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    p.putdata([0, 1])
+    assert np.asarray(read_image(_save(p, tmp_path / "p.png"), 3))[0].tolist() == [[10, 20, 30], [200, 100, 50]]
+    assert np.asarray(read_image(_save(p, tmp_path / "pt.png", transparency=0), 3))[0].tolist() == \
+        [[255, 255, 255], [200, 100, 50]]
+    # CMYK (TIFF, lossless): no ink is white, full black ink is black.
+    cmyk = Image.new("CMYK", (2, 1))
+    cmyk.putdata([(0, 0, 0, 0), (0, 0, 0, 255)])
+    assert np.asarray(read_image(_save(cmyk, tmp_path / "cmyk.tif"), 3))[0].tolist() == [[255] * 3, [0] * 3]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("L", (3, 2), 0)  # stored 3 wide, 2 high
+    img.putpixel((0, 0), 255)  # top-left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    img.save(tmp_path / "phone.png", exif=exif)
+    out = np.asarray(read_image(tmp_path / "phone.png", 1))
+    assert out.shape == (3, 2)  # displayed 2 wide, 3 high
+    assert out[0, 1] == 255 and out.sum() == 255  # a clockwise turn takes the top-left corner to the top-right
+
+
+def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
+    Image.new("L", (12, 12)).save(tmp_path / "warn.png")  # 144 pixels: over the limit, under twice it
+    Image.new("L", (16, 16)).save(tmp_path / "error.png")  # 256 pixels: over twice the limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    for name in ("warn.png", "error.png"):
+        with pytest.raises(ImageError, match=f"{name} refused as a possible decompression bomb.*MAX_IMAGE_PIXELS=100"):
+            read_image(tmp_path / name, 3)
+
+
+@pytest.fixture(scope="module")
+def messy_folder(tmp_path_factory):
+    """One file of each kind a scraped folder holds; returns (folder, good names, bad names in sorted order)."""
+    root = tmp_path_factory.mktemp("messy")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (40, 36, 3)).astype(np.uint8)
+    rgb = Image.fromarray(pixels)
+    good = {
+        "a_rgb.png": rgb, "b_l.png": rgb.convert("L"), "c_la.png": rgb.convert("LA"),
+        "d_p.png": rgb.convert("P"), "e_rgba.png": rgb.convert("RGBA"), "f_cmyk.tif": rgb.convert("CMYK"),
+        "g_rgb.jpg": rgb,
+    }
+    for name, img in good.items():
+        img.save(root / name)
+    Image.fromarray(pixels[:, :, 0]).convert("P").save(root / "h_pt.png", transparency=3)
+    write_png16(root / "i_gray16.png", np.asarray(good["b_l.png"]).astype(np.uint16) * 257)
+    write_png16(root / "j_rgb16.png", pixels.astype(np.uint16) * 257)
+    good_names = sorted(list(good) + ["h_pt.png", "i_gray16.png", "j_rgb16.png"])
+    full = (root / "a_rgb.png").read_bytes()
+    (root / "k_truncated.png").write_bytes(full[: len(full) // 2])
+    (root / "l_empty.png").write_bytes(b"")
+    (root / "m_notes.txt").write_text("not an image\n")
+    (root / "n_corrupt.png").write_bytes(full[:40] + bytes(rng.integers(0, 256, 300).astype(np.uint8)))
+    Image.fromarray(pixels[:20, :20]).save(root / "o_small.png")  # under the 32-pixel crop
+    (root / ".hidden.png").write_bytes(b"")  # hidden files are not looked at
+    bad = ["k_truncated.png", "l_empty.png", "m_notes.txt", "n_corrupt.png", "o_small.png"]
+    return root, good_names, bad
+
+
+def test_image_folder_skips_bad_files_with_a_warning_each_and_a_count(messy_folder, caplog):
+    root, good, bad = messy_folder
+    ds = ImageFolder(root, 32, 3)
+    assert [p.name for p, _ in ds.files] == good
+    assert [p.name for p, _ in ds.skipped] == bad
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == len(bad) + 1
+    for name, line in zip(bad, warnings):
+        assert name in line
+    assert "smaller than the 32-pixel crop" in warnings[4] and "empty file" in warnings[1]
+    assert warnings[-1].startswith(f"skipped {len(bad)} of {len(good) + len(bad)} files under {root}")
+    for i in range(len(ds)):
+        x, label = ds[i]
+        assert x.shape == (3, 32, 32) and label == 0 and -1 <= x.min() and x.max() <= 1
+    # The 16-bit copies hold the same 8-bit pixels as the RGB file, so they crop to the same tensor.
+    names = [p.name for p, _ in ds.files]
+    assert torch.equal(ds[names.index("j_rgb16.png")][0], ds[names.index("a_rgb.png")][0])
+    assert torch.equal(ImageFolder(root, 32, 1)[names.index("i_gray16.png")][0],
+                       ImageFolder(root, 32, 1)[names.index("b_l.png")][0])  # and it is not all white
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.pt"
+    torch.manual_seed(0)
+    model = VQGAN(VQ["tiny"])
+    save_checkpoint(path, "tokenizer", model.cfg, model, ema=None)
+    return path
+
+
+def test_tokenize_a_messy_folder(messy_folder, tiny_tokenizer, tmp_path, capsys):
+    root, good, bad = messy_folder
+    main(["tokenize", "--tokenizer", str(tiny_tokenizer), "--data", str(root), "--out", str(tmp_path / "t"),
+          "--device", "cpu"])
+    assert np.load(tmp_path / "t" / "tokens.npy").shape == (len(good), 8, 8)
+    err = capsys.readouterr().err.splitlines()
+    warnings = [line for line in err if line.startswith("sundae tokenize: warning: ")]
+    assert len(warnings) == len(bad) + 1 and all(name in line for name, line in zip(bad, warnings))
+    assert "Traceback" not in "\n".join(err)
+    # --strict: the first bad file (sorted order) is an error naming it, nothing is written.
+    with pytest.raises(SystemExit) as exit_:
+        main(["tokenize", "--tokenizer", str(tiny_tokenizer), "--data", str(root), "--out", str(tmp_path / "s"),
+              "--device", "cpu", "--strict"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(root / bad[0]) in err and "--strict" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_unusable_inputs_are_named(tmp_path):
+    Image.new("F", (4, 4), 0.5).save(tmp_path / "float.tif")
+    with pytest.raises(ImageError, match="float.tif is a floating-point image"):
+        read_image(tmp_path / "float.tif", 3)
+    with pytest.raises(ValueError, match="channels must be 1 or 3, got 4"):
+        read_image(tmp_path / "float.tif", 4)
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "a.png").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no usable images found under .*only \(1 files, 1 skipped\)"):
+        ImageFolder(tmp_path / "only", 32, 3)
