@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any, Iterator
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no phoning home
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no phoning home
 
 import gradio as gr
 import numpy as np
