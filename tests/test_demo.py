@@ -205,7 +205,7 @@ def test_generate_shows_the_requested_grid_and_the_steps_taken(page):
 
 def test_inpaint_completions_keep_the_unpainted_pixels(page, tmp_path):
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 200, (32, 32, 3), dtype=np.uint8)  # no white pixel: white marks regenerated cells
+    pixels = rng.integers(0, 200, (32, 32, 3), dtype=np.uint8)  # never demo.REGENERATED (255, 0, 255)
     Image.fromarray(pixels).save(tmp_path / "input.png")
     page.get_by_role("tab", name="Inpaint").click()
     page.wait_for_selector("#editor canvas")  # the editor is ready for an upload
@@ -226,7 +226,7 @@ def test_inpaint_completions_keep_the_unpainted_pixels(page, tmp_path):
     (cells,) = _fetch(page, "#cells img")
     completions = _fetch(page, "#completions img")
     assert cells.shape == (32, 32, 3) and len(completions) == 2
-    regenerated = (cells == 255).all(-1).reshape(8, 4, 8, 4).all(axis=(1, 3))  # whole white 4x4 cells
+    regenerated = (cells == demo.REGENERATED).all(-1).reshape(8, 4, 8, 4).all(axis=(1, 3))  # whole 4x4 cells
     assert regenerated[3:5, 3:5].any() and not regenerated[[0, 0, 7, 7], [0, 7, 0, 7]].any(), regenerated
     keep = ~np.repeat(np.repeat(regenerated, 4, 0), 4, 1)
     for out in completions:

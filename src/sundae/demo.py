@@ -38,8 +38,10 @@ from sundae.sundae import check_schedule, sample
 from sundae.vqgan import VQGAN
 
 ALL_CLASSES = -1  # the Generate tab's "cycle through all classes" choice
-# Small token grids are a few dozen pixels: scale them up without blurring.
-CSS = "#grid img, #completions img, #cells img { image-rendering: pixelated; }"
+REGENERATED = (255, 0, 255)  # the brush's colour: the Inpaint tab shows the regenerated token cells in it
+# Small images are a few dozen pixels: scale them up to the panel, without blurring.
+CSS = ("#grid img, #cells img { width: 100%; height: 100%; object-fit: contain; }\n"
+       "#grid img, #cells img, #completions img { image-rendering: pixelated; }")
 
 
 class _Stopped(Exception):
@@ -273,11 +275,12 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise _fail(f"cannot inpaint this {image.shape[2]}x{image.shape[1]} image: {message}") from None
         cells = keep[0].repeat_interleave(f, 0).repeat_interleave(f, 1)[: image.shape[1], : image.shape[2]]
-        shown = torch.where(cells.cpu(), image, torch.ones_like(image))  # regenerated cells in white
+        shown = np.array(D.tensor_to_image(image).convert("RGB"))
+        shown[~cells.cpu().numpy()] = REGENERATED
         regenerated = int((~keep[0]).sum())
         status = (f"{num} completions in {time.time() - start:.1f} s; {regenerated} of {keep[0].numel()} token "
                   f"cells ({f}x{f} pixels each) regenerated, every other pixel copied from the input")
-        return D.tensor_to_image(shown), [D.tensor_to_image(x) for x in images.cpu()], status
+        return Image.fromarray(shown), [D.tensor_to_image(x) for x in images.cpu()], status
 
     with gr.Blocks(analytics_enabled=False, title="SUNDAE demo") as app:
         gr.Markdown(f"## SUNDAE: step-unrolled denoising over VQ-GAN tokens\n"
@@ -303,7 +306,7 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
                         "of its pixels is painted; every other pixel stays as uploaded.")
             editor = gr.ImageEditor(type="pil", sources=["upload", "clipboard"], transforms=(), layers=False,
                                     label="Image: paint the region to regenerate", elem_id="editor",
-                                    brush=gr.Brush(default_size=max(2, f), colors=[("#ff00ff", 0.6)], color_mode="fixed"),
+                                    brush=gr.Brush(default_size=max(2, f), colors=[("#%02x%02x%02x" % REGENERATED, 0.6)], color_mode="fixed"),
                                     eraser=gr.Eraser(default_size=max(2, f)))
             with gr.Row():
                 icond = _condition_controls(net, meta, cycle=False, prefix="inp")
@@ -313,10 +316,10 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
             irun = gr.Button("Inpaint", variant="primary", elem_id="inp-run")
             istatus = gr.Markdown(elem_id="inp-status")
             with gr.Row():
-                cells = gr.Image(label="Regenerated cells (white)", format="png", type="pil", interactive=False,
-                                 elem_id="cells", scale=1, height=300)
+                cells = gr.Image(label="Regenerated token cells", format="png", type="pil", interactive=False,
+                                 elem_id="cells", scale=1, height=240)
                 gallery = gr.Gallery(label="Completions", format="png", type="pil", columns=4, elem_id="completions",
-                                     scale=3, interactive=False, height=300)
+                                     scale=3, interactive=False, height=240)
             irun.click(inpaint, [editor, *icond, inum, *ischedule], [cells, gallery, istatus])
     return app
 
