@@ -15,6 +15,7 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio")
 
+from sundae import data as D  # noqa: E402
 from sundae import demo  # noqa: E402  (after the skip: gradio is the optional `demo` extra)
 from sundae.checkpoint import save_checkpoint  # noqa: E402
 from sundae.cli import main  # noqa: E402
@@ -116,6 +117,47 @@ def test_editor_value_to_image_and_mask():
         demo._editor_image_and_mask({"background": background, "layers": [layer]}, 3, 95)
     with pytest.raises(gr.Error, match="Paint the region"):
         demo._editor_image_and_mask({"background": background, "layers": [Image.new("RGBA", (12, 8))]}, 3, 96)
+
+
+# ---- the buttons' actions, in process ---------------------------------------------------------------
+
+def test_generate_action_yields_previews_then_the_samplers_grid(nets):
+    net, tokenizer = nets
+    actions = demo.Actions(net, tokenizer, {"grid": [8, 8]}, max_samples=8)
+    # class "all", 5 samples, redraw every 4 steps, T = 12, min steps 10, seed 3, tau 0.8, p 0.5
+    seen = list(actions.generate(demo.ALL_CLASSES, 5, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
+    assert [text.split(":")[0] for _, text in seen] == ["Step 0 of 12", "Step 4 of 12", "Step 8 of 12", "Done"]
+    labels = torch.arange(5)  # "all" cycles through the classes
+    with torch.inference_mode():
+        z, taken = sample(lambda z, rows: net(z, labels[rows]), (5, 8, 8), V, steps=12, min_steps=10,
+                          generator=torch.Generator().manual_seed(3))
+        expected = D.tensor_to_image(D.make_grid(tokenizer.decode(z), nrow=3))
+    grid, text = seen[-1]
+    assert grid.size == (2 + 3 * 34, 2 + 2 * 34) and np.array_equal(np.asarray(grid), np.asarray(expected))
+    assert text.endswith(": " + ", ".join(str(t) for t in taken.tolist()))
+    with pytest.raises(gr.Error, match="outside the trained classes 0..9"):
+        list(actions.generate(12, 5, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
+    with pytest.raises(gr.Error, match="Number of samples must be 1..8"):
+        list(actions.generate(0, 9, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
+
+
+def test_inpaint_action_regenerates_exactly_the_painted_cells(nets):
+    net, tokenizer = nets
+    actions = demo.Actions(net, tokenizer, {"grid": [8, 8]})
+    pixels = np.random.default_rng(1).integers(0, 200, (32, 32, 3), dtype=np.uint8)
+    background = Image.fromarray(pixels).convert("RGBA")
+    layer = Image.new("RGBA", (32, 32))
+    layer.paste((255, 0, 255, 150), (10, 10, 14, 14))  # pixels 10..13: token cells 2..3 (f = 4)
+    cells, completions, text = actions.inpaint({"background": background, "layers": [layer]}, 0, 3, 6, 2, 0,
+                                               1.0, 1.0, 0.9, 0.9)
+    regenerated = np.zeros((32, 32), dtype=bool)
+    regenerated[8:16, 8:16] = True
+    shown = np.asarray(cells)
+    assert (shown[regenerated] == demo.REGENERATED).all() and (shown[~regenerated] == pixels[~regenerated]).all()
+    assert len(completions) == 3 and "4 of 64 token cells" in text
+    for out in map(np.asarray, completions):
+        assert out.shape == (32, 32, 3) and (out[~regenerated] == pixels[~regenerated]).all()
+    assert (np.asarray(completions[0])[regenerated] != np.asarray(completions[1])[regenerated]).any()
 
 
 # ---- the verb ----------------------------------------------------------------------------------------

@@ -217,25 +217,35 @@ def _editor_image_and_mask(editor: dict[str, Any] | None, channels: int,
     return image, torch.from_numpy(painted).float()[None]
 
 
-def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: torch.device | str = "cpu",
-              max_pixels: int = 2048 * 2048, max_samples: int = 64) -> gr.Blocks:
-    """The demo's Gradio Blocks for a loaded generator `net` and its `tokenizer` (both in eval mode on
-    `device`); `meta` is the generator checkpoint's meta dict (its `grid` [h, w] sets the sample size,
-    its `class_names` label the class box). Launch it with `serve`.
+class Actions:
+    """What the page's buttons do, over a loaded generator `net` and its `tokenizer` (eval mode, on `device`);
+    callable without a browser. `meta` is the generator checkpoint's meta dict: its `grid` [h, w] sets the
+    sample size. `max_pixels` bounds an uploaded image's H * W, `max_samples` the samples per run.
 
-    `max_pixels` bounds the uploaded image's H * W, `max_samples` the samples or completions per run.
+    The arguments after the conditioning values (one class index for a class-conditional generator, none
+    otherwise) are the page's inputs in order; bad values raise gr.Error with a message for the page.
     """
-    device = torch.device(device)
-    h, w = meta.get("grid") or (8, 8)
-    f = tokenizer.cfg.f
-    channels = tokenizer.cfg.in_channels
 
-    def generate(*values):
+    def __init__(self, net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: torch.device | str = "cpu",
+                 max_pixels: int = 2048 * 2048, max_samples: int = 64):
+        self.net, self.tokenizer, self.device = net, tokenizer, torch.device(device)
+        self.grid = tuple(meta.get("grid") or (8, 8))
+        self.max_pixels, self.max_samples = max_pixels, max_samples
+
+    def _count(self, num, what: str) -> int:
+        if num is None or not 1 <= int(num) <= self.max_samples:
+            raise _fail(f"number of {what} must be 1..{self.max_samples}")
+        return int(num)
+
+    def generate(self, *values) -> Iterator[tuple[Image.Image, str]]:
+        """(*conditioning, samples, redraw every, steps, min steps, seed, temperature start, end, update
+        proportion start, end) -> yields (grid image, status text) while sampling, the last with the final
+        grid and the steps each sample took."""
+        net, f = self.net, self.tokenizer.cfg.f
+        (h, w), device = self.grid, self.device
         cond, (num, every, steps, min_steps, seed, t0, t1, p0, p1) = values[:-9], values[-9:]
         schedule = _schedule(steps, (t0, t1), (p0, p1), min_steps)
-        if num is None or not 1 <= int(num) <= max_samples:
-            raise _fail(f"number of samples must be 1..{max_samples}")
-        num = int(num)
+        num = self._count(num, "samples")
         every = max(1, int(every or 1))
         labels = _labels_for(net, list(cond), num, device)
         gen = torch.Generator(device).manual_seed(int(seed or 0))
@@ -245,7 +255,7 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
                                                            net.cfg.vocab_size, every, generator=gen,
                                                            device=device, **schedule):
                 with torch.inference_mode():
-                    grid = _grid(tokenizer.decode(tokens))
+                    grid = _grid(self.tokenizer.decode(tokens))
                 if taken is None:
                     yield grid, f"Step {step} of {schedule['steps']}: {active} of {num} samples still in the batch"
                     continue
@@ -258,19 +268,21 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
         except ValueError as err:
             raise _fail(str(err)) from None
 
-    def inpaint(editor, *values):
+    def inpaint(self, editor: dict[str, Any] | None, *values) -> tuple[Image.Image, list[Image.Image], str]:
+        """(editor value {background, layers}, *conditioning, completions, steps, min steps, seed, temperature
+        start, end, update proportion start, end) -> (the upload with its regenerated token cells in
+        REGENERATED colour, the completions at the upload's size, status text)."""
+        net, f, device = self.net, self.tokenizer.cfg.f, self.device
         cond, (num, steps, min_steps, seed, t0, t1, p0, p1) = values[:-8], values[-8:]
         schedule = _schedule(steps, (t0, t1), (p0, p1), min_steps)
-        if num is None or not 1 <= int(num) <= max_samples:
-            raise _fail(f"number of completions must be 1..{max_samples}")
-        num = int(num)
-        image, mask = _editor_image_and_mask(editor, channels, max_pixels)
+        num = self._count(num, "completions")
+        image, mask = _editor_image_and_mask(editor, self.tokenizer.cfg.in_channels, self.max_pixels)
         labels = _labels_for(net, list(cond), num, device)
         gen = torch.Generator(device).manual_seed(int(seed or 0))
         start = time.time()
         try:
             with torch.inference_mode():
-                images, _, keep, _ = inpaint_images(net, tokenizer, image, mask, num, labels, gen, **schedule)
+                images, _, keep, _ = inpaint_images(net, self.tokenizer, image, mask, num, labels, gen, **schedule)
         except (ValueError, RuntimeError) as err:  # sizes the tokenizer or the generator cannot take
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise _fail(f"cannot inpaint this {image.shape[2]}x{image.shape[1]} image: {message}") from None
@@ -281,6 +293,19 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
         status = (f"{num} completions in {time.time() - start:.1f} s; {regenerated} of {keep[0].numel()} token "
                   f"cells ({f}x{f} pixels each) regenerated, every other pixel copied from the input")
         return Image.fromarray(shown), [D.tensor_to_image(x) for x in images.cpu()], status
+
+
+def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: torch.device | str = "cpu",
+              max_pixels: int = 2048 * 2048, max_samples: int = 64) -> gr.Blocks:
+    """The demo's Gradio Blocks for a loaded generator `net` and its `tokenizer` (both in eval mode on
+    `device`); `meta` is the generator checkpoint's meta dict (its `grid` [h, w] sets the sample size,
+    its `class_names` label the class box). The buttons call `Actions`. Launch it with `serve`.
+
+    `max_pixels` bounds the uploaded image's H * W, `max_samples` the samples or completions per run.
+    """
+    actions = Actions(net, tokenizer, meta, device, max_pixels, max_samples)
+    h, w = actions.grid
+    f = tokenizer.cfg.f
 
     with gr.Blocks(analytics_enabled=False, title="SUNDAE demo") as app:
         gr.Markdown(f"## SUNDAE: step-unrolled denoising over VQ-GAN tokens\n"
@@ -299,7 +324,7 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
             status = gr.Markdown(elem_id="gen-status")
             grid = gr.Image(label="Samples", format="png", type="pil", interactive=False, elem_id="grid", height=480,
                             buttons=["download"])
-            event = run.click(generate, [*cond, num, every, *schedule], [grid, status])
+            event = run.click(actions.generate, [*cond, num, every, *schedule], [grid, status])
             stop.click(None, cancels=[event])
         with gr.Tab("Inpaint", id="inpaint"):
             gr.Markdown("Upload an image and paint the part to regenerate. A token cell is regenerated if any "
@@ -320,7 +345,7 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
                                  elem_id="cells", scale=1, height=240)
                 gallery = gr.Gallery(label="Completions", format="png", type="pil", columns=4, elem_id="completions",
                                      scale=3, interactive=False, height=240)
-            irun.click(inpaint, [editor, *icond, inum, *ischedule], [cells, gallery, istatus])
+            irun.click(actions.inpaint, [editor, *icond, inum, *ischedule], [cells, gallery, istatus])
     return app
 
 
