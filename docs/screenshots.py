@@ -63,8 +63,8 @@ def main() -> None:
 
         page.get_by_role("tab", name="Inpaint").click()
         page.wait_for_selector("#editor canvas")
-        page.locator("#editor input[type=file]").set_input_files(boot)
-        page.locator("#editor").get_by_text("Upload an image").wait_for(state="hidden")
+        page.locator("#upload input[type=file]").set_input_files(boot)
+        page.locator("#editor").get_by_text("select the draw tool").wait_for(state="hidden")
         time.sleep(1.0)
         page.locator("#inp-class input").click()
         page.get_by_role("option", name="9: Ankle boot").click()

@@ -182,7 +182,7 @@ def test_demo_verb_loads_a_quickstart_folder(nets, tmp_path, monkeypatch, capsys
     served = {}
     monkeypatch.setattr(demo, "serve", lambda app, *args: served.update(app=app, args=args))
     main(["demo", "--run", str(tmp_path), "--port", "7999", "--device", "cpu"])
-    assert served["args"] == ("127.0.0.1", 7999, False, 16)  # localhost, no share link, by default
+    assert served["args"] == ("127.0.0.1", 7999, False, 5 * 2048 * 2048)  # localhost, no share link, by default
     assert isinstance(served["app"], gr.Blocks)
     assert "http://127.0.0.1:7999" in capsys.readouterr().out
 
@@ -197,16 +197,18 @@ def page(nets):
     sync_api = pytest.importorskip("playwright.sync_api")
     net, tokenizer = nets
     names = [f"class{i}" for i in range(10)]
-    app = demo.build_app(net, tokenizer, {"grid": [8, 8], "class_names": names}, "cpu", max_samples=16)
+    app = demo.build_app(net, tokenizer, {"grid": [8, 8], "class_names": names}, "cpu", max_pixels=64 * 64,
+                         max_samples=16)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = demo.serve(app, "127.0.0.1", port, block=False)
-    outside = []
+    url = demo.serve(app, "127.0.0.1", port, max_upload_bytes=demo.upload_limit(64 * 64), block=False)
+    outside = []  # requests to other hosts (blob: and data: URLs are the page's own)
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(url.rstrip("/")) else None)
+        page.on("request", lambda r: outside.append(r.url) if r.url.startswith(("http:", "https:", "ws:", "wss:"))
+                and not r.url.startswith(url.rstrip("/")) else None)
         page.goto(url)
         page.wait_for_selector("#gen-run")
         yield page
@@ -245,14 +247,20 @@ def test_generate_shows_the_requested_grid_and_the_steps_taken(page):
     assert len(taken) == 5 and all(10 <= t <= 12 for t in taken), status  # min steps 10, T = 12
 
 
+def _upload(page, path: Path) -> None:
+    page.reload()
+    page.wait_for_selector("#gen-run")
+    page.get_by_role("tab", name="Inpaint").click()
+    page.wait_for_selector("#editor canvas")
+    page.locator("#upload input[type=file]").set_input_files(path)
+
+
 def test_inpaint_completions_keep_the_unpainted_pixels(page, tmp_path):
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 200, (32, 32, 3), dtype=np.uint8)  # never demo.REGENERATED (255, 0, 255)
     Image.fromarray(pixels).save(tmp_path / "input.png")
-    page.get_by_role("tab", name="Inpaint").click()
-    page.wait_for_selector("#editor canvas")  # the editor is ready for an upload
-    page.locator("#editor input[type=file]").set_input_files(tmp_path / "input.png")
-    page.locator("#editor").get_by_text("Upload an image").wait_for(state="hidden", timeout=10_000)
+    _upload(page, tmp_path / "input.png")
+    page.locator("#editor").get_by_text("select the draw tool").wait_for(state="hidden", timeout=10_000)
     time.sleep(1.0)  # the canvas lays out the image
     box = page.locator("#editor canvas").first.bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2  # the image is centred
@@ -276,6 +284,19 @@ def test_inpaint_completions_keep_the_unpainted_pixels(page, tmp_path):
         assert (out[keep] == pixels[keep]).all()  # every unpainted cell exactly as uploaded
         assert (out[:8, :8] == pixels[:8, :8]).all() and (out[-8:, -8:] == pixels[-8:, -8:]).all()
     assert (completions[0][~keep] != completions[1][~keep]).any()  # diverse completions
+
+
+def test_uploads_over_the_limits_are_refused_in_the_page(page, tmp_path):
+    # The fixture's app takes 64x64 = 4096 pixels, and files of 5 bytes per pixel: 20480 bytes.
+    noise = np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "heavy.png")  # noise does not compress: about 30 kB
+    assert (tmp_path / "heavy.png").stat().st_size > 20480
+    _upload(page, tmp_path / "heavy.png")
+    page.get_by_text("exceed the maximum allowed size").wait_for(timeout=10_000)
+    Image.new("RGB", (80, 80), (30, 60, 90)).save(tmp_path / "wide.png")  # a few hundred bytes, 6400 pixels
+    _upload(page, tmp_path / "wide.png")
+    page.get_by_text("The image is 80x80 = 6400 pixels; this demo takes at most 4096 pixels").wait_for(
+        timeout=10_000)
 
 
 def test_inpaint_without_an_image_says_so_in_the_page(page):

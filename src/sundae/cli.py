@@ -407,14 +407,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
         args.generator = str(Path(args.run) / "generator" / "generator.pt")
         args.tokenizer = args.tokenizer or str(Path(args.run) / "tokenizer" / "tokenizer.pt")
     try:
-        from sundae.demo import build_app, serve
+        from sundae.demo import build_app, serve, upload_limit
     except ImportError as err:
         raise UsageError(f"the demo needs gradio ({err}): pip install -e \".[demo]\"") from None
     net, meta, tokenizer = _load_pair(args, args.device)
     app = build_app(net, tokenizer, meta, args.device, max_pixels=args.max_pixels)
-    print(f"serving the SUNDAE demo on http://{args.host}:{args.port}" + (" and a public share link" if args.share
-                                                                          else "") + "; Ctrl-C stops it")
-    serve(app, args.host, args.port, args.share, args.max_upload_mb)
+    print(f"starting the SUNDAE demo on http://{args.host}:{args.port}" + (" and a public share link" if args.share
+                                                                           else "") + "; Ctrl-C stops it")
+    serve(app, args.host, args.port, args.share, upload_limit(args.max_pixels))
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -539,9 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_positive, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
-    p.add_argument("--max-upload-mb", type=_positive, default=16, help="largest upload in MB (default 16)")
     p.add_argument("--max-pixels", type=_positive, default=2048 * 2048,
-                   help="largest image to inpaint, H x W pixels (default 2048x2048)")
+                   help="largest image to inpaint, H x W pixels (default 2048x2048); uploads are limited to 5 bytes "
+                   "per pixel of it")
     _common(p)
     p.set_defaults(func=cmd_demo)
 

@@ -40,8 +40,8 @@ from sundae.vqgan import VQGAN
 ALL_CLASSES = -1  # the Generate tab's "cycle through all classes" choice
 REGENERATED = (255, 0, 255)  # the brush's colour: the Inpaint tab shows the regenerated token cells in it
 # Small images are a few dozen pixels: scale them up to the panel, without blurring.
-CSS = ("#grid img, #cells img { width: 100%; height: 100%; object-fit: contain; }\n"
-       "#grid img, #cells img, #completions img { image-rendering: pixelated; }")
+CSS = ("#grid img, #cells img, #upload img { width: 100%; height: 100%; object-fit: contain; }\n"
+       "#grid img, #cells img, #upload img, #completions img { image-rendering: pixelated; }")
 
 
 class _Stopped(Exception):
@@ -144,6 +144,14 @@ def _schedule(steps, temperature, proportion, min_steps) -> dict[str, Any]:
     return {"steps": steps, "temperature": temperature, "update_proportion": proportion, "min_steps": min_steps}
 
 
+def _generator(seed, device: torch.device) -> torch.Generator:
+    """A torch.Generator seeded from the page's seed box (empty = 0); gr.Error outside 0..2**63-1."""
+    seed = int(seed or 0)
+    if not 0 <= seed < 2 ** 63:
+        raise _fail(f"seed must lie in 0..{2 ** 63 - 1}, got {seed}")
+    return torch.Generator(device).manual_seed(seed)
+
+
 def _class_names(net: Hourglass, meta: dict[str, Any]) -> list[str]:
     names = list(meta.get("class_names") or [])
     k = net.cfg.num_classes
@@ -191,6 +199,20 @@ def _schedule_controls(prefix: str) -> list[gr.components.Component]:
     return [steps, min_steps, seed, t0, t1, p0, p1]
 
 
+def upload_limit(max_pixels: int) -> int:
+    """Bytes the server accepts in one upload: 5 per pixel of the largest image. The editor sends its
+    background back as a PNG, which for `max_pixels` RGBA pixels stays under 4 bytes per pixel plus headers,
+    so an image that passed the pixel check never bounces; bigger files are refused before they are read."""
+    return 5 * max_pixels
+
+
+def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise _fail(f"the image is {width}x{height} = {width * height} pixels; this demo takes at most "
+                    f"{max_pixels} pixels")
+
+
 def _editor_image_and_mask(editor: dict[str, Any] | None, channels: int,
                            max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The editor's value -> (image `c H W` float in [-1, 1], mask `1 H W` float, 1 = painted).
@@ -201,10 +223,8 @@ def _editor_image_and_mask(editor: dict[str, Any] | None, channels: int,
     background = (editor or {}).get("background")
     if background is None:
         raise _fail("upload an image first")
+    _check_pixels(background, max_pixels)
     width, height = background.size
-    if width * height > max_pixels:
-        raise _fail(f"the image is {width}x{height} = {width * height} pixels; this demo takes at most "
-                    f"{max_pixels} pixels")
     white = Image.new("RGBA", background.size, (255, 255, 255, 255))
     rgb = Image.alpha_composite(white, background.convert("RGBA"))
     image = D.image_to_tensor(rgb.convert("L" if channels == 1 else "RGB"))
@@ -248,7 +268,7 @@ class Actions:
         num = self._count(num, "samples")
         every = max(1, int(every or 1))
         labels = _labels_for(net, list(cond), num, device)
-        gen = torch.Generator(device).manual_seed(int(seed or 0))
+        gen = _generator(seed, device)
         start = time.time()
         try:
             for step, active, tokens, taken in sample_live(class_logits_fn(net, labels), (num, h, w),
@@ -268,6 +288,14 @@ class Actions:
         except ValueError as err:
             raise _fail(str(err)) from None
 
+    def load(self, upload: Image.Image | None) -> dict[str, Any] | None:
+        """The upload box's image -> the editor's value: it as the background, nothing painted (None clears).
+        gr.Error for more than `max_pixels` pixels."""
+        if upload is None:
+            return None
+        _check_pixels(upload, self.max_pixels)
+        return {"background": upload.convert("RGBA"), "layers": [], "composite": None}
+
     def inpaint(self, editor: dict[str, Any] | None, *values) -> tuple[Image.Image, list[Image.Image], str]:
         """(editor value {background, layers}, *conditioning, completions, steps, min steps, seed, temperature
         start, end, update proportion start, end) -> (the upload with its regenerated token cells in
@@ -278,7 +306,7 @@ class Actions:
         num = self._count(num, "completions")
         image, mask = _editor_image_and_mask(editor, self.tokenizer.cfg.in_channels, self.max_pixels)
         labels = _labels_for(net, list(cond), num, device)
-        gen = torch.Generator(device).manual_seed(int(seed or 0))
+        gen = _generator(seed, device)
         start = time.time()
         try:
             with torch.inference_mode():
@@ -324,15 +352,22 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
             status = gr.Markdown(elem_id="gen-status")
             grid = gr.Image(label="Samples", format="png", type="pil", interactive=False, elem_id="grid", height=480,
                             buttons=["download"])
-            event = run.click(actions.generate, [*cond, num, every, *schedule], [grid, status])
+            event = run.click(actions.generate, [*cond, num, every, *schedule], [grid, status],
+                              concurrency_id="network")
             stop.click(None, cancels=[event])
         with gr.Tab("Inpaint", id="inpaint"):
-            gr.Markdown("Upload an image and paint the part to regenerate. A token cell is regenerated if any "
+            gr.Markdown("Upload an image, then paint the part to regenerate. A token cell is regenerated if any "
                         "of its pixels is painted; every other pixel stays as uploaded.")
-            editor = gr.ImageEditor(type="pil", sources=["upload", "clipboard"], transforms=(), layers=False,
-                                    label="Image: paint the region to regenerate", elem_id="editor",
-                                    brush=gr.Brush(default_size=max(2, f), colors=[("#%02x%02x%02x" % REGENERATED, 0.6)], color_mode="fixed"),
-                                    eraser=gr.Eraser(default_size=max(2, f)))
+            with gr.Row():
+                # Uploads go through an image box, which reports files over the size limit in the page
+                # (the editor's own upload does not), then into the editor.
+                upload = gr.Image(type="pil", image_mode=None, sources=["upload", "clipboard"], format="png",
+                                  label="1. Upload an image", elem_id="upload", scale=1, height=300)
+                brush = gr.Brush(default_size=max(2, f), colors=[("#%02x%02x%02x" % REGENERATED, 0.6)],
+                                 color_mode="fixed")
+                editor = gr.ImageEditor(type="pil", sources=(), transforms=(), layers=False, format="png",
+                                        label="2. Paint the region to regenerate", elem_id="editor", scale=2,
+                                        brush=brush, eraser=gr.Eraser(default_size=max(2, f)), height=300)
             with gr.Row():
                 icond = _condition_controls(net, meta, cycle=False, prefix="inp")
                 inum = gr.Slider(1, max_samples, value=min(4, max_samples), step=1, label="Completions",
@@ -345,19 +380,23 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
                                  elem_id="cells", scale=1, height=240)
                 gallery = gr.Gallery(label="Completions", format="png", type="pil", columns=4, elem_id="completions",
                                      scale=3, interactive=False, height=240)
-            irun.click(actions.inpaint, [editor, *icond, inum, *ischedule], [cells, gallery, istatus])
+            upload.upload(actions.load, upload, editor)
+            upload.clear(lambda: None, None, editor)
+            irun.click(actions.inpaint, [editor, *icond, inum, *ischedule], [cells, gallery, istatus],
+                       concurrency_id="network")
     return app
 
 
 def serve(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-          max_upload_mb: int = 16, block: bool = True) -> str:
+          max_upload_bytes: int = upload_limit(2048 * 2048), block: bool = True) -> str:
     """Start `app` on host:port (port None: Gradio picks one from 7860 up) and return its local URL.
 
-    Uploads over `max_upload_mb` megabytes are refused by the server. `share` opens a public Gradio link
-    (off by default: the app stays on this machine). `block=False` returns at once (tests).
+    The server refuses uploads over `max_upload_bytes` (`upload_limit` of the app's `max_pixels`) and the
+    page says so. `share` opens a public Gradio link (off by default: the app stays on this machine).
+    `block=False` returns at once (tests).
     """
-    app.queue(default_concurrency_limit=1)  # one sampler at a time: the network owns the device
-    _, url, _ = app.launch(server_name=host, server_port=port, share=share, max_file_size=f"{max_upload_mb}mb",
+    app.queue(default_concurrency_limit=1)  # one run at a time (both tabs share the "network" slot)
+    _, url, _ = app.launch(server_name=host, server_port=port, share=share, max_file_size=max_upload_bytes,
                            prevent_thread_lock=not block, quiet=not block, css=CSS, footer_links=[],
                            inbrowser=False)
     return url
