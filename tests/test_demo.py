@@ -1,6 +1,7 @@
 """`sundae demo`: the live sampler iterator, the page's input checks, and the app itself driven in headless
 Chromium (Debian's `chromium`; skipped where it is absent) on random-weight tiny networks."""
 
+import dataclasses
 import io
 import socket
 import subprocess
@@ -139,6 +140,16 @@ def test_generate_action_yields_previews_then_the_samplers_grid(nets):
         list(actions.generate(12, 5, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
     with pytest.raises(gr.Error, match="Number of samples must be 1..8"):
         list(actions.generate(0, 9, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
+
+
+def test_unconditional_generator_needs_no_class(nets):
+    net = Hourglass(dataclasses.replace(HOURGLASS_PRESETS["tiny"], num_classes=0)).eval()
+    assert isinstance(demo.build_app(net, nets[1], {"grid": [8, 8]}), gr.Blocks)
+    actions = demo.Actions(net, nets[1], {"grid": [8, 8]})
+    *_, (grid, text) = actions.generate(3, 5, 4, 2, 0, 0.8, 0.8, 0.5, 0.5)  # no class value
+    assert grid.size == (2 + 2 * 34, 2 + 2 * 34) and text.startswith("Done: 3 samples of 32x32 pixels")
+    with pytest.raises(ValueError, match="no token grid"):
+        demo.Actions(net, nets[1], {})
 
 
 def test_inpaint_action_regenerates_exactly_the_painted_cells(nets):

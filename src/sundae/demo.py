@@ -134,7 +134,8 @@ def _schedule(steps, temperature, proportion, min_steps) -> dict[str, Any]:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             raise _fail(f"{name} is empty: enter a number")
     steps, min_steps = int(steps), int(min_steps)
-    temperature, proportion = (float(temperature[0]), float(temperature[1])), (float(proportion[0]), float(proportion[1]))
+    temperature = (float(temperature[0]), float(temperature[1]))
+    proportion = (float(proportion[0]), float(proportion[1]))
     try:
         check_schedule(steps, temperature, proportion)
     except ValueError as err:
@@ -240,7 +241,8 @@ def _editor_image_and_mask(editor: dict[str, Any] | None, channels: int,
 class Actions:
     """What the page's buttons do, over a loaded generator `net` and its `tokenizer` (eval mode, on `device`);
     callable without a browser. `meta` is the generator checkpoint's meta dict: its `grid` [h, w] sets the
-    sample size. `max_pixels` bounds an uploaded image's H * W, `max_samples` the samples per run.
+    sample size (ValueError without one). `max_pixels` bounds an uploaded image's H * W, `max_samples` the
+    samples per run.
 
     The arguments after the conditioning values (one class index for a class-conditional generator, none
     otherwise) are the page's inputs in order; bad values raise gr.Error with a message for the page.
@@ -249,7 +251,9 @@ class Actions:
     def __init__(self, net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: torch.device | str = "cpu",
                  max_pixels: int = 2048 * 2048, max_samples: int = 64):
         self.net, self.tokenizer, self.device = net, tokenizer, torch.device(device)
-        self.grid = tuple(meta.get("grid") or (8, 8))
+        if not meta.get("grid"):
+            raise ValueError("the generator's meta names no token grid [h, w] to sample at")
+        self.grid = tuple(meta["grid"])
         self.max_pixels, self.max_samples = max_pixels, max_samples
 
     def _count(self, num, what: str) -> int:
