@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no phoning home
@@ -254,6 +255,8 @@ class Actions:
         if not meta.get("grid"):
             raise ValueError("the generator's meta names no token grid [h, w] to sample at")
         self.grid = tuple(meta["grid"])
+        # The training images' size, when the tokenizer padded them (sides not multiples of f): decode to it.
+        self.size = tuple(meta["image_size"]) if meta.get("image_size") else None
         self.max_pixels, self.max_samples = max_pixels, max_samples
 
     def _count(self, num, what: str) -> int:
@@ -267,6 +270,7 @@ class Actions:
         grid and the steps each sample took."""
         net, f = self.net, self.tokenizer.cfg.f
         (h, w), device = self.grid, self.device
+        height, width = self.size or (h * f, w * f)
         cond, (num, every, steps, min_steps, seed, t0, t1, p0, p1) = values[:-9], values[-9:]
         schedule = _schedule(steps, (t0, t1), (p0, p1), min_steps)
         num = self._count(num, "samples")
@@ -279,12 +283,12 @@ class Actions:
                                                            net.cfg.vocab_size, every, generator=gen,
                                                            device=device, **schedule):
                 with torch.inference_mode():
-                    grid = _grid(self.tokenizer.decode(tokens))
+                    grid = _grid(self.tokenizer.decode(tokens, size=self.size))
                 if taken is None:
                     yield grid, f"Step {step} of {schedule['steps']}: {active} of {num} samples still in the batch"
                     continue
                 taken = taken.cpu().tolist()
-                yield grid, (f"Done: {num} samples of {w * f}x{h * f} pixels in {time.time() - start:.1f} s; "
+                yield grid, (f"Done: {num} samples of {width}x{height} pixels in {time.time() - start:.1f} s; "
                              f"steps taken per sample (a sample stops once a whole step changes none of its tokens, "
                              f"from step {schedule['min_steps']} on): "
                              f"min {min(taken)}, mean {np.mean(taken):.1f}, max {max(taken)} of "
@@ -292,20 +296,25 @@ class Actions:
         except ValueError as err:
             raise _fail(str(err)) from None
 
-    def load(self, upload: Image.Image | None) -> dict[str, Any] | None:
-        """The upload box's image -> the editor's value: it as the background, nothing painted (None clears).
-        gr.Error for more than `max_pixels` pixels."""
-        if upload is None:
+    def load(self, path: str | None) -> dict[str, Any] | None:
+        """The uploaded file -> the editor's value: the image as the tokenizer will see it (`sundae.data.
+        read_image`: EXIF orientation, transparency onto white, grayscale or RGB) as the background, nothing
+        painted; None clears. gr.Error for an unreadable file or more than `max_pixels` pixels."""
+        if path is None:
             return None
-        _check_pixels(upload, self.max_pixels)
-        return {"background": upload.convert("RGBA"), "layers": [], "composite": None}
+        try:
+            image = D.read_image(path, self.tokenizer.cfg.in_channels)
+        except D.ImageError as err:
+            raise _fail(str(err).replace(str(Path(path).parent) + "/", "")) from None  # no server paths
+        _check_pixels(image, self.max_pixels)
+        return {"background": image.convert("RGBA"), "layers": [], "composite": None}
 
     def inpaint(self, editor: dict[str, Any] | None, *values) -> tuple[Image.Image, list[Image.Image], str]:
-        """(editor value {background, layers}, *conditioning, completions, steps, min steps, seed, temperature
-        start, end, update proportion start, end) -> (the upload with its regenerated token cells in
-        REGENERATED colour, the completions at the upload's size, status text)."""
+        """(editor value {background, layers}, *conditioning, completions, grow by N cells, steps, min steps,
+        seed, temperature start, end, update proportion start, end) -> (the upload with its regenerated
+        token cells in REGENERATED colour, the completions at the upload's size, status text)."""
         net, f, device = self.net, self.tokenizer.cfg.f, self.device
-        cond, (num, steps, min_steps, seed, t0, t1, p0, p1) = values[:-8], values[-8:]
+        cond, (num, dilate, steps, min_steps, seed, t0, t1, p0, p1) = values[:-9], values[-9:]
         schedule = _schedule(steps, (t0, t1), (p0, p1), min_steps)
         num = self._count(num, "completions")
         image, mask = _editor_image_and_mask(editor, self.tokenizer.cfg.in_channels, self.max_pixels)
@@ -314,7 +323,8 @@ class Actions:
         start = time.time()
         try:
             with torch.inference_mode():
-                images, _, keep, _ = inpaint_images(net, self.tokenizer, image, mask, num, labels, gen, **schedule)
+                images, _, keep, _ = inpaint_images(net, self.tokenizer, image, mask, num, labels, gen,
+                                                    dilate=int(dilate or 0), **schedule)
         except (ValueError, RuntimeError) as err:  # sizes the tokenizer or the generator cannot take
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise _fail(f"cannot inpaint this {image.shape[2]}x{image.shape[1]} image: {message}") from None
@@ -365,7 +375,7 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
             with gr.Row():
                 # Uploads go through an image box, which reports files over the size limit in the page
                 # (the editor's own upload does not), then into the editor.
-                upload = gr.Image(type="pil", image_mode=None, sources=["upload", "clipboard"], format="png",
+                upload = gr.Image(type="filepath", sources=["upload", "clipboard"], format="png",
                                   label="1. Upload an image", elem_id="upload", scale=1, height=300)
                 brush = gr.Brush(default_size=max(2, f), colors=[("#%02x%02x%02x" % REGENERATED, 0.6)],
                                  color_mode="fixed")
@@ -376,6 +386,8 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
                 icond = _condition_controls(net, meta, cycle=False, prefix="inp")
                 inum = gr.Slider(1, max_samples, value=min(4, max_samples), step=1, label="Completions",
                                  elem_id="inp-num")
+                dilate = gr.Slider(0, 4, value=0, step=1, label="Grow the painted cells by N cells",
+                                   elem_id="inp-dilate")
             ischedule = _schedule_controls("inp")
             irun = gr.Button("Inpaint", variant="primary", elem_id="inp-run")
             istatus = gr.Markdown(elem_id="inp-status")
@@ -386,7 +398,7 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
                                      scale=3, interactive=False, height=240)
             upload.upload(actions.load, upload, editor)
             upload.clear(lambda: None, None, editor)
-            irun.click(actions.inpaint, [editor, *icond, inum, *ischedule], [cells, gallery, istatus],
+            irun.click(actions.inpaint, [editor, *icond, inum, dilate, *ischedule], [cells, gallery, istatus],
                        concurrency_id="network")
     return app
 
