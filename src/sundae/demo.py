@@ -396,8 +396,7 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
                                  elem_id="cells", scale=1, height=240)
                 gallery = gr.Gallery(label="Completions", format="png", type="pil", columns=4, elem_id="completions",
                                      scale=3, interactive=False, height=240)
-            upload.upload(actions.load, upload, editor)
-            upload.clear(lambda: None, None, editor)
+            upload.change(actions.load, upload, editor)  # an upload, a paste, or clearing the box
             irun.click(actions.inpaint, [editor, *icond, inum, dilate, *ischedule], [cells, gallery, istatus],
                        concurrency_id="network")
     return app
