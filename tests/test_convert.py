@@ -222,6 +222,13 @@ def test_pickled_objects_are_refused(tmp_path, capsys, payload, name):
     assert name in err and not marker.exists() and not (tmp_path / "out").exists()
 
 
+def test_truncated_checkpoint_is_unreadable_not_refused(tmp_path):
+    ckpt, _ = write_taming(tmp_path, taming_vqmodel(SMALL, 64, 8, seed=0), SMALL, 64, 8)
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        read_lightning_checkpoint(ckpt)
+
+
 def test_missing_and_unexpected_keys_are_listed(tmp_path, capsys):
     m = taming_vqmodel(SMALL, 64, 8, seed=0)
     ckpt, cfg = write_taming(tmp_path, m, SMALL, 64, 8)
@@ -283,7 +290,8 @@ def test_converted_tokenizer_through_the_cli(tmp_path, image_folder, capsys):
     run("train", "--tokens", tmp_path / "tokens", "--out", tmp_path / "gen", "--preset", "tiny", "--set", "steps=2",
         "--set", "batch_size=4", "--set", "sample_every=2", "--device", "cpu")
     gen = tmp_path / "gen" / "generator.pt"
-    run("sample", "--generator", gen, "--out", tmp_path / "s", "--num", 2, "--steps", 3, "--class", 0, "--device", "cpu")
+    run("sample", "--generator", gen, "--out", tmp_path / "s", "--num", 2, "--steps", 3, "--class", 0,
+        "--device", "cpu")
     assert len(list((tmp_path / "s" / "samples").iterdir())) == 2
     mask = np.zeros((32, 32), dtype=np.uint8)
     mask[:8, :8] = 255

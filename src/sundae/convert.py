@@ -35,7 +35,7 @@ from sundae.vqgan import VQGAN, VQGANConfig
 
 TAMING_VQMODEL = "taming.models.vqgan.VQModel"
 FIRST_STAGE = "first_stage_model."  # prefix of the tokenizer inside a taming transformer checkpoint
-# Pytorch Lightning 1.x keys the saved callback states by the callback's class, so a `.ckpt` names these
+# PyTorch Lightning 1.x keys the saved callback states by the callback's class, so a `.ckpt` names these
 # classes as pickle globals. They load as the inert stand-ins below: nothing of Lightning is imported or run.
 LIGHTNING_CALLBACKS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
                        "pytorch_lightning.callbacks.early_stopping.EarlyStopping")
@@ -59,12 +59,12 @@ def read_lightning_checkpoint(path: str | Path) -> dict[str, Tensor]:
     with torch.serialization.safe_globals(_STAND_INS):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            names = ", ".join(_refused_globals(path, err))
-            raise ValueError(f"{path}: refused: it holds pickled objects beyond tensors and plain containers "
-                             f"({names}), and loading those could run code; re-save its 'state_dict' alone "
-                             f"with torch.save where you trust the file") from None
         except Exception as err:
+            refused = _refused_globals(path, err) if isinstance(err, pickle.UnpicklingError) else []
+            if refused:
+                raise ValueError(f"{path}: refused: it holds pickled objects beyond tensors and plain containers "
+                                 f"({', '.join(refused)}), and loading those could run code; re-save its "
+                                 f"'state_dict' alone with torch.save where you trust the file") from None
             raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from None
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state:
@@ -77,13 +77,13 @@ def read_lightning_checkpoint(path: str | Path) -> dict[str, Tensor]:
 
 
 def _refused_globals(path: Path, err: Exception) -> list[str]:
-    """Names of the pickle globals that are not allowed, found without unpickling (zip format), or parsed
-    from torch's error message (legacy format)."""
+    """Names of the pickle globals that are not allowed, found without unpickling (zip format) or parsed from
+    torch's error message (legacy format); empty when the error is something else (a truncated file)."""
     try:
         names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:
         names = []
-    return names or re.findall(r"GLOBAL (\S+) was not", str(err)) or [str(err).strip().splitlines()[-1]]
+    return names or re.findall(r"GLOBAL (\S+) was not", str(err))
 
 
 def _listing(names: list[str], limit: int = 20) -> str:
