@@ -252,6 +252,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path, capsys):
     ({"double_z": True}, "double_z must be false"),
     ({"out_ch": 1}, "in_channels 3 != out_ch 1"),
     ({"ch": 64}, "shapes do not match"),
+    ({"ch": 48}, "multiples of taming's 32 GroupNorm groups"),
 ])
 def test_config_mismatches_are_refused(tmp_path, capsys, change, message):
     m = taming_vqmodel(SMALL, 64, 8, seed=0)

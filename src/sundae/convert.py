@@ -97,7 +97,8 @@ def read_taming_config(path: str | Path) -> VQGANConfig:
 
     Raises FileNotFoundError, or ValueError naming the file and the field: a `target` other than
     taming.models.vqgan.VQModel (Gumbel or segmentation variants), `double_z: true`, `in_channels` !=
-    `out_ch`, `resamp_with_conv: false`, an index `remap`, or missing fields.
+    `out_ch`, `resamp_with_conv: false`, an index `remap`, widths that are not multiples of 32, or missing
+    fields.
     """
     path = Path(path)
     if not path.is_file():
@@ -133,6 +134,10 @@ def read_taming_config(path: str | Path) -> VQGANConfig:
     try:
         if dd["in_channels"] != dd["out_ch"]:
             raise ValueError(f"{path}: ddconfig.in_channels {dd['in_channels']} != out_ch {dd['out_ch']}")
+        widths = [int(dd["ch"]) * int(m) for m in dd["ch_mult"]]
+        if any(w % 32 for w in widths):
+            raise ValueError(f"{path}: channel widths {widths} (ch x ch_mult) must be multiples of taming's "
+                             f"32 GroupNorm groups")
         return VQGANConfig(
             in_channels=int(dd["in_channels"]), ch=int(dd["ch"]), ch_mult=tuple(int(m) for m in dd["ch_mult"]),
             num_res_blocks=int(dd["num_res_blocks"]), attn_resolutions=tuple(int(r) for r in dd["attn_resolutions"]),
