@@ -1,8 +1,8 @@
 """taming-transformers VQ-GANs, converted by `sundae convert-taming`, compute what the reference code computes.
 
 The reference is the PyPI package taming-transformers-rom1504, installed with `--no-deps` (its declared
-dependencies pull Lightning and a torchvision pinned to another torch); only its torch + einops modules
-are imported. Its modules get random weights, GroupNorm affine parameters included (they start at 1 and
+dependencies pytorch-lightning, omegaconf and torchvision are not needed, and torchvision pins an exact torch
+version); only its torch + einops modules are imported. Its modules get random weights, GroupNorm affine parameters included (they start at 1 and
 0, where swapped norms would go unnoticed), and are saved the way a taming Lightning `.ckpt` stores them.
 """
 
