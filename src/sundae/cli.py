@@ -1,7 +1,7 @@
 """`sundae <verb>`: the command line. Each verb is a thin wrapper over importable functions.
 
-Verbs: train-vqgan, reconstruct, tokenize, train, sample, inpaint, quickstart. Configs come from named
-presets plus `--set key=value` overrides checked against the dataclass fields. Images are read by
+Verbs: train-vqgan, convert-taming, reconstruct, tokenize, train, sample, inpaint, quickstart. Configs come
+from named presets plus `--set key=value` overrides checked against the dataclass fields. Images are read by
 `sundae.data.read_image`'s policy; errors are one line (`--debug` shows the traceback); the library's
 warnings (skipped files, ...) print as `sundae VERB: warning: ...`.
 """
@@ -417,6 +417,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
     serve(app, args.host, args.port, args.share, upload_limit(args.max_pixels))
 
 
+def cmd_convert_taming(args: argparse.Namespace) -> None:
+    from sundae.convert import convert_taming, read_taming_config
+    path = convert_taming(args.checkpoint, args.config, args.out)
+    cfg = read_taming_config(args.config)
+    print(f"tokenizer written to {path} (f={cfg.f}, {cfg.n_codes} codes, {cfg.resolution}x{cfg.resolution} "
+          f"images -> {cfg.resolution // cfg.f}x{cfg.resolution // cfg.f} tokens)")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from sundae.quickstart import QUICKSTART_PRESETS, quickstart
     cfg = _preset(QUICKSTART_PRESETS, args.preset, "quickstart")
@@ -450,7 +458,8 @@ def _strict(p: argparse.ArgumentParser) -> None:
 
 def _encode_args(p: argparse.ArgumentParser, out_help: str, split: str,
                  data_help: str = "image folder (sub-folders = classes) or idx folder") -> None:
-    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (.pt from `sundae train-vqgan`)")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer checkpoint (.pt from `sundae train-vqgan` or `sundae convert-taming`)")
     p.add_argument("--data", required=True, help=data_help)
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--split", default=split, help="train or test (idx folders only)")
@@ -494,6 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     _strict(p)
     _common(p)
     p.set_defaults(func=cmd_train_vqgan)
+
+    p = sub.add_parser("convert-taming", help="convert a taming-transformers VQ-GAN (.ckpt + .yaml) into a "
+                       "tokenizer checkpoint")
+    p.add_argument("--checkpoint", required=True, help="the taming checkpoint, e.g. checkpoints/last.ckpt (a VQModel, "
+                   "or a transformer whose tokenizer keys start with first_stage_model.)")
+    p.add_argument("--config", required=True, help="its YAML, e.g. configs/model.yaml")
+    p.add_argument("--out", required=True, help="folder for tokenizer.pt")
+    p.set_defaults(func=cmd_convert_taming)
 
     p = sub.add_parser("reconstruct", help="encode and decode images; write a grid and print PSNR")
     _encode_args(p, "PNG grid: inputs on top, reconstructions below", split="test",

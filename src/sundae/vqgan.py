@@ -3,6 +3,12 @@
 Reads top to bottom: building blocks, encoder, quantizer, decoder, the `VQGAN` that ties them, presets.
 Training-only pieces (perceptual loss, discriminator) live in `sundae.losses`.
 
+The layers are those of the taming-transformers VQModel the paper's 256x256 tokenizers come from (GroupNorm
+with eps 1e-6, single-head attention scaled by 1/sqrt(c), right/bottom padding before each strided conv,
+nearest upsampling), so their weights load by renaming alone (`sundae.convert`; `tests/test_convert.py`
+checks the outputs against the reference code). Only the quantizer loss's beta placement differs (see
+`VectorQuantizer`), which matters for training, not for encoding or decoding.
+
 Shapes: images `b c H W` float in [-1, 1]; latents `b d h w`; tokens `b h w` int64 in [0, n_codes).
 The downsampling factor is f = 2 ** (len(ch_mult) - 1), so h = H / f and w = W / f.
 """
@@ -187,8 +193,13 @@ class VectorQuantizer(nn.Module):
         return dist.argmin(1).view(z.shape[0], z.shape[2], z.shape[3])
 
     def embed(self, tokens: Tensor) -> Tensor:
-        """`b h w` int64 tokens -> `b d h w` codebook vectors."""
-        return rearrange(self.codebook(tokens), "b h w d -> b d h w")
+        """`b h w` int64 tokens -> `b d h w` codebook vectors, contiguous.
+
+        Contiguous, not the channels-last view the permutation gives: a channels-last input would carry that
+        memory format through the whole decoder, whose GroupNorm then takes a CPU path with about 4x the
+        fp32 rounding error (measured against float64 in tests/test_convert.py's parity setting).
+        """
+        return rearrange(self.codebook(tokens), "b h w d -> b d h w").contiguous()
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Quantize `z` (`b d h w`).
