@@ -398,6 +398,25 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
           f"on {len(x)} images; grid written to {args.out}")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    if args.run and args.generator:
+        raise UsageError("pass either --run or --generator, not both")
+    if not (args.run or args.generator):
+        raise UsageError("pass --generator CKPT (and --tokenizer CKPT) or --run QUICKSTART_DIR")
+    if args.run:
+        args.generator = str(Path(args.run) / "generator" / "generator.pt")
+        args.tokenizer = args.tokenizer or str(Path(args.run) / "tokenizer" / "tokenizer.pt")
+    try:
+        from sundae.demo import build_app, serve, upload_limit
+    except ImportError as err:
+        raise UsageError(f"the demo needs gradio ({err}): pip install -e \".[demo]\"") from None
+    net, meta, tokenizer = _load_pair(args, args.device)
+    app = build_app(net, tokenizer, meta, args.device, max_pixels=args.max_pixels)
+    print(f"starting the SUNDAE demo on http://{args.host}:{args.port}" + (" and a public share link" if args.share
+                                                                           else "") + "; Ctrl-C stops it")
+    serve(app, args.host, args.port, args.share, upload_limit(args.max_pixels))
+
+
 def cmd_convert_taming(args: argparse.Namespace) -> None:
     from sundae.convert import convert_taming, read_taming_config
     path = convert_taming(args.checkpoint, args.config, args.out)
@@ -529,6 +548,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "(8-neighbourhood: a 3x3 square of cells per step; default 0)")
     p.add_argument("--out", required=True, help="folder: completion_NN.png and figure.png")
     p.set_defaults(func=cmd_inpaint, num=4)
+
+    p = sub.add_parser("demo", help="a local web app: watch sampling step by step, inpaint with a brush")
+    p.add_argument("--generator", help="generator checkpoint (.pt from `sundae train`)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint; default: the one the generator was trained on")
+    p.add_argument("--run", help="a quickstart output folder: RUN/generator/generator.pt, RUN/tokenizer/tokenizer.pt")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_positive, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    p.add_argument("--max-pixels", type=_positive, default=2048 * 2048,
+                   help="largest image to inpaint, H x W pixels (default 2048x2048); uploads are limited to 5 bytes "
+                   "per pixel of it")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on Fashion-MNIST: tokenizer, generator, metrics")
     p.add_argument("--data", default=str(D.FASHION_MNIST_DIR), help="folder with the Fashion-MNIST idx files")

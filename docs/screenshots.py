@@ -1,0 +1,88 @@
+"""Take the README's screenshots of `sundae demo`: one per tab, in headless Chromium (Debian's `chromium`).
+
+    python docs/screenshots.py --run quickstart        # a `sundae quickstart` output folder
+
+Writes docs/demo_generate.png and docs/demo_inpaint.png. The Inpaint tab gets the first Fashion-MNIST test
+image (an ankle boot) with a stroke painted across its top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+from sundae import data as D
+from sundae.checkpoint import load_generator, load_tokenizer
+from sundae.demo import build_app, serve
+
+DOCS = Path(__file__).resolve().parent
+
+
+def _set(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def _save(page, path: Path) -> None:
+    page.screenshot(path=str(path), full_page=True)
+    with Image.open(path) as img:  # a 64-colour palette keeps the PNG small
+        img.convert("RGB").quantize(64).save(path, optimize=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="quickstart output folder")
+    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    args = parser.parse_args()
+    net, meta = load_generator(Path(args.run) / "generator" / "generator.pt")
+    tokenizer = load_tokenizer(Path(args.run) / "tokenizer" / "tokenizer.pt")
+    app = build_app(net, tokenizer, meta, "cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = serve(app, "127.0.0.1", port, block=False)
+    boot = Path(tempfile.mkdtemp()) / "boot.png"
+    D.save_image(D.open_images(D.FASHION_MNIST_DIR, 32, 1, "test")[0][0], boot)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=args.chromium, headless=True)
+        page = browser.new_page(viewport={"width": 1000, "height": 700})
+        page.goto(url)
+        page.wait_for_selector("#gen-run")
+        _set(page, "gen-steps", 40)
+        page.click("#gen-run")
+        page.wait_for_function("document.querySelector('#gen-status').innerText.startsWith('Done')")
+        time.sleep(0.5)
+        _save(page, DOCS / "demo_generate.png")
+
+        page.get_by_role("tab", name="Inpaint").click()
+        page.wait_for_selector("#editor canvas")
+        page.locator("#upload input[type=file]").set_input_files(boot)
+        page.locator("#editor").get_by_text("select the draw tool").wait_for(state="hidden")
+        time.sleep(1.0)
+        page.locator("#inp-class input").click()
+        page.get_by_role("option", name="9: Ankle boot").click()
+        box = page.locator("#editor canvas").first.bounding_box()
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(cx - 30, cy - 60)
+        page.mouse.down()
+        page.mouse.move(cx + 50, cy - 60, steps=10)
+        page.mouse.move(cx + 50, cy - 20, steps=10)
+        page.mouse.up()
+        page.click("#inp-run")
+        page.wait_for_function("document.querySelector('#inp-status').innerText.includes('completions in')")
+        time.sleep(0.5)
+        _save(page, DOCS / "demo_inpaint.png")
+        browser.close()
+    app.close()
+    print(f"wrote {DOCS / 'demo_generate.png'} and {DOCS / 'demo_inpaint.png'}")
+
+
+if __name__ == "__main__":
+    main()

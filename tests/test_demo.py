@@ -1,0 +1,346 @@
+"""`sundae demo`: the live sampler iterator, the page's input checks, and the app itself driven in headless
+Chromium (Debian's `chromium`; skipped where it is absent) on random-weight tiny networks."""
+
+import dataclasses
+import io
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+
+from sundae import data as D  # noqa: E402
+from sundae import demo  # noqa: E402  (after the skip: gradio is the optional `demo` extra)
+from sundae.checkpoint import save_checkpoint  # noqa: E402
+from sundae.cli import main  # noqa: E402
+from sundae.hourglass import PRESETS as HOURGLASS_PRESETS  # noqa: E402
+from sundae.hourglass import Hourglass  # noqa: E402
+from sundae.sundae import sample  # noqa: E402
+from sundae.vqgan import PRESETS as VQGAN_PRESETS  # noqa: E402
+from sundae.vqgan import VQGAN  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+V = 64  # the tiny presets' codebook
+
+
+@pytest.fixture(scope="module")
+def nets():
+    """Random-weight tiny generator (10 classes, 64 codes) and tokenizer (RGB, f=4): 8x8 tokens, 32x32 px."""
+    torch.manual_seed(0)
+    return Hourglass(HOURGLASS_PRESETS["tiny"]).eval(), VQGAN(VQGAN_PRESETS["tiny"]).eval()
+
+
+# ---- the live sampler --------------------------------------------------------------------------------
+
+def test_sample_live_previews_every_n_steps_and_ends_with_the_samplers_result(nets):
+    net = nets[0]
+    logits_fn = lambda z, rows: net(z)  # noqa: E731
+    kwargs = dict(steps=10, min_steps=10, temperature=(1.0, 0.7), update_proportion=(0.5, 0.5))
+    seen = list(demo.sample_live(logits_fn, (3, 8, 8), V, 4, generator=torch.Generator().manual_seed(7), **kwargs))
+    # Calls 0..9 see the tokens after 0..9 steps; previews at 0, 4, 8, then the result after all 10.
+    assert [(step, taken is None) for step, _, _, taken in seen] == [(0, True), (4, True), (8, True), (10, False)]
+    start = torch.randint(0, V, (3, 8, 8), generator=torch.Generator().manual_seed(7))  # the uniform start
+    assert torch.equal(seen[0][2], start)
+    z, steps = sample(logits_fn, (3, 8, 8), V, generator=torch.Generator().manual_seed(7), **kwargs)
+    assert torch.equal(seen[-1][2], z) and seen[-1][3].tolist() == [10, 10, 10]  # min_steps=steps: no stop
+    assert not torch.equal(seen[1][2], seen[2][2])  # the grid moves between previews
+
+
+def test_sample_live_shows_finished_samples_after_they_leave_the_batch():
+    def towards_five(z, rows):  # every position overwhelmingly prefers code 5
+        logits = torch.zeros(*z.shape, V)
+        logits[..., 5] = 100.0
+        return logits
+    seen = list(demo.sample_live(towards_five, (2, 4, 4), V, 1, steps=30, min_steps=2,
+                                 update_proportion=(1.0, 1.0), generator=torch.Generator().manual_seed(0)))
+    # Step 1 sets every token to 5; step 2 changes nothing, so both stop after 2 steps and leave the batch at
+    # the compaction after step 10; the sampler then ends: calls 0..9, a preview at each, then the result.
+    assert [s for s, *_ in seen] == list(range(10)) + [10]
+    assert all(bool((tokens == 5).all()) for _, _, tokens, _ in seen[1:])
+    assert seen[-1][3].tolist() == [2, 2]
+
+
+def test_closing_sample_live_stops_the_sampler():
+    calls = []
+
+    def slow(z, rows):
+        calls.append(1)
+        return torch.zeros(*z.shape, V)
+    live = demo.sample_live(slow, (1, 4, 4), V, 1, steps=10_000, min_steps=10_000)
+    next(live)
+    live.close()  # joins the sampler's thread
+    stopped_at = len(calls)
+    time.sleep(0.2)
+    assert len(calls) == stopped_at < 10  # the queue holds two previews: at most a few more calls ran
+
+
+def test_sample_live_raises_the_samplers_errors():
+    with pytest.raises(ValueError, match="temperature"):
+        list(demo.sample_live(lambda z, rows: torch.zeros(*z.shape, V), (1, 4, 4), V, 1, temperature=(0.0, 1.0)))
+
+
+# ---- input checks: messages for the page -------------------------------------------------------------
+
+def test_schedule_checks_become_page_messages():
+    assert demo._schedule(20, (1.0, 0.5), (0.8, 0.2), 5) == {
+        "steps": 20, "temperature": (1.0, 0.5), "update_proportion": (0.8, 0.2), "min_steps": 5}
+    with pytest.raises(gr.Error, match="Temperature end is empty"):
+        demo._schedule(20, (1.0, None), (0.5, 0.5), 5)
+    with pytest.raises(gr.Error, match=r"Temperature must be .*> 0"):
+        demo._schedule(20, (0.0, 1.0), (0.5, 0.5), 5)
+    with pytest.raises(gr.Error, match="Steps must be >= 1"):
+        demo._schedule(0, (1.0, 1.0), (0.5, 0.5), 5)
+
+
+def test_editor_value_to_image_and_mask():
+    background = Image.new("RGBA", (12, 8), (10, 20, 30, 255))
+    background.putpixel((0, 0), (10, 20, 30, 0))  # a transparent pixel: laid onto white
+    layer = Image.new("RGBA", (12, 8), (0, 0, 0, 0))
+    layer.putpixel((5, 3), (255, 0, 255, 150))
+    layer.putpixel((11, 7), (255, 0, 255, 1))
+    image, mask = demo._editor_image_and_mask({"background": background, "layers": [layer]}, 3, 96)
+    assert image.shape == (3, 8, 12) and mask.shape == (1, 8, 12)
+    assert image[:, 0, 0].tolist() == [1.0, 1.0, 1.0]
+    assert image[:, 1, 1].tolist() == pytest.approx([10 / 127.5 - 1, 20 / 127.5 - 1, 30 / 127.5 - 1])
+    assert mask.nonzero().tolist() == [[0, 3, 5], [0, 7, 11]]
+    gray, _ = demo._editor_image_and_mask({"background": background, "layers": [layer]}, 1, 96)
+    assert gray.shape == (1, 8, 12)
+    with pytest.raises(gr.Error, match="Upload an image first"):
+        demo._editor_image_and_mask({"background": None, "layers": []}, 3, 96)
+    with pytest.raises(gr.Error, match="12x8 = 96 pixels; this demo takes at most 95"):
+        demo._editor_image_and_mask({"background": background, "layers": [layer]}, 3, 95)
+    with pytest.raises(gr.Error, match="Paint the region"):
+        demo._editor_image_and_mask({"background": background, "layers": [Image.new("RGBA", (12, 8))]}, 3, 96)
+
+
+# ---- the buttons' actions, in process ---------------------------------------------------------------
+
+def test_generate_action_yields_previews_then_the_samplers_grid(nets):
+    net, tokenizer = nets
+    actions = demo.Actions(net, tokenizer, {"grid": [8, 8]}, max_samples=8)
+    # class "all", 5 samples, redraw every 4 steps, T = 12, min steps 10, seed 3, tau 0.8, p 0.5
+    seen = list(actions.generate(demo.ALL_CLASSES, 5, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
+    assert [text.split(":")[0] for _, text in seen] == ["Step 0 of 12", "Step 4 of 12", "Step 8 of 12", "Done"]
+    labels = torch.arange(5)  # "all" cycles through the classes
+    with torch.inference_mode():
+        z, taken = sample(lambda z, rows: net(z, labels[rows]), (5, 8, 8), V, steps=12, min_steps=10,
+                          generator=torch.Generator().manual_seed(3))
+        expected = D.tensor_to_image(D.make_grid(tokenizer.decode(z), nrow=3))
+    grid, text = seen[-1]
+    assert grid.size == (2 + 3 * 34, 2 + 2 * 34) and np.array_equal(np.asarray(grid), np.asarray(expected))
+    assert text.endswith(": " + ", ".join(str(t) for t in taken.tolist()))
+    with pytest.raises(gr.Error, match="outside the trained classes 0..9"):
+        list(actions.generate(12, 5, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
+    with pytest.raises(gr.Error, match="Number of samples must be 1..8"):
+        list(actions.generate(0, 9, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
+
+
+def test_unconditional_generator_needs_no_class(nets):
+    net = Hourglass(dataclasses.replace(HOURGLASS_PRESETS["tiny"], num_classes=0)).eval()
+    assert isinstance(demo.build_app(net, nets[1], {"grid": [8, 8]}), gr.Blocks)
+    actions = demo.Actions(net, nets[1], {"grid": [8, 8]})
+    *_, (grid, text) = actions.generate(3, 5, 4, 2, 0, 0.8, 0.8, 0.5, 0.5)  # no class value
+    assert grid.size == (2 + 2 * 34, 2 + 2 * 34) and text.startswith("Done: 3 samples of 32x32 pixels")
+    with pytest.raises(ValueError, match="no token grid"):
+        demo.Actions(net, nets[1], {})
+
+
+def test_load_action_reads_uploads_by_the_library_policy(nets, tmp_path):
+    actions = demo.Actions(*nets, {"grid": [8, 8]}, max_pixels=40 * 30)
+    rgba = Image.new("RGBA", (40, 30), (10, 20, 30, 255))
+    rgba.putpixel((3, 2), (10, 20, 30, 0))  # transparent: onto white, as `sundae inpaint` reads it
+    rgba.save(tmp_path / "a.png")
+    value = actions.load(str(tmp_path / "a.png"))
+    background = np.asarray(value["background"])
+    assert background.shape == (30, 40, 4) and value["layers"] == []
+    assert background[2, 3].tolist() == [255, 255, 255, 255] and background[0, 0].tolist() == [10, 20, 30, 255]
+    assert actions.load(None) is None
+    Image.new("RGB", (41, 30)).save(tmp_path / "b.png")
+    with pytest.raises(gr.Error, match="41x30 = 1230 pixels; this demo takes at most 1200"):
+        actions.load(str(tmp_path / "b.png"))
+    (tmp_path / "c.png").write_bytes(b"not an image")
+    with pytest.raises(gr.Error, match="Cannot read image c.png") as err:
+        actions.load(str(tmp_path / "c.png"))
+    assert str(tmp_path) not in str(err.value)
+
+
+def test_inpaint_action_regenerates_exactly_the_painted_cells(nets):
+    net, tokenizer = nets
+    actions = demo.Actions(net, tokenizer, {"grid": [8, 8]})
+    pixels = np.random.default_rng(1).integers(0, 200, (32, 32, 3), dtype=np.uint8)
+    background = Image.fromarray(pixels).convert("RGBA")
+    layer = Image.new("RGBA", (32, 32))
+    layer.paste((255, 0, 255, 150), (10, 10, 14, 14))  # pixels 10..13: token cells 2..3 (f = 4)
+    # class 0, 3 completions, no growing, T = 6, min steps 2, seed 0, tau 1.0, p 0.9
+    cells, completions, text = actions.inpaint({"background": background, "layers": [layer]}, 0, 3, 0, 6, 2, 0,
+                                               1.0, 1.0, 0.9, 0.9)
+    regenerated = np.zeros((32, 32), dtype=bool)
+    regenerated[8:16, 8:16] = True
+    shown = np.asarray(cells)
+    assert (shown[regenerated] == demo.REGENERATED).all() and (shown[~regenerated] == pixels[~regenerated]).all()
+    assert len(completions) == 3 and "4 of 64 token cells" in text
+    for out in map(np.asarray, completions):
+        assert out.shape == (32, 32, 3) and (out[~regenerated] == pixels[~regenerated]).all()
+    assert (np.asarray(completions[0])[regenerated] != np.asarray(completions[1])[regenerated]).any()
+    # Grown by one cell: cells 1..4, pixels 4..19.
+    cells, completions, text = actions.inpaint({"background": background, "layers": [layer]}, 0, 1, 1, 6, 2, 0,
+                                               1.0, 1.0, 0.9, 0.9)
+    regenerated[:] = False
+    regenerated[4:20, 4:20] = True
+    assert (np.asarray(cells)[regenerated] == demo.REGENERATED).all() and "16 of 64 token cells" in text
+    assert (np.asarray(completions[0])[~regenerated] == pixels[~regenerated]).all()
+
+
+# ---- the verb ----------------------------------------------------------------------------------------
+
+def test_demo_verb_help_and_one_line_errors(tmp_path, capsys):
+    result = subprocess.run([sys.executable, "-m", "sundae", "demo", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--run" in result.stdout and "127.0.0.1" in result.stdout
+    for argv, expected in ((["demo"], "pass --generator"),
+                           (["demo", "--run", tmp_path, "--generator", tmp_path / "g.pt"], "not both"),
+                           (["demo", "--run", tmp_path], str(tmp_path / "generator" / "generator.pt"))):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in argv] + ["--device", "cpu"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_demo_verb_loads_a_quickstart_folder(nets, tmp_path, monkeypatch, capsys):
+    net, tokenizer = nets
+    save_checkpoint(tmp_path / "generator" / "generator.pt", "generator", net.cfg, net, meta={"grid": [8, 8]})
+    save_checkpoint(tmp_path / "tokenizer" / "tokenizer.pt", "tokenizer", tokenizer.cfg, tokenizer)
+    served = {}
+    monkeypatch.setattr(demo, "serve", lambda app, *args: served.update(app=app, args=args))
+    main(["demo", "--run", str(tmp_path), "--port", "7999", "--device", "cpu"])
+    assert served["args"] == ("127.0.0.1", 7999, False, 5 * 2048 * 2048)  # localhost, no share link, by default
+    assert isinstance(served["app"], gr.Blocks)
+    assert "http://127.0.0.1:7999" in capsys.readouterr().out
+
+
+# ---- the page in headless Chromium -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def page(nets):
+    """The app on a free localhost port, open in headless Chromium."""
+    if not CHROMIUM.is_file():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    net, tokenizer = nets
+    names = [f"class{i}" for i in range(10)]
+    app = demo.build_app(net, tokenizer, {"grid": [8, 8], "class_names": names}, "cpu", max_pixels=64 * 64,
+                         max_samples=16)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = demo.serve(app, "127.0.0.1", port, max_upload_bytes=demo.upload_limit(64 * 64), block=False)
+    outside = []  # requests to other hosts (blob: and data: URLs are the page's own)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.on("request", lambda r: outside.append(r.url) if r.url.startswith(("http:", "https:", "ws:", "wss:"))
+                and not r.url.startswith(url.rstrip("/")) else None)
+        page.goto(url)
+        page.wait_for_selector("#gen-run")
+        yield page
+        browser.close()
+    app.close()
+    assert outside == []  # the page loads nothing from outside this machine
+
+
+def _set(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def _fetch(page, selector: str) -> list[np.ndarray]:
+    """The images shown under `selector`, as served (PNG), as uint8 arrays."""
+    return [np.asarray(Image.open(io.BytesIO(page.request.get(img.get_attribute("src")).body())))
+            for img in page.locator(selector).all()]
+
+
+def test_generate_shows_the_requested_grid_and_the_steps_taken(page):
+    page.get_by_role("tab", name="Generate").click()
+    _set(page, "gen-num", 5)
+    _set(page, "gen-steps", 12)
+    page.click("#gen-run")
+    page.wait_for_function("document.querySelector('#gen-status').innerText.startsWith('Done')", timeout=30_000)
+    (grid,) = _fetch(page, "#grid img")
+    # 5 samples of 32x32 in ceil(sqrt(5)) = 3 columns -> 2 rows, 2 white pixels around and between.
+    assert grid.shape == (2 + 2 * 34, 2 + 3 * 34, 3)
+    assert (grid[:2] == 255).all() and (grid[:, :2] == 255).all()
+    assert (grid[36:68, 70:102] == 255).all()  # the sixth slot is empty
+    assert all((grid[2 + r * 34: 34 + r * 34, 2 + c * 34: 34 + c * 34] != 255).any()
+               for r, c in ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1)))
+    status = page.locator("#gen-status").inner_text()
+    taken = [int(v) for v in status.rsplit(":", 1)[1].split(",")]
+    assert len(taken) == 5 and all(10 <= t <= 12 for t in taken), status  # min steps 10, T = 12
+
+
+def _upload(page, path: Path) -> None:
+    page.reload()
+    page.wait_for_selector("#gen-run")
+    page.get_by_role("tab", name="Inpaint").click()
+    page.wait_for_selector("#editor canvas")
+    page.locator("#upload input[type=file]").set_input_files(path)
+
+
+def test_inpaint_completions_keep_the_unpainted_pixels(page, tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 200, (32, 32, 3), dtype=np.uint8)  # never demo.REGENERATED (255, 0, 255)
+    Image.fromarray(pixels).save(tmp_path / "input.png")
+    _upload(page, tmp_path / "input.png")
+    page.locator("#editor").get_by_text("select the draw tool").wait_for(state="hidden", timeout=10_000)
+    time.sleep(1.0)  # the canvas lays out the image
+    box = page.locator("#editor canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2  # the image is centred
+    page.mouse.move(cx - 10, cy)
+    page.mouse.down()
+    page.mouse.move(cx + 10, cy, steps=5)
+    page.mouse.up()
+    _set(page, "inp-num", 2)
+    _set(page, "inp-steps", 8)
+    page.click("#inp-run")
+    page.wait_for_function("document.querySelector('#inp-status').innerText.includes('completions in')",
+                           timeout=30_000)
+    (cells,) = _fetch(page, "#cells img")
+    completions = _fetch(page, "#completions img")
+    assert cells.shape == (32, 32, 3) and len(completions) == 2
+    regenerated = (cells == demo.REGENERATED).all(-1).reshape(8, 4, 8, 4).all(axis=(1, 3))  # whole 4x4 cells
+    assert regenerated[3:5, 3:5].any() and not regenerated[[0, 0, 7, 7], [0, 7, 0, 7]].any(), regenerated
+    keep = ~np.repeat(np.repeat(regenerated, 4, 0), 4, 1)
+    for out in completions:
+        assert out.shape == (32, 32, 3)
+        assert (out[keep] == pixels[keep]).all()  # every unpainted cell exactly as uploaded
+        assert (out[:8, :8] == pixels[:8, :8]).all() and (out[-8:, -8:] == pixels[-8:, -8:]).all()
+    assert (completions[0][~keep] != completions[1][~keep]).any()  # diverse completions
+
+
+def test_uploads_over_the_limits_are_refused_in_the_page(page, tmp_path):
+    # The fixture's app takes 64x64 = 4096 pixels, and files of 5 bytes per pixel: 20480 bytes.
+    noise = np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "heavy.png")  # noise does not compress: about 30 kB
+    assert (tmp_path / "heavy.png").stat().st_size > 20480
+    _upload(page, tmp_path / "heavy.png")
+    page.get_by_text("exceed the maximum allowed size").wait_for(timeout=10_000)
+    Image.new("RGB", (80, 80), (30, 60, 90)).save(tmp_path / "wide.png")  # a few hundred bytes, 6400 pixels
+    _upload(page, tmp_path / "wide.png")
+    page.get_by_text("The image is 80x80 = 6400 pixels; this demo takes at most 4096 pixels").wait_for(
+        timeout=10_000)
+
+
+def test_inpaint_without_an_image_says_so_in_the_page(page):
+    page.reload()  # an empty editor
+    page.wait_for_selector("#gen-run")
+    page.get_by_role("tab", name="Inpaint").click()
+    page.click("#inp-run")
+    page.get_by_text("Upload an image first").wait_for(timeout=10_000)
+    assert "Traceback" not in page.content()
