@@ -32,10 +32,13 @@ def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def save_checkpoint(path: str | Path, kind: str, config: Any, model: nn.Module, **extra: Any) -> None:
-    """Write a checkpoint atomically. `config` is the model's dataclass; `extra` adds keys (ema, step, ...)."""
+def save_checkpoint(path: str | Path, kind: str, config: Any, model: nn.Module | dict[str, Any],
+                    **extra: Any) -> None:
+    """Write a checkpoint atomically. `config` is the model's dataclass, `model` a module or its state dict;
+    `extra` adds keys (ema, step, ...)."""
+    state = model if isinstance(model, dict) else model.state_dict()
     payload = {"format": FORMAT, "version": VERSION, "kind": kind, "config": dataclasses.asdict(config),
-               "model": model.state_dict(), **extra}
+               "model": state, **extra}
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
