@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,14 +25,20 @@ from sundae.checkpoint import config_from_dict, load_checkpoint, load_generator,
 from sundae.evaluate import codebook_usage, psnr
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.sundae import check_schedule, sample, token_keep_mask
-from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, resolve_device, train_generator,
-                          train_vqgan)
+from sundae.distributed import teardown
+from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, Interrupted, resolve_device,
+                          train_generator, train_vqgan)
 from sundae.vqgan import PRESETS as VQGAN_PRESETS
 from sundae.vqgan import VQGAN
 
 
 class UsageError(ValueError):
     """A bad argument: printed as one line, exit status 2."""
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 prints results."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _parse_value(key: str, text: str, default: Any) -> Any:
@@ -120,7 +127,8 @@ def cmd_train_vqgan(args: argparse.Namespace) -> None:
     model_cfg, train_cfg = _run_configs(args, "tokenizer", VQGAN_PRESETS, VQGAN_TRAIN_PRESETS)
     dataset = D.open_images(args.data, model_cfg.resolution, model_cfg.in_channels, "train")
     path = train_vqgan(model_cfg, train_cfg, dataset, args.out, args.device, args.resume)
-    print(f"tokenizer written to {path}")
+    if _rank() == 0:
+        print(f"tokenizer written to {path}")
 
 
 @torch.no_grad()
@@ -183,7 +191,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                              f"{args.tokens} have {dataset.meta['n_codes']}")
     meta = {k: dataset.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names")}
     path = train_generator(model_cfg, train_cfg, dataset, args.out, meta, tokenizer, device, args.resume)
-    print(f"generator written to {path}")
+    if _rank() == 0:
+        print(f"generator written to {path}")
 
 
 def class_logits_fn(net: torch.nn.Module, labels: torch.Tensor | None):
@@ -450,10 +459,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, OSError, ValueError) as err:
+    except (UsageError, OSError, ValueError, FloatingPointError) as err:
         print(f"sundae {args.verb}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as err:  # SIGTERM/SIGINT during training: saved at a step boundary
+        if _rank() == 0:
+            print(f"sundae {args.verb}: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum)
     except KeyboardInterrupt:
         print(f"sundae {args.verb}: interrupted; training runs continue from their last checkpoint with --resume",
               file=sys.stderr)
         sys.exit(130)
+    finally:
+        teardown()

@@ -291,6 +291,18 @@ def _restore(out: Path, kind: str, parts: dict[str, Any], ema: nn.Module, resume
     return step, ckpt.get("rng"), ckpt
 
 
+def _set_hparams(opts: list[torch.optim.Optimizer], sched: Any, cfg: Any, step: int) -> None:
+    """Put the training config's lr and betas back into optimizers (and the scheduler) whose state a resume
+    loaded: the saved state carries the old run's values, and `--resume --set lr=...` must take effect."""
+    factor = sched.lr_lambdas[0](step) if sched is not None else 1.0
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"], group["initial_lr"], group["betas"] = cfg.lr * factor, cfg.lr, cfg.betas
+    if sched is not None:
+        sched.base_lrs = [cfg.lr] * len(sched.base_lrs)
+        sched._last_lr = [group["lr"] for group in opts[0].param_groups]
+
+
 def _load_state(obj: Any, state: dict[str, Any]) -> None:
     if isinstance(obj, nn.Module) and _is_sharded(obj):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -325,6 +337,9 @@ def _save(out: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str,
     """
     model = parts["model"]
     states = {key: _full_state(obj, model) for key, obj in parts.items()}
+    if not all(torch.isfinite(v).all() for v in states["model"].values() if v.is_floating_point()):
+        raise FloatingPointError(f"the weights became non-finite at step {step}; nothing was saved, the last good "
+                                 f"checkpoint is kept (continue from it with --resume, e.g. with a lower lr)")
     ema_state = _full_state(ema, ema)
     last = out / f"{kind}.pt"
     if ctx.main:
@@ -396,6 +411,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     usage = torch.zeros(model_cfg.n_codes, dtype=torch.long, device=device)  # since the last dead-code check
     parts = {"model": model, "disc": disc, "optimizer": opt, "optimizer_disc": opt_d, "scaler": scaler}
     step, rng, ckpt = _restore(out, "tokenizer", parts, ema, resume, ctx)
+    _set_hparams([opt, opt_d], None, cfg, step)
     if "usage" in ckpt:
         usage.copy_(ckpt["usage"])
     net, net_d = _parallel(model, ctx), _parallel(disc, ctx)
@@ -531,6 +547,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
     step, rng, _ = _restore(out, "generator", parts, ema, resume, ctx)
+    _set_hparams([opt], sched, cfg, step)
     net = model if sharded else _parallel(model, ctx)
 
     def save() -> Path:
