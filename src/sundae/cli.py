@@ -1,6 +1,6 @@
 """`sundae <verb>`: the command line. Each verb is a thin wrapper over importable functions.
 
-Verbs: train-vqgan, reconstruct, tokenize, train, sample, inpaint, quickstart. Configs come from named
+Verbs: train-vqgan, reconstruct, tokenize, train, sample, inpaint, export, quickstart. Configs come from named
 presets plus `--set key=value` overrides checked against the dataclass fields.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sundae import data as D
-from sundae.checkpoint import config_from_dict, load_checkpoint, load_generator, load_tokenizer
+from sundae.checkpoint import config_from_dict, export, load_checkpoint, load_generator, load_tokenizer
 from sundae.evaluate import codebook_usage, psnr
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.sundae import check_schedule, sample, token_keep_mask
@@ -98,7 +99,13 @@ def _preset(table: dict, name: str, what: str) -> Any:
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file, hex: identifies which tokenizer checkpoint made a token file."""
+    """sha256 of a file, hex: identifies which tokenizer checkpoint made a token file. For an exported model
+    folder, the sha256 of the checkpoint it was exported from."""
+    if Path(path).is_dir():
+        try:
+            return str(json.loads((Path(path) / "config.json").read_text()).get("source_sha256", ""))
+        except (OSError, json.JSONDecodeError, AttributeError) as err:
+            raise ValueError(f"{path}/config.json is not an exported model's config: {err}") from None
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -349,6 +356,17 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
           f"on {len(x)} images; grid written to {args.out}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    source = Path(args.checkpoint)
+    if source.is_dir():  # a run folder: its last checkpoint
+        found = [source / f"{kind}.pt" for kind in ("generator", "tokenizer") if (source / f"{kind}.pt").is_file()]
+        if len(found) != 1:
+            raise UsageError(f"{source} holds {len(found)} of generator.pt/tokenizer.pt: pass the checkpoint file")
+        source = found[0]
+    out = export(source, args.out, ema=not args.no_ema)
+    print(f"{source} exported to {out}/config.json and {out}/model.safetensors")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from sundae.quickstart import QUICKSTART_PRESETS, quickstart
     cfg = _preset(QUICKSTART_PRESETS, args.preset, "quickstart")
@@ -445,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", required=True, help="same size as the image; white (or transparent) = regenerate")
     p.add_argument("--out", required=True, help="folder: completion_NN.png and figure.png")
     p.set_defaults(func=cmd_inpaint, num=4)
+
+    p = sub.add_parser("export", help="write a checkpoint's model as config.json + model.safetensors for sharing")
+    p.add_argument("checkpoint", help="a .pt checkpoint, or a run folder (its generator.pt or tokenizer.pt)")
+    p.add_argument("out", help="folder; every command accepts it where it accepts the checkpoint")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on Fashion-MNIST: tokenizer, generator, metrics")
     p.add_argument("--data", default=str(D.FASHION_MNIST_DIR), help="folder with the Fashion-MNIST idx files")
