@@ -238,3 +238,30 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint_and_resume_works(tokens,
     with pytest.raises(FloatingPointError, match="non-finite at step 1"):
         train_generator(HG["tiny"], dataclasses.replace(cfg, steps=1, lr=float("inf"), save_every=1), ds,
                         tmp_path / "inf", meta, progress=False)
+
+
+def test_tokenize_under_torchrun_writes_the_single_process_folder(image_folder, tmp_path):
+    from sundae.cli import main, split_rows
+    main(["train-vqgan", "--data", str(image_folder), "--out", str(tmp_path / "tok"), "--preset", "tiny",
+          "--set", "steps=1", "--set", "batch_size=4", "--device", "cpu"])
+    args = ["tokenize", "--tokenizer", str(tmp_path / "tok" / "tokenizer.pt"), "--data", str(image_folder),
+            "--flip", "--eval-fraction", "0.25", "--split-seed", "3", "--batch-size", "5"]
+    main([*args, "--out", str(tmp_path / "one"), "--device", "cpu"])
+    _torchrun(*args, "--out", str(tmp_path / "two"))
+    for sub in ("", "eval"):
+        for name in ("tokens.npy", "labels.npy", "sources.npy"):
+            one, two = np.load(tmp_path / "one" / sub / name), np.load(tmp_path / "two" / sub / name)
+            assert np.array_equal(one, two), (sub, name)
+    # 24 images: 6 held out, 18 kept twice (original and flipped); the two sides share no source image.
+    train, held = np.load(tmp_path / "one" / "sources.npy"), np.load(tmp_path / "one" / "eval" / "sources.npy")
+    assert train.shape == (36, 2) and held.shape == (6, 2) and not held[:, 1].any()
+    assert not set(train[:, 0]) & set(held[:, 0]) and sorted(set(train[:, 0]) | set(held[:, 0])) == list(range(24))
+    assert (np.bincount(train[:, 0], minlength=24)[train[:, 0]] == 2).all()
+    assert np.array_equal(split_rows(24, 0.25, 3, True)[1], held)  # deterministic: same seed, same split
+    assert not np.array_equal(split_rows(24, 0.25, 4, True)[1], held)
+    # Row 1 is the flipped copy of row 0's image: its tokens are those of the mirrored image.
+    from sundae.data import ImageFolder
+    tokens, tokenizer = np.load(tmp_path / "one" / "tokens.npy"), load_tokenizer(tmp_path / "tok" / "tokenizer.pt")
+    image = ImageFolder(image_folder, 32, 3)[int(train[1, 0])][0]
+    assert train[1, 1] == 1 and np.array_equal(tokenizer.encode(image.flip(-1)[None])[0].numpy(), tokens[1])
+    assert not np.array_equal(tokens[0], tokens[1])

@@ -26,7 +26,7 @@ from sundae.checkpoint import config_from_dict, export, load_checkpoint, load_ge
 from sundae.evaluate import codebook_usage, psnr
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.sundae import check_schedule, sample, token_keep_mask
-from sundae.distributed import teardown
+from sundae.distributed import Dist, barrier, gather_to_main, setup, teardown
 from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, Interrupted, resolve_device,
                           train_generator, train_vqgan)
 from sundae.vqgan import PRESETS as VQGAN_PRESETS
@@ -140,37 +140,104 @@ def cmd_train_vqgan(args: argparse.Namespace) -> None:
 
 @torch.no_grad()
 def encode_dataset(tokenizer: VQGAN, dataset: torch.utils.data.Dataset, batch_size: int,
-                   device: torch.device, desc: str = "tokenize") -> tuple[np.ndarray, np.ndarray]:
+                   device: torch.device, desc: str = "tokenize", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Encode every image of `dataset` -> (tokens uint16 `N h w`, labels int64 `N`)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     tokens, labels = [], []
-    for x, y in tqdm(loader, desc=desc, dynamic_ncols=True):
+    for x, y in tqdm(loader, desc=desc, dynamic_ncols=True, disable=not progress or None):
         tokens.append(tokenizer.encode(x.to(device)).cpu().numpy().astype(np.uint16))
         labels.append(y.numpy().astype(np.int64))
+    if not tokens:
+        return np.zeros((0, 0, 0), np.uint16), np.zeros(0, np.int64)
     return np.concatenate(tokens), np.concatenate(labels)
 
 
-def write_token_folder(out: str | Path, tokens: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> None:
-    """Write `tokens.npy` (uint16 `N h w`), `labels.npy` and `meta.json` into `out`, each atomically."""
+class SourceRows(torch.utils.data.Dataset):
+    """Items of `dataset` picked by `rows` (`n 2` int64: source index, flipped 0/1), horizontally flipped
+    where asked: the paper stores a flipped copy of every training image (augmentation)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, rows: np.ndarray):
+        self.dataset, self.rows = dataset, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[int(self.rows[i, 0])]
+        return (x.flip(-1) if self.rows[i, 1] else x), y
+
+
+def split_rows(n: int, eval_fraction: float, seed: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/eval split of `n` source images -> (train rows, eval rows), each `m 2` int64
+    (source index, flipped), sorted by source index.
+
+    round(eval_fraction * n) images chosen by a permutation seeded with `seed` go to eval; the split is made
+    on source images before flipping, so an image and its flipped copy (train only, when `flip`) are always on
+    the same side. Raises ValueError unless 0 <= eval_fraction < 1.
+    """
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval fraction must be in [0, 1), got {eval_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    held = np.sort(perm[:round(eval_fraction * n)])
+    kept = np.setdiff1d(np.arange(n), held)
+    train = np.stack([np.repeat(kept, 2), np.tile([0, 1], len(kept))], 1) if flip else \
+        np.stack([kept, np.zeros_like(kept)], 1)
+    return train.astype(np.int64), np.stack([held, np.zeros_like(held)], 1).astype(np.int64)
+
+
+def write_token_folder(out: str | Path, tokens: np.ndarray, labels: np.ndarray, meta: dict[str, Any],
+                       sources: np.ndarray | None = None) -> None:
+    """Write `tokens.npy` (uint16 `N h w`), `labels.npy`, `meta.json` and, when given, `sources.npy`
+    (`N 2` int64: source image index, flipped) into `out`, each atomically."""
     out = Path(out)
     D.atomic_write(out / "tokens.npy", lambda tmp: np.save(open(tmp, "wb"), tokens.astype(np.uint16)))
     D.atomic_write(out / "labels.npy", lambda tmp: np.save(open(tmp, "wb"), labels.astype(np.int64)))
+    if sources is not None:
+        D.atomic_write(out / "sources.npy", lambda tmp: np.save(open(tmp, "wb"), sources.astype(np.int64)))
     D.write_json(out / "meta.json", {**meta, "grid": list(tokens.shape[1:]), "count": len(tokens)})
 
 
+def _encode_rows(tokenizer: VQGAN, dataset: torch.utils.data.Dataset, rows: np.ndarray, batch_size: int,
+                 ctx: Dist, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Encode `rows` of `dataset`, a contiguous share per rank, gathered on rank 0 in the original order
+    (other ranks get empty arrays). Ranks never wait on each other while encoding, whatever the count."""
+    share = np.array_split(np.arange(len(rows)), ctx.world)[ctx.rank]
+    part = encode_dataset(tokenizer, SourceRows(dataset, rows[share]), batch_size, ctx.device, desc, ctx.main)
+    parts = gather_to_main(part, ctx)
+    if parts is None:
+        return np.zeros((0, 0, 0), np.uint16), np.zeros(0, np.int64)
+    parts = [p for p in parts if len(p[1])]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out: str | Path,
-             device: torch.device, batch_size: int = 256, class_names: Sequence[str] = ()) -> Path:
-    """Encode `dataset` with the tokenizer checkpoint into a token folder (see `sundae.data`)."""
-    tokenizer = load_tokenizer(tokenizer_path, device)
+             device: torch.device, batch_size: int = 256, class_names: Sequence[str] = (), flip: bool = False,
+             eval_fraction: float = 0.0, split_seed: int = 0) -> Path:
+    """Encode `dataset` with the tokenizer checkpoint into a token folder (see `sundae.data`).
+
+    `flip` adds a horizontally flipped copy of every training image; `eval_fraction` > 0 holds out that
+    share of the images (`split_rows`, unflipped) in the token folder `out/eval`. `sources.npy` says which
+    image each row came from. Under torchrun the images are split across ranks and rank 0 writes one folder,
+    identical to a single-process run's.
+    """
+    ctx = setup(device)
+    tokenizer = load_tokenizer(tokenizer_path, ctx.device)
     if tokenizer.cfg.n_codes > 65536:
         raise UsageError(f"{tokenizer_path}: {tokenizer.cfg.n_codes} codes do not fit the uint16 token file")
-    tokens, labels = encode_dataset(tokenizer, dataset, batch_size, device)
+    train_rows, eval_rows = split_rows(len(dataset), eval_fraction, split_seed, flip)
     num_classes = int(getattr(dataset, "num_classes", 0))
     meta = {"n_codes": tokenizer.cfg.n_codes, "f": tokenizer.cfg.f, "tokenizer": str(Path(tokenizer_path).resolve()),
             "tokenizer_sha256": file_digest(tokenizer_path), "num_classes": num_classes,
             "class_names": list(class_names or getattr(dataset, "classes", []) or []),
-            "channels": tokenizer.cfg.in_channels}
-    write_token_folder(out, tokens, labels, meta)
+            "channels": tokenizer.cfg.in_channels, "flip": flip, "eval_fraction": eval_fraction,
+            "split_seed": split_seed}
+    for split, rows, folder in (("train", train_rows, Path(out)), ("eval", eval_rows, Path(out) / "eval")):
+        if len(rows) == 0:
+            continue
+        tokens, labels = _encode_rows(tokenizer, dataset, rows, batch_size, ctx, f"tokenize {split}")
+        if ctx.main:
+            write_token_folder(folder, tokens, labels, {**meta, "split": split}, sources=rows)
+    barrier(ctx)
     return Path(out)
 
 
@@ -179,8 +246,10 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     cfg = load_tokenizer(args.tokenizer).cfg
     dataset = D.open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split)
     names = D.FASHION_MNIST_CLASSES if D.is_idx_dataset(args.data) else ()
-    out = tokenize(args.tokenizer, dataset, args.out, device, args.batch_size, names)
-    print(f"tokens written to {out}")
+    out = tokenize(args.tokenizer, dataset, args.out, device, args.batch_size, names, args.flip,
+                   args.eval_fraction, args.split_seed)
+    if _rank() == 0:
+        print(f"tokens written to {out}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -438,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenize", help="encode a dataset once into a token folder")
     _encode_args(p, "folder for tokens.npy, labels.npy, meta.json", split="train")
     p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--flip", action="store_true", help="also store a horizontally flipped copy of every "
+                   "training image (the paper's augmentation)")
+    p.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this share of the images, "
+                   "chosen by --split-seed, as a token folder OUT/eval (an image and its flip stay together)")
+    p.add_argument("--split-seed", type=int, default=0)
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("train", help="train the SUNDAE hourglass generator on a token folder")
