@@ -121,10 +121,15 @@ def test_checkpoints_move_between_one_and_two_processes(runs, tokens, tmp_path):
     train_generator(HG["tiny"], dataclasses.replace(TINY, steps=100), TokenDataset(tokens), tmp_path / "a",
                     {"grid": [4, 4]}, resume=True, progress=False)
     _assert_same(_ckpt(runs["two"]), _ckpt(tmp_path / "a"), atol=1e-5)
-    # ... and a 1-process checkpoint resumed under torchrun reaches the 1-process weights.
+    # ... and a 1-process checkpoint (step 80) resumed by 2 processes sharded with FSDP2 for 10 steps, then
+    # back in one process for the last 10, reaches the 1-process step 100 weights.
     (tmp_path / "b").mkdir()
-    shutil.copy(runs["one"] / "checkpoints" / "step_0000090.pt", tmp_path / "b" / "generator.pt")
-    _torchrun("train", "--tokens", str(tokens), "--preset", "tiny", "--out", str(tmp_path / "b"), "--resume")
+    shutil.copy(runs["one"] / "checkpoints" / "step_0000080.pt", tmp_path / "b" / "generator.pt")
+    _torchrun("train", "--tokens", str(tokens), "--out", str(tmp_path / "b"), "--resume", "--set", "steps=90",
+              "--set", "sharding=fsdp")
+    assert _ckpt(tmp_path / "b")["step"] == 90 and _ckpt(tmp_path / "b")["world"] == 2
+    train_generator(HG["tiny"], dataclasses.replace(TINY, steps=100), TokenDataset(tokens), tmp_path / "b",
+                    {"grid": [4, 4]}, resume=True, progress=False)
     _assert_same(_ckpt(runs["one"]), _ckpt(tmp_path / "b"), atol=1e-5)
 
 

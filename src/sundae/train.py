@@ -281,8 +281,8 @@ def _restore(out: Path, kind: str, parts: dict[str, Any], ema: nn.Module, resume
         ckpt = load_checkpoint(path, kind)
         try:
             for key, obj in parts.items():
-                _load_state(obj, ckpt[key])
-            _load_state(ema, ckpt["ema"])
+                _load_state(obj, ckpt[key], parts[_OWNER.get(key, "model")])
+            _load_state(ema, ckpt["ema"], ema)
         except (RuntimeError, ValueError, KeyError) as err:
             raise ValueError(f"{path} was made with a different config ({str(err).splitlines()[0]})") from None
     step = ckpt.get("step", 0)
@@ -303,12 +303,7 @@ def _set_hparams(opts: list[torch.optim.Optimizer], sched: Any, cfg: Any, step: 
         sched._last_lr = [group["lr"] for group in opts[0].param_groups]
 
 
-def _load_state(obj: Any, state: dict[str, Any]) -> None:
-    if isinstance(obj, nn.Module) and _is_sharded(obj):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(obj, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        obj.load_state_dict(state)
+_OWNER = {"optimizer_disc": "disc"}  # the module whose parameters an optimizer in `parts` updates
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -316,17 +311,47 @@ def _is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def _param_names(opt: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    """The names of `opt`'s parameters in its own order (the order of optimizer state dict indices)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in opt.param_groups for p in group["params"]]
+
+
 def _full_state(obj: Any, model: nn.Module) -> dict[str, Any]:
-    """The whole (unsharded, CPU for FSDP) state dict of a module or of `model`'s optimizer. Collective under
-    FSDP: every rank must call it."""
-    if not _is_sharded(model):
-        return obj.state_dict()
+    """The whole (unsharded) state dict of a module, of `model`'s optimizer, or of anything else with one.
+    Optimizer state is keyed by parameter name, so it loads whether the run is sharded or not. Collective
+    under FSDP: every rank must call it."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if isinstance(obj, nn.Module):
+    if isinstance(obj, torch.optim.Optimizer):
+        if _is_sharded(model):
+            return get_optimizer_state_dict(model, obj, options=options)
+        state, names = obj.state_dict(), _param_names(obj, model)
+        return {"state": {names[i]: v for i, v in state["state"].items()},
+                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    if isinstance(obj, nn.Module) and _is_sharded(obj):
         return get_model_state_dict(obj, options=options)
-    return get_optimizer_state_dict(model, obj, options=options)
+    return obj.state_dict()
+
+
+def _load_state(obj: Any, state: dict[str, Any], model: nn.Module) -> None:
+    """The inverse of `_full_state`; also takes optimizer state keyed by index (older checkpoints)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    if isinstance(obj, torch.optim.Optimizer):
+        if _is_sharded(model):
+            set_optimizer_state_dict(model, obj, state, options=options)
+            return
+        index = {n: i for i, n in enumerate(_param_names(obj, model))}
+        state = {"state": {index.get(k, k): v for k, v in state["state"].items()},
+                 "param_groups": [{**g, "params": [index.get(k, k) for k in g["params"]]}
+                                  for g in state["param_groups"]]}
+    if isinstance(obj, nn.Module) and _is_sharded(obj):
+        set_model_state_dict(obj, state, options=options)
+    else:
+        obj.load_state_dict(state)
 
 
 def _save(out: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str, Any], ema: nn.Module,
@@ -336,7 +361,7 @@ def _save(out: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str,
     the unwrapped module's, so a checkpoint from N processes loads in one and the reverse. Returns the former.
     """
     model = parts["model"]
-    states = {key: _full_state(obj, model) for key, obj in parts.items()}
+    states = {key: _full_state(obj, parts[_OWNER.get(key, "model")]) for key, obj in parts.items()}
     if not all(torch.isfinite(v).all() for v in states["model"].values() if v.is_floating_point()):
         raise FloatingPointError(f"the weights became non-finite at step {step}; nothing was saved, the last good "
                                  f"checkpoint is kept (continue from it with --resume, e.g. with a lower lr)")
