@@ -217,10 +217,13 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tokens, tmp_pa
     proc.kill()
     proc.wait(timeout=30)
     assert load_checkpoint(run / "generator.pt", "generator")["step"] == 10
-    # and the run continues from it
-    train_generator(HG["tiny"], dataclasses.replace(TINY, steps=12), TokenDataset(tokens), run, {"grid": [4, 4]},
-                    resume=True, progress=False)
+    # and the run continues from it; log records after step 10, and a line cut short by a crash, are dropped.
+    with open(run / "log.jsonl", "a") as fh:
+        fh.write('{"step": 2')
+    train_generator(HG["tiny"], dataclasses.replace(TINY, steps=12, log_every=5), TokenDataset(tokens), run,
+                    {"grid": [4, 4]}, resume=True, progress=False)
     assert _ckpt(run)["step"] == 12
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [5, 10, 12]
 
 
 def test_non_finite_loss_keeps_the_last_good_checkpoint_and_resume_works(tokens, tmp_path):

@@ -83,13 +83,13 @@ def total(values: Tensor, ctx: Dist) -> Tensor:
     return values
 
 
-def any_rank(flag: bool, ctx: Dist) -> bool:
-    """True when `flag` is True on any rank: all ranks then take the same branch (stop, save)."""
+def largest(value: int, ctx: Dist) -> int:
+    """The largest `value` over all ranks, so that all ranks take the same branch (stop, save)."""
     if not ctx.active:
-        return flag
-    t = torch.tensor([float(flag)], device=ctx.device)
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=ctx.device)
     dist.all_reduce(t, dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def barrier(ctx: Dist) -> None:

@@ -211,12 +211,19 @@ def _log(path: Path, record: dict[str, Any]) -> None:
 
 
 def _trim_log(path: Path, step: int) -> None:
-    """Drop records after `step` (written after the checkpoint a run resumes from), so a resumed run's log
-    has each step once."""
+    """Drop records after `step` (written after the checkpoint a run resumes from) and any line a crash cut
+    short, so a resumed run's log has each step once."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except (json.JSONDecodeError, AttributeError):
+            return False
+
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if before(line)]
     if len(keep) != len(lines):
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
 
@@ -236,6 +243,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 class _StopOnSignal:
     """While active, SIGTERM/SIGINT only set `signum`; the loop checks it at step boundaries, saves and stops.
+    A second signal before that raises KeyboardInterrupt at once (the last checkpoint stays as it was).
 
     Handlers can only be installed from the main thread; elsewhere this does nothing.
     """
@@ -248,20 +256,13 @@ class _StopOnSignal:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def _stop_signal(stop: _StopOnSignal, ctx: D.Dist) -> int:
-    """The signal that asked this run to stop, agreed by all ranks (0 = none)."""
-    if not ctx.active:
-        return stop.signum
-    t = torch.tensor([float(stop.signum)], device=ctx.device)
-    torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
-    return int(t.item())
 
 
 def _restore(out: Path, kind: str, parts: dict[str, Any], ema: nn.Module, resume: bool,
@@ -360,7 +361,6 @@ def _save(out: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str,
     to a numbered copy `out/checkpoints/step_NNNNNNN.pt` (rank 0 writes; all ranks must call). The weights are
     the unwrapped module's, so a checkpoint from N processes loads in one and the reverse. Returns the former.
     """
-    model = parts["model"]
     states = {key: _full_state(obj, parts[_OWNER.get(key, "model")]) for key, obj in parts.items()}
     if not all(torch.isfinite(v).all() for v in states["model"].values() if v.is_floating_point()):
         raise FloatingPointError(f"the weights became non-finite at step {step}; nothing was saved, the last good "
@@ -527,7 +527,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
                 with torch.no_grad():
                     recon = ema.decode(ema.encode(fixed))
                 save_grid(torch.cat([fixed, recon]), out / "samples" / f"step_{step:07d}.png", nrow=len(fixed))
-            signum = _stop_signal(stop, ctx)
+            signum = D.largest(stop.signum, ctx)  # a signal on any rank stops all
             if signum and step < cfg.steps:
                 path = save()
                 bar.close()
@@ -632,7 +632,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                     images = tokenizer.decode(z)
                 if ctx.main:
                     save_grid(images.float(), out / "samples" / f"step_{step:07d}.png", nrow=8)
-            signum = _stop_signal(stop, ctx)
+            signum = D.largest(stop.signum, ctx)  # a signal on any rank stops all
             if signum and step < cfg.steps:
                 path = save()
                 bar.close()
