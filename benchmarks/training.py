@@ -7,15 +7,16 @@ MFU = achieved FLOP/s / peak FLOP/s, both measured in this run: the peak is a la
 training dtype (fp32 on CPU, bf16 on CUDA); the achieved figure is the matmul/attention FLOPs of one
 training step (forward + backward of the unrolled loss, counted by torch.utils.flop_counter) times the
 measured steps per second (forward, backward, AdamW step and EMA update). The 1-vs-2-process comparison runs
-the real `train_generator` under `torchrun --standalone` with gloo (NCCL on CUDA), each process getting
-cpu_count / processes threads, and reads tokens/s from its log.jsonl. Prints a table and writes
+the real `train_generator` under `torchrun --standalone` with gloo (NCCL on CUDA): on CPU one process with
+all cores, one process with one core, and two processes with half the cores each; it reads tokens/s from
+each run's log.jsonl. On a machine shared with other jobs, threads that spin while waiting for a busy core
+make the multi-threaded figures erratic. Prints a table and writes
 benchmarks/results/training.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -98,8 +99,9 @@ def measure_preset(name: str, device: torch.device, precision: str, steps: int) 
     return result
 
 
-def measure_processes(world: int, device: torch.device, steps: int, batch: int, workdir: Path) -> dict:
-    """tokens/s of `train_generator` (tiny preset, 8x8 tokens, global batch `batch`) under torchrun."""
+def measure_processes(world: int, threads: int, device: torch.device, steps: int, batch: int, workdir: Path) -> dict:
+    """tokens/s of `train_generator` (tiny preset, 8x8 tokens, global batch `batch`) under torchrun with
+    `world` processes of `threads` threads each."""
     tokens = workdir / "tokens"
     if not tokens.is_dir():
         tokens.mkdir(parents=True)
@@ -107,8 +109,7 @@ def measure_processes(world: int, device: torch.device, steps: int, batch: int, 
         np.save(tokens / "tokens.npy", rng.integers(0, 64, (4 * batch, 8, 8)).astype(np.uint16))
         np.save(tokens / "labels.npy", rng.integers(0, 10, 4 * batch).astype(np.int64))
         (tokens / "meta.json").write_text(json.dumps({"grid": [8, 8], "n_codes": 64, "num_classes": 10}))
-    out = workdir / f"run_{world}"
-    threads = max(1, (os.cpu_count() or 1) // world) if device.type == "cpu" else 1
+    out = workdir / f"run_{world}x{threads}"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads)}
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={world}", "-m",
            "sundae", "train", "--tokens", str(tokens), "--out", str(out), "--preset", "tiny", "--device", device.type,
@@ -124,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--presets", default="tiny,ffhq256")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per preset (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per preset (after one warm-up)")
     parser.add_argument("--process-steps", type=int, default=100, help="steps of each 1- and 2-process run")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "training.json"))
     args = parser.parse_args()
@@ -135,9 +136,15 @@ def main() -> None:
     presets = [measure_preset(name, device, precision, args.steps) for name in args.presets.split(",")]
     for r in presets:
         r["mfu"] = r["achieved_flops"] / peak
-    worlds = (1, 2) if device.type == "cpu" or torch.cuda.device_count() >= 2 else (1,)
+    # (processes, threads each): on CPU all cores in one process, one core in one process, and the cores
+    # split over 2 processes; on CUDA one GPU per process.
+    cpus = os.cpu_count() or 1
+    if device.type == "cpu":
+        layouts = [(1, cpus), (1, 1), (2, max(1, cpus // 2))]
+    else:
+        layouts = [(1, 1), (2, 1)] if torch.cuda.device_count() >= 2 else [(1, 1)]
     with tempfile.TemporaryDirectory() as tmp:
-        scaling = [measure_processes(w, device, args.process_steps, 32, Path(tmp)) for w in worlds]
+        scaling = [measure_processes(w, t, device, args.process_steps, 32, Path(tmp)) for w, t in layouts]
     speedup = scaling[-1]["tokens_per_s"] / scaling[0]["tokens_per_s"] if len(scaling) > 1 else None
 
     print(f"peak {precision} matmul: {peak / 1e9:.1f} GFLOP/s on {device} ({os.cpu_count()} CPUs)")
@@ -150,7 +157,7 @@ def main() -> None:
         print(f"train_generator tiny, {s['processes']} process(es) x {s['threads_per_process']} thread(s): "
               f"{s['tokens_per_s']:.0f} tokens/s")
     if speedup is not None:
-        print(f"2 processes / 1 process: {speedup:.2f}x")
+        print(f"2 processes / 1 process with all cores: {speedup:.2f}x")
     result = {"machine": {"device": str(device), "cpus": os.cpu_count(), "platform": platform.platform(),
                           "torch": torch.__version__,
                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},

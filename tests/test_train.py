@@ -25,6 +25,18 @@ def test_epoch_batch_sampler_resumes_at_the_same_batch():
         EpochBatchSampler(2, 3, seed=0)
 
 
+def test_ranks_split_the_same_global_batches():
+    # 11 items, global batch 4 over 2 ranks: rank r gets half r of every 1-process batch, also after a resume.
+    one = iter(EpochBatchSampler(11, 4, seed=2))
+    batches = [next(one) for _ in range(6)]
+    for start in (0, 4):
+        ranks = [iter(EpochBatchSampler(11, 4, seed=2, start_step=start, rank=r, world=2)) for r in (0, 1)]
+        for batch in batches[start:]:
+            assert next(ranks[0]) + next(ranks[1]) == batch
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        EpochBatchSampler(11, 4, seed=0, world=3)
+
+
 @pytest.fixture()
 def token_dir(tmp_path):
     rng = np.random.default_rng(0)
