@@ -630,6 +630,8 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                                   min_steps=cfg.sample_steps, generator=torch.Generator(device).manual_seed(0),
                                   device=device)
                     images = tokenizer.decode(z)
+                if sharded:
+                    ema.reshard()  # a forward without backward leaves the root's parameters gathered
                 if ctx.main:
                     save_grid(images.float(), out / "samples" / f"step_{step:07d}.png", nrow=8)
             signum = D.largest(stop.signum, ctx)  # a signal on any rank stops all
