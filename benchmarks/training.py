@@ -151,7 +151,8 @@ def main() -> None:
     print(f"{'preset':<10}{'params M':>10}{'batch':>7}{'grid':>7}{'GFLOP/step':>12}{'s/step':>9}"
           f"{'tokens/s':>11}{'MFU':>8}")
     for r in presets:
-        print(f"{r['preset']:<10}{r['params_m']:>10.1f}{r['batch']:>7}{r['grid'][0]:>5}^2{r['flops_per_step'] / 1e9:>12.1f}"
+        print(f"{r['preset']:<10}{r['params_m']:>10.1f}{r['batch']:>7}{r['grid'][0]:>5}^2"
+              f"{r['flops_per_step'] / 1e9:>12.1f}"
               f"{r['seconds_per_step']:>9.3f}{r['tokens_per_s']:>11.0f}{r['mfu']:>8.3f}")
     for s in scaling:
         print(f"train_generator tiny, {s['processes']} process(es) x {s['threads_per_process']} thread(s): "

@@ -50,8 +50,8 @@ def save_checkpoint(path: str | Path, kind: str, config: Any, model: nn.Module |
 
 
 def load_checkpoint(path: str | Path, kind: str | None) -> dict[str, Any]:
-    """Read a checkpoint of `kind` (None: either) with weights_only=True, or an `export` folder (then only `kind`, `config`,
-    `model` and `meta` are present).
+    """Read a checkpoint of `kind` (None: either) with weights_only=True, or an `export` folder (which holds
+    only `kind`, `config`, `model` and `meta`).
 
     Raises FileNotFoundError, or ValueError naming the file when it is truncated, not a sundae checkpoint,
     or of the other kind.

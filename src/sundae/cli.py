@@ -140,7 +140,8 @@ def cmd_train_vqgan(args: argparse.Namespace) -> None:
 
 @torch.no_grad()
 def encode_dataset(tokenizer: VQGAN, dataset: torch.utils.data.Dataset, batch_size: int,
-                   device: torch.device, desc: str = "tokenize", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   device: torch.device, desc: str = "tokenize",
+                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Encode every image of `dataset` -> (tokens uint16 `N h w`, labels int64 `N`)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     tokens, labels = [], []
