@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
 
@@ -142,3 +143,23 @@ def gather_to_main(obj: Any, ctx: Dist) -> list[Any] | None:
     out = [None] * ctx.world if ctx.main else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def parallel(model: nn.Module, ctx: Dist, shard: Sequence[nn.Module] = ()) -> nn.Module:
+    """The module a training loop calls. One process: `model`. Under torchrun: a DDP replica, or with `shard`
+    (the model's blocks) FSDP2 `fully_shard` on each block and then on the root, in place (parameters become
+    sharded DTensors), returning `model`."""
+    if not ctx.active:
+        return model
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+        for block in shard:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def local(x: Tensor) -> Tensor:
+    """A plain tensor from a result that may be a DTensor (a gradient norm under FSDP)."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x

@@ -2,7 +2,7 @@
 
 The only code that owns optimizers and writes files during training. A run folder holds `tokenizer.pt` or
 `generator.pt` (the last checkpoint, resumable), `checkpoints/step_NNNNNNN.pt`, `log.jsonl` and
-`samples/step_NNNNNNN.png` grids made with the EMA weights.
+`samples/step_NNNNNNN.png` grids made with the EMA weights (see `sundae.runs`).
 
 One code path from one CPU to many nodes (`sundae.distributed`): under `torchrun` the model is wrapped in
 DDP (or sharded with FSDP2 `fully_shard`, generator only), each rank reads its slice of the same global
@@ -10,18 +10,16 @@ batch, rank 0 writes every file and logs losses averaged over ranks. `batch_size
 is split over the processes and `grad_accum` micro-batches, and the generator's noise is drawn per sample
 (seeded by step and position in the global batch), so 1 process, N processes and accumulation give the
 same update up to float rounding. SIGTERM/SIGINT stop a run at the next step boundary after a checkpoint.
+EMA weights start as a copy of the model and follow ema <- d * ema + (1 - d) * weights after every step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import json
 import math
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from sundae import distributed as D
-from sundae.checkpoint import load_checkpoint, save_checkpoint
-from sundae.data import atomic_write, save_grid
+from sundae import runs
+from sundae.data import save_grid
 from sundae.distributed import EpochBatchSampler
 from sundae.hourglass import Hourglass, HourglassConfig
 from sundae.losses import LPIPS, PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
@@ -168,7 +166,7 @@ def _loader(dataset: Dataset, cfg: Any, start_step: int, ctx: D.Dist, rng: Any =
     sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, ctx.rank, ctx.world)
     loader = iter(DataLoader(dataset, batch_sampler=sampler))
     if rng is not None:
-        _set_rng_state(rng)
+        runs.set_rng_state(rng)
     return loader
 
 
@@ -205,178 +203,6 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
-def _log(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """Drop records after `step` (written after the checkpoint a run resumes from) and any line a crash cut
-    short, so a resumed run's log has each step once."""
-    if not path.is_file():
-        return
-
-    def before(line: str) -> bool:
-        try:
-            return json.loads(line).get("step", 0) <= step
-        except (json.JSONDecodeError, AttributeError):
-            return False
-
-    lines = path.read_text().splitlines()
-    keep = [line for line in lines if before(line)]
-    if len(keep) != len(lines):
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class _StopOnSignal:
-    """While active, SIGTERM/SIGINT only set `signum`; the loop checks it at step boundaries, saves and stops.
-    A second signal before that raises KeyboardInterrupt at once (the last checkpoint stays as it was).
-
-    Handlers can only be installed from the main thread; elsewhere this does nothing.
-    """
-
-    def __enter__(self) -> "_StopOnSignal":
-        self.signum, self.previous = 0, {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def _restore(out: Path, kind: str, parts: dict[str, Any], ema: nn.Module, resume: bool,
-             ctx: D.Dist) -> tuple[int, Any, dict[str, Any]]:
-    """Load the run's last checkpoint `out/<kind>.pt` into `parts` (key -> object with load_state_dict) and
-    the EMA. Returns (step, RNG state, the checkpoint), or (0, None, {}) when there is no checkpoint yet.
-    Every rank reads the file (the run folder must be on storage all nodes see). Rank 0 drops log records
-    after the restored step.
-
-    Raises FileExistsError when a checkpoint exists but `resume` is False (a new run would overwrite it).
-    """
-    path = out / f"{kind}.pt"
-    ckpt: dict[str, Any] = {}
-    if path.is_file():
-        if not resume:
-            raise FileExistsError(f"{path} exists: pass --resume to continue that run, or choose another --out")
-        ckpt = load_checkpoint(path, kind)
-        try:
-            for key, obj in parts.items():
-                _load_state(obj, ckpt[key], parts[_OWNER.get(key, "model")])
-            _load_state(ema, ckpt["ema"], ema)
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise ValueError(f"{path} was made with a different config ({str(err).splitlines()[0]})") from None
-    step = ckpt.get("step", 0)
-    if ctx.main:
-        _trim_log(out / "log.jsonl", step)
-    return step, ckpt.get("rng"), ckpt
-
-
-def _set_hparams(opts: list[torch.optim.Optimizer], sched: Any, cfg: Any, step: int) -> None:
-    """Put the training config's lr and betas back into optimizers (and the scheduler) whose state a resume
-    loaded: the saved state carries the old run's values, and `--resume --set lr=...` must take effect."""
-    factor = sched.lr_lambdas[0](step) if sched is not None else 1.0
-    for opt in opts:
-        for group in opt.param_groups:
-            group["lr"], group["initial_lr"], group["betas"] = cfg.lr * factor, cfg.lr, cfg.betas
-    if sched is not None:
-        sched.base_lrs = [cfg.lr] * len(sched.base_lrs)
-        sched._last_lr = [group["lr"] for group in opts[0].param_groups]
-
-
-_OWNER = {"optimizer_disc": "disc"}  # the module whose parameters an optimizer in `parts` updates
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
-def _param_names(opt: torch.optim.Optimizer, model: nn.Module) -> list[str]:
-    """The names of `opt`'s parameters in its own order (the order of optimizer state dict indices)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for group in opt.param_groups for p in group["params"]]
-
-
-def _full_state(obj: Any, model: nn.Module) -> dict[str, Any]:
-    """The whole (unsharded) state dict of a module, of `model`'s optimizer, or of anything else with one.
-    Optimizer state is keyed by parameter name, so it loads whether the run is sharded or not. Collective
-    under FSDP: every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if isinstance(obj, torch.optim.Optimizer):
-        if _is_sharded(model):
-            return get_optimizer_state_dict(model, obj, options=options)
-        state, names = obj.state_dict(), _param_names(obj, model)
-        return {"state": {names[i]: v for i, v in state["state"].items()},
-                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-    if isinstance(obj, nn.Module) and _is_sharded(obj):
-        return get_model_state_dict(obj, options=options)
-    return obj.state_dict()
-
-
-def _load_state(obj: Any, state: dict[str, Any], model: nn.Module) -> None:
-    """The inverse of `_full_state`; also takes optimizer state keyed by index (older checkpoints)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True)
-    if isinstance(obj, torch.optim.Optimizer):
-        if _is_sharded(model):
-            set_optimizer_state_dict(model, obj, state, options=options)
-            return
-        index = {n: i for i, n in enumerate(_param_names(obj, model))}
-        state = {"state": {index.get(k, k): v for k, v in state["state"].items()},
-                 "param_groups": [{**g, "params": [index.get(k, k) for k in g["params"]]}
-                                  for g in state["param_groups"]]}
-    if isinstance(obj, nn.Module) and _is_sharded(obj):
-        set_model_state_dict(obj, state, options=options)
-    else:
-        obj.load_state_dict(state)
-
-
-def _save(out: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str, Any], ema: nn.Module,
-          step: int, ctx: D.Dist, **extra: Any) -> Path:
-    """Write everything `_restore` needs, plus `extra` keys, atomically to the resumable `out/<kind>.pt` and
-    to a numbered copy `out/checkpoints/step_NNNNNNN.pt` (rank 0 writes; all ranks must call). The weights are
-    the unwrapped module's, so a checkpoint from N processes loads in one and the reverse. Returns the former.
-    """
-    states = {key: _full_state(obj, parts[_OWNER.get(key, "model")]) for key, obj in parts.items()}
-    if not all(torch.isfinite(v).all() for v in states["model"].values() if v.is_floating_point()):
-        raise FloatingPointError(f"the weights became non-finite at step {step}; nothing was saved, the last good "
-                                 f"checkpoint is kept (continue from it with --resume, e.g. with a lower lr)")
-    ema_state = _full_state(ema, ema)
-    last = out / f"{kind}.pt"
-    if ctx.main:
-        data = {"batches": step, "batch_size": train_cfg.batch_size, "seed": train_cfg.seed}
-        for path in (last, out / "checkpoints" / f"step_{step:07d}.pt"):
-            save_checkpoint(path, kind, model_cfg, states["model"], ema=ema_state, step=step, rng=_rng_state(),
-                            data=data, world=ctx.world, train=dataclasses.asdict(train_cfg),
-                            **{k: v for k, v in states.items() if k != "model"}, **extra)
-    D.barrier(ctx)
-    return last
-
-
 def _quiet(progress: bool, ctx: D.Dist) -> bool:
     """True when the progress bar should be hidden: not rank 0, asked for, or TQDM_DISABLE set."""
     return not ctx.main or not progress or bool(os.environ.get("TQDM_DISABLE"))
@@ -386,26 +212,6 @@ def _check_finite(loss: Tensor, step: int) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} at step {step}; nothing was saved for this step, the last "
                                  f"good checkpoint is kept (continue from it with --resume, e.g. with a lower lr)")
-
-
-def _parallel(model: nn.Module, ctx: D.Dist, sharding: str = "ddp") -> nn.Module:
-    """The module the loop calls: `model` itself in one process or after FSDP2 `fully_shard` (every block,
-    then the root; parameters become sharded DTensors in place), else a DDP wrapper around it."""
-    if not ctx.active:
-        return model
-    if sharding == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-        for stack in (model.pre, model.valley, model.post):
-            for block in stack:
-                fully_shard(block)
-        fully_shard(model)
-        return model
-    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-
-
-def _local(x: Tensor) -> Tensor:
-    """A plain tensor from a possibly sharded DTensor result (norms under FSDP)."""
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
 def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset, out: str | Path,
@@ -435,21 +241,21 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     ema = _ema_copy(model)
     usage = torch.zeros(model_cfg.n_codes, dtype=torch.long, device=device)  # since the last dead-code check
     parts = {"model": model, "disc": disc, "optimizer": opt, "optimizer_disc": opt_d, "scaler": scaler}
-    step, rng, ckpt = _restore(out, "tokenizer", parts, ema, resume, ctx)
-    _set_hparams([opt, opt_d], None, cfg, step)
+    step, rng, ckpt = runs.restore(out, "tokenizer", parts, ema, resume, ctx)
+    runs.set_hparams([opt, opt_d], None, cfg, step)
     if "usage" in ckpt:
         usage.copy_(ckpt["usage"])
-    net, net_d = _parallel(model, ctx), _parallel(disc, ctx)
+    net, net_d = D.parallel(model, ctx), D.parallel(disc, ctx)
 
     def save() -> Path:
-        return _save(out, "tokenizer", model_cfg, cfg, parts, ema, step, ctx, usage=usage.cpu())
+        return runs.save(out, "tokenizer", model_cfg, cfg, parts, ema, step, ctx, usage=usage.cpu())
 
     data = _loader(dataset, cfg, step, ctx, rng)
     fixed = torch.stack([dataset[i][0] for i in range(min(16, len(dataset)))]).to(device)
     log_usage = torch.zeros_like(usage)
     bar = tqdm(total=cfg.steps, initial=step, desc="train-vqgan", disable=_quiet(progress, ctx), dynamic_ncols=True)
     t0, images_seen, grid_tokens = time.time(), 0, 0
-    with _StopOnSignal() as stop:
+    with runs.StopOnSignal() as stop:
         while step < cfg.steps:
             batch = next(data)[0].to(device)
             gan_on = step >= cfg.disc_start and cfg.disc_weight > 0
@@ -519,7 +325,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
                           "images_per_s": images_seen / seconds, "tokens_per_s": images_seen * grid_tokens / seconds}
                 log_usage.zero_()
                 if ctx.main:
-                    _log(out / "log.jsonl", record)
+                    runs.log_record(out / "log.jsonl", record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.1f}")
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save()
@@ -561,8 +367,9 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     model = Hourglass(model_cfg).to(device)
     ema = _ema_copy(model)
     sharded = ctx.active and cfg.sharding == "fsdp"
-    if sharded:
-        _parallel(model, ctx, "fsdp"), _parallel(ema, ctx, "fsdp")
+    if sharded:  # every block, then the root; parameters become sharded DTensors in place
+        for module in (model, ema):
+            D.parallel(module, ctx, shard=[*module.pre, *module.valley, *module.post])
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
@@ -571,12 +378,12 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
-    step, rng, _ = _restore(out, "generator", parts, ema, resume, ctx)
-    _set_hparams([opt], sched, cfg, step)
-    net = model if sharded else _parallel(model, ctx)
+    step, rng, _ = runs.restore(out, "generator", parts, ema, resume, ctx)
+    runs.set_hparams([opt], sched, cfg, step)
+    net = model if sharded else D.parallel(model, ctx)
 
     def save() -> Path:
-        return _save(out, "generator", model_cfg, cfg, parts, ema, step, ctx, meta=meta)
+        return runs.save(out, "generator", model_cfg, cfg, parts, ema, step, ctx, meta=meta)
 
     conditional = model_cfg.num_classes > 0
     data = _loader(dataset, cfg, step, ctx, rng)
@@ -584,7 +391,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     grid_labels = torch.arange(min(model_cfg.num_classes, 10) or 1, device=device).repeat_interleave(8)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=_quiet(progress, ctx), dynamic_ncols=True)
     t0, tokens_seen = time.time(), 0
-    with _StopOnSignal() as stop:
+    with runs.StopOnSignal() as stop:
         while step < cfg.steps:
             tokens, labels = next(data)
             tokens, labels = tokens.to(device), labels.to(device)
@@ -603,7 +410,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
             sums = D.mean(sums, ctx)
             _check_finite(sums[0], step)
             scaler.unscale_(opt)
-            grad_norm = _local(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+            grad_norm = D.local(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -618,7 +425,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                           "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
                           "tokens_per_s": tokens_seen / (time.time() - t0)}
                 if ctx.main:
-                    _log(out / "log.jsonl", record)
+                    runs.log_record(out / "log.jsonl", record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save()
