@@ -189,6 +189,24 @@ def test_sigterm_saves_at_a_step_boundary_and_resumes_exactly(tokens, tmp_path):
     assert steps == list(range(1, step + 4))  # no duplicates from the interrupted run
 
 
+def test_ctrl_c_under_torchrun_saves_at_a_step_boundary(tokens, tmp_path):
+    # Ctrl-C reaches torchrun and both workers (SIGINT to the process group); torchrun then sends SIGTERM.
+    run = tmp_path / "run"
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "sundae", "train", "--tokens", str(tokens),
+           "--out", str(run), "--preset", "tiny", "--set", "steps=1000000", "--set", "batch_size=4",
+           "--set", "log_every=1", "--set", "save_every=1000000", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 90
+    while not ((run / "log.jsonl").is_file() and len((run / "log.jsonl").read_text().splitlines()) >= 3):
+        assert time.time() < deadline and proc.poll() is None, "training did not start"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=90)
+    step = _ckpt(run)["step"]
+    assert f"stopped by SIGINT at step {step}" in err
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"] == step
+
+
 SLOW_WRITER = """
 import sys, time, torch
 import sundae.checkpoint as C

@@ -64,7 +64,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 class StopOnSignal:
     """While active, SIGTERM/SIGINT only set `signum`; the loop checks it at step boundaries, saves and stops.
-    A second signal before that raises KeyboardInterrupt at once (the last checkpoint stays as it was).
+    A second Ctrl-C (SIGINT) before that raises KeyboardInterrupt at once (the last checkpoint stays as it
+    was). Further SIGTERMs change nothing: torchrun answers Ctrl-C by sending its workers SIGTERM too.
 
     Handlers can only be installed from the main thread; elsewhere this does nothing.
     """
@@ -77,9 +78,9 @@ class StopOnSignal:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum:
+        if self.signum == signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
@@ -87,7 +88,7 @@ class StopOnSignal:
 
 
 def restore(out: Path, kind: str, parts: dict[str, Any], ema: nn.Module, resume: bool,
-             ctx: D.Dist) -> tuple[int, Any, dict[str, Any]]:
+            ctx: D.Dist) -> tuple[int, Any, dict[str, Any]]:
     """Load the run's last checkpoint `out/<kind>.pt` into `parts` (key -> object with load_state_dict) and
     the EMA. Returns (step, RNG state, the checkpoint), or (0, None, {}) when there is no checkpoint yet.
     Every rank reads the file (the run folder must be on storage all nodes see). Rank 0 drops log records
@@ -177,8 +178,8 @@ def load_state(obj: Any, state: dict[str, Any], model: nn.Module) -> None:
 
 
 def save(out: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str, Any], ema: nn.Module,
-          step: int, ctx: D.Dist, **extra: Any) -> Path:
-    """Write everything `_restore` needs, plus `extra` keys, atomically to the resumable `out/<kind>.pt` and
+         step: int, ctx: D.Dist, **extra: Any) -> Path:
+    """Write everything `restore` needs, plus `extra` keys, atomically to the resumable `out/<kind>.pt` and
     to a numbered copy `out/checkpoints/step_NNNNNNN.pt` (rank 0 writes; all ranks must call). The weights are
     the unwrapped module's, so a checkpoint from N processes loads in one and the reverse. Returns the former.
     """
