@@ -236,6 +236,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tokens, tmp_pa
     proc.kill()
     proc.wait(timeout=30)
     assert load_checkpoint(run / "generator.pt", "generator")["step"] == 10
+    assert len(list(run.glob(".generator.pt.*.tmp"))) == 1  # the interrupted write
     # and the run continues from it; log records after step 10, and a line cut short by a crash, are dropped.
     with open(run / "log.jsonl", "a") as fh:
         fh.write('{"step": 2')
@@ -243,6 +244,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tokens, tmp_pa
                     {"grid": [4, 4]}, resume=True, progress=False)
     assert _ckpt(run)["step"] == 12
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [5, 10, 12]
+    assert not list(run.glob(".*.tmp"))
 
 
 def test_non_finite_loss_keeps_the_last_good_checkpoint_and_resume_works(tokens, tmp_path):

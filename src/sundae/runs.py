@@ -92,7 +92,7 @@ def restore(out: Path, kind: str, parts: dict[str, Any], ema: nn.Module, resume:
     """Load the run's last checkpoint `out/<kind>.pt` into `parts` (key -> object with load_state_dict) and
     the EMA. Returns (step, RNG state, the checkpoint), or (0, None, {}) when there is no checkpoint yet.
     Every rank reads the file (the run folder must be on storage all nodes see). Rank 0 drops log records
-    after the restored step.
+    after the restored step and the temporary files of checkpoint writes that a crash interrupted.
 
     Raises FileExistsError when a checkpoint exists but `resume` is False (a new run would overwrite it).
     """
@@ -111,6 +111,9 @@ def restore(out: Path, kind: str, parts: dict[str, Any], ema: nn.Module, resume:
     step = ckpt.get("step", 0)
     if ctx.main:
         trim_log(out / "log.jsonl", step)
+        for folder in (out, out / "checkpoints"):  # temporary files of writes a crash cut short
+            for tmp in folder.glob(".*.pt.*.tmp"):
+                tmp.unlink(missing_ok=True)
     return step, ckpt.get("rng"), ckpt
 
 
