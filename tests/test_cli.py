@@ -191,3 +191,24 @@ def test_resume_continues_with_the_stored_settings(image_folder, tmp_path):
     run("train-vqgan", "--data", image_folder, "--out", out, "--preset", "tiny", "--resume", "--device", "cpu")
     resumed = torch.load(out / "tokenizer.pt", weights_only=True)
     assert resumed["step"] == 3 and resumed["train"]["batch_size"] == 4
+
+
+def test_export_folders_load_and_sample_like_the_checkpoints(pipeline, tmp_path, capsys):
+    run("export", pipeline / "gen", tmp_path / "gen")  # a run folder: its generator.pt
+    run("export", pipeline / "tok" / "tokenizer.pt", tmp_path / "tok")
+    info = json.loads((tmp_path / "gen" / "config.json").read_text())
+    assert info["kind"] == "generator" and info["weights"] == "ema" and info["meta"]["grid"] == [8, 8]
+    from safetensors.torch import load_file
+    ema = torch.load(pipeline / "gen" / "generator.pt", weights_only=True)["ema"]
+    exported = load_file(tmp_path / "gen" / "model.safetensors")
+    assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)
+    common = ["--num", 4, "--steps", 4, "--class", "1", "--device", "cpu"]
+    run("sample", "--generator", pipeline / "gen" / "generator.pt", "--out", tmp_path / "a", *common)
+    run("sample", "--generator", tmp_path / "gen", "--tokenizer", tmp_path / "tok", "--out", tmp_path / "b", *common)
+    assert (tmp_path / "a" / "grid.png").read_bytes() == (tmp_path / "b" / "grid.png").read_bytes()
+    capsys.readouterr()
+    assert "holds a generator, but a tokenizer" in fails(capsys, "reconstruct", "--tokenizer", tmp_path / "gen",
+                                                         "--data", tmp_path, "--out", tmp_path / "c.png")
+    (tmp_path / "gen" / "model.safetensors").unlink()
+    assert "model.safetensors is missing" in fails(capsys, "sample", "--generator", tmp_path / "gen", "--out",
+                                                   tmp_path / "c")

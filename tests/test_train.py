@@ -25,6 +25,18 @@ def test_epoch_batch_sampler_resumes_at_the_same_batch():
         EpochBatchSampler(2, 3, seed=0)
 
 
+def test_ranks_split_the_same_global_batches():
+    # 11 items, global batch 4 over 2 ranks: rank r gets half r of every 1-process batch, also after a resume.
+    one = iter(EpochBatchSampler(11, 4, seed=2))
+    batches = [next(one) for _ in range(6)]
+    for start in (0, 4):
+        ranks = [iter(EpochBatchSampler(11, 4, seed=2, start_step=start, rank=r, world=2)) for r in (0, 1)]
+        for batch in batches[start:]:
+            assert next(ranks[0]) + next(ranks[1]) == batch
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        EpochBatchSampler(11, 4, seed=0, world=3)
+
+
 @pytest.fixture()
 def token_dir(tmp_path):
     rng = np.random.default_rng(0)
@@ -97,3 +109,17 @@ def test_make_grid_places_images():
     grid = make_grid(imgs, nrow=2, pad=1, value=-1.0)
     assert grid.shape == (1, 1 + 2 * 3, 1 + 2 * 3)
     assert grid[0, 1, 1] == 0 and grid[0, 1, 4] == 1 and grid[0, 4, 1] == 2 and grid[0, 4, 4] == -1
+
+
+def test_fp16_training_resumes_with_its_gradient_scaler(token_dir, tmp_path):
+    ds, meta = TokenDataset(token_dir), {"grid": [4, 4]}
+    cfg = dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=6, batch_size=4, save_every=3, precision="fp16")
+    a = train_generator(HG["tiny"], cfg, ds, tmp_path / "a", meta, progress=False)
+    train_generator(HG["tiny"], dataclasses.replace(cfg, steps=3), ds, tmp_path / "b", meta, progress=False)
+    b = train_generator(HG["tiny"], cfg, ds, tmp_path / "b", meta, resume=True, progress=False)
+    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    # The scaler counted 6 good steps in both (3 of them before the resume), at the initial scale 2^16.
+    assert sa["scaler"]["_growth_tracker"] == sb["scaler"]["_growth_tracker"] == 6
+    assert sa["scaler"]["scale"] == sb["scaler"]["scale"] == 2.0 ** 16
+    for key in sa["model"]:
+        torch.testing.assert_close(sa["model"][key], sb["model"][key], rtol=0, atol=0)

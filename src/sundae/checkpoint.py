@@ -1,21 +1,28 @@
 """The one on-disk format: a dict of tensors and primitives, loadable with `torch.load(weights_only=True)`.
 
 Keys: `format` ("sundae"), `version`, `kind` ("tokenizer" or "generator"), `config` (the model's dataclass
-as a dict), `model` and `ema` state dicts, and for resumable training `optimizer`, `step`, `rng`, `train`
-(the training config as a dict) and free-form `meta` (for a generator: token grid, tokenizer path,
-class names). Writes are atomic: a temporary file beside the target, then a rename.
+as a dict), `model` and `ema` state dicts, and for resumable training `optimizer` (and `scheduler`,
+`scaler`, `disc`, ...), `step`, `data` (batches seen, global batch size, seed), `rng`, `world` (processes
+that wrote it), `train` (the training config as a dict) and free-form `meta` (for a generator: token grid,
+tokenizer path, class names). Weights are always the unwrapped module's (no DDP/FSDP prefixes), so a
+checkpoint written by N processes loads in one. Writes are atomic: a temporary file beside the target, then
+a rename.
+
+For sharing, `export` writes a folder with `config.json` (kind, model config, meta) and `model.safetensors`
+(the EMA weights); every loader here also accepts such a folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from sundae.data import atomic_write
+from sundae.data import atomic_write, write_json
 from sundae.hourglass import Hourglass, HourglassConfig
 from sundae.vqgan import VQGAN, VQGANConfig
 
@@ -37,23 +44,29 @@ def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config
         raise ValueError(f"{source}: invalid {cls.__name__}: {err}") from None
 
 
-def save_checkpoint(path: str | Path, kind: str, config: Any, model: nn.Module, **extra: Any) -> None:
-    """Write a checkpoint atomically. `config` is the model's dataclass; `extra` adds keys (ema, step, ...)."""
+def save_checkpoint(path: str | Path, kind: str, config: Any, model: nn.Module | dict[str, Any],
+                    **extra: Any) -> None:
+    """Write a checkpoint atomically. `config` is the model's dataclass, `model` a module or its state dict;
+    `extra` adds keys (ema, step, ...)."""
+    state = model if isinstance(model, dict) else model.state_dict()
     payload = {"format": FORMAT, "version": VERSION, "kind": kind, "config": dataclasses.asdict(config),
-               "model": model.state_dict(), **extra}
+               "model": state, **extra}
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_checkpoint(path: str | Path, kind: str) -> dict[str, Any]:
-    """Read a checkpoint of `kind` with weights_only=True.
+def load_checkpoint(path: str | Path, kind: str | None) -> dict[str, Any]:
+    """Read a checkpoint of `kind` (None: either) with weights_only=True, or an `export` folder (which holds
+    only `kind`, `config`, `model` and `meta`).
 
     Raises FileNotFoundError, or ValueError naming the file when it is truncated, not a sundae checkpoint,
     or of the other kind.
     """
     path = Path(path)
     if path.is_dir():
-        hint = f": did you mean {path / f'{kind}.pt'}?" if (path / f"{kind}.pt").is_file() else ""
-        raise FileNotFoundError(f"{path} is a folder, expected a {kind} checkpoint file{hint}")
+        if (path / "config.json").is_file() or not (path / f"{kind}.pt").is_file():
+            return _load_export(path, kind)  # names the missing file of an export folder
+        raise FileNotFoundError(f"{path} is a folder, expected a {kind} checkpoint file or an exported model "
+                                f"folder: did you mean {path / f'{kind}.pt'}?")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -62,8 +75,8 @@ def load_checkpoint(path: str | Path, kind: str) -> dict[str, Any]:
         raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a sundae checkpoint")
-    if ckpt.get("kind") != kind:
-        raise ValueError(f"{path} holds a {ckpt.get('kind')}, but a {kind} was expected")
+    if ckpt.get("kind") != kind and (kind is not None or ckpt.get("kind") not in ("tokenizer", "generator")):
+        raise ValueError(f"{path} holds a {ckpt.get('kind')}, but a {kind or 'tokenizer or generator'} was expected")
     return ckpt
 
 
@@ -89,3 +102,47 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu",
     """(Hourglass with EMA weights by default, eval mode on `device`; the checkpoint's `meta` dict)."""
     ckpt = load_checkpoint(path, "generator")
     return _build(ckpt, Path(path), Hourglass, HourglassConfig, ema).to(device), ckpt.get("meta", {})
+
+
+def export(path: str | Path, out: str | Path, ema: bool = True) -> Path:
+    """Write the model of checkpoint `path` (EMA weights by default) to the folder `out` as `config.json`
+    (format, version, kind, model config, meta, source file and its sha256) and `model.safetensors`, each
+    atomically. Returns `out`. Raises what `load_checkpoint` raises.
+    """
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    path, out = Path(path), Path(out)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (export reads a .pt checkpoint)")
+    ckpt = load_checkpoint(path, None)
+    state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    tensors = {k: v.contiguous().clone() for k, v in state.items()}  # safetensors refuses shared storage
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    write_json(out / "config.json", {"format": FORMAT, "version": VERSION, "kind": ckpt["kind"],
+                                     "config": ckpt["config"], "meta": ckpt.get("meta", {}),
+                                     "weights": "ema" if state is ckpt.get("ema") else "model",
+                                     "source": str(path.resolve()), "source_sha256": digest})
+    return out
+
+
+def _load_export(path: Path, kind: str) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is missing: an exported model folder holds config.json and "
+                                    f"model.safetensors (`sundae export`)")
+    try:
+        info = json.loads((path / "config.json").read_text())
+        state = load_file(path / "model.safetensors")
+    except (json.JSONDecodeError, SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable exported model: {err}") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise ValueError(f"{path / 'config.json'} is not a sundae export")
+    if info.get("kind") != kind:
+        raise ValueError(f"{path} holds a {info.get('kind')}, but a {kind} was expected")
+    return {"format": FORMAT, "kind": kind, "config": info["config"], "model": state, "meta": info.get("meta", {})}

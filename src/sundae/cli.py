@@ -1,9 +1,9 @@
 """`sundae <verb>`: the command line. Each verb is a thin wrapper over importable functions.
 
-Verbs: train-vqgan, convert-taming, reconstruct, tokenize, train, sample, inpaint, quickstart. Configs come
-from named presets plus `--set key=value` overrides checked against the dataclass fields. Images are read by
-`sundae.data.read_image`'s policy; errors are one line (`--debug` shows the traceback); the library's
-warnings (skipped files, ...) print as `sundae VERB: warning: ...`.
+Verbs: train-vqgan, convert-taming, reconstruct, tokenize, train, sample, inpaint, export, demo, quickstart.
+Configs come from named presets plus `--set key=value` overrides checked against the dataclass fields. Images
+are read by `sundae.data.read_image`'s policy; errors are one line (`--debug` shows the traceback); the
+library's warnings (skipped files, ...) print as `sundae VERB: warning: ...`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,18 +24,24 @@ import torch
 from tqdm.auto import tqdm
 
 from sundae import data as D
-from sundae.checkpoint import config_from_dict, load_checkpoint, load_generator, load_tokenizer
+from sundae.checkpoint import config_from_dict, export, load_checkpoint, load_generator, load_tokenizer
 from sundae.evaluate import codebook_usage, psnr
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.sundae import check_schedule, sample, token_keep_mask
-from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, resolve_device, train_generator,
-                          train_vqgan)
+from sundae.distributed import Dist, barrier, gather_to_main, setup, teardown
+from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, Interrupted, resolve_device,
+                          train_generator, train_vqgan)
 from sundae.vqgan import PRESETS as VQGAN_PRESETS
 from sundae.vqgan import VQGAN, token_grid
 
 
 class UsageError(ValueError):
     """A bad argument: printed as one line, exit status 2."""
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 prints results."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _parse_value(key: str, text: str, default: Any) -> Any:
@@ -100,7 +108,13 @@ def _preset(table: dict, name: str, what: str) -> Any:
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file, hex: identifies which tokenizer checkpoint made a token file."""
+    """sha256 of a file, hex: identifies which tokenizer checkpoint made a token file. For an exported model
+    folder, the sha256 of the checkpoint it was exported from."""
+    if Path(path).is_dir():
+        try:
+            return str(json.loads((Path(path) / "config.json").read_text()).get("source_sha256", ""))
+        except (OSError, json.JSONDecodeError, AttributeError) as err:
+            raise ValueError(f"{path}/config.json is not an exported model's config: {err}") from None
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -129,43 +143,112 @@ def cmd_train_vqgan(args: argparse.Namespace) -> None:
     model_cfg, train_cfg = _run_configs(args, "tokenizer", VQGAN_PRESETS, VQGAN_TRAIN_PRESETS)
     dataset = D.open_images(args.data, model_cfg.resolution, model_cfg.in_channels, "train", args.strict)
     path = train_vqgan(model_cfg, train_cfg, dataset, args.out, args.device, args.resume)
-    print(f"tokenizer written to {path}")
+    if _rank() == 0:
+        print(f"tokenizer written to {path}")
 
 
 @torch.no_grad()
 def encode_dataset(tokenizer: VQGAN, dataset: torch.utils.data.Dataset, batch_size: int,
-                   device: torch.device, desc: str = "tokenize") -> tuple[np.ndarray, np.ndarray]:
+                   device: torch.device, desc: str = "tokenize",
+                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Encode every image of `dataset` -> (tokens uint16 `N h w`, labels int64 `N`)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     tokens, labels = [], []
-    for x, y in tqdm(loader, desc=desc, dynamic_ncols=True):
+    for x, y in tqdm(loader, desc=desc, dynamic_ncols=True, disable=not progress or None):
         tokens.append(tokenizer.encode(x.to(device)).cpu().numpy().astype(np.uint16))
         labels.append(y.numpy().astype(np.int64))
+    if not tokens:
+        return np.zeros((0, 0, 0), np.uint16), np.zeros(0, np.int64)
     return np.concatenate(tokens), np.concatenate(labels)
 
 
-def write_token_folder(out: str | Path, tokens: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> None:
-    """Write `tokens.npy` (uint16 `N h w`), `labels.npy` and `meta.json` into `out`, each atomically."""
+class SourceRows(torch.utils.data.Dataset):
+    """Items of `dataset` picked by `rows` (`n 2` int64: source index, flipped 0/1), horizontally flipped
+    where asked: the paper stores a flipped copy of every training image (augmentation)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, rows: np.ndarray):
+        self.dataset, self.rows = dataset, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[int(self.rows[i, 0])]
+        return (x.flip(-1) if self.rows[i, 1] else x), y
+
+
+def split_rows(n: int, eval_fraction: float, seed: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/eval split of `n` source images -> (train rows, eval rows), each `m 2` int64
+    (source index, flipped), sorted by source index.
+
+    round(eval_fraction * n) images chosen by a permutation seeded with `seed` go to eval; the split is made
+    on source images before flipping, so an image and its flipped copy (train only, when `flip`) are always on
+    the same side. Raises ValueError unless 0 <= eval_fraction < 1.
+    """
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval fraction must be in [0, 1), got {eval_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    held = np.sort(perm[:round(eval_fraction * n)])
+    kept = np.setdiff1d(np.arange(n), held)
+    train = np.stack([np.repeat(kept, 2), np.tile([0, 1], len(kept))], 1) if flip else \
+        np.stack([kept, np.zeros_like(kept)], 1)
+    return train.astype(np.int64), np.stack([held, np.zeros_like(held)], 1).astype(np.int64)
+
+
+def write_token_folder(out: str | Path, tokens: np.ndarray, labels: np.ndarray, meta: dict[str, Any],
+                       sources: np.ndarray | None = None) -> None:
+    """Write `tokens.npy` (uint16 `N h w`), `labels.npy`, `meta.json` and, when given, `sources.npy`
+    (`N 2` int64: source image index, flipped) into `out`, each atomically."""
     out = Path(out)
     D.atomic_write(out / "tokens.npy", lambda tmp: np.save(open(tmp, "wb"), tokens.astype(np.uint16)))
     D.atomic_write(out / "labels.npy", lambda tmp: np.save(open(tmp, "wb"), labels.astype(np.int64)))
+    if sources is not None:
+        D.atomic_write(out / "sources.npy", lambda tmp: np.save(open(tmp, "wb"), sources.astype(np.int64)))
     D.write_json(out / "meta.json", {**meta, "grid": list(tokens.shape[1:]), "count": len(tokens)})
 
 
+def _encode_rows(tokenizer: VQGAN, dataset: torch.utils.data.Dataset, rows: np.ndarray, batch_size: int,
+                 ctx: Dist, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Encode `rows` of `dataset`, a contiguous share per rank, gathered on rank 0 in the original order
+    (other ranks get empty arrays). Ranks never wait on each other while encoding, whatever the count."""
+    share = np.array_split(np.arange(len(rows)), ctx.world)[ctx.rank]
+    part = encode_dataset(tokenizer, SourceRows(dataset, rows[share]), batch_size, ctx.device, desc, ctx.main)
+    parts = gather_to_main(part, ctx)
+    if parts is None:
+        return np.zeros((0, 0, 0), np.uint16), np.zeros(0, np.int64)
+    parts = [p for p in parts if len(p[1])]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out: str | Path,
-             device: torch.device, batch_size: int = 256, class_names: Sequence[str] = ()) -> Path:
-    """Encode `dataset` with the tokenizer checkpoint into a token folder (see `sundae.data`)."""
-    tokenizer = load_tokenizer(tokenizer_path, device)
+             device: torch.device, batch_size: int = 256, class_names: Sequence[str] = (), flip: bool = False,
+             eval_fraction: float = 0.0, split_seed: int = 0) -> Path:
+    """Encode `dataset` with the tokenizer checkpoint into a token folder (see `sundae.data`).
+
+    `flip` adds a horizontally flipped copy of every training image; `eval_fraction` > 0 holds out that
+    share of the images (`split_rows`, unflipped) in the token folder `out/eval`. `sources.npy` says which
+    image each row came from. Under torchrun the images are split across ranks and rank 0 writes one folder,
+    identical to a single-process run's.
+    """
+    ctx = setup(device)
+    tokenizer = load_tokenizer(tokenizer_path, ctx.device)
     if tokenizer.cfg.n_codes > 65536:
         raise UsageError(f"{tokenizer_path}: {tokenizer.cfg.n_codes} codes do not fit the uint16 token file")
-    tokens, labels = encode_dataset(tokenizer, dataset, batch_size, device)
+    train_rows, eval_rows = split_rows(len(dataset), eval_fraction, split_seed, flip)
     num_classes = int(getattr(dataset, "num_classes", 0))
     image_size = list(dataset[0][0].shape[-2:]) if len(dataset) else None  # pixels, before the tokenizer's padding
     meta = {"n_codes": tokenizer.cfg.n_codes, "f": tokenizer.cfg.f, "tokenizer": str(Path(tokenizer_path).resolve()),
             "tokenizer_sha256": file_digest(tokenizer_path), "num_classes": num_classes,
             "class_names": list(class_names or getattr(dataset, "classes", []) or []),
-            "channels": tokenizer.cfg.in_channels, "image_size": image_size}
-    write_token_folder(out, tokens, labels, meta)
+            "channels": tokenizer.cfg.in_channels, "image_size": image_size, "flip": flip,
+            "eval_fraction": eval_fraction, "split_seed": split_seed}
+    for split, rows, folder in (("train", train_rows, Path(out)), ("eval", eval_rows, Path(out) / "eval")):
+        if len(rows) == 0:
+            continue
+        tokens, labels = _encode_rows(tokenizer, dataset, rows, batch_size, ctx, f"tokenize {split}")
+        if ctx.main:
+            write_token_folder(folder, tokens, labels, {**meta, "split": split}, sources=rows)
+    barrier(ctx)
     return Path(out)
 
 
@@ -174,8 +257,10 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     cfg = load_tokenizer(args.tokenizer).cfg
     dataset = D.open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split, args.strict)
     names = D.FASHION_MNIST_CLASSES if D.is_idx_dataset(args.data) else ()
-    out = tokenize(args.tokenizer, dataset, args.out, device, args.batch_size, names)
-    print(f"tokens written to {out}")
+    out = tokenize(args.tokenizer, dataset, args.out, device, args.batch_size, names, args.flip,
+                   args.eval_fraction, args.split_seed)
+    if _rank() == 0:
+        print(f"tokens written to {out}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -198,7 +283,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     meta = {k: dataset.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names",
                                               "image_size")}
     path = train_generator(model_cfg, train_cfg, dataset, args.out, meta, tokenizer, device, args.resume)
-    print(f"generator written to {path}")
+    if _rank() == 0:
+        print(f"generator written to {path}")
 
 
 def class_logits_fn(net: torch.nn.Module, labels: torch.Tensor | None, precision: str = "fp32",
@@ -425,6 +511,17 @@ def cmd_convert_taming(args: argparse.Namespace) -> None:
           f"images -> {cfg.resolution // cfg.f}x{cfg.resolution // cfg.f} tokens)")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    source = Path(args.checkpoint)
+    if source.is_dir():  # a run folder: its last checkpoint
+        found = [source / f"{kind}.pt" for kind in ("generator", "tokenizer") if (source / f"{kind}.pt").is_file()]
+        if len(found) != 1:
+            raise UsageError(f"{source} holds {len(found)} of generator.pt/tokenizer.pt: pass the checkpoint file")
+        source = found[0]
+    out = export(source, args.out, ema=not args.no_ema)
+    print(f"{source} exported to {out}/config.json and {out}/model.safetensors")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from sundae.quickstart import QUICKSTART_PRESETS, quickstart
     cfg = _preset(QUICKSTART_PRESETS, args.preset, "quickstart")
@@ -521,6 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenize", help="encode a dataset once into a token folder")
     _encode_args(p, "folder for tokens.npy, labels.npy, meta.json", split="train")
     p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--flip", action="store_true", help="also store a horizontally flipped copy of every "
+                   "training image (the paper's augmentation)")
+    p.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this share of the images, "
+                   "chosen by --split-seed, as a token folder OUT/eval (an image and its flip stay together)")
+    p.add_argument("--split-seed", type=int, default=0)
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("train", help="train the SUNDAE hourglass generator on a token folder")
@@ -562,6 +664,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_demo)
 
+
+    p = sub.add_parser("export", help="write a checkpoint's model as config.json + model.safetensors for sharing")
+    p.add_argument("checkpoint", help="a .pt checkpoint, or a run folder (its generator.pt or tokenizer.pt)")
+    p.add_argument("out", help="folder; every command accepts it where it accepts the checkpoint")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("quickstart", help="the whole pipeline on Fashion-MNIST: tokenizer, generator, metrics")
     p.add_argument("--data", default=str(D.FASHION_MNIST_DIR), help="folder with the Fashion-MNIST idx files")
     p.add_argument("--out", default="quickstart", help="output folder")
@@ -598,6 +707,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.verb != "reconstruct" and out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} is a file: expected a folder (it is created if missing)")
         args.func(args)
+    except Interrupted as err:  # SIGTERM/SIGINT during training: saved at a step boundary
+        if args.debug:
+            raise
+        if _rank() == 0:
+            print(f"sundae {args.verb}: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum)
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -607,10 +722,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as err:
         if args.debug:
             raise
-        expected = isinstance(err, (UsageError, OSError, ValueError))
+        expected = isinstance(err, (UsageError, OSError, ValueError, FloatingPointError))
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = "" if expected else f" ({type(err).__name__}; run with --debug for the traceback)"
         print(f"sundae {args.verb}: error: {text}{hint}", file=sys.stderr)
         sys.exit(2)
     finally:
         D.log.removeHandler(handler)
+        teardown()

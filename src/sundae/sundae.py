@@ -10,7 +10,7 @@ Shapes: tokens `b h w` int64 in [0, v); logits `b h w v` float.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,37 +19,51 @@ from torch import Tensor
 # logits_fn(tokens `b' h w`, rows `b'` int64 indices into the caller's batch) -> logits `b' h w v`.
 # `rows` tells a conditioning closure which samples are still in the batch (finished ones leave it).
 LogitsFn = Callable[[Tensor, Tensor], Tensor]
+# One generator for the batch, or one per sample: per-sample generators make a sample's noise independent of
+# how the batch is split over processes and gradient-accumulation steps (see sundae.train).
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def corrupt(tokens: Tensor, vocab_size: int, generator: torch.Generator | None = None) -> Tensor:
+def _draw(fn: Callable[..., Tensor], shape: Sequence[int], device: torch.device, generator: Generators,
+          *args: int) -> Tensor:
+    """fn(*args, shape, device=, generator=) (torch.rand or torch.randint), row by row for per-sample generators."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return fn(*args, tuple(shape), device=device, generator=generator)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+    return torch.cat([fn(*args, (1, *shape[1:]), device=device, generator=g) for g in generator])
+
+
+def corrupt(tokens: Tensor, vocab_size: int, generator: Generators = None) -> Tensor:
     """q(z0 | z): per sample a rate a ~ U(0, 1); each token independently becomes, with probability a,
     a token drawn uniformly from the codebook (Savinov et al. section 3, eq. 4). No mask token.
 
-    `b h w` int64 -> `b h w` int64.
+    `b h w` int64 -> `b h w` int64. `generator`: one, or a sequence of `b` (one per sample).
     """
-    rate = torch.rand(tokens.shape[0], 1, 1, device=tokens.device, generator=generator)
-    replace = torch.rand(tokens.shape, device=tokens.device, generator=generator) < rate
-    noise = torch.randint(0, vocab_size, tokens.shape, device=tokens.device, generator=generator)
+    rate = _draw(torch.rand, (tokens.shape[0], 1, 1), tokens.device, generator)
+    replace = _draw(torch.rand, tokens.shape, tokens.device, generator) < rate
+    noise = _draw(torch.randint, tokens.shape, tokens.device, generator, 0, vocab_size)
     return torch.where(replace, noise, tokens)
 
 
-def sample_logits(logits: Tensor, temperature: float | Tensor = 1.0,
-                  generator: torch.Generator | None = None, uniform: Tensor | None = None) -> Tensor:
+def sample_logits(logits: Tensor, temperature: float | Tensor = 1.0, generator: Generators = None,
+                  uniform: Tensor | None = None) -> Tensor:
     """Draw from Categorical(softmax(logits / temperature)) at every position, in float32 (Gumbel-max).
 
     `... v` float -> `...` int64. `temperature` is a float or a tensor broadcastable to `...` (per sample).
+    `generator`: one, or a sequence of `b` (one per sample, `b` the first dimension).
     `uniform`: optional U(0, 1) draws of the shape of `logits` to use instead of drawing from `generator`.
     """
     if isinstance(temperature, Tensor):
         temperature = temperature[..., None]
     if uniform is None:
-        uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
+        uniform = _draw(torch.rand, logits.shape, logits.device, generator)
     u = uniform.clamp(1e-20, 1.0 - 1e-7)
     return (logits.float() / temperature - torch.log(-torch.log(u))).argmax(-1)
 
 
 def unrolled_loss(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, vocab_size: int,
-                  unroll_steps: int = 2, generator: torch.Generator | None = None) -> tuple[Tensor, list[Tensor]]:
+                  unroll_steps: int = 2, generator: Generators = None) -> tuple[Tensor, list[Tensor]]:
     """Step-unrolled denoising loss (Savinov et al. section 3.1, eq. 6).
 
     z0 = corrupt(z); logits_1 = f(z0); for t > 1, z_{t-1} ~ Categorical(logits_{t-1}) at temperature 1,

@@ -2,16 +2,24 @@
 
 The only code that owns optimizers and writes files during training. A run folder holds `tokenizer.pt` or
 `generator.pt` (the last checkpoint, resumable), `checkpoints/step_NNNNNNN.pt`, `log.jsonl` and
-`samples/step_NNNNNNN.png` grids made with the EMA weights.
+`samples/step_NNNNNNN.png` grids made with the EMA weights (see `sundae.runs`).
+
+One code path from one CPU to many nodes (`sundae.distributed`): under `torchrun` the model is wrapped in
+DDP (or sharded with FSDP2 `fully_shard`, generator only), each rank reads its slice of the same global
+batch, rank 0 writes every file and logs losses averaged over ranks. `batch_size` is the global batch: it
+is split over the processes and `grad_accum` micro-batches, and the generator's noise is drawn per sample
+(seeded by step and position in the global batch), so 1 process, N processes and accumulation give the
+same update up to float rounding. SIGTERM/SIGINT stop a run at the next step boundary after a checkpoint.
+EMA weights start as a copy of the model and follow ema <- d * ema + (1 - d) * weights after every step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
+import copy
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +28,20 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from sundae.checkpoint import load_checkpoint, save_checkpoint
+from sundae import distributed as D
+from sundae import runs
 from sundae.data import save_grid
+from sundae.distributed import EpochBatchSampler
 from sundae.hourglass import Hourglass, HourglassConfig
 from sundae.losses import LPIPS, PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
 from sundae.sundae import sample, unrolled_loss
 from sundae.vqgan import VQGAN, VQGANConfig
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -37,7 +49,8 @@ class VQGANTrainConfig:
     """Stage-1 training; defaults follow Esser et al. and the paper's FFHQ1024 config."""
 
     steps: int = 100_000
-    batch_size: int = 8
+    batch_size: int = 8  # global: split over processes and grad_accum micro-batches
+    grad_accum: int = 1
     lr: float = 3.6e-5  # taming's 4.5e-6 per image x batch 8
     betas: tuple[float, float] = (0.5, 0.9)
     l1_weight: float = 1.0
@@ -50,7 +63,7 @@ class VQGANTrainConfig:
     vgg16_path: str = ""  # "" = $SUNDAE_HOME/vgg16.pth
     restart_dead_codes: int = 0  # every N steps, codes unused since the last check restart at encoder outputs
     ema_decay: float = 0.999
-    precision: str = "fp32"  # or "bf16" (autocast)
+    precision: str = "fp32"  # "bf16" (autocast) or "fp16" (autocast + gradient scaler)
     seed: int = 0
     log_every: int = 50
     sample_every: int = 1000
@@ -65,8 +78,10 @@ def _check_train_config(cfg: Any) -> None:
         raise ValueError(f"betas must be two numbers, got {cfg.betas}")
     if cfg.batch_size < 1 or cfg.steps < 0 or min(cfg.log_every, cfg.sample_every, cfg.save_every) < 1:
         raise ValueError("batch_size and the *_every intervals must be >= 1, steps >= 0")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
+    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
+        raise ValueError(f"grad_accum must be >= 1 and divide batch_size {cfg.batch_size}, got {cfg.grad_accum}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -74,7 +89,8 @@ class GeneratorTrainConfig:
     """Stage-2 training; defaults are the paper's FFHQ settings (Savinov et al. section 4, appendix)."""
 
     steps: int = 1_000_000
-    batch_size: int = 64
+    batch_size: int = 64  # global: split over processes and grad_accum micro-batches
+    grad_accum: int = 1
     lr: float = 3e-5
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -83,6 +99,7 @@ class GeneratorTrainConfig:
     unroll_steps: int = 2
     ema_decay: float = 0.999
     precision: str = "fp32"
+    sharding: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 fully_shard, for big models)
     seed: int = 0
     log_every: int = 50
     sample_every: int = 1000
@@ -93,6 +110,8 @@ class GeneratorTrainConfig:
         _check_train_config(self)
         if self.unroll_steps < 1 or self.sample_steps < 1:
             raise ValueError("unroll_steps and sample_steps must be >= 1")
+        if self.sharding not in ("ddp", "fsdp"):
+            raise ValueError(f"sharding must be 'ddp' or 'fsdp', got {self.sharding!r}")
 
 
 VQGAN_TRAIN_PRESETS: dict[str, VQGANTrainConfig] = {
@@ -116,6 +135,15 @@ GENERATOR_TRAIN_PRESETS: dict[str, GeneratorTrainConfig] = {
 }
 
 
+class Interrupted(Exception):
+    """Training stopped by SIGTERM/SIGINT after writing a checkpoint at `step`; `--resume` continues it."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {path} written, "
+                         f"continue with --resume")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """"auto" -> cuda if available, else cpu; anything else is passed to torch.device."""
     if name == "auto":
@@ -124,109 +152,66 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for "bf16", nothing for "fp32". Softmax and logits stay fp32 inside the models."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    """bf16/fp16 autocast, nothing for "fp32". Logits, cross-entropy, sampling and the codebook distances
+    stay fp32 inside the models; attention runs in scaled_dot_product_attention (fp32 softmax accumulation)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-class EpochBatchSampler(Sampler[list[int]]):
-    """Endless batches of indices: epoch e is a permutation seeded by (seed, e), last partial batch dropped.
-
-    Starting at `start_step` skips exactly the batches already seen, so a resumed run reads the same data
-    as an uninterrupted one.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0):
-        if n < batch_size:
-            raise ValueError(f"dataset has {n} items, fewer than one batch of {batch_size}")
-        self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
-
-    def __iter__(self) -> Iterator[list[int]]:
-        per_epoch = self.n // self.batch_size
-        epoch, skip = divmod(self.start_step, per_epoch)
-        while True:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            for i in range(skip, per_epoch):
-                yield perm[i * self.batch_size: (i + 1) * self.batch_size].tolist()
-            epoch, skip = epoch + 1, 0
-
-
-def _loader(dataset: Dataset, batch_size: int, seed: int, start_step: int, rng: Any = None) -> Iterator:
-    """Endless batches from `start_step` on; a resumed run's RNG state `rng` is set after the loader is built,
-    since building it draws from the global RNG."""
-    loader = iter(DataLoader(dataset, batch_sampler=EpochBatchSampler(len(dataset), batch_size, seed, start_step)))
+def _loader(dataset: Dataset, cfg: Any, start_step: int, ctx: D.Dist, rng: Any = None) -> Iterator:
+    """Endless (this rank's share of the global batch) from `start_step` on; a resumed run's RNG state `rng`
+    is set after the loader is built, since building it draws from the global RNG."""
+    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, ctx.rank, ctx.world)
+    loader = iter(DataLoader(dataset, batch_sampler=sampler))
     if rng is not None:
-        _set_rng_state(rng)
+        runs.set_rng_state(rng)
     return loader
 
 
-def _ema(model: nn.Module, decay: float) -> AveragedModel:
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+def _micro_batches(cfg: Any, ctx: D.Dist) -> int:
+    """Micro-batch size per process; raises ValueError when the global batch does not split evenly."""
+    if cfg.batch_size % (ctx.world * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum "
+                         f"= {ctx.world} x {cfg.grad_accum}")
+    return cfg.batch_size // (ctx.world * cfg.grad_accum)
 
 
-def _log(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+def _no_sync(net: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP; FSDP syncs each time)."""
+    return net.no_sync() if isinstance(net, DistributedDataParallel) and not last else contextlib.nullcontext()
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _sample_generators(cfg: Any, step: int, first: int, count: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per sample, seeded by (seed, step, index in the global batch): the noise a sample gets
+    does not depend on which process or micro-batch it lands in."""
+    base = (cfg.seed * 1_000_003 + step) * cfg.batch_size
+    return [torch.Generator(device).manual_seed(base + first + i) for i in range(count)]
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _ema_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).requires_grad_(False)
 
 
-def _restore(out: Path, kind: str, parts: dict[str, Any], ema: AveragedModel, resume: bool) -> tuple[int, Any]:
-    """Load the run's last checkpoint `out/<kind>.pt` into `parts` (key -> object with load_state_dict) and
-    the EMA. Returns (step, RNG state), or (0, None) when there is no checkpoint yet.
-
-    Raises FileExistsError when a checkpoint exists but `resume` is False (a new run would overwrite it).
-    """
-    path = out / f"{kind}.pt"
-    if not path.is_file():
-        return 0, None
-    if not resume:
-        raise FileExistsError(f"{path} exists: pass --resume to continue that run, or choose another --out")
-    ckpt = load_checkpoint(path, kind)
-    try:
-        for key, obj in parts.items():
-            obj.load_state_dict(ckpt[key])
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise ValueError(f"{path} was made with a different config ({str(err).splitlines()[0]})") from None
-    ema.module.load_state_dict(ckpt["ema"])
-    ema.n_averaged.fill_(ckpt["step"])  # one EMA update per step; 0 would restart the average
-    return ckpt["step"], ckpt["rng"]
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
 
 
-def _save(out: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str, Any], ema: AveragedModel,
-          step: int, **extra: Any) -> Path:
-    """Write everything `_restore` needs, plus `extra` keys, atomically to the resumable `out/<kind>.pt` and
-    to a numbered copy `out/checkpoints/step_NNNNNNN.pt`. Returns the former."""
-    states = {key: obj.state_dict() for key, obj in parts.items() if key != "model"}
-    last = out / f"{kind}.pt"
-    for path in (last, out / "checkpoints" / f"step_{step:07d}.pt"):
-        save_checkpoint(path, kind, model_cfg, parts["model"], ema=ema.module.state_dict(), step=step,
-                        rng=_rng_state(), train=dataclasses.asdict(train_cfg), **states, **extra)
-    return last
-
-
-def _quiet(progress: bool) -> bool:
-    """True when the progress bar should be hidden: asked for, or TQDM_DISABLE set in the environment."""
-    return not progress or bool(os.environ.get("TQDM_DISABLE"))
+def _quiet(progress: bool, ctx: D.Dist) -> bool:
+    """True when the progress bar should be hidden: not rank 0, asked for, or TQDM_DISABLE set."""
+    return not ctx.main or not progress or bool(os.environ.get("TQDM_DISABLE"))
 
 
 def _check_finite(loss: Tensor, step: int) -> None:
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good checkpoint is kept")
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}; nothing was saved for this step, the last "
+                                 f"good checkpoint is kept (continue from it with --resume, e.g. with a lower lr)")
 
 
 def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset, out: str | Path,
@@ -235,87 +220,124 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
 
     Per step: L = l1 * |x - x_hat| + perceptual * LPIPS + codebook * L_VQ (+ lambda * (-D(x_hat)) from
     `disc_start`, lambda the adaptive weight), then one discriminator hinge step (Esser et al. eq. 5-7).
-    `resume` continues from `out/tokenizer.pt` exactly (model, EMA, discriminator, optimizers, data position,
-    RNG). Raises FloatingPointError naming the step when the loss is not finite (checkpoints stay intact).
+    Under torchrun the tokenizer and the discriminator are DDP replicas; the generator's adversarial term
+    calls the unwrapped discriminator (frozen there), so before `disc_start` the DDP discriminator is simply
+    never called. The adaptive weight compares this rank's gradients (per-rank, as in taming's DDP runs).
+    `resume` continues from `out/tokenizer.pt` exactly (model, EMA, discriminator, optimizers, scaler, data
+    position, RNG, dead-code counts). Raises FloatingPointError naming the step when the loss is not finite
+    (nothing is saved for that step), Interrupted after saving when SIGTERM/SIGINT arrive.
     """
-    device, out = torch.device(device), Path(out)
+    ctx = D.setup(device)
+    device, out = ctx.device, Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    micro = _micro_batches(cfg, ctx)
     torch.manual_seed(cfg.seed)
     model = VQGAN(model_cfg).to(device)
     disc = PatchDiscriminator(model_cfg.in_channels, cfg.disc_filters, cfg.disc_layers).to(device)
     lpips = LPIPS(cfg.vgg16_path or None).to(device) if cfg.perceptual_weight > 0 else None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)
-    ema = _ema(model, cfg.ema_decay)
-    parts = {"model": model, "disc": disc, "optimizer": opt, "optimizer_disc": opt_d}
-    step, rng = _restore(out, "tokenizer", parts, ema, resume)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    ema = _ema_copy(model)
+    usage = torch.zeros(model_cfg.n_codes, dtype=torch.long, device=device)  # since the last dead-code check
+    parts = {"model": model, "disc": disc, "optimizer": opt, "optimizer_disc": opt_d, "scaler": scaler}
+    step, rng, ckpt = runs.restore(out, "tokenizer", parts, ema, resume, ctx)
+    runs.set_hparams([opt, opt_d], None, cfg, step)
+    if "usage" in ckpt:
+        usage.copy_(ckpt["usage"])
+    net, net_d = D.parallel(model, ctx), D.parallel(disc, ctx)
 
     def save() -> Path:
-        return _save(out, "tokenizer", model_cfg, cfg, parts, ema, step)
+        return runs.save(out, "tokenizer", model_cfg, cfg, parts, ema, step, ctx, usage=usage.cpu())
 
-    data = _loader(dataset, cfg.batch_size, cfg.seed, step, rng)
+    data = _loader(dataset, cfg, step, ctx, rng)
     fixed = torch.stack([dataset[i][0] for i in range(min(16, len(dataset)))]).to(device)
-    usage = torch.zeros(model_cfg.n_codes, dtype=torch.long, device=device)
-    bar = tqdm(total=cfg.steps, initial=step, desc="train-vqgan", disable=_quiet(progress),
-               dynamic_ncols=True)
-    t0, images_seen = time.time(), 0
-    while step < cfg.steps:
-        x = next(data)[0].to(device)
-        gan_on = step >= cfg.disc_start and cfg.disc_weight > 0
-        # Generator (tokenizer) update.
-        disc.requires_grad_(False)
-        with autocast(device, cfg.precision):
-            x_hat, vq_loss, tokens = model(x)
-            rec_loss = cfg.l1_weight * (x - x_hat).abs().mean()
-            if lpips is not None:
-                rec_loss = rec_loss + cfg.perceptual_weight * lpips(x_hat.float(), x).mean()
-            loss = rec_loss + cfg.codebook_weight * vq_loss
-            g_loss, lam = torch.zeros((), device=device), torch.zeros((), device=device)
+    log_usage = torch.zeros_like(usage)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train-vqgan", disable=_quiet(progress, ctx), dynamic_ncols=True)
+    t0, images_seen, grid_tokens = time.time(), 0, 0
+    with runs.StopOnSignal() as stop:
+        while step < cfg.steps:
+            batch = next(data)[0].to(device)
+            gan_on = step >= cfg.disc_start and cfg.disc_weight > 0
+            # Generator (tokenizer) update, accumulated over micro-batches.
+            disc.requires_grad_(False)
+            opt.zero_grad(set_to_none=True)
+            sums = torch.zeros(5, device=device)  # loss, rec, vq, g, lambda: means over the step's micro-batches
+            recons = []
+            for m, x in enumerate(batch.split(micro)):
+                with _no_sync(net, m == cfg.grad_accum - 1), autocast(device, cfg.precision):
+                    x_hat, vq_loss, tokens = net(x)
+                    rec_loss = cfg.l1_weight * (x - x_hat).abs().mean()
+                    if lpips is not None:
+                        rec_loss = rec_loss + cfg.perceptual_weight * lpips(x_hat.float(), x).mean()
+                    loss = rec_loss + cfg.codebook_weight * vq_loss
+                    g_loss, lam = torch.zeros((), device=device), torch.zeros((), device=device)
+                    if gan_on:
+                        g_loss = generator_loss(disc(x_hat))  # unwrapped: frozen here, no DDP bookkeeping
+                        lam = adaptive_weight(rec_loss, g_loss, model.last_layer, cfg.disc_weight)
+                        loss = loss + lam * g_loss
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                sums += torch.stack([loss, rec_loss, vq_loss, g_loss, lam]).detach().float() / cfg.grad_accum
+                recons.append(x_hat.detach())
+                usage += torch.bincount(tokens.flatten(), minlength=model_cfg.n_codes)
+                log_usage += torch.bincount(tokens.flatten(), minlength=model_cfg.n_codes)
+                grid_tokens = tokens[0].numel()
+            sums = D.mean(sums, ctx)
+            _check_finite(sums[0], step)
+            scaler.step(opt)
+            _ema_update(ema, model, cfg.ema_decay)
+            # Discriminator update, hinge loss on real vs detached reconstructions.
+            d_loss = torch.zeros((), device=device)
             if gan_on:
-                g_loss = generator_loss(disc(x_hat))
-                lam = adaptive_weight(rec_loss, g_loss, model.last_layer, cfg.disc_weight)
-                loss = loss + lam * g_loss
-        _check_finite(loss, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update_parameters(model)
-        # Discriminator update, hinge loss on real vs detached reconstructions.
-        d_loss = torch.zeros((), device=device)
-        if gan_on:
-            disc.requires_grad_(True)
-            with autocast(device, cfg.precision):
-                d_loss = hinge_d_loss(disc(x), disc(x_hat.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-        usage += torch.bincount(tokens.flatten(), minlength=model_cfg.n_codes)
-        step += 1
-        images_seen += len(x)
-        bar.update(1)
+                disc.requires_grad_(True)
+                opt_d.zero_grad(set_to_none=True)
+                for m, (x, x_hat) in enumerate(zip(batch.split(micro), recons)):
+                    with _no_sync(net_d, m == cfg.grad_accum - 1), autocast(device, cfg.precision):
+                        part = hinge_d_loss(net_d(x), net_d(x_hat))
+                        scaler.scale(part / cfg.grad_accum).backward()
+                    d_loss = d_loss + part.detach().float() / cfg.grad_accum
+                scaler.step(opt_d)
+            scaler.update()
+            step += 1
+            images_seen += len(batch) * ctx.world
+            bar.update(1)
 
-        if cfg.restart_dead_codes and step % cfg.restart_dead_codes == 0:
-            dead = (usage == 0).nonzero().flatten()
-            if len(dead):
+            if cfg.restart_dead_codes and step % cfg.restart_dead_codes == 0:
+                dead = (D.total(usage, ctx) == 0).nonzero().flatten()
+                if len(dead):
+                    with torch.no_grad():
+                        z = model.encoder(batch).permute(0, 2, 3, 1).flatten(0, 2)
+                        pick = torch.randint(0, len(z), (len(dead),), device=device)
+                        codebook = model.quantizer.codebook.weight
+                        codebook[dead] = z[pick].to(codebook.dtype)
+                        D.broadcast(codebook, ctx)  # every replica restarts with rank 0's choice
+                usage.zero_()
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                x_hat = torch.cat(recons).float().clamp(-1, 1)
+                mse = D.mean(F.mse_loss(x_hat, batch).detach(), ctx).item()
+                d_loss = D.mean(d_loss, ctx)
+                used = (D.total(log_usage, ctx) > 0).sum().item()
+                seconds = time.time() - t0
+                record = {"step": step, "loss": sums[0].item(), "rec_loss": sums[1].item(),
+                          "vq_loss": sums[2].item(), "g_loss": sums[3].item(), "d_loss": d_loss.item(),
+                          "adaptive_weight": sums[4].item(), "psnr": 10 * math.log10(4.0 / max(mse, 1e-12)),
+                          "codebook_usage": used / model_cfg.n_codes, "lr": cfg.lr,
+                          "images_per_s": images_seen / seconds, "tokens_per_s": images_seen * grid_tokens / seconds}
+                log_usage.zero_()
+                if ctx.main:
+                    runs.log_record(out / "log.jsonl", record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.1f}")
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save()
+            if ctx.main and (step % cfg.sample_every == 0 or step == cfg.steps):
                 with torch.no_grad():
-                    z = model.encoder(x).permute(0, 2, 3, 1).flatten(0, 2)
-                    pick = torch.randint(0, len(z), (len(dead),), device=device)
-                    model.quantizer.codebook.weight[dead] = z[pick].to(model.quantizer.codebook.weight.dtype)
-            usage.zero_()
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            psnr = 10 * math.log10(4.0 / max(F.mse_loss(x_hat.detach().float().clamp(-1, 1), x).item(), 1e-12))
-            record = {"step": step, "loss": loss.item(), "rec_loss": rec_loss.item(), "vq_loss": vq_loss.item(),
-                      "g_loss": g_loss.item(), "d_loss": d_loss.item(), "adaptive_weight": lam.item(),
-                      "psnr": psnr, "batch_codebook_usage": tokens.unique().numel() / model_cfg.n_codes,
-                      "lr": cfg.lr, "images_per_s": images_seen / (time.time() - t0)}
-            _log(out / "log.jsonl", record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{psnr:.1f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save()
-        if step % cfg.sample_every == 0 or step == cfg.steps:
-            with torch.no_grad():
-                recon = ema.module.decode(ema.module.encode(fixed))
-            save_grid(torch.cat([fixed, recon]), out / "samples" / f"step_{step:07d}.png", nrow=len(fixed))
+                    recon = ema.decode(ema.encode(fixed))
+                save_grid(torch.cat([fixed, recon]), out / "samples" / f"step_{step:07d}.png", nrow=len(fixed))
+            signum = D.largest(stop.signum, ctx)  # a signal on any rank stops all
+            if signum and step < cfg.steps:
+                path = save()
+                bar.close()
+                raise Interrupted(signum, step, path)
     bar.close()
     return save() if step == 0 else out / "tokenizer.pt"  # step > 0: saved at the last step
 
@@ -331,68 +353,98 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
 
     `dataset` items are (`h w` int64 tokens, int label); labels are used when `model_cfg.num_classes` > 0.
     `meta` (token grid, tokenizer path, class names) is stored in the checkpoint for `sundae sample`.
-    `tokenizer`, if given, decodes the sample grids written every `sample_every` steps.
-    `resume` continues from `out/generator.pt` exactly. Raises FloatingPointError naming the step when the
-    loss is not finite (checkpoints stay intact).
+    `tokenizer`, if given, decodes the sample grids written every `sample_every` steps (EMA weights).
+    The corruption and unroll noise of sample j of step s come from a generator seeded by (seed, s, j), so
+    the update does not depend on the number of processes or `grad_accum`. `resume` continues from
+    `out/generator.pt` exactly. Raises FloatingPointError naming the step when the loss is not finite
+    (nothing is saved for that step), Interrupted after saving when SIGTERM/SIGINT arrive.
     """
-    device, out = torch.device(device), Path(out)
+    ctx = D.setup(device)
+    device, out = ctx.device, Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    micro = _micro_batches(cfg, ctx)
     torch.manual_seed(cfg.seed)
     model = Hourglass(model_cfg).to(device)
+    ema = _ema_copy(model)
+    sharded = ctx.active and cfg.sharding == "fsdp"
+    if sharded:  # every block, then the root; parameters become sharded DTensors in place
+        for module in (model, ema):
+            D.parallel(module, ctx, shard=[*module.pre, *module.valley, *module.post])
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    ema = _ema(model, cfg.ema_decay)
-    parts = {"model": model, "optimizer": opt, "scheduler": sched}
-    step, rng = _restore(out, "generator", parts, ema, resume)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+    step, rng, _ = runs.restore(out, "generator", parts, ema, resume, ctx)
+    runs.set_hparams([opt], sched, cfg, step)
+    net = model if sharded else D.parallel(model, ctx)
 
     def save() -> Path:
-        return _save(out, "generator", model_cfg, cfg, parts, ema, step, meta=meta)
+        return runs.save(out, "generator", model_cfg, cfg, parts, ema, step, ctx, meta=meta)
 
     conditional = model_cfg.num_classes > 0
-    data = _loader(dataset, cfg.batch_size, cfg.seed, step, rng)
+    data = _loader(dataset, cfg, step, ctx, rng)
     h, w = meta["grid"]
     grid_labels = torch.arange(min(model_cfg.num_classes, 10) or 1, device=device).repeat_interleave(8)
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=_quiet(progress),
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=_quiet(progress, ctx), dynamic_ncols=True)
     t0, tokens_seen = time.time(), 0
-    while step < cfg.steps:
-        tokens, labels = next(data)
-        tokens, labels = tokens.to(device), labels.to(device) if conditional else None
-        model.train()
-        with autocast(device, cfg.precision):
-            loss, per_step = unrolled_loss(lambda z: model(z, labels), tokens, model_cfg.vocab_size,
-                                           cfg.unroll_steps)
-        _check_finite(loss, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        opt.step()
-        sched.step()
-        ema.update_parameters(model)
-        step += 1
-        tokens_seen += tokens.numel()
-        bar.update(1)
+    with runs.StopOnSignal() as stop:
+        while step < cfg.steps:
+            tokens, labels = next(data)
+            tokens, labels = tokens.to(device), labels.to(device)
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            sums = torch.zeros(cfg.unroll_steps + 1, device=device)  # loss, then per unroll step
+            for m in range(cfg.grad_accum):
+                rows = slice(m * micro, (m + 1) * micro)
+                gens = _sample_generators(cfg, step, ctx.rank * micro * cfg.grad_accum + m * micro, micro, device)
+                with _no_sync(net, m == cfg.grad_accum - 1), autocast(device, cfg.precision):
+                    lab = labels[rows] if conditional else None
+                    loss, per_step = unrolled_loss(lambda z: net(z, lab), tokens[rows], model_cfg.vocab_size,
+                                                   cfg.unroll_steps, generator=gens)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                sums += torch.stack([loss, *per_step]).detach().float() / cfg.grad_accum
+            sums = D.mean(sums, ctx)
+            _check_finite(sums[0], step)
+            scaler.unscale_(opt)
+            grad_norm = D.local(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            _ema_update(ema, model, cfg.ema_decay)
+            step += 1
+            tokens_seen += tokens.numel() * ctx.world
+            bar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            record = {"step": step, "loss": loss.item(), **{f"loss_{i + 1}": l.item() for i, l in enumerate(per_step)},
-                      "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
-                      "tokens_per_s": tokens_seen / (time.time() - t0)}
-            _log(out / "log.jsonl", record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save()
-        if tokenizer is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
-            net = ema.module.eval()
-            fn = (lambda z, rows: net(z, grid_labels[rows])) if conditional else (lambda z, rows: net(z))
-            with torch.inference_mode(), autocast(device, cfg.precision):
-                z, _ = sample(fn, (len(grid_labels), h, w), model_cfg.vocab_size, steps=cfg.sample_steps,
-                              min_steps=cfg.sample_steps, generator=torch.Generator(device).manual_seed(0),
-                              device=device)
-                images = tokenizer.decode(z)
-            save_grid(images.float(), out / "samples" / f"step_{step:07d}.png", nrow=8)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                record = {"step": step, "loss": sums[0].item(),
+                          **{f"loss_{i + 1}": v.item() for i, v in enumerate(sums[1:])},
+                          "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
+                          "tokens_per_s": tokens_seen / (time.time() - t0)}
+                if ctx.main:
+                    runs.log_record(out / "log.jsonl", record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save()
+            if tokenizer is not None and (ctx.main or sharded) and (step % cfg.sample_every == 0 or step == cfg.steps):
+                ema.eval()  # under FSDP every rank runs the (collective) forward; rank 0 writes
+                fn = (lambda z, rows: ema(z, grid_labels[rows])) if conditional else (lambda z, rows: ema(z))
+                with torch.inference_mode(), autocast(device, cfg.precision):
+                    z, _ = sample(fn, (len(grid_labels), h, w), model_cfg.vocab_size, steps=cfg.sample_steps,
+                                  min_steps=cfg.sample_steps, generator=torch.Generator(device).manual_seed(0),
+                                  device=device)
+                    images = tokenizer.decode(z)
+                if sharded:
+                    ema.reshard()  # a forward without backward leaves the root's parameters gathered
+                if ctx.main:
+                    save_grid(images.float(), out / "samples" / f"step_{step:07d}.png", nrow=8)
+            signum = D.largest(stop.signum, ctx)  # a signal on any rank stops all
+            if signum and step < cfg.steps:
+                path = save()
+                bar.close()
+                raise Interrupted(signum, step, path)
     bar.close()
     return save() if step == 0 else out / "generator.pt"  # step > 0: saved at the last step

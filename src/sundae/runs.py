@@ -1,0 +1,202 @@
+"""Run folders: a training run's checkpoints, log and RNG, and stopping cleanly on a signal.
+
+`restore` and `save` are the only readers and writers of a run's resumable checkpoint (`out/<kind>.pt`, plus
+numbered copies in `out/checkpoints/`). They hold the unwrapped module's full weights and optimizer state
+keyed by parameter name, so a checkpoint written by one process, by DDP or by FSDP2 ranks resumes in any of
+those. `log.jsonl` gets one JSON record per logged step; `trim_log` drops what a resumed run will rewrite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sundae import distributed as D
+from sundae.checkpoint import load_checkpoint, save_checkpoint
+from sundae.data import atomic_write
+
+
+def log_record(path: Path, record: dict[str, Any]) -> None:
+    """Append `record` as one JSON line to `path` (log.jsonl)."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop records after `step` (written after the checkpoint a run resumes from) and any line a crash cut
+    short, so a resumed run's log has each step once."""
+    if not path.is_file():
+        return
+
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except (json.JSONDecodeError, AttributeError):
+            return False
+
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if before(line)]
+    if len(keep) != len(lines):
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch (and CUDA) RNG states, for a checkpoint."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopOnSignal:
+    """While active, SIGTERM/SIGINT only set `signum`; the loop checks it at step boundaries, saves and stops.
+    A second Ctrl-C (SIGINT) before that raises KeyboardInterrupt at once (the last checkpoint stays as it
+    was). Further SIGTERMs change nothing: torchrun answers Ctrl-C by sending its workers SIGTERM too.
+
+    Handlers can only be installed from the main thread; elsewhere this does nothing.
+    """
+
+    def __enter__(self) -> "StopOnSignal":
+        self.signum, self.previous = 0, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum == signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def restore(out: Path, kind: str, parts: dict[str, Any], ema: nn.Module, resume: bool,
+            ctx: D.Dist) -> tuple[int, Any, dict[str, Any]]:
+    """Load the run's last checkpoint `out/<kind>.pt` into `parts` (key -> object with load_state_dict) and
+    the EMA. Returns (step, RNG state, the checkpoint), or (0, None, {}) when there is no checkpoint yet.
+    Every rank reads the file (the run folder must be on storage all nodes see). Rank 0 drops log records
+    after the restored step and the temporary files of checkpoint writes that a crash interrupted.
+
+    Raises FileExistsError when a checkpoint exists but `resume` is False (a new run would overwrite it).
+    """
+    path = out / f"{kind}.pt"
+    ckpt: dict[str, Any] = {}
+    if path.is_file():
+        if not resume:
+            raise FileExistsError(f"{path} exists: pass --resume to continue that run, or choose another --out")
+        ckpt = load_checkpoint(path, kind)
+        try:
+            for key, obj in parts.items():
+                load_state(obj, ckpt[key], parts[_OWNER.get(key, "model")])
+            load_state(ema, ckpt["ema"], ema)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(f"{path} was made with a different config ({str(err).splitlines()[0]})") from None
+    step = ckpt.get("step", 0)
+    if ctx.main:
+        trim_log(out / "log.jsonl", step)
+        for folder in (out, out / "checkpoints"):  # temporary files of writes a crash cut short
+            for tmp in folder.glob(".*.pt.*.tmp"):
+                tmp.unlink(missing_ok=True)
+    return step, ckpt.get("rng"), ckpt
+
+
+def set_hparams(opts: list[torch.optim.Optimizer], sched: Any, cfg: Any, step: int) -> None:
+    """Put the training config's lr and betas back into optimizers (and the scheduler) whose state a resume
+    loaded: the saved state carries the old run's values, and `--resume --set lr=...` must take effect."""
+    factor = sched.lr_lambdas[0](step) if sched is not None else 1.0
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"], group["initial_lr"], group["betas"] = cfg.lr * factor, cfg.lr, cfg.betas
+    if sched is not None:
+        sched.base_lrs = [cfg.lr] * len(sched.base_lrs)
+        sched._last_lr = [group["lr"] for group in opts[0].param_groups]
+
+
+_OWNER = {"optimizer_disc": "disc"}  # the module whose parameters an optimizer in `parts` updates
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def _param_names(opt: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    """The names of `opt`'s parameters in its own order (the order of optimizer state dict indices)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in opt.param_groups for p in group["params"]]
+
+
+def full_state(obj: Any, model: nn.Module) -> dict[str, Any]:
+    """The whole (unsharded) state dict of a module, of `model`'s optimizer, or of anything else with one.
+    Optimizer state is keyed by parameter name, so it loads whether the run is sharded or not. Collective
+    under FSDP: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if isinstance(obj, torch.optim.Optimizer):
+        if _is_sharded(model):
+            return get_optimizer_state_dict(model, obj, options=options)
+        state, names = obj.state_dict(), _param_names(obj, model)
+        return {"state": {names[i]: v for i, v in state["state"].items()},
+                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    if isinstance(obj, nn.Module) and _is_sharded(obj):
+        return get_model_state_dict(obj, options=options)
+    return obj.state_dict()
+
+
+def load_state(obj: Any, state: dict[str, Any], model: nn.Module) -> None:
+    """The inverse of `_full_state`; also takes optimizer state keyed by index (older checkpoints)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    if isinstance(obj, torch.optim.Optimizer):
+        if _is_sharded(model):
+            set_optimizer_state_dict(model, obj, state, options=options)
+            return
+        index = {n: i for i, n in enumerate(_param_names(obj, model))}
+        state = {"state": {index.get(k, k): v for k, v in state["state"].items()},
+                 "param_groups": [{**g, "params": [index.get(k, k) for k in g["params"]]}
+                                  for g in state["param_groups"]]}
+    if isinstance(obj, nn.Module) and _is_sharded(obj):
+        set_model_state_dict(obj, state, options=options)
+    else:
+        obj.load_state_dict(state)
+
+
+def save(out: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str, Any], ema: nn.Module,
+         step: int, ctx: D.Dist, **extra: Any) -> Path:
+    """Write everything `restore` needs, plus `extra` keys, atomically to the resumable `out/<kind>.pt` and
+    to a numbered copy `out/checkpoints/step_NNNNNNN.pt` (rank 0 writes; all ranks must call). The weights are
+    the unwrapped module's, so a checkpoint from N processes loads in one and the reverse. Returns the former.
+    """
+    states = {key: full_state(obj, parts[_OWNER.get(key, "model")]) for key, obj in parts.items()}
+    if not all(torch.isfinite(v).all() for v in states["model"].values() if v.is_floating_point()):
+        raise FloatingPointError(f"the weights became non-finite at step {step}; nothing was saved, the last good "
+                                 f"checkpoint is kept (continue from it with --resume, e.g. with a lower lr)")
+    ema_state = full_state(ema, ema)
+    last = out / f"{kind}.pt"
+    if ctx.main:
+        data = {"batches": step, "batch_size": train_cfg.batch_size, "seed": train_cfg.seed}
+        for path in (last, out / "checkpoints" / f"step_{step:07d}.pt"):
+            save_checkpoint(path, kind, model_cfg, states["model"], ema=ema_state, step=step, rng=rng_state(),
+                            data=data, world=ctx.world, train=dataclasses.asdict(train_cfg),
+                            **{k: v for k, v in states.items() if k != "model"}, **extra)
+    D.barrier(ctx)
+    return last
