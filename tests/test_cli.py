@@ -193,6 +193,46 @@ def test_resume_continues_with_the_stored_settings(image_folder, tmp_path):
     assert resumed["step"] == 3 and resumed["train"]["batch_size"] == 4
 
 
+def test_overwrite_starts_over_and_is_never_implicit(image_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "tok"
+    tiny = ("--data", image_folder, "--out", out, *SET_TINY_VQ[:2], "--set", "batch_size=4", "--device", "cpu")
+    run("train-vqgan", *tiny, "--set", "steps=3", "--set", "save_every=1")
+    assert len(list((out / "checkpoints").glob("step_*.pt"))) == 3
+    before = (out / "tokenizer.pt").read_bytes()
+    capsys.readouterr()
+    assert "--overwrite" in fails(capsys, "train-vqgan", *tiny, "--set", "steps=2")
+    assert (out / "tokenizer.pt").read_bytes() == before  # refused: nothing touched
+    assert "pass one of them" in fails(capsys, "train-vqgan", *tiny, "--resume", "--overwrite")
+    run("train-vqgan", *tiny, "--set", "steps=2", "--set", "save_every=5", "--overwrite")
+    assert torch.load(out / "tokenizer.pt", weights_only=True)["step"] == 2
+    assert [p.name for p in (out / "checkpoints").glob("step_*.pt")] == ["step_0000002.pt"]  # old ones gone
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and max(steps) == 2  # the old run's log (to step 3) is gone
+
+
+def test_full_disk_fails_in_one_line_and_keeps_the_last_checkpoint(image_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "tok"
+    tiny = ("--data", image_folder, "--out", out, *SET_TINY_VQ[:2], "--set", "batch_size=4", "--device", "cpu")
+    run("train-vqgan", *tiny, "--set", "steps=2", "--set", "save_every=1")
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):  # writes part of the file, then the disk is full
+        Path(f).write_bytes(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    capsys.readouterr()
+    err = fails(capsys, "train-vqgan", *tiny, "--set", "steps=4", "--set", "save_every=1", "--resume")
+    assert f"cannot write {out}" in err and "No space left on device" in err
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(out / "tokenizer.pt", weights_only=True)["step"] == 2  # the last good checkpoint
+    assert not list(out.glob(".*.tmp")) and not list((out / "checkpoints").glob(".*.tmp"))
+    run("train-vqgan", *tiny, "--set", "steps=4", "--set", "save_every=1", "--resume")
+    assert torch.load(out / "tokenizer.pt", weights_only=True)["step"] == 4
+
+
 def test_export_folders_load_and_sample_like_the_checkpoints(pipeline, tmp_path, capsys):
     run("export", pipeline / "gen", tmp_path / "gen")  # a run folder: its generator.pt
     run("export", pipeline / "tok" / "tokenizer.pt", tmp_path / "tok")

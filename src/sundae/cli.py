@@ -128,6 +128,8 @@ def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_t
     """The (model, training) configs of a run: the preset's, or with --resume the ones stored in the run's
     last checkpoint; then the --set overrides on top."""
     last = Path(args.out) / f"{kind}.pt"
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
     if args.resume and last.is_file():
         ckpt = load_checkpoint(last, kind)
         model_cls, train_cls = (type(next(iter(table.values()))) for table in (model_table, train_table))
@@ -142,7 +144,7 @@ def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_t
 def cmd_train_vqgan(args: argparse.Namespace) -> None:
     model_cfg, train_cfg = _run_configs(args, "tokenizer", VQGAN_PRESETS, VQGAN_TRAIN_PRESETS)
     dataset = D.open_images(args.data, model_cfg.resolution, model_cfg.in_channels, "train", args.strict)
-    path = train_vqgan(model_cfg, train_cfg, dataset, args.out, args.device, args.resume)
+    path = train_vqgan(model_cfg, train_cfg, dataset, args.out, args.device, args.resume, overwrite=args.overwrite)
     if _rank() == 0:
         print(f"tokenizer written to {path}")
 
@@ -282,7 +284,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                              f"{tokenizer_path} (sha256 differs): pass the tokenizer that made them")
     meta = {k: dataset.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names",
                                               "image_size")}
-    path = train_generator(model_cfg, train_cfg, dataset, args.out, meta, tokenizer, device, args.resume)
+    path = train_generator(model_cfg, train_cfg, dataset, args.out, meta, tokenizer, device, args.resume,
+                           overwrite=args.overwrite)
     if _rank() == 0:
         print(f"generator written to {path}")
 
@@ -548,6 +551,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="show the Python traceback of an error instead of one line")
 
 
+def _overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an OUT that holds one, deleting "
+                   "its checkpoints, log and sample grids (without it, such an OUT is refused)")
+
+
 def _strict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable or too small image "
                    "file instead of skipping it with a warning")
@@ -597,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="ffhq256", help=f"one of {', '.join(VQGAN_PRESETS)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", action="store_true", help="continue from OUT/tokenizer.pt")
+    _overwrite(p)
     _strict(p)
     _common(p)
     p.set_defaults(func=cmd_train_vqgan)
@@ -632,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="for the sample grids; default: the one named in meta.json")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", action="store_true", help="continue from OUT/generator.pt")
+    _overwrite(p)
     _common(p)
     p.set_defaults(func=cmd_train)
 

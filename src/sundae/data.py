@@ -109,6 +109,9 @@ def atomic_write(path: str | Path, write) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a read-only folder, ...: name the file that could not be written
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

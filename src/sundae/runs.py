@@ -88,19 +88,27 @@ class StopOnSignal:
 
 
 def restore(out: Path, kind: str, parts: dict[str, Any], ema: nn.Module, resume: bool,
-            ctx: D.Dist) -> tuple[int, Any, dict[str, Any]]:
+            ctx: D.Dist, overwrite: bool = False) -> tuple[int, Any, dict[str, Any]]:
     """Load the run's last checkpoint `out/<kind>.pt` into `parts` (key -> object with load_state_dict) and
     the EMA. Returns (step, RNG state, the checkpoint), or (0, None, {}) when there is no checkpoint yet.
     Every rank reads the file (the run folder must be on storage all nodes see). Rank 0 drops log records
     after the restored step and the temporary files of checkpoint writes that a crash interrupted.
 
-    Raises FileExistsError when a checkpoint exists but `resume` is False (a new run would overwrite it).
+    `overwrite` (without `resume`) starts a new run over an old one: rank 0 deletes the old run's
+    checkpoints, log and sample grids first.
+    Raises FileExistsError when a checkpoint exists and neither `resume` nor `overwrite` is set.
     """
     path = out / f"{kind}.pt"
     ckpt: dict[str, Any] = {}
-    if path.is_file():
+    if overwrite and not resume:
+        if ctx.main:
+            old = [path, out / "log.jsonl", *out.glob("checkpoints/step_*.pt"), *out.glob("samples/step_*.png")]
+            for file in old:
+                file.unlink(missing_ok=True)
+    elif path.is_file():
         if not resume:
-            raise FileExistsError(f"{path} exists: pass --resume to continue that run, or choose another --out")
+            raise FileExistsError(f"{path} exists: pass --resume to continue that run, --overwrite to start over "
+                                  f"(deleting it), or choose another --out")
         ckpt = load_checkpoint(path, kind)
         try:
             for key, obj in parts.items():

@@ -215,7 +215,8 @@ def _check_finite(loss: Tensor, step: int) -> None:
 
 
 def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset, out: str | Path,
-                device: str | torch.device = "cpu", resume: bool = False, progress: bool = True) -> Path:
+                device: str | torch.device = "cpu", resume: bool = False, progress: bool = True,
+                overwrite: bool = False) -> Path:
     """Train the tokenizer on `dataset` (items (`c H W` in [-1, 1], label)); returns `out/tokenizer.pt`.
 
     Per step: L = l1 * |x - x_hat| + perceptual * LPIPS + codebook * L_VQ (+ lambda * (-D(x_hat)) from
@@ -224,7 +225,8 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     calls the unwrapped discriminator (frozen there), so before `disc_start` the DDP discriminator is simply
     never called. The adaptive weight compares this rank's gradients (per-rank, as in taming's DDP runs).
     `resume` continues from `out/tokenizer.pt` exactly (model, EMA, discriminator, optimizers, scaler, data
-    position, RNG, dead-code counts). Raises FloatingPointError naming the step when the loss is not finite
+    position, RNG, dead-code counts); `overwrite` starts over in a folder holding a run (`runs.restore`).
+    Raises FloatingPointError naming the step when the loss is not finite
     (nothing is saved for that step), Interrupted after saving when SIGTERM/SIGINT arrive.
     """
     ctx = D.setup(device)
@@ -241,7 +243,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     ema = _ema_copy(model)
     usage = torch.zeros(model_cfg.n_codes, dtype=torch.long, device=device)  # since the last dead-code check
     parts = {"model": model, "disc": disc, "optimizer": opt, "optimizer_disc": opt_d, "scaler": scaler}
-    step, rng, ckpt = runs.restore(out, "tokenizer", parts, ema, resume, ctx)
+    step, rng, ckpt = runs.restore(out, "tokenizer", parts, ema, resume, ctx, overwrite)
     runs.set_hparams([opt, opt_d], None, cfg, step)
     if "usage" in ckpt:
         usage.copy_(ckpt["usage"])
@@ -348,7 +350,7 @@ def _lr_lambda(cfg: GeneratorTrainConfig):
 
 def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, dataset: Dataset, out: str | Path,
                     meta: dict[str, Any], tokenizer: VQGAN | None = None, device: str | torch.device = "cpu",
-                    resume: bool = False, progress: bool = True) -> Path:
+                    resume: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
     """Train the hourglass denoiser with the unrolled SUNDAE loss; returns `out/generator.pt`.
 
     `dataset` items are (`h w` int64 tokens, int label); labels are used when `model_cfg.num_classes` > 0.
@@ -356,7 +358,8 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     `tokenizer`, if given, decodes the sample grids written every `sample_every` steps (EMA weights).
     The corruption and unroll noise of sample j of step s come from a generator seeded by (seed, s, j), so
     the update does not depend on the number of processes or `grad_accum`. `resume` continues from
-    `out/generator.pt` exactly. Raises FloatingPointError naming the step when the loss is not finite
+    `out/generator.pt` exactly; `overwrite` starts over in a folder holding a run (`runs.restore`).
+    Raises FloatingPointError naming the step when the loss is not finite
     (nothing is saved for that step), Interrupted after saving when SIGTERM/SIGINT arrive.
     """
     ctx = D.setup(device)
@@ -378,7 +381,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
-    step, rng, _ = runs.restore(out, "generator", parts, ema, resume, ctx)
+    step, rng, _ = runs.restore(out, "generator", parts, ema, resume, ctx, overwrite)
     runs.set_hparams([opt], sched, cfg, step)
     net = model if sharded else D.parallel(model, ctx)
 
