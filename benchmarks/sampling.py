@@ -162,7 +162,7 @@ def main() -> None:
                   f"peak {rt_bytes / 2**30:.2f} GiB")
         row.update(precision=args.precision, device=env["device"], peak_tflops=peak / 1e12)
         rows.append(row)
-        del net, tokenizer
+        net = tokenizer = logits_fn = None  # free this preset's weights before the next one is built
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

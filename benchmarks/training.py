@@ -1,11 +1,12 @@
 """Generator training throughput: tokens/s and MFU for the tiny and ffhq256 presets, and 1 vs 2 processes.
 
-    PYTHONPATH=src python benchmarks/training.py            # a few minutes on a 2-core CPU
-    PYTHONPATH=src python benchmarks/training.py --device cuda --presets tiny,ffhq256,ffhq1024
+    python benchmarks/training.py            # a few minutes on a 2-core CPU
+    python benchmarks/training.py --device cuda --presets tiny,ffhq256,ffhq1024
 
 MFU = achieved FLOP/s / peak FLOP/s, both measured in this run: the peak is a large square matmul in the
 training dtype (fp32 on CPU, bf16 on CUDA); the achieved figure is the matmul/attention FLOPs of one
-training step (forward + backward of the unrolled loss, counted by torch.utils.flop_counter) times the
+training step (forward + backward of the unrolled loss, counted by torch.utils.flop_counter with the math
+attention backend, whose matmuls it sees; the fused CPU attention kernel it does not count) times the
 measured steps per second (forward, backward, AdamW step and EMA update). The 1-vs-2-process comparison runs
 the real `train_generator` under `torchrun --standalone` with gloo (NCCL on CUDA): on CPU one process with
 all cores, one process with one core, and two processes with half the cores each; it reads tokens/s from
@@ -28,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import peak_matmul_flops, write_json
 from sundae.hourglass import PRESETS as HG
 from sundae.hourglass import Hourglass
 from sundae.sundae import unrolled_loss
@@ -38,20 +41,6 @@ from sundae.train import GENERATOR_TRAIN_PRESETS, autocast
 ROOT = Path(__file__).resolve().parents[1]
 # preset -> (token grid side, batch on CPU, batch on CUDA)
 SHAPES = {"tiny": (16, 16, 256), "ffhq256": (16, 2, 64), "ffhq1024": (32, 1, 8)}
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """FLOP/s of an n x n matmul (n = 2048 on CPU, 8192 on CUDA) repeated for about `seconds`."""
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
 def measure_preset(name: str, device: torch.device, precision: str, steps: int) -> dict:
@@ -75,7 +64,7 @@ def measure_preset(name: str, device: torch.device, precision: str, steps: int) 
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in net.parameters()], 1 - train.ema_decay)
 
-    with FlopCounterMode(display=False) as counter:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         with autocast(device, precision):
             loss, _ = unrolled_loss(lambda z: net(z, labels), tokens, cfg.vocab_size, train.unroll_steps)
         loss.backward()
@@ -132,9 +121,9 @@ def main() -> None:
     device = torch.device(args.device)
     precision = "bf16" if device.type == "cuda" else "fp32"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    peak = peak_flops(device, dtype)
+    peak = peak_matmul_flops(device, dtype)
     presets = [measure_preset(name, device, precision, args.steps) for name in args.presets.split(",")]
-    peak = max(peak, peak_flops(device, dtype))  # before and after: the best the machine showed in this run
+    peak = max(peak, peak_matmul_flops(device, dtype))  # before and after: the best the machine showed in this run
     for r in presets:
         r["mfu"] = r["achieved_flops"] / peak
     # (processes, threads each): on CPU all cores in one process, one core in one process, and the cores
@@ -168,10 +157,7 @@ def main() -> None:
                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
               "peak_flops": peak, "precision": precision, "presets": presets, "processes": scaling,
               "speedup_2_vs_1": speedup, "speedup_2_vs_1_one_core": speedup_1_core, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out}")
+    write_json(Path(args.out), result)
 
 
 if __name__ == "__main__":

@@ -250,7 +250,8 @@ def test_broken_token_folders_and_run_folders(models, image_folder, tmp_path, ca
     gen_dir.mkdir()
     (gen_dir / "generator.pt").write_bytes((models / "gen.pt").read_bytes())
     err = fails(capsys, "sample", "--generator", gen_dir, "--out", tmp_path / "s", "--device", "cpu")
-    expected = f"{gen_dir} is a folder, expected a generator checkpoint file: did you mean {gen_dir / 'generator.pt'}?"
+    expected = (f"{gen_dir} is a folder, expected a generator checkpoint file or an exported model folder: "
+                f"did you mean {gen_dir / 'generator.pt'}?")
     assert expected in err
 
 
