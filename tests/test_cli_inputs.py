@@ -129,7 +129,7 @@ def test_checkpoint_errors(models, picture, tmp_path, capsys, image_folder):
         capsys, "sample", "--generator", gen, "--tokenizer", gen, *out)
     raw = gen.read_bytes()
     (tmp_path / "half.pt").write_bytes(raw[: len(raw) // 2])
-    assert "half.pt is not a readable checkpoint (truncated or corrupt?)" in fails(
+    assert "half.pt is not a readable checkpoint (truncated, corrupt or not a checkpoint file)" in fails(
         capsys, "sample", "--generator", tmp_path / "half.pt", *out)
     ckpt = torch.load(gen, weights_only=True)
     ckpt["config"]["dim"] = 48  # the weights are 32 wide
@@ -228,7 +228,7 @@ def test_empty_and_full_masks_warn(models, picture, tmp_path, capsys):
     path, pixels = picture
     for value, expected in ((0, "marks no pixel to regenerate"), (255, "marks every pixel")):
         Image.fromarray(np.full((30, 17), value, dtype=np.uint8)).save(tmp_path / "m.png")
-        completions = _inpaint(models, path, tmp_path / "m.png", tmp_path / "out")
+        completions = _inpaint(models, path, tmp_path / "m.png", tmp_path / f"out{value}")
         assert expected in capsys.readouterr().err
         if value == 0:  # nothing regenerated: the input comes back exactly
             assert all(np.array_equal(c, pixels) for c in completions)
@@ -261,3 +261,67 @@ def test_incomplete_checkpoint(models, tmp_path, capsys):
     torch.save(ckpt, tmp_path / "nomodel.pt")
     err = fails(capsys, "sample", "--generator", tmp_path / "nomodel.pt", "--out", tmp_path / "s", "--device", "cpu")
     assert "nomodel.pt lacks a 'config' or 'model' entry" in err
+
+
+def test_second_fresh_user_trial(models, picture, image_folder, tmp_path, capsys, monkeypatch):
+    """What the second fresh-user trial found: resume and --set surprises, outputs overwritten, messages."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    path, _ = picture
+    tok, tokens = models / "tok_a.pt", tmp_path / "tokens"
+    run("tokenize", "--tokenizer", tok, "--data", image_folder, "--out", tokens, "--device", "cpu")
+    capsys.readouterr()
+    # An existing token folder is not replaced without --overwrite.
+    err = fails(capsys, "tokenize", "--tokenizer", tok, "--data", image_folder, "--out", tokens, "--device", "cpu")
+    assert "already holds the outputs of an earlier run" in err and "--overwrite" in err
+    train = ("train", "--tokens", tokens, "--out", tmp_path / "gen", "--device", "cpu", "--set", "batch_size=4",
+             "--set", "sample_every=100")
+    # The token folder decides vocab_size and num_classes: a conflicting --set is an error, not ignored.
+    assert "the token folder" in fails(capsys, *train, "--preset", "tiny", "--set", "vocab_size=32")
+    # Tuples in the format the error message shows, and in Python's.
+    run(*train, "--preset", "tiny", "--set", "steps=2", "--set", "depth=(1, 2, 1)")
+    assert list(torch.load(tmp_path / "gen" / "generator.pt", weights_only=True)["config"]["depth"]) == [1, 2, 1]
+    # Resuming: an architecture change is named; --preset is ignored with a warning; nothing left to train says so.
+    err = fails(capsys, *train, "--resume", "--set", "dim=64")
+    assert "dim: 32 in the run, 64 asked" in err
+    run(*train, "--resume", "--preset", "fashion", "--set", "steps=2")
+    err = capsys.readouterr().err
+    assert "--preset fashion ignored" in err and "nothing to train" in err
+    run(*train, "--preset", "tiny", "--set", "steps=1", "--resume", "--out", tmp_path / "fresh")
+    assert "no " in capsys.readouterr().err  # nothing to resume: a new run, said so
+    # A token folder with another grid cannot continue the run.
+    other = tmp_path / "tokens4"
+    other.mkdir()
+    np.save(other / "tokens.npy", np.zeros((4, 4, 4), dtype=np.uint16))
+    np.save(other / "labels.npy", np.zeros(4, dtype=np.int64))
+    meta = json.loads((tokens / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "grid": [4, 4]}))
+    err = fails(capsys, "train", "--tokens", other, "--out", tmp_path / "gen", "--resume", "--device", "cpu")
+    assert "resume with the same token folder" in err
+    assert "is a file: expected a token folder" in fails(capsys, "train", "--tokens", tok, "--out", tmp_path / "x")
+    # sample refuses to mix new samples with an earlier run's; --overwrite replaces them all.
+    gen = tmp_path / "gen" / "generator.pt"
+    sample = ("sample", "--generator", gen, "--out", tmp_path / "s", "--steps", 2, "--device", "cpu")
+    run(*sample, "--num", 4)
+    assert "--overwrite" in fails(capsys, *sample, "--num", 2)
+    run(*sample, "--num", 2, "--overwrite")
+    assert sorted(p.name for p in (tmp_path / "s" / "samples").iterdir()) == ["00000.png", "00001.png"]
+    # reconstruct: --out must be a PNG file path; --split is for idx folders only.
+    recon = ("reconstruct", "--tokenizer", tok, "--data", path, "--device", "cpu")
+    assert "is a folder: expected the path of a PNG file" in fails(capsys, *recon, "--out", tmp_path)
+    assert "must end in .png" in fails(capsys, *recon, "--out", tmp_path / "r.jpg")
+    assert "--split applies to idx folders" in fails(capsys, *recon, "--out", tmp_path / "r.png", "--split", "test")
+    # Checkpoint messages: a PNG is not a checkpoint, and torch's advice to load unsafely is never shown.
+    err = fails(capsys, "sample", "--generator", gen, "--tokenizer", path, "--out", tmp_path / "s2")
+    assert "is not a readable checkpoint" in err and "weights_only" not in err
+
+
+def test_argument_types_explain_themselves(capsys):
+    from sundae.cli import build_parser
+    parser = build_parser()
+    assert parser.parse_args(["demo", "--run", "q", "--max-pixels", "1024x768"]).max_pixels == 1024 * 768
+    for argv, expected in ((["demo", "--run", "q", "--port", "99999"], "port number in 1..65535"),
+                           (["sample", "--generator", "g", "--out", "o", "--temperature", "0.5,"], "START,END")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        err = capsys.readouterr().err
+        assert expected in err and "_pair" not in err and "_positive" not in err

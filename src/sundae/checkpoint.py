@@ -72,7 +72,11 @@ def load_checkpoint(path: str | Path, kind: str | None) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from None
+        # torch's own text suggests weights_only=False (running the file's pickled code): never repeat that.
+        if "Unsupported global" in str(err) or "This file can still be loaded" in str(err):
+            raise ValueError(f"{path} holds pickled Python objects beyond tensors and plain data, which a safe "
+                             f"load refuses: it is not a sundae checkpoint") from None
+        raise ValueError(f"{path} is not a readable checkpoint (truncated, corrupt or not a checkpoint file)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a sundae checkpoint")
     if ckpt.get("kind") != kind and (kind is not None or ckpt.get("kind") not in ("tokenizer", "generator")):

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,12 +51,13 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError
             return text.lower() in ("true", "1")
-        if isinstance(default, tuple):
+        if isinstance(default, tuple):  # 1,2,2 or (1, 2, 2) or [1, 2, 2]
             kind = type(default[0]) if default else int
-            return tuple(kind(v) for v in text.split(",") if v.strip())
+            return tuple(kind(v) for v in text.strip().strip("()[]").split(",") if v.strip())
         return type(default)(text)
     except ValueError:
-        raise UsageError(f"--set {key}={text}: expected a value like {default!r}") from None
+        example = ",".join(map(str, default)) if isinstance(default, tuple) else repr(default)
+        raise UsageError(f"--set {key}={text}: expected a value like {example}") from None
 
 
 def apply_overrides(pairs: Sequence[str], *configs: Any) -> list[Any]:
@@ -81,24 +83,43 @@ def apply_overrides(pairs: Sequence[str], *configs: Any) -> list[Any]:
 
 def _pair(text: str) -> tuple[float, float]:
     """"0.8" -> (0.8, 0.8); "1.0,0.7" -> (1.0, 0.7): a schedule's start and end."""
-    parts = [float(v) for v in text.split(",")]
+    try:
+        parts = [float(v) for v in text.split(",")]
+    except ValueError:
+        parts = []
     if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"expected START or START,END, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number START or START,END, got {text!r}")
     return (parts[0], parts[-1])
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+def _integer(text: str, low: int, high: int | None, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1, None, "a positive integer")
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
+    return _integer(text, 0, None, "an integer >= 0")
+
+
+def _port(text: str) -> int:
+    return _integer(text, 1, 65535, "a port number in 1..65535")
+
+
+def _pixels(text: str) -> int:
+    """"4194304" or "2048x2048" -> a pixel count."""
+    height, sep, width = text.lower().partition("x")
+    if sep:
+        return _positive(height) * _positive(width)
+    return _positive(text)
 
 
 def _preset(table: dict, name: str, what: str) -> Any:
@@ -124,25 +145,46 @@ def file_digest(path: str | Path) -> str:
 
 # ---- verbs -----------------------------------------------------------------------------------------
 
-def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_table: dict) -> list[Any]:
-    """The (model, training) configs of a run: the preset's, or with --resume the ones stored in the run's
-    last checkpoint; then the --set overrides on top."""
+def _run_configs(args: argparse.Namespace, kind: str, model_table: dict,
+                 train_table: dict) -> tuple[Any, Any, dict[str, Any]]:
+    """The (model config, training config, stored meta) of a run: the preset's, or with --resume the ones
+    stored in the run's last checkpoint; then the --set overrides on top.
+
+    Raises UsageError for --resume with --overwrite, or --set values that change the architecture of the
+    run being resumed. Warns when --resume finds nothing to resume or nothing left to train, and when an
+    explicit --preset is ignored because the run's stored configs are used.
+    """
     last = Path(args.out) / f"{kind}.pt"
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
     if args.resume and last.is_file():
         ckpt = load_checkpoint(last, kind)
         model_cls, train_cls = (type(next(iter(table.values()))) for table in (model_table, train_table))
-        model_cfg = config_from_dict(model_cls, ckpt["config"], str(last))
+        stored = config_from_dict(model_cls, ckpt["config"], str(last))
         train_cfg = config_from_dict(train_cls, ckpt["train"], str(last))
-    else:
-        model_cfg = _preset(model_table, args.preset, kind)
-        train_cfg = _preset(train_table, args.preset, f"{kind} training")
-    return apply_overrides(args.set, model_cfg, train_cfg)
+        if args.preset is not None:
+            D.log.warning(f"--preset {args.preset} ignored: --resume continues with the configs stored in {last}")
+        model_cfg, train_cfg = apply_overrides(args.set, stored, train_cfg)
+        changed = [f"{f.name}: {getattr(stored, f.name)!r} in the run, {getattr(model_cfg, f.name)!r} asked"
+                   for f in dataclasses.fields(stored) if getattr(stored, f.name) != getattr(model_cfg, f.name)]
+        if changed:
+            raise UsageError(f"--set changes the architecture of the run in {args.out} ({'; '.join(changed)}): "
+                             f"resume without it, or start over with --overwrite or another --out")
+        if train_cfg.steps <= ckpt.get("step", 0):
+            D.log.warning(f"the run in {args.out} is already at step {ckpt.get('step', 0)} >= steps "
+                          f"{train_cfg.steps}: nothing to train (raise it with --set steps=N)")
+        return model_cfg, train_cfg, ckpt.get("meta", {})
+    if args.resume:
+        D.log.warning(f"--resume: no {last} to resume, starting a new run")
+    preset = args.preset or "ffhq256"
+    model_cfg = _preset(model_table, preset, kind)
+    train_cfg = _preset(train_table, preset, f"{kind} training")
+    model_cfg, train_cfg = apply_overrides(args.set, model_cfg, train_cfg)
+    return model_cfg, train_cfg, {}
 
 
 def cmd_train_vqgan(args: argparse.Namespace) -> None:
-    model_cfg, train_cfg = _run_configs(args, "tokenizer", VQGAN_PRESETS, VQGAN_TRAIN_PRESETS)
+    model_cfg, train_cfg, _ = _run_configs(args, "tokenizer", VQGAN_PRESETS, VQGAN_TRAIN_PRESETS)
     dataset = D.open_images(args.data, model_cfg.resolution, model_cfg.in_channels, "train", args.strict)
     path = train_vqgan(model_cfg, train_cfg, dataset, args.out, args.device, args.resume, overwrite=args.overwrite)
     if _rank() == 0:
@@ -256,8 +298,12 @@ def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out:
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
     device = args.device
+    _claim_outputs(args.out, ["tokens.npy", "labels.npy", "sources.npy", "meta.json", "eval"], args.overwrite)
     cfg = load_tokenizer(args.tokenizer).cfg
-    dataset = D.open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split, args.strict)
+    if args.split is not None and not D.is_idx_dataset(args.data):
+        raise UsageError(f"--split applies to idx folders (Fashion-MNIST), not to {args.data}")
+    dataset = D.open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split or "train",
+                            args.strict)
     names = D.FASHION_MNIST_CLASSES if D.is_idx_dataset(args.data) else ()
     out = tokenize(args.tokenizer, dataset, args.out, device, args.batch_size, names, args.flip,
                    args.eval_fraction, args.split_seed)
@@ -266,10 +312,22 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    if Path(args.tokens).is_file():
+        raise UsageError(f"--tokens {args.tokens} is a file: expected a token folder from `sundae tokenize`")
     dataset = D.TokenDataset(args.tokens)
-    model_cfg, train_cfg = _run_configs(args, "generator", HOURGLASS_PRESETS, GENERATOR_TRAIN_PRESETS)
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=dataset.meta["n_codes"],
-                                    num_classes=dataset.num_classes if model_cfg.num_classes else 0)
+    model_cfg, train_cfg, stored = _run_configs(args, "generator", HOURGLASS_PRESETS, GENERATOR_TRAIN_PRESETS)
+    num_classes = dataset.num_classes if model_cfg.num_classes else 0
+    asked = {pair.partition("=")[0] for pair in args.set}
+    for key, value in (("vocab_size", dataset.meta["n_codes"]), ("num_classes", num_classes)):
+        if key in asked and getattr(model_cfg, key) != value:
+            raise UsageError(f"--set {key}={getattr(model_cfg, key)}: the token folder {args.tokens} decides it "
+                             f"({key} = {value}); drop the --set" + (" (num_classes=0 trains unconditionally)"
+                                                                     if key == "num_classes" else ""))
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=dataset.meta["n_codes"], num_classes=num_classes)
+    if stored and (stored.get("grid") != dataset.meta.get("grid") or stored.get("n_codes") != dataset.meta["n_codes"]):
+        raise UsageError(f"the run in {args.out} was trained on {stored.get('grid')} token grids of "
+                         f"{stored.get('n_codes')} codes, {args.tokens} holds {dataset.meta.get('grid')} grids of "
+                         f"{dataset.meta['n_codes']}: resume with the same token folder")
     device = args.device
     tokenizer = None  # only for the sample grids: without one, training goes on without grids
     tokenizer_path = args.tokenizer or dataset.meta.get("tokenizer")
@@ -353,6 +411,7 @@ def _schedule_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     device = args.device
+    _claim_outputs(args.out, ["grid.png", "samples"], args.overwrite)
     net, meta, tokenizer = _load_pair(args, device)
     h, w = meta["grid"]
     # The training images' size (pixels), when the tokenizer padded them (sides not multiples of f).
@@ -439,6 +498,7 @@ def inpaint_images(net, tokenizer: VQGAN, image: torch.Tensor, pixel_mask: torch
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
     device = args.device
+    _claim_outputs(args.out, ["figure.png", "completion_*.png"], args.overwrite)
     net, meta, tokenizer = _load_pair(args, device)
     schedule = _schedule_kwargs(args)
     if net.cfg.num_classes and args.class_ is None:
@@ -472,12 +532,19 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     device = args.device
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a folder: expected the path of a PNG file to write")
+    if Path(args.out).suffix.lower() != ".png":
+        raise UsageError(f"--out {args.out}: the grid is written as PNG, so the name must end in .png")
+    is_idx = Path(args.data).is_dir() and D.is_idx_dataset(args.data)
+    if args.split is not None and not is_idx:
+        raise UsageError(f"--split applies to idx folders (Fashion-MNIST), not to {args.data}")
     tokenizer = load_tokenizer(args.tokenizer, device)
     if Path(args.data).is_file():  # one image at its own size
         x = load_image(args.data, tokenizer.cfg.in_channels)[None].to(device)
     else:
         dataset = D.open_images(args.data, args.image_size or tokenizer.cfg.resolution, tokenizer.cfg.in_channels,
-                                args.split, args.strict)
+                                args.split or "test", args.strict)
         x = torch.stack([dataset[i][0] for i in range(min(args.num, len(dataset)))]).to(device)
     with torch.inference_mode():
         tokens = tokenizer.encode(x)
@@ -556,6 +623,20 @@ def _overwrite(p: argparse.ArgumentParser) -> None:
                    "its checkpoints, log and sample grids (without it, such an OUT is refused)")
 
 
+def _claim_outputs(out: str | Path, patterns: Sequence[str], overwrite: bool) -> None:
+    """Refuse to write into `out` when it holds earlier outputs (files matching `patterns`), unless
+    `overwrite`, which deletes them first so no stale file from the earlier run stays mixed in."""
+    old = [p for pattern in patterns for p in Path(out).glob(pattern)] if Path(out).is_dir() else []
+    if old and not overwrite:
+        raise UsageError(f"{out} already holds the outputs of an earlier run ({old[0].name}, ...): pass "
+                         f"--overwrite to replace them, or choose another --out")
+    for path in old if _rank() == 0 else []:  # under torchrun every rank checks, rank 0 deletes
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def _strict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable or too small image "
                    "file instead of skipping it with a warning")
@@ -567,7 +648,8 @@ def _encode_args(p: argparse.ArgumentParser, out_help: str, split: str,
                    help="tokenizer checkpoint (.pt from `sundae train-vqgan` or `sundae convert-taming`)")
     p.add_argument("--data", required=True, help=data_help)
     p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--split", default=split, help="train or test (idx folders only)")
+    p.add_argument("--split", choices=("train", "test"), help=f"idx folders (Fashion-MNIST) only: train or test "
+                   f"(default {split})")
     p.add_argument("--image-size", type=_non_negative, default=0, help="pixels; default: the tokenizer's resolution")
     _strict(p)
     _common(p)
@@ -602,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-vqgan", help="train the VQ-GAN tokenizer on a folder of images")
     p.add_argument("--data", required=True, help="image folder (sub-folders = classes) or idx folder")
     p.add_argument("--out", required=True, help="run folder: tokenizer.pt, log.jsonl, samples/")
-    p.add_argument("--preset", default="ffhq256", help=f"one of {', '.join(VQGAN_PRESETS)}")
+    p.add_argument("--preset", help=f"one of {', '.join(VQGAN_PRESETS)} (default ffhq256)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", action="store_true", help="continue from OUT/tokenizer.pt")
     _overwrite(p)
@@ -632,12 +714,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this share of the images, "
                    "chosen by --split-seed, as a token folder OUT/eval (an image and its flip stay together)")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a token folder already in OUT")
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("train", help="train the SUNDAE hourglass generator on a token folder")
     p.add_argument("--tokens", required=True, help="folder from `sundae tokenize`")
     p.add_argument("--out", required=True, help="run folder: generator.pt, log.jsonl, samples/")
-    p.add_argument("--preset", default="ffhq256", help=f"one of {', '.join(HOURGLASS_PRESETS)}")
+    p.add_argument("--preset", help=f"one of {', '.join(HOURGLASS_PRESETS)} (default ffhq256)")
     p.add_argument("--tokenizer", help="for the sample grids; default: the one named in meta.json")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", action="store_true", help="continue from OUT/generator.pt")
@@ -650,6 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder: grid.png and samples/NNNNN.png")
     p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--nrow", type=_positive, default=None, help="images per grid row; default: square")
+    p.add_argument("--overwrite", action="store_true", help="replace the samples of an earlier run in OUT")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("inpaint", help="regenerate the masked part of an image, several times")
@@ -659,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dilate", type=int, default=0, help="grow the regenerated token cells by this many cells "
                    "(8-neighbourhood: a 3x3 square of cells per step; default 0)")
     p.add_argument("--out", required=True, help="folder: completion_NN.png and figure.png")
+    p.add_argument("--overwrite", action="store_true", help="replace the completions of an earlier run in OUT")
     p.set_defaults(func=cmd_inpaint, num=4)
 
     p = sub.add_parser("demo", help="a local web app: watch sampling step by step, inpaint with a brush")
@@ -666,10 +751,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer checkpoint; default: the one the generator was trained on")
     p.add_argument("--run", help="a quickstart output folder: RUN/generator/generator.pt, RUN/tokenizer/tokenizer.pt")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_positive, default=7860, help="port (default 7860)")
+    p.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
-    p.add_argument("--max-pixels", type=_positive, default=2048 * 2048,
-                   help="largest image to inpaint, H x W pixels (default 2048x2048); uploads are limited to 5 bytes "
+    p.add_argument("--max-pixels", type=_pixels, default=2048 * 2048,
+                   help="largest image to inpaint, in pixels: a count or HxW (default 2048x2048); uploads are limited to 5 bytes "
                    "per pixel of it")
     _common(p)
     p.set_defaults(func=cmd_demo)

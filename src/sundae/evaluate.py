@@ -7,6 +7,7 @@ reported with its own test accuracy so a reader knows how much its verdict is wo
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,9 @@ def train_classifier(images: Tensor, labels: Tensor, num_classes: int, epochs: i
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * (len(images) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    bar = tqdm(total=steps, desc="classifier", disable=not progress, dynamic_ncols=True)
+    # TQDM_DISABLE in the environment also hides it (tqdm reads it only when `disable` is not passed).
+    bar = tqdm(total=steps, desc="classifier", disable=not progress or bool(os.environ.get("TQDM_DISABLE")),
+               dynamic_ncols=True)
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(len(images), generator=gen)
