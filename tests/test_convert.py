@@ -20,10 +20,12 @@ from einops import rearrange
 from PIL import Image
 
 from sundae import data as D
-from sundae.checkpoint import load_tokenizer
+from sundae.checkpoint import load_tokenizer, save_checkpoint
 from sundae.cli import main
 from sundae.convert import convert_taming, read_lightning_checkpoint
 from sundae.evaluate import psnr
+from sundae.vqgan import PRESETS as VQ
+from sundae.vqgan import VQGAN
 
 try:
     from taming.modules.diffusionmodules.model import Decoder, Encoder
@@ -309,3 +311,30 @@ def test_converted_tokenizer_through_the_cli(tmp_path, image_folder, capsys):
         "--num", 2, "--class", 0, "--steps", 3, "--device", "cpu")
     completion = np.asarray(Image.open(tmp_path / "i" / "completion_00.png"))
     assert np.array_equal(completion[8:], np.asarray(Image.open(image))[8:])  # outside the masked cells: the input
+
+
+def test_folders_and_sundae_checkpoints_are_named(tmp_path, capsys):
+    ckpt, cfg = write_taming(tmp_path, taming_vqmodel(SMALL, 64, 8, seed=0), SMALL, 64, 8)
+    out = tmp_path / "out"
+    err = fails(capsys, "convert-taming", "--checkpoint", ckpt, "--config", tmp_path, "--out", out)
+    assert err.endswith(f"error: config {tmp_path} is a folder, expected a taming YAML file: did you mean {cfg}?")
+    err = fails(capsys, "convert-taming", "--checkpoint", tmp_path, "--config", cfg, "--out", out)
+    assert err.endswith(f"error: checkpoint {tmp_path} is a folder, expected a taming checkpoint file: "
+                        f"did you mean {ckpt}?")
+    (tmp_path / "empty").mkdir()
+    err = fails(capsys, "convert-taming", "--checkpoint", ckpt, "--config", tmp_path / "empty", "--out", out)
+    assert err.endswith(f"config {tmp_path / 'empty'} is a folder, expected a taming YAML file")
+    # Our own tokenizer checkpoint (a dict with "format" and "kind"): use it directly, whatever the config.
+    tok = tmp_path / "tokenizer.pt"
+    torch.manual_seed(0)
+    model = VQGAN(VQ["tiny"])
+    save_checkpoint(tok, "tokenizer", model.cfg, model, ema=None)
+    (tmp_path / "other.yaml").write_text("model: {}\n")  # not a taming config either
+    for config in (cfg, tmp_path / "other.yaml"):
+        err = fails(capsys, "convert-taming", "--checkpoint", tok, "--config", config, "--out", out)
+        assert err.endswith(f"error: {tok} is already a sundae tokenizer checkpoint: use it directly "
+                            f"(--tokenizer {tok}); convert-taming reads taming-transformers checkpoints")
+    save_checkpoint(tok, "generator", model.cfg, {})
+    with pytest.raises(ValueError, match=r"tokenizer.pt is a sundae generator checkpoint, not a taming"):
+        read_lightning_checkpoint(tok)
+    assert not out.exists()

@@ -10,7 +10,7 @@ from PIL import Image
 
 from sundae.checkpoint import save_checkpoint
 from sundae.cli import main
-from sundae.data import ImageError, ImageFolder, read_image
+from sundae.data import ImageError, ImageFolder, image_to_tensor, open_images, read_image
 from sundae.vqgan import PRESETS as VQ
 from sundae.vqgan import VQGAN
 
@@ -188,3 +188,59 @@ def test_unusable_inputs_are_named(tmp_path):
     (tmp_path / "only" / "a.png").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"no usable images found under .*only \(1 files, 1 skipped\)"):
         ImageFolder(tmp_path / "only", 32, 3)
+
+
+def test_top_level_files_beside_class_folders_are_counted_not_silently_dropped(tmp_path, tiny_tokenizer, caplog,
+                                                                              capsys):
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3)).astype(np.uint8))
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        img.save(tmp_path / cls / "a.png")
+    img.save(tmp_path / "loose1.png")
+    (tmp_path / "loose2.txt").write_text("notes\n")
+    (tmp_path / ".DS_Store").write_bytes(b"")  # hidden: not counted
+    ds = ImageFolder(tmp_path, 32, 3)
+    assert ds.classes == ["cat", "dog"] and [(p.parent.name, y) for p, y in ds.files] == [("cat", 0), ("dog", 1)]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sundae" and r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"ignored 2 file(s) directly in {tmp_path} (e.g. loose1.png)")
+    assert "2 class sub-folder(s) define the labels" in warnings[0]
+    with pytest.raises(ImageError, match=r"ignored 2 file\(s\) directly in .*--strict"):
+        ImageFolder(tmp_path, 32, 3, strict=True)
+    # Through the CLI: the warning line, and --strict makes it a one-line error.
+    main(["tokenize", "--tokenizer", str(tiny_tokenizer), "--data", str(tmp_path), "--out", str(tmp_path / ".t"),
+          "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "sundae tokenize: warning: ignored 2 file(s) directly in" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["tokenize", "--tokenizer", str(tiny_tokenizer), "--data", str(tmp_path), "--out", str(tmp_path / ".s"),
+              "--device", "cpu", "--strict"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ignored 2 file(s)" in err
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    """An uncompressed idx file of unsigned bytes: magic 0 0 8 ndim, big-endian dims, data."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_images_are_replicated_for_an_rgb_tokenizer(tmp_path, tiny_tokenizer):
+    gray = np.random.default_rng(2).integers(0, 256, (3, 28, 28)).astype(np.uint8)
+    _write_idx(tmp_path / "train-images-idx3-ubyte", gray)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([7, 1, 7]))
+    one, three = open_images(tmp_path, 32, 1), open_images(tmp_path, 32, 3)
+    x1, y1 = one[0]
+    x3, y3 = three[0]
+    assert x1.shape == (1, 32, 32) and x3.shape == (3, 32, 32) and y1 == y3 == 7
+    # The grayscale-file rule: the same gray image saved as a PNG and read for 3 channels gives 3 equal
+    # channels; the idx item holds those pixels at the centre (2-pixel padding of -1 around 28x28).
+    Image.fromarray(gray[0]).save(tmp_path / "gray.png")
+    from_file = image_to_tensor(read_image(tmp_path / "gray.png", 3))
+    assert torch.equal(x3[:, 2:30, 2:30], from_file)
+    assert all(torch.equal(x3[c], x1[0]) for c in range(3)) and x3[:, :2].eq(-1).all()
+    # The RGB tokenizer tokenizes the idx folder (it used to be refused).
+    main(["tokenize", "--tokenizer", str(tiny_tokenizer), "--data", str(tmp_path), "--out", str(tmp_path / "t"),
+          "--device", "cpu"])
+    assert np.load(tmp_path / "t" / "tokens.npy").shape[1:] == (8, 8)

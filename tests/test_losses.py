@@ -59,8 +59,8 @@ def test_lpips_missing_weights_message(tmp_path):
     assert str(missing) in str(err.value) and "vgg16-397923af.pth" in str(err.value)
 
 
-def test_lpips_loads_torchvision_layout(tmp_path):
-    # A torchvision-layout VGG16 state dict with random weights: `features.N.*` for every conv.
+def _torchvision_vgg16_state() -> dict[str, torch.Tensor]:
+    """A torchvision-layout VGG16 state dict with random weights: `features.N.*` for every conv."""
     torch.manual_seed(0)
     state, c_in, idx = {}, 3, 0
     for item in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
@@ -71,8 +71,49 @@ def test_lpips_loads_torchvision_layout(tmp_path):
         state[f"features.{idx}.bias"] = torch.zeros(item)
         c_in, idx = item, idx + 2
     state["classifier.0.weight"] = torch.zeros(1)  # ignored
+    return state
+
+
+def test_lpips_garbage_weights_are_named(tmp_path, monkeypatch):
+    # A text file saved where the weights belong ($SUNDAE_HOME/vgg16.pth): torch.load raises KeyError.
+    monkeypatch.setenv("SUNDAE_HOME", str(tmp_path))
+    (tmp_path / "vgg16.pth").write_text("error: 404 not found\n")
+    with pytest.raises(ValueError) as err:
+        LPIPS()
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path / 'vgg16.pth'} is not a readable PyTorch weights file")
+    assert "vgg16-397923af.pth layout" in msg and "features.N.weight" in msg
+    # Readable, but not a state dict / wrong keys / wrong shapes: each named.
+    bad = tmp_path / "bad.pth"
+    torch.save([1, 2], bad)
+    with pytest.raises(ValueError, match=r"bad.pth holds a list, not a state dict of tensors: expected torchvision"):
+        LPIPS(bad)
+    torch.save({"epoch": 3}, bad)
+    with pytest.raises(ValueError, match=r"bad.pth is not a state dict of tensors \('epoch' holds a int\)"):
+        LPIPS(bad)
+    state = _torchvision_vgg16_state()
+    torch.save({k.replace("features.", "backbone."): v for k, v in state.items()}, bad)
+    # 13 convs x (weight, bias) = 26 keys missing; the first four are listed.
+    with pytest.raises(ValueError, match=r"bad.pth is not torchvision's VGG16 weights \(vgg16-397923af.pth layout.*"
+                                         r"missing key\(s\) features.0.weight, features.0.bias, features.2.weight, "
+                                         r"features.2.bias, ... \(26 in all\)$"):
+        LPIPS(bad)
+    state["features.28.weight"] = torch.zeros(512, 512, 1, 1)
+    torch.save(state, bad)
+    with pytest.raises(ValueError, match=r"wrong shape features.28.weight \(512, 512, 1, 1\) "
+                                         r"\(want \(512, 512, 3, 3\)\)$"):
+        LPIPS(bad)
+    # The optional linear heads get the same care.
+    good = tmp_path / "good.pth"
+    torch.save(_torchvision_vgg16_state(), good)
+    torch.save({"lin0.model.1.weight": torch.ones(1, 64, 1, 1)}, bad)
+    with pytest.raises(ValueError, match=r"bad.pth is not LPIPS's linear heads .*missing key\(s\) lin1.model.1.weight"):
+        LPIPS(good, bad)
+
+
+def test_lpips_loads_torchvision_layout(tmp_path):
     path = tmp_path / "vgg16.pth"
-    torch.save(state, path)
+    torch.save(_torchvision_vgg16_state(), path)
     lpips = LPIPS(path)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     y = torch.rand(2, 3, 32, 32) * 2 - 1

@@ -30,7 +30,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from sundae.checkpoint import save_checkpoint
+from sundae.checkpoint import FORMAT, save_checkpoint
 from sundae.vqgan import VQGAN, VQGANConfig
 
 TAMING_VQMODEL = "taming.models.vqgan.VQModel"
@@ -50,12 +50,11 @@ def read_lightning_checkpoint(path: str | Path) -> dict[str, Tensor]:
     The file is read by `torch.load(weights_only=True)`: tensors, numbers, strings and plain containers
     only, plus the Lightning 1.x callback classes in `LIGHTNING_CALLBACKS` used as dict keys (read as inert
     stand-ins). Anything else (an OmegaConf or argparse hyper-parameter object, a numpy scalar, ...) is refused.
-    Raises FileNotFoundError, or ValueError naming the file and the refused globals, or saying what is
-    missing (no `state_dict`, non-tensor values).
+    Raises FileNotFoundError, IsADirectoryError for a folder, or ValueError naming the file and the refused
+    globals, saying it is already a sundae checkpoint, or saying what is missing (no `state_dict`,
+    non-tensor values).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = _existing_file(path, "checkpoint", "a taming checkpoint file", "*.ckpt")
     with torch.serialization.safe_globals(_STAND_INS):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -66,6 +65,11 @@ def read_lightning_checkpoint(path: str | Path) -> dict[str, Tensor]:
                                  f"({', '.join(refused)}), and loading those could run code; re-save its "
                                  f"'state_dict' alone with torch.save where you trust the file") from None
             raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {err}") from None
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and "kind" in ckpt:
+        if ckpt["kind"] == "tokenizer":
+            raise ValueError(f"{path} is already a sundae tokenizer checkpoint: use it directly "
+                             f"(--tokenizer {path}); convert-taming reads taming-transformers checkpoints")
+        raise ValueError(f"{path} is a sundae {ckpt['kind']} checkpoint, not a taming-transformers VQ-GAN")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{path}: expected a Lightning checkpoint with a 'state_dict' or a state dict, "
@@ -74,6 +78,19 @@ def read_lightning_checkpoint(path: str | Path) -> dict[str, Tensor]:
     if bad:
         raise ValueError(f"{path}: the state dict holds non-tensor values under {_listing(bad)}")
     return state
+
+
+def _existing_file(path: str | Path, what: str, expected: str, pattern: str) -> Path:
+    """`path` as a Path if it is a file; FileNotFoundError if it does not exist, IsADirectoryError naming
+    `expected` (and the files matching `pattern` inside, if any) if it is a folder."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob(pattern))
+        hint = f": did you mean {_listing([str(p) for p in found], 3)}?" if found else ""
+        raise IsADirectoryError(f"{what} {path} is a folder, expected {expected}{hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    return path
 
 
 def _refused_globals(path: Path, err: Exception) -> list[str]:
@@ -95,14 +112,13 @@ def read_taming_config(path: str | Path) -> VQGANConfig:
     """Our `VQGANConfig` from a taming YAML: a VQModel config (`model.params` holds `ddconfig`,
     `n_embed`, `embed_dim`) or a transformer config whose `model.params.first_stage_config` is one.
 
-    Raises FileNotFoundError, or ValueError naming the file and the field: a `target` other than
+    Raises FileNotFoundError, IsADirectoryError for a folder, or ValueError naming the file and the field:
+    a `target` other than
     taming.models.vqgan.VQModel (Gumbel or segmentation variants), `double_z: true`, `in_channels` !=
     `out_ch`, `resamp_with_conv: false`, an index `remap`, widths that are not multiples of 32, or missing
     fields.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path} does not exist")
+    path = _existing_file(path, "config", "a taming YAML file", "*.yaml")
     try:
         doc = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
@@ -236,13 +252,17 @@ def convert_taming(checkpoint: str | Path, config: str | Path, out: str | Path) 
 
     The result loads with `sundae.checkpoint.load_tokenizer` like one from `sundae train-vqgan` (no EMA
     weights; `meta` records the source files). Raises FileExistsError if `out/tokenizer.pt` exists, and the
-    errors of `read_taming_config`, `read_lightning_checkpoint` and `taming_to_sundae`.
+    errors of `read_taming_config`, `read_lightning_checkpoint` and `taming_to_sundae`. Both paths are checked
+    first, then the checkpoint is read before the config, so a sundae checkpoint given by mistake is named as
+    such whatever the config holds.
     """
     target = Path(out) / "tokenizer.pt"
     if target.exists():
         raise FileExistsError(f"{target} exists: choose another --out or remove it")
-    cfg = read_taming_config(config)
+    _existing_file(checkpoint, "checkpoint", "a taming checkpoint file", "*.ckpt")
+    _existing_file(config, "config", "a taming YAML file", "*.yaml")
     state = read_lightning_checkpoint(checkpoint)
+    cfg = read_taming_config(config)
     model = VQGAN(cfg)
     model.load_state_dict(taming_to_sundae(state, model, f"{checkpoint} (config {config})"))
     save_checkpoint(target, "tokenizer", cfg, model,

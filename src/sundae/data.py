@@ -8,9 +8,10 @@ Image files, one policy for every verb (`read_image`): any mode Pillow opens (L,
 transparency, RGB, RGBA, CMYK, 16-bit I;16 and RGB PNGs, ...); EXIF orientation applied; alpha composited
 onto white (`BACKGROUND`); then converted to what the tokenizer takes: 1 channel -> grayscale "L" (ITU-R
 601 luma), 3 channels -> "RGB" (grayscale replicated). 16-bit samples are scaled to 8 bits by value (not
-clipped). Files that cannot be used raise `ImageError`; `ImageFolder` skips them with a warning (or stops
-at the first with `strict=True`). Images over Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`)
-are refused.
+clipped). Idx images are grayscale and follow the same rule: replicated into three equal channels for a
+3-channel tokenizer. Files that cannot be used raise `ImageError`; `ImageFolder` skips them with a warning
+(or stops at the first with `strict=True`). Images over Pillow's decompression-bomb limit
+(`Image.MAX_IMAGE_PIXELS`) are refused.
 
 Token datasets (`sundae tokenize`) are a folder with `tokens.npy` (uint16 `N h w`, read as a memmap),
 `labels.npy` (int64 `N`) and `meta.json` (codebook size, grid, f, the tokenizer that produced them).
@@ -152,9 +153,18 @@ def is_idx_dataset(root: str | Path) -> bool:
 
 class IdxImages(Dataset):
     """MNIST-style idx images (`split` "train" or "test"), zero-padded to `size` pixels: items are
-    (`1 size size` float in [-1, 1], int label). Fashion-MNIST's black background pads with -1."""
+    (`channels size size` float in [-1, 1], int label). Fashion-MNIST's black background pads with -1.
 
-    def __init__(self, root: str | Path, split: str = "train", size: int = 32):
+    The files hold grayscale bytes; `channels` 3 replicates them into three equal channels, the same rule
+    `read_image` applies to grayscale image files. `images` keeps the single channel (`N 1 size size`).
+    Raises ValueError for a bad `split` or `channels`, unreadable or truncated files, or `size` under the
+    image size; FileNotFoundError when an idx file is missing.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", size: int = 32, channels: int = 1):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.channels = channels
         root = Path(root)
         prefix = {"train": "train", "test": "t10k"}.get(split)
         if prefix is None:
@@ -175,18 +185,21 @@ class IdxImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.images[i], int(self.labels[i])
+        x = self.images[i]
+        return (x if self.channels == 1 else x.repeat(self.channels, 1, 1)), int(self.labels[i])
 
 
 class ImageFolder(Dataset):
     """A folder of image files, resized (shorter side) and centre-cropped to `size` x `size` pixels.
 
     Sub-folders are classes (sorted names -> labels 0..); files directly in `root` get label 0 when there
-    are no sub-folders. Every file not starting with "." is read once here with `read_image` (its policy
-    for modes, EXIF, alpha and `channels`): files that cannot be read, and images whose shorter side is
-    under `size`, are skipped with a warning naming the file (logger "sundae") and a count at the end, or
-    with `strict` the first one raises ImageError. Items: (`c size size` float in [-1, 1], int label).
-    Raises FileNotFoundError when no usable image is left. `skipped` lists (path, reason).
+    are no sub-folders. When there are class sub-folders, files directly in `root` are not used (the
+    sub-folders define the labels, so such a file has none): a warning (logger "sundae") says how many were
+    ignored, or with `strict` that is an ImageError naming the folder. Every file not starting with "." is
+    read once here with `read_image` (its policy for modes, EXIF, alpha and `channels`): files that cannot
+    be read, and images whose shorter side is under `size`, are skipped with a warning naming the file and
+    a count at the end, or with `strict` the first one raises ImageError. Items: (`c size size` float in
+    [-1, 1], int label). Raises FileNotFoundError when no usable image is left. `skipped` lists (path, reason).
     """
 
     def __init__(self, root: str | Path, size: int, channels: int = 3, strict: bool = False):
@@ -198,6 +211,15 @@ class ImageFolder(Dataset):
         self.classes = [p.name for p in subdirs]
         self.files: list[tuple[Path, int]] = []
         self.skipped: list[tuple[Path, str]] = []
+        if subdirs:
+            loose = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+            if loose:
+                what = (f"ignored {len(loose)} file(s) directly in {root} (e.g. {min(loose).name}): its "
+                        f"{len(subdirs)} class sub-folder(s) define the labels, so a top-level file has none; "
+                        f"move it into a class folder")
+                if strict:
+                    raise ImageError(f"{what} (--strict stops here)")
+                log.warning("%s", what)
         candidates = 0
         for label, folder in enumerate(subdirs or [root]):
             for path in sorted(folder.rglob("*")):
@@ -240,8 +262,8 @@ class ImageFolder(Dataset):
 
 
 def open_images(path: str | Path, size: int, channels: int, split: str = "train", strict: bool = False) -> Dataset:
-    """An idx folder (Fashion-MNIST) or an image folder (`ImageFolder`, with `strict`), as a dataset of
-    (`c size size`, label)."""
+    """An idx folder (Fashion-MNIST; grayscale replicated when `channels` is 3) or an image folder
+    (`ImageFolder`, with `strict`), as a dataset of (`channels size size`, label)."""
     path = Path(path)
     if not path.exists():
         hint = " (install it with `apt-get install dataset-fashion-mnist`)" if path == FASHION_MNIST_DIR else ""
@@ -249,10 +271,7 @@ def open_images(path: str | Path, size: int, channels: int, split: str = "train"
     if path.is_file():
         raise FileNotFoundError(f"{path} is a file: expected a folder of images (or of idx files)")
     if is_idx_dataset(path):
-        ds = IdxImages(path, split, size)
-        if channels != 1:
-            raise ValueError(f"{path} holds grayscale idx images but the tokenizer expects {channels} channels")
-        return ds
+        return IdxImages(path, split, size, channels)
     return ImageFolder(path, size, channels, strict)
 
 

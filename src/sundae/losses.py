@@ -19,6 +19,38 @@ _VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, 
 _LPIPS_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's `features`
 
 
+def _load_tensors(path: Path, expected: str) -> dict[str, Tensor]:
+    """A state dict of tensors from `path`; ValueError naming the file and `expected` for anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, KeyError on text files, EOFError, RuntimeError on zip damage, ...
+        raise ValueError(f"{path} is not a readable PyTorch weights file ({type(err).__name__}: {err}): "
+                         f"expected {expected}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors: expected {expected}")
+    other = next((k for k, v in state.items() if not isinstance(v, Tensor)), None)
+    if other is not None:
+        raise ValueError(f"{path} is not a state dict of tensors ({other!r} holds a {type(state[other]).__name__}): "
+                         f"expected {expected}")
+    return state
+
+
+def _check_keys(path: Path, state: dict[str, Tensor], want: dict[str, torch.Size], expected: str) -> None:
+    """ValueError naming `path`, the missing keys and the wrong shapes unless `state` has every key of `want`
+    with its shape (extra keys are allowed)."""
+    missing = [k for k in want if k not in state]
+    wrong = [f"{k} {tuple(state[k].shape)} (want {tuple(v)})" for k, v in want.items()
+             if k in state and state[k].shape != v]
+
+    def listed(items: list[str]) -> str:
+        return ", ".join(items[:4]) + (f", ... ({len(items)} in all)" if len(items) > 4 else "")
+
+    parts = [f"missing key(s) {listed(missing)}"] if missing else []
+    parts += [f"wrong shape {listed(wrong)}"] if wrong else []
+    if parts:
+        raise ValueError(f"{path} is not {expected}: {'; '.join(parts)}")
+
+
 def default_vgg16_path() -> Path:
     """Where the perceptual loss looks for VGG16 weights: $SUNDAE_HOME (default ~/.cache/sundae)/vgg16.pth."""
     return Path(os.environ.get("SUNDAE_HOME", Path.home() / ".cache" / "sundae")) / "vgg16.pth"
@@ -31,7 +63,8 @@ class LPIPS(nn.Module):
     holds LPIPS's linear heads (`linK.model.1.weight`, shape `1 c 1 1`); without it every channel has
     weight 1 (the paper's "baseline" LPIPS variant).
 
-    Raises FileNotFoundError naming the expected path and where to get the file.
+    Raises FileNotFoundError naming the expected path and where to get the file; ValueError naming the file
+    when it is not readable PyTorch weights or lacks a key (or has one of another shape) of that layout.
     """
 
     def __init__(self, vgg16_path: str | Path | None = None, lin_path: str | Path | None = None):
@@ -51,16 +84,22 @@ class LPIPS(nn.Module):
                 layers += [nn.Conv2d(c_in, int(item), 3, padding=1), nn.ReLU()]
                 c_in = int(item)
         self.features = nn.Sequential(*layers)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
-        try:
-            self.features.load_state_dict(features)
-        except RuntimeError as err:
-            raise ValueError(f"{path} is not a torchvision VGG16 state dict: {err}") from None
+        expected = (f"torchvision's VGG16 weights ({VGG16_URL.rsplit('/', 1)[1]} layout: features.N.weight and "
+                    f"features.N.bias for its 13 conv layers), from {VGG16_URL}")
+        state = _load_tensors(path, expected)
+        want = {f"features.{k}": v.shape for k, v in self.features.state_dict().items()}
+        _check_keys(path, state, want, expected)
+        self.features.load_state_dict({k.removeprefix("features."): state[k] for k in want})
         widths = (64, 128, 256, 512, 512)
         lins = [torch.ones(1, c, 1, 1) for c in widths]
         if lin_path:
-            lin_state = torch.load(lin_path, map_location="cpu", weights_only=True)
+            lin_path = Path(lin_path)
+            lin_expected = "LPIPS's linear heads for VGG (lin0..lin4.model.1.weight of shape 1 c 1 1)"
+            if not lin_path.is_file():
+                raise FileNotFoundError(f"LPIPS linear heads {lin_path} do not exist: expected {lin_expected}")
+            lin_state = _load_tensors(lin_path, lin_expected)
+            _check_keys(lin_path, lin_state, {f"lin{i}.model.1.weight": torch.Size((1, c, 1, 1))
+                                              for i, c in enumerate(widths)}, lin_expected)
             lins = [lin_state[f"lin{i}.model.1.weight"].float() for i in range(len(widths))]
         for i, w in enumerate(lins):
             self.register_buffer(f"lin{i}", w, persistent=False)
