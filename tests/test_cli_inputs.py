@@ -295,7 +295,8 @@ def test_second_fresh_user_trial(models, picture, image_folder, tmp_path, capsys
     np.save(other / "labels.npy", np.zeros(4, dtype=np.int64))
     meta = json.loads((tokens / "meta.json").read_text())
     (other / "meta.json").write_text(json.dumps({**meta, "grid": [4, 4]}))
-    err = fails(capsys, "train", "--tokens", other, "--out", tmp_path / "gen", "--resume", "--device", "cpu")
+    err = fails(capsys, "train", "--tokens", other, "--out", tmp_path / "gen", "--resume", "--set", "steps=3",
+                "--device", "cpu")
     assert "resume with the same token folder" in err
     assert "is a file: expected a token folder" in fails(capsys, "train", "--tokens", tok, "--out", tmp_path / "x")
     # sample refuses to mix new samples with an earlier run's; --overwrite replaces them all.

@@ -162,8 +162,9 @@ def _run_configs(args: argparse.Namespace, kind: str, model_table: dict,
         model_cls, train_cls = (type(next(iter(table.values()))) for table in (model_table, train_table))
         stored = config_from_dict(model_cls, ckpt["config"], str(last))
         train_cfg = config_from_dict(train_cls, ckpt["train"], str(last))
-        if args.preset is not None:
-            D.log.warning(f"--preset {args.preset} ignored: --resume continues with the configs stored in {last}")
+        if args.preset is not None and _preset(model_table, args.preset, kind) != stored:
+            D.log.warning(f"--preset {args.preset} ignored: --resume continues the run in {args.out}, whose "
+                          f"architecture (stored in {last.name}) differs from that preset's")
         model_cfg, train_cfg = apply_overrides(args.set, stored, train_cfg)
         changed = [f"{f.name}: {getattr(stored, f.name)!r} in the run, {getattr(model_cfg, f.name)!r} asked"
                    for f in dataclasses.fields(stored) if getattr(stored, f.name) != getattr(model_cfg, f.name)]
@@ -534,7 +535,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     device = args.device
     if Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a folder: expected the path of a PNG file to write")
-    if Path(args.out).suffix.lower() != ".png":
+    if Path(args.out).suffix.lower() not in ("", ".png"):
         raise UsageError(f"--out {args.out}: the grid is written as PNG, so the name must end in .png")
     is_idx = Path(args.data).is_dir() and D.is_idx_dataset(args.data)
     if args.split is not None and not is_idx:
