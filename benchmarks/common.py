@@ -3,11 +3,14 @@
 Peak memory on CUDA is `torch.cuda.max_memory_allocated`; on the CPU it is the process's resident-set
 high-water mark (VmHWM in /proc/self/status, Linux), reset before each measurement by writing 5 to
 /proc/self/clear_refs. Both are reported as the growth over what was resident before the measured call,
-so the weights and the Python runtime are not counted.
+so the weights and the Python runtime are not counted. On the CPU, glibc's malloc is told to hand every
+block over 64 KiB straight back to the OS when freed (a fixed mmap threshold), so the resident set follows
+live memory instead of keeping the heap an earlier, bigger call grew.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import re
@@ -23,6 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 from sundae.data import write_json as _write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _return_freed_memory_to_the_os() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so no dynamic growth
+    except (OSError, AttributeError):  # not glibc: CPU peaks may undercount memory the allocator keeps
+        pass
+
+
+_return_freed_memory_to_the_os()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
