@@ -325,7 +325,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                              f"({key} = {value}); drop the --set" + (" (num_classes=0 trains unconditionally)"
                                                                      if key == "num_classes" else ""))
     model_cfg = dataclasses.replace(model_cfg, vocab_size=dataset.meta["n_codes"], num_classes=num_classes)
-    if stored and (stored.get("grid") != dataset.meta.get("grid") or stored.get("n_codes") != dataset.meta["n_codes"]):
+    if any(stored.get(k) is not None and stored.get(k) != dataset.meta.get(k) for k in ("grid", "n_codes")):
         raise UsageError(f"the run in {args.out} was trained on {stored.get('grid')} token grids of "
                          f"{stored.get('n_codes')} codes, {args.tokens} holds {dataset.meta.get('grid')} grids of "
                          f"{dataset.meta['n_codes']}: resume with the same token folder")
