@@ -182,6 +182,7 @@ def _sample_loop(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: i
     out[rows], steps_taken[rows] = z, taken
     return out, steps_taken
 
+
 def token_keep_mask(pixel_mask: Tensor, f: int, dilate: int = 0) -> Tensor:
     """Pixel mask `b 1 H W` (1 = regenerate, 0 = known), any H, W -> token keep-mask `b h w` bool (True =
     known), h = ceil(H / f), w = ceil(W / f).
