@@ -12,23 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sundae.cli import main
+from cli_helpers import fails, run
 from sundae.data import FASHION_MNIST_DIR
 
 SET_TINY_VQ = ["--preset", "tiny", "--set", "steps=6", "--set", "batch_size=4", "--set", "disc_start=3"]
 
-
-def run(*argv):
-    main([str(a) for a in argv])
-
-
-def fails(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        run(*argv)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -12,25 +12,13 @@ import torch
 from PIL import Image
 
 from sundae.checkpoint import save_checkpoint
-from sundae.cli import file_digest, load_mask, main
+from cli_helpers import fails, run
+from sundae.cli import file_digest, load_mask
 from sundae.hourglass import PRESETS as HG
 from sundae.hourglass import Hourglass
 from sundae.vqgan import PRESETS as VQ
 from sundae.vqgan import VQGAN
 
-
-def run(*argv):
-    main([str(a) for a in argv])
-
-
-def fails(capsys, *argv) -> str:
-    """Run the CLI expecting a one-line error and exit status 2; returns the line."""
-    with pytest.raises(SystemExit) as exit_:
-        run(*argv)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture(scope="module")

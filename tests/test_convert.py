@@ -21,7 +21,7 @@ from PIL import Image
 
 from sundae import data as D
 from sundae.checkpoint import load_tokenizer, save_checkpoint
-from sundae.cli import main
+from cli_helpers import fails, run
 from sundae.convert import convert_taming, read_lightning_checkpoint
 from sundae.evaluate import psnr
 from sundae.vqgan import PRESETS as VQ
@@ -127,18 +127,6 @@ def write_taming(folder, m, dd, n_embed, embed_dim, callback_key=None, transform
     (folder / "model.yaml").write_text(yaml.safe_dump({"model": model}))
     return folder / "model.ckpt", folder / "model.yaml"
 
-
-def run(*argv):
-    main([str(a) for a in argv])
-
-
-def fails(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        run(*argv)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def assert_parity(ours, m, x, f, tolerance=None):
