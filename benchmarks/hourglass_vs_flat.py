@@ -1,28 +1,35 @@
-"""Hourglass vs a flat transformer of the same width and depth: forward time and peak memory, side by side.
+"""Hourglass vs a flat transformer of the same width and depth: time and peak memory, side by side.
 
 The flat baseline is what the hourglass replaces: the same `Block`s (same width, heads, MLP, 2D rotary),
 as many of them as the hourglass has (pre + valley + post), all at full resolution, with the same
-embedding and logits head. Both run one forward pass over a random `b h w` token grid, alternating
-so that machine noise hits both alike. The hourglass saves compute because its valley blocks see
-a quarter of the tokens (2x2 patches merged; McKinney & Willcocks section 3.2).
+embedding and logits head. Both run the same random `b h w` token grid, alternating so that machine noise
+hits both alike, in two passes:
+- inference: one forward pass under `torch.inference_mode` (what a sampling step costs);
+- training: forward + backward of the token cross-entropy (every block's activations are kept).
+The hourglass saves compute because its valley blocks see 1/s^2 of the tokens (s x s patches merged;
+McKinney & Willcocks section 3.2). s = 2 is the paper's; `--shorten-factors 2,4` also measures 4x4 patches.
 
     python benchmarks/hourglass_vs_flat.py                 # ffhq256 width, grids 16, 32, 64, on the CPU
     python benchmarks/hourglass_vs_flat.py --device cuda --precision bf16 --batch 8
 
-Prints a table and writes benchmarks/results/hourglass_vs_flat.json: a list of
-{"grid": "32x32", "speedup": flat_seconds / hourglass_seconds, "memory_ratio": flat_peak / hourglass_peak, ...}.
+Prints a table and writes benchmarks/results/hourglass_vs_flat.json: a list of {"grid": "32x32",
+"speedup": flat_seconds / hourglass_seconds, "memory_ratio": flat_peak / hourglass_peak, ...} for the
+forward pass, plus "train_speedup" and "train_memory_ratio" for the training pass and "shorten_factor".
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from common import DTYPES, RESULTS, environment, peak_memory, print_table, timed, write_json
+
 from sundae.hourglass import PRESETS, Block, Hourglass, HourglassConfig, forward_flops, rotary_angles
 
 
@@ -53,10 +60,37 @@ def flat_flops(cfg: HourglassConfig, h: int, w: int, batch: int) -> int:
     return batch * (sum(cfg.depth) * block + 2 * n * d * cfg.vocab_size)
 
 
+def measure(model: nn.Module, tokens: Tensor, device: torch.device, precision: str, repeats: int) -> dict:
+    """Median seconds and peak memory growth (bytes) of an inference forward and of a training pass.
+
+    The training peak is measured with the weight gradients already allocated (zeroed in place, as in a
+    training loop), so it is the memory of the activations kept for the backward pass and its temporaries.
+    """
+    autocast = lambda: torch.autocast(device.type, DTYPES[precision], enabled=precision != "fp32")  # noqa: E731
+
+    def forward() -> Tensor:
+        with torch.inference_mode(), autocast():
+            return model(tokens)
+
+    def train() -> None:
+        model.zero_grad(set_to_none=False)
+        with autocast():
+            loss = F.cross_entropy(model(tokens).flatten(0, -2), tokens.flatten())
+        loss.backward()
+
+    out = {"seconds": timed(forward, device, repeats=repeats), "peak_bytes": peak_memory(forward, device)[1],
+           "train_seconds": timed(train, device, repeats=repeats)}
+    out["train_peak_bytes"] = peak_memory(train, device)[1]  # gradients exist already: activations only
+    model.zero_grad(set_to_none=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="ffhq256", help=f"hourglass preset for width/depth: {', '.join(PRESETS)}")
     parser.add_argument("--grids", default="16,32,64", help="token grid sides, comma-separated")
+    parser.add_argument("--shorten-factors", default="2,4",
+                        help="hourglass patch sides s, comma-separated (2 = the paper's 2x2 patches)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--precision", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -66,38 +100,46 @@ def main() -> None:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    cfg = PRESETS[args.preset]
-    if cfg.num_classes:
-        cfg = HourglassConfig(**{**cfg.__dict__, "num_classes": 0})
-    models = {"hourglass": Hourglass(cfg).to(device).eval(), "flat": FlatTransformer(cfg).to(device).eval()}
+    cfg = replace(PRESETS[args.preset], num_classes=0)
+    factors = [int(s) for s in args.shorten_factors.split(",")]
+    flat = FlatTransformer(cfg).to(device)
+    hourglasses = {s: Hourglass(replace(cfg, shorten_factor=s)).to(device) for s in factors}
     env = environment(device)
     print(f"{args.preset} width {cfg.dim}, {sum(cfg.depth)} blocks, batch {args.batch}, {args.precision}, "
           f"{env['device']}")
     rows = []
     for side in (int(g) for g in args.grids.split(",")):
         tokens = torch.randint(0, cfg.vocab_size, (args.batch, side, side), device=device)
-        row = {"grid": f"{side}x{side}"}
-        for name, model in models.items():
-            def forward(model=model):
-                with torch.inference_mode(), torch.autocast(device.type, DTYPES[args.precision],
-                                                            enabled=args.precision != "fp32"):
-                    return model(tokens)
-            row[f"{name}_seconds"] = timed(forward, device, repeats=args.repeats)
-            row[f"{name}_peak_bytes"] = peak_memory(forward, device)[1]
-        row["hourglass_gflops"] = forward_flops(cfg, side, side, args.batch) / 1e9
-        row["flat_gflops"] = flat_flops(cfg, side, side, args.batch) / 1e9
-        row["speedup"] = row["flat_seconds"] / row["hourglass_seconds"]
-        row["flops_ratio"] = row["flat_gflops"] / row["hourglass_gflops"]
-        row["flat_peak_mib"], row["hourglass_peak_mib"] = row["flat_peak_bytes"] / 2**20, row["hourglass_peak_bytes"] / 2**20
-        row["memory_ratio"] = row["flat_peak_bytes"] / max(row["hourglass_peak_bytes"], 1)
-        row.update(preset=args.preset, batch=args.batch, precision=args.precision, device=env["device"])
-        rows.append(row)
-        print(f"  {row['grid']}: flat {row['flat_seconds']:.3f} s, hourglass {row['hourglass_seconds']:.3f} s")
+        base = measure(flat, tokens, device, args.precision, args.repeats)
+        for s, hourglass in hourglasses.items():
+            if side % s:
+                continue
+            hg = measure(hourglass, tokens, device, args.precision, args.repeats)
+            row = {"grid": f"{side}x{side}", "shorten_factor": s}
+            row.update({f"flat_{k}": v for k, v in base.items()})
+            row.update({f"hourglass_{k}": v for k, v in hg.items()})
+            row["hourglass_gflops"] = forward_flops(hourglass.cfg, side, side, args.batch) / 1e9
+            row["flat_gflops"] = flat_flops(cfg, side, side, args.batch) / 1e9
+            row["flops_ratio"] = row["flat_gflops"] / row["hourglass_gflops"]
+            for pre in ("", "train_"):
+                row[f"{pre}speedup"] = row[f"flat_{pre}seconds"] / row[f"hourglass_{pre}seconds"]
+                row[f"{pre}memory_ratio"] = row[f"flat_{pre}peak_bytes"] / max(row[f"hourglass_{pre}peak_bytes"], 1)
+                for name in ("flat", "hourglass"):
+                    row[f"{name}_{pre}peak_mib"] = row[f"{name}_{pre}peak_bytes"] / 2**20
+            row.update(preset=args.preset, batch=args.batch, precision=args.precision, device=env["device"])
+            rows.append(row)
+            print(f"  {row['grid']} s={s}: forward flat {row['flat_seconds']:.3f} s, hourglass "
+                  f"{row['hourglass_seconds']:.3f} s; training flat {row['flat_train_seconds']:.3f} s, "
+                  f"hourglass {row['hourglass_train_seconds']:.3f} s")
     print()
-    print_table(rows, [("grid", "grid", "s"), ("flat_seconds", "flat s", ".3f"),
-                       ("hourglass_seconds", "hourglass s", ".3f"), ("speedup", "speedup", ".2f"),
-                       ("flops_ratio", "FLOPs ratio", ".2f"), ("flat_peak_mib", "flat peak MiB", ".1f"),
-                       ("hourglass_peak_mib", "hourglass peak MiB", ".1f"), ("memory_ratio", "memory ratio", ".2f")])
+    print_table(rows, [("grid", "grid", "s"), ("shorten_factor", "s", "d"),
+                       ("flat_seconds", "flat s", ".3f"), ("hourglass_seconds", "hourglass s", ".3f"),
+                       ("speedup", "speedup", ".2f"), ("flops_ratio", "FLOPs ratio", ".2f"),
+                       ("flat_peak_mib", "flat MiB", ".1f"), ("hourglass_peak_mib", "hourglass MiB", ".1f"),
+                       ("memory_ratio", "memory ratio", ".2f"), ("train_speedup", "train speedup", ".2f"),
+                       ("flat_train_peak_mib", "flat train MiB", ".0f"),
+                       ("hourglass_train_peak_mib", "hourglass train MiB", ".0f"),
+                       ("train_memory_ratio", "train memory ratio", ".2f")])
     write_json(args.out, rows)
 
 
