@@ -660,6 +660,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     protocol = {
         "generator": str(Path(args.generator).resolve()), "generator_sha256": file_digest(args.generator),
         "tokenizer": str(Path(args.tokenizer or meta["tokenizer"]).resolve()),
+        "tokenizer_sha256": file_digest(args.tokenizer or meta["tokenizer"]),
         "samples": args.num, "steps": args.steps, **{k: list(v) if isinstance(v, tuple) else v
                                                      for k, v in schedule.items()},
         "labels": f"balanced: sample i has class i mod {net.cfg.num_classes}" if conditional else "unconditional",
