@@ -1,6 +1,7 @@
 """`sundae evaluate` end to end on tiny runs: the numbers against independent computations, the protocol in
 the JSON, the Inception network and its missing-weights message, one-line errors."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -95,12 +96,12 @@ def test_evaluate_reports_values_that_independent_computations_confirm(runs, ima
 @pytest.mark.skipif(not D.is_idx_dataset(D.FASHION_MNIST_DIR), reason="Fashion-MNIST idx files not installed")
 def test_evaluate_against_fashion_mnist(runs, tmp_path, capsys, no_inception):
     run("evaluate", "--generator", runs / "gen", "--reference", "fashion-mnist", "--reference-limit", 24,
-        "--classifier-train-limit", 300, "--steps", 2, "--out", tmp_path, *SAMPLER)
+        "--classifier-train-limit", 128, "--steps", 2, "--out", tmp_path, *SAMPLER)
     result = json.loads((tmp_path / "evaluation.json").read_text())
     ref = result["protocol"]["reference"]
     assert (ref["source"], ref["split"], ref["count"], ref["available"]) == ("Fashion-MNIST", "test", 24, 10000)
     assert ref["num_classes"] == 10 and "replicated" in ref["resizing"]  # the tiny tokenizer is RGB
-    assert result["classifier"]["train_images"] == 300 and "train split" in result["classifier"]["trained_on"]
+    assert result["classifier"]["train_images"] == 128 and "train split" in result["classifier"]["trained_on"]
     # The generator's 2 classes are not Fashion-MNIST's 10: no class accuracy, and the reason is given.
     assert "class_accuracy" not in result["samples"][0] and "10" in result["skipped"]["class_accuracy"]
     assert not (tmp_path / "curves.png").exists()  # one setting: no curve
@@ -115,8 +116,12 @@ def test_evaluate_one_line_errors(runs, image_folder, tmp_path, capsys, no_incep
     assert "--inception" in fails(capsys, "evaluate", "--generator", gen, "--reference", image_folder,
                                   "--inception", tmp_path / "none.pth", "--out", tmp_path / "c", *SAMPLER)
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    assert "not a readable classifier" in fails(capsys, "evaluate", "--generator", gen, "--reference", image_folder,
-                                                "--classifier", tmp_path / "bad.pt", "--out", tmp_path / "d", *SAMPLER)
+    with pytest.raises(SystemExit) as exit_:  # after the warning about the missing Inception weights
+        run("evaluate", "--generator", gen, "--reference", image_folder, "--classifier", tmp_path / "bad.pt",
+            "--out", tmp_path / "d", *SAMPLER)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and "warning: Inception FID skipped" in err[0] and len(err) == 2
+    assert "error: --classifier" in err[1] and "not a readable classifier" in err[1]
     with pytest.raises(SystemExit):
         run("evaluate", "--generator", gen, "--steps", "4,0", "--out", tmp_path / "e")
     assert "comma-separated" in capsys.readouterr().err
@@ -136,6 +141,27 @@ def test_inception_network_loads_a_state_dict_and_gives_2048_features(tmp_path):
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match="does not fit"):
         load_fid_inception(tmp_path / "partial.pth")
+
+
+
+def test_evaluate_with_inception_weights_reports_inception_fid(pipeline, image_folder, tmp_path, monkeypatch):
+    """The CLI's Inception path. The network itself is tested above; here a cheap stand-in (4x4 average-pooled
+    pixels as features) replaces it, since a real Inception pass at 299x299 costs seconds per image here."""
+    import sundae.inception
+
+    monkeypatch.setattr(sundae.inception, "load_fid_inception", lambda path, device: path)
+    monkeypatch.setattr(sundae.inception, "inception_features",
+                        lambda model, x: torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
+    weights = tmp_path / INCEPTION_FILE
+    weights.write_bytes(b"stand-in weights")
+    run("evaluate", "--generator", pipeline / "gen", "--reference", image_folder, "--inception", weights,
+        "--out", tmp_path / "ev", "--steps", 2, *SAMPLER)
+    result = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert result["protocol"]["feature_extractors"]["inception"] and "fid_inception" not in result["skipped"]
+    assert result["inception"]["sha256"] == hashlib.sha256(b"stand-in weights").hexdigest()
+    row = result["samples"][0]
+    assert row["fid_inception"] > 0 and 0 <= row["precision_inception"] <= 1 and 0 <= row["recall_inception"] <= 1
+    assert result["tokenizer"]["rfid_inception"] > 0
 
 
 def test_balanced_labels():

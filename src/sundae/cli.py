@@ -629,14 +629,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     ref = E.load_reference(args.reference, size[0], tokenizer.cfg.in_channels, args.reference_limit,
                            args.classifier_train_limit, args.strict)
     skipped: dict[str, str] = {}
-    classifier = record = None
-    if ref.num_classes >= 2:
-        classifier, record = E.load_or_train_classifier(Path(args.classifier or out / "classifier.pt"), ref,
-                                                        args.classifier_epochs, args.seed)
-        record["features"] = "SmallClassifier penultimate layer (128, after ReLU)"
-    else:
-        skipped["classifier"] = (f"the reference {args.reference} has no class labels (sub-folders): no classifier-FID "
-                                 f"and no class accuracy")
     inception_path = Path(args.inception) if args.inception else E.default_inception_path()
     inception = inception_record = None
     if inception_path.is_file():
@@ -652,6 +644,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                     f"weights {E.INCEPTION_FILE} (pytorch-fid / torch-fidelity release) there, set "
                                     f"${E.INCEPTION_ENV}, or pass --inception PATH")
         D.log.warning("Inception FID skipped: %s", skipped["fid_inception"])
+    classifier = record = None
+    if ref.num_classes >= 2:
+        classifier, record = E.load_or_train_classifier(Path(args.classifier or out / "classifier.pt"), ref,
+                                                        args.classifier_epochs, args.seed)
+        record["features"] = "SmallClassifier penultimate layer (128, after ReLU)"
+    else:
+        skipped["classifier"] = (f"the reference {args.reference} has no class labels (sub-folders): no classifier-FID "
+                                 f"and no class accuracy")
     results, images = E.evaluate(net, meta, tokenizer, ref, args.steps, schedule, args.num, args.batch_size,
                                  args.seed, args.precision, args.compile, classifier, record, inception,
                                  inception_record, args.k, device)
