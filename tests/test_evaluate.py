@@ -78,7 +78,8 @@ def test_evaluate_reports_values_that_independent_computations_confirm(runs, ima
         assert 1 <= r["mean_steps_taken"] <= r["steps"] and r["seconds_per_image"] > 0
         assert r["class_accuracy"] in {i / 8 for i in range(9)}  # 8 samples, 4 of each class
     assert 0 <= result["classifier"]["accuracy_on_reference"] <= 1 and not result["classifier"]["loaded"]
-    assert Image.open(out / "curves.png").size == (720, 420)
+    # One panel each for classifier-FID, class accuracy, precision and recall (150 px tall, 70 px of margins).
+    assert Image.open(out / "curves.png").size == (640, 4 * 150 + 70)
     assert Image.open(out / "samples.png").size[0] == 2 * 32 + 3 * 2  # one column per class, 2-pixel gaps
 
     # Same seed, same settings, the saved classifier: the same numbers.
