@@ -4,6 +4,8 @@ import pytest
 
 from sundae.cli import main
 
+SET_TINY_VQ = ["--preset", "tiny", "--set", "steps=6", "--set", "batch_size=4", "--set", "disc_start=3"]
+
 
 def run(*argv):
     """Run `sundae ARGV...` (any argument may be a Path or a number)."""

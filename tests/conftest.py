@@ -24,3 +24,18 @@ def image_folder(tmp_path_factory) -> Path:
             (draw.ellipse if label == "circles" else draw.rectangle)(box, fill=colour)
             img.save(root / label / f"{i:02d}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def pipeline(image_folder, tmp_path_factory):
+    """train-vqgan -> tokenize -> train on the image folder (tiny presets, class-conditional with 2 classes);
+    returns the folder holding the runs tok/, tokens/ and gen/. Shared by the CLI and evaluate tests."""
+    from cli_helpers import SET_TINY_VQ, run
+
+    out = tmp_path_factory.mktemp("run")
+    run("train-vqgan", "--data", image_folder, "--out", out / "tok", *SET_TINY_VQ, "--device", "cpu")
+    run("tokenize", "--tokenizer", out / "tok" / "tokenizer.pt", "--data", image_folder, "--out", out / "tokens",
+        "--device", "cpu")
+    run("train", "--tokens", out / "tokens", "--out", out / "gen", "--preset", "tiny", "--set", "steps=6",
+        "--set", "batch_size=4", "--set", "sample_every=3", "--device", "cpu")
+    return out

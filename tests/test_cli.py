@@ -12,23 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import fails, run
+from cli_helpers import SET_TINY_VQ, fails, run
 from sundae.data import FASHION_MNIST_DIR
 
-SET_TINY_VQ = ["--preset", "tiny", "--set", "steps=6", "--set", "batch_size=4", "--set", "disc_start=3"]
 
-
-
-@pytest.fixture(scope="module")
-def pipeline(image_folder, tmp_path_factory):
-    """train-vqgan -> tokenize -> train on the image folder; returns the run folder."""
-    out = tmp_path_factory.mktemp("run")
-    run("train-vqgan", "--data", image_folder, "--out", out / "tok", *SET_TINY_VQ, "--device", "cpu")
-    run("tokenize", "--tokenizer", out / "tok" / "tokenizer.pt", "--data", image_folder, "--out", out / "tokens",
-        "--device", "cpu")
-    run("train", "--tokens", out / "tokens", "--out", out / "gen", "--preset", "tiny", "--set", "steps=6",
-        "--set", "batch_size=4", "--set", "sample_every=3", "--device", "cpu")
-    return out
 
 
 def test_train_vqgan_writes_checkpoint_log_and_grids(pipeline):

@@ -1,6 +1,7 @@
 """`sundae <verb>`: the command line. Each verb is a thin wrapper over importable functions.
 
-Verbs: train-vqgan, convert-taming, reconstruct, tokenize, train, sample, inpaint, export, demo, quickstart.
+Verbs: train-vqgan, convert-taming, reconstruct, tokenize, train, sample, inpaint, evaluate, export, demo,
+quickstart.
 Configs come from named presets plus `--set key=value` overrides checked against the dataclass fields. Images
 are read by `sundae.data.read_image`'s policy; errors are one line (`--debug` shows the traceback); the
 library's warnings (skipped files, ...) print as `sundae VERB: warning: ...`.
@@ -593,6 +594,110 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"{source} exported to {out}/config.json and {out}/model.safetensors")
 
 
+def _steps_list(text: str) -> list[int]:
+    """"100" -> [100]; "4,8,16" -> [4, 8, 16] (a sweep)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected a positive integer or a comma-separated list of them, got {text!r}")
+    return values
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from sundae import evaluation as E
+    from sundae.inception import inception_features, load_fid_inception
+
+    device = args.device
+    out = Path(args.out)
+    _claim_outputs(out, ["evaluation.json", "samples.png", "curves.png"], args.overwrite)
+    generator = Path(args.generator)
+    if generator.is_dir() and not (generator / "config.json").is_file() and (generator / "generator.pt").is_file():
+        args.generator = str(generator / "generator.pt")  # a run folder: its last checkpoint
+    net, meta, tokenizer = _load_pair(args, device)
+    for steps in args.steps:
+        _schedule_kwargs(argparse.Namespace(**{**vars(args), "steps": steps}))
+    schedule = {k: v for k, v in _schedule_kwargs(argparse.Namespace(**{**vars(args), "steps": args.steps[0]})).items()
+                if k != "steps"}
+    h, w = meta["grid"]
+    size = tuple(meta["image_size"]) if meta.get("image_size") else (h * tokenizer.cfg.f, w * tokenizer.cfg.f)
+    if size[0] != size[1]:
+        raise UsageError(f"{args.generator} makes {size[0]}x{size[1]} images; evaluate compares square images only")
+    if args.k < 1:
+        raise UsageError(f"--k must be >= 1, got {args.k}")
+    ref = E.load_reference(args.reference, size[0], tokenizer.cfg.in_channels, args.reference_limit,
+                           args.classifier_train_limit, args.strict)
+    skipped: dict[str, str] = {}
+    inception_path = Path(args.inception) if args.inception else E.default_inception_path()
+    inception = inception_record = None
+    if inception_path.is_file():
+        model = load_fid_inception(inception_path, device)
+        inception = lambda x: inception_features(model, x)  # noqa: E731
+        inception_record = {"weights": str(inception_path.resolve()), "sha256": file_digest(inception_path),
+                            "features": "pool3 (2048)", "resize": "bilinear, align_corners=False, to 299x299",
+                            "grayscale": "replicated to 3 channels"}
+    elif args.inception:
+        raise UsageError(f"--inception {args.inception} does not exist")
+    else:
+        skipped["fid_inception"] = (f"no Inception weights at {inception_path}: put the standard FID Inception-V3 "
+                                    f"weights {E.INCEPTION_FILE} (pytorch-fid / torch-fidelity release) there, set "
+                                    f"${E.INCEPTION_ENV}, or pass --inception PATH")
+        D.log.warning("Inception FID skipped: %s", skipped["fid_inception"])
+    classifier = record = None
+    if ref.num_classes >= 2:
+        classifier, record = E.load_or_train_classifier(Path(args.classifier or out / "classifier.pt"), ref,
+                                                        args.classifier_epochs, args.seed)
+        record["features"] = "SmallClassifier penultimate layer (128, after ReLU)"
+    else:
+        skipped["classifier"] = (f"the reference {args.reference} has no class labels (sub-folders): no classifier-FID "
+                                 f"and no class accuracy")
+    results, images = E.evaluate(net, meta, tokenizer, ref, args.steps, schedule, args.num, args.batch_size,
+                                 args.seed, args.precision, args.compile, classifier, record, inception,
+                                 inception_record, args.k, device)
+    results.setdefault("skipped", {}).update(skipped)
+    conditional = bool(net.cfg.num_classes)
+    protocol = {
+        "generator": str(Path(args.generator).resolve()), "generator_sha256": file_digest(args.generator),
+        "tokenizer": str(Path(args.tokenizer or meta["tokenizer"]).resolve()),
+        "tokenizer_sha256": file_digest(args.tokenizer or meta["tokenizer"]),
+        "samples": args.num, "steps": args.steps, **{k: list(v) if isinstance(v, tuple) else v
+                                                     for k, v in schedule.items()},
+        "labels": f"balanced: sample i has class i mod {net.cfg.num_classes}" if conditional else "unconditional",
+        "seed": args.seed, "batch_size": args.batch_size, "precision": args.precision, "image_size": list(size),
+        "reference": ref.info, "precision_recall_k": args.k,
+        "feature_extractors": {"classifier": record is not None, "inception": inception_record is not None},
+        "fid": "Frechet distance of Gaussians fitted to the features (mean, unbiased covariance), float64",
+        "tools": E.tool_versions(), "device": str(device), "threads": torch.get_num_threads(),
+    }
+    result = {"protocol": protocol, **results}
+    D.write_json(out / "evaluation.json", result)
+    nrow = net.cfg.num_classes if conditional else 8
+    D.save_grid(images[:nrow * max(1, 64 // nrow)], out / "samples.png", nrow=nrow)
+    if len(args.steps) > 1:
+        keys = [k for k in ("fid_classifier", "fid_inception", "class_accuracy", "precision_classifier",
+                            "recall_classifier") if k in results["samples"][0]]
+        E.plot_curves(args.steps, {k: [row[k] for row in results["samples"]] for k in keys}, "sampling steps T",
+                      out / "curves.png", title=f"{args.num} samples vs {ref.info['count']} reference images")
+    print(_evaluation_table(result))
+    print(f"results written to {out / 'evaluation.json'}")
+
+
+def _evaluation_table(result: dict[str, Any]) -> str:
+    """The numbers of an evaluation as aligned text: the tokenizer's, then one row per sampling setting."""
+    tok, ref = result["tokenizer"], result["protocol"]["reference"]
+    lines = [f"reference: {ref['source']} ({ref['split']}), {ref['count']} images at "
+             f"{ref['image_size'][0]}x{ref['image_size'][1]}; {result['protocol']['samples']} samples per setting"]
+    if "classifier" in result:
+        lines.append(f"classifier: accuracy {result['classifier']['accuracy_on_reference']:.3f} on the reference")
+    lines.append("tokenizer: " + ", ".join(f"{k} {v:.4g}" for k, v in tok.items() if k != "images"))
+    columns = [k for k in result["samples"][0] if k != "steps"]
+    lines.append(f"{'steps':>6} " + " ".join(f"{k:>20}" for k in columns))
+    for row in result["samples"]:
+        lines.append(f"{row['steps']:>6} " + " ".join(f"{row[k]:>20.4g}" for k in columns))
+    return "\n".join(lines)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from sundae.quickstart import QUICKSTART_PRESETS, quickstart
     cfg = _preset(QUICKSTART_PRESETS, args.preset, "quickstart")
@@ -746,6 +851,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder: completion_NN.png and figure.png")
     p.add_argument("--overwrite", action="store_true", help="replace the completions of an earlier run in OUT")
     p.set_defaults(func=cmd_inpaint, num=4)
+
+    p = sub.add_parser("evaluate", help="FID, classifier-FID, precision/recall, class accuracy and tokenizer "
+                       "metrics of a generator against reference images; writes evaluation.json")
+    p.add_argument("--generator", required=True, help="generator checkpoint (.pt), its run folder, or an exported "
+                   "folder")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint; default: the one the generator was trained on")
+    p.add_argument("--reference", default="fashion-mnist", help="fashion-mnist[:test|:train] (the installed idx "
+                   "files; default split test), an idx folder DIR[:test|:train], or an image folder (sub-folders "
+                   "= classes); default fashion-mnist")
+    p.add_argument("--reference-limit", type=_non_negative, default=0, help="use the first N reference images "
+                   "(default 0: all)")
+    p.add_argument("--out", required=True, help="folder: evaluation.json, samples.png, curves.png (sweeps), "
+                   "classifier.pt")
+    p.add_argument("--num", type=_positive, default=10000, help="samples per sampling setting (default 10000)")
+    p.add_argument("--steps", type=_steps_list, default=[100], help="sampling steps T, or a comma-separated "
+                   "sweep such as 4,8,16,32 (default 100)")
+    p.add_argument("--temperature", type=_pair, default=(0.8, 0.8),
+                   help="tau or tau_start,tau_end, linear over the steps (default 0.8)")
+    p.add_argument("--update-proportion", type=_pair, default=(0.5, 0.5),
+                   help="p or p_start,p_end, linear over the steps (default 0.5)")
+    p.add_argument("--min-steps", type=int, default=10, help="no early stop before this many steps (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the samples and a newly trained classifier")
+    p.add_argument("--batch-size", type=_positive, default=250)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: network under bf16 autocast (logits and sampling stay fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (slow first call)")
+    p.add_argument("--classifier", help="classifier file for classifier-FID and class accuracy: read if it exists, "
+                   "else trained on the labelled reference data and written there (default OUT/classifier.pt)")
+    p.add_argument("--classifier-epochs", type=_positive, default=2)
+    p.add_argument("--classifier-train-limit", type=_non_negative, default=0,
+                   help="train a new classifier on the first N images only (default 0: all)")
+    p.add_argument("--inception", help="the FID Inception-V3 weights (pt_inception-2015-12-05-6726825d.pth); "
+                   "default $SUNDAE_INCEPTION or ~/.cache/sundae/pt_inception-2015-12-05-6726825d.pth; never "
+                   "downloaded: without the file, Inception FID is skipped")
+    p.add_argument("--k", type=int, default=3, help="neighbours for precision/recall (default 3)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUT")
+    _strict(p)
+    _common(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="a local web app: watch sampling step by step, inpaint with a brush")
     p.add_argument("--generator", help="generator checkpoint (.pt from `sundae train`)")

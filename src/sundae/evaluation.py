@@ -1,0 +1,321 @@
+"""`sundae evaluate`: numbers for a generator and its tokenizer, with the protocol that makes them reproducible.
+
+Given a generator, its tokenizer and a reference image set, `evaluate` generates N samples per sampling
+setting (class-conditional generators: balanced over the classes, sample i has class i mod C) and reports
+
+- classifier-FID, precision and recall (k-NN manifolds) in the 128 penultimate features of a small classifier
+  trained on the labelled reference dataset (`sundae.evaluate.SmallClassifier`; for idx data on its train
+  split, for an image folder on the folder itself), and its class accuracy for class-conditional generators;
+- FID (and precision/recall) in Inception-V3 pool features, when the standard FID Inception weights are on
+  disk (`sundae.inception`; never downloaded);
+- the tokenizer on the reference images: PSNR, SSIM (torchmetrics), codebook usage, reconstruction FIDs.
+
+Everything is measured against the same reference images; the result JSON records the protocol (counts,
+split, image size and resizing, seeds, sampler settings, batch size, feature extractors, tool versions).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sundae import data as D
+from sundae.evaluate import SmallClassifier, codebook_usage, predict, psnr, train_classifier
+from sundae.metrics import classifier_features, frechet_distance, precision_recall
+from sundae.sundae import sample
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_ENV = "SUNDAE_INCEPTION"
+CLASSIFIER_FORMAT = "sundae-classifier"
+
+
+def default_inception_path() -> Path:
+    """Where the FID Inception weights are looked for without --inception: $SUNDAE_INCEPTION, else
+    ~/.cache/sundae/pt_inception-2015-12-05-6726825d.pth."""
+    return Path(os.environ.get(INCEPTION_ENV) or Path.home() / ".cache" / "sundae" / INCEPTION_FILE)
+
+
+@dataclass
+class Reference:
+    """Reference images `n c H W` in [-1, 1] with labels `n` int64, what they are, and the labelled images a
+    classifier is trained on (`train_images`, `train_labels`; the idx train split, or the images themselves)."""
+
+    images: Tensor
+    labels: Tensor
+    num_classes: int
+    info: dict[str, Any]
+    train_images: Tensor
+    train_labels: Tensor
+    classes: list[str] = field(default_factory=list)
+
+
+def _stack(dataset, limit: int) -> tuple[Tensor, Tensor]:
+    n = min(limit, len(dataset)) if limit else len(dataset)
+    if isinstance(dataset, D.IdxImages):
+        x = dataset.images[:n]
+        return (x if dataset.channels == 1 else x.repeat(1, dataset.channels, 1, 1)), dataset.labels[:n].clone()
+    items = [dataset[i] for i in range(n)]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64)
+
+
+def load_reference(spec: str, size: int, channels: int, limit: int = 0, classifier_limit: int = 0,
+                   strict: bool = False) -> Reference:
+    """The reference set named by `spec`: "fashion-mnist" or "fashion-mnist:train|test" (the idx files in
+    `sundae.data.FASHION_MNIST_DIR`, default test split), "DIR" or "DIR:train|test" for another idx folder,
+    or an image folder (sub-folders = classes). Images at `size` x `size` pixels with `channels` channels by
+    `sundae.data.open_images` (idx: zero-padded; image files: shorter side resized bicubic, centre crop).
+    `limit` keeps the first N reference images, `classifier_limit` the first N classifier training images
+    (0 = all). Raises ValueError / FileNotFoundError naming the spec.
+    """
+    path_text, sep, split = spec.rpartition(":") if spec.rpartition(":")[2] in ("train", "test") else (spec, "", "")
+    name = path_text if sep else spec
+    if name.lower() in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
+        root, source = D.FASHION_MNIST_DIR, "Fashion-MNIST"
+        if not root.is_dir():
+            raise FileNotFoundError(f"--reference {spec}: {root} does not exist (install it with `apt-get install "
+                                    f"dataset-fashion-mnist`, or pass an idx folder)")
+    else:
+        root, source = Path(name), str(Path(name))
+    if not root.is_dir():
+        raise FileNotFoundError(f"--reference {spec}: {root} is not a folder (expected fashion-mnist[:train|test], "
+                                f"an idx folder or an image folder)")
+    if D.is_idx_dataset(root):
+        split = split or "test"
+        ds = D.open_images(root, size, channels, split)
+        images, labels = _stack(ds, limit)
+        train_ds = ds if split == "train" else D.open_images(root, size, channels, "train")
+        train_images, train_labels = _stack(train_ds, classifier_limit)
+        resizing = (f"idx images zero-padded (background -1) to {size}x{size}" +
+                    (", grayscale replicated to 3 channels" if channels == 3 else ""))
+        classes = list(D.FASHION_MNIST_CLASSES) if source == "Fashion-MNIST" else []
+        trained_on = f"{source} train split"
+    else:
+        if sep:
+            raise ValueError(f"--reference {spec}: :{split} applies to idx folders (Fashion-MNIST), not to an "
+                             f"image folder")
+        ds = D.open_images(root, size, channels, strict=strict)
+        images, labels = _stack(ds, limit)
+        train_images, train_labels = _stack(ds, classifier_limit)
+        resizing = (f"image files: shorter side resized (bicubic) to {size}, centre crop {size}x{size}, "
+                    f"{'grayscale' if channels == 1 else 'RGB'} by sundae.data.read_image")
+        classes, split, trained_on = list(getattr(ds, "classes", [])), "all", "the reference images themselves"
+    num_classes = int(getattr(ds, "num_classes", 0))
+    info = {"source": source, "path": str(root.resolve()), "split": split, "count": len(images),
+            "available": len(ds), "num_classes": num_classes, "image_size": [size, size], "channels": channels,
+            "resizing": resizing, "classifier_trained_on": trained_on}
+    return Reference(images, labels, num_classes, info, train_images, train_labels, classes)
+
+
+def load_or_train_classifier(path: Path, ref: Reference, epochs: int, seed: int,
+                             progress: bool = True) -> tuple[SmallClassifier, dict[str, Any]]:
+    """The classifier of classifier-FID for `ref`: read from `path` when it exists (it must have been trained
+    for the same data, size and channels), else trained (`train_classifier`) and written there atomically.
+    Returns (model in eval mode, its record: what it was trained on, epochs, seed, accuracy on the
+    reference images). Raises ValueError when `path` holds another kind of file or another dataset's classifier.
+    """
+    key = {k: ref.info[k] for k in ("source", "image_size", "channels", "num_classes", "classifier_trained_on")}
+    key["train_images"] = len(ref.train_images)
+    if path.is_file():
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise ValueError(f"--classifier {path} is not a readable classifier file") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CLASSIFIER_FORMAT:
+            raise ValueError(f"--classifier {path} is not a classifier written by `sundae evaluate`")
+        if ckpt["data"] != key:
+            diff = ", ".join(f"{k}: {ckpt['data'].get(k)!r} stored, {v!r} needed" for k, v in key.items()
+                             if ckpt["data"].get(k) != v)
+            raise ValueError(f"--classifier {path} was trained for other data ({diff}): pass another --classifier "
+                             f"path (it is trained there) or delete the file")
+        model = SmallClassifier(key["channels"], key["num_classes"], key["image_size"][0])
+        model.load_state_dict(ckpt["model"])
+        record = {**ckpt["record"], "path": str(path), "loaded": True}
+    else:
+        t = time.time()
+        batch_size = min(128, len(ref.train_images))  # small image folders: still one step per epoch
+        model = train_classifier(ref.train_images, ref.train_labels, ref.num_classes, epochs, batch_size, seed=seed,
+                                 progress=progress)
+        record = {"epochs": epochs, "seed": seed, "batch_size": batch_size, "train_images": len(ref.train_images),
+                  "trained_on": ref.info["classifier_trained_on"], "seconds": time.time() - t}
+        payload = {"format": CLASSIFIER_FORMAT, "data": key, "record": record, "model": model.state_dict()}
+        D.atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        record = {**record, "path": str(path), "loaded": False}
+    model.eval()
+    record["accuracy_on_reference"] = (predict(model, ref.images) == ref.labels).float().mean().item()
+    return model, record
+
+
+@torch.no_grad()
+def generate(net, tokenizer, grid: Sequence[int], size: tuple[int, int] | None, labels: Tensor | None, num: int,
+             batch_size: int, schedule: dict[str, Any], seed: int, precision: str = "fp32", compile: bool = False,
+             device: torch.device = torch.device("cpu"), desc: str = "sample") -> tuple[Tensor, Tensor, float]:
+    """`num` decoded samples `num c H W` in [-1, 1] (CPU), batch by batch from one generator seeded `seed`
+    (so results depend on `batch_size` too), with `labels` (`num` int64) for a class-conditional network.
+    Returns (images, steps each sample took `num` int64, seconds)."""
+    from sundae.cli import class_logits_fn  # the sample verb's logits function (precision, compile)
+
+    gen = torch.Generator(device).manual_seed(seed)
+    images, taken, t0 = [], [], time.time()
+    for start in tqdm(range(0, num, batch_size), desc=desc, dynamic_ncols=True,
+                      disable=bool(os.environ.get("TQDM_DISABLE")) or None):
+        b = min(batch_size, num - start)
+        lab = labels[start:start + b].to(device) if labels is not None else None
+        z, steps = sample(class_logits_fn(net, lab, precision, compile), (b, *grid), net.cfg.vocab_size,
+                          generator=gen, device=device, **schedule)
+        images.append(tokenizer.decode(z, size=size).cpu())
+        taken.append(steps.cpu())
+    return torch.cat(images), torch.cat(taken), time.time() - t0
+
+
+@torch.no_grad()
+def reconstruct(tokenizer, images: Tensor, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Encode and decode `images` (`n c H W` in [-1, 1]) -> (reconstructions `n c H W` CPU, tokens `n h w`)."""
+    recon, tokens = [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        z = tokenizer.encode(x)
+        recon.append(tokenizer.decode(z, size=tuple(x.shape[-2:])).cpu())
+        tokens.append(z.cpu())
+    return torch.cat(recon), torch.cat(tokens)
+
+
+def ssim(x: Tensor, y: Tensor) -> float:
+    """Mean SSIM (Wang et al. 2004; torchmetrics, Gaussian window 11, sigma 1.5) of `n c H W` images in
+    [-1, 1] (data range 2)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return float(structural_similarity_index_measure(x.float().clamp(-1, 1), y.float().clamp(-1, 1),
+                                                     data_range=2.0))
+
+
+def balanced_labels(num: int, num_classes: int) -> Tensor:
+    """`num` int64 labels, sample i of class i mod `num_classes`: counts per class differ by at most one."""
+    return torch.arange(num) % num_classes
+
+
+def _feature_scores(ref_feats: Tensor, feats: Tensor, k: int) -> dict[str, float]:
+    p, r = precision_recall(ref_feats, feats, k)
+    return {"fid": frechet_distance(ref_feats, feats), "precision": p, "recall": r}
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the packages whose code computes the numbers."""
+    versions = {}
+    for name in ("sundae", "torch", "torchmetrics", "numpy", "pillow"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def plot_curves(xs: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, path: str | Path,
+                title: str = "") -> None:
+    """Line plots drawn with Pillow (no plotting dependency): one panel per entry of `series` against `xs`,
+    stacked, each with its own y axis (the metrics have different units), labelled at its bottom, middle and
+    top; log2 x axis when every x > 0. Missing (None) or non-finite values are left out. Written atomically
+    as PNG."""
+    panel_h, width, left, right, top = 150, 640, 80, 20, 30
+    height = top + panel_h * len(series) + 40
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 8), title, fill="black")
+    use_log = all(x > 0 for x in xs)
+    fx = [math.log2(x) if use_log else float(x) for x in xs]
+    lo_x, hi_x = min(fx), (max(fx) if max(fx) > min(fx) else min(fx) + 1)
+    px = [left + 10 + (v - lo_x) / (hi_x - lo_x) * (width - left - right - 20) for v in fx]
+    for i, (name, ys) in enumerate(series.items()):
+        y0, y1 = top + i * panel_h + 18, top + (i + 1) * panel_h - 12  # plot area of this panel
+        draw.rectangle((left, y0, width - right, y1), outline="black")
+        draw.text((left + 4, y0 - 15), name, fill="black")
+        finite = [y for y in ys if y is not None and math.isfinite(y)]
+        if not finite:
+            continue
+        lo, hi = min(finite), max(finite)
+        pad = (hi - lo) * 0.1 if hi > lo else max(abs(hi) * 0.1, 1e-6)
+        lo, hi = lo - pad, hi + pad
+        for frac in (0.0, 0.5, 1.0):
+            y = y1 - 6 - frac * (y1 - y0 - 12)
+            draw.line((left - 4, y, left, y), fill="black")
+            draw.text((4, y - 6), f"{lo + frac * (hi - lo):.4g}", fill="black")
+        points = [(x, y1 - 6 - (y - lo) / (hi - lo) * (y1 - y0 - 12))
+                  for x, y in zip(px, ys) if y is not None and math.isfinite(y)]
+        if len(points) > 1:
+            draw.line(points, fill=(31, 119, 180), width=2)
+        for x, y in points:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(31, 119, 180))
+    bottom = top + panel_h * len(series) - 12
+    for x, label in zip(px, xs):
+        draw.line((x, bottom, x, bottom + 5), fill="black")
+        draw.text((x - 8, bottom + 8), f"{label:g}", fill="black")
+    draw.text((width // 2 - 60, height - 18), xlabel + (" (log scale)" if use_log else ""), fill="black")
+    D.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def evaluate(net, meta: dict[str, Any], tokenizer, ref: Reference, steps_list: Sequence[int],
+             schedule: dict[str, Any], num: int, batch_size: int, seed: int, precision: str = "fp32",
+             compile: bool = False, classifier: SmallClassifier | None = None,
+             classifier_record: dict[str, Any] | None = None, inception=None,
+             inception_record: dict[str, Any] | None = None, k: int = 3,
+             device: torch.device = torch.device("cpu")) -> tuple[dict[str, Any], Tensor]:
+    """Measure the tokenizer on `ref` and the generator at each number of steps in `steps_list` (the other
+    sampler settings in `schedule`). `classifier` (with `classifier_record`) and `inception` (a module mapping
+    `b c H W` images in [-1, 1] to features, with `inception_record`) are optional feature extractors; a
+    metric whose extractor is None is left out. Returns (results without the protocol, the samples of the
+    first setting). Raises ValueError for fewer than k + 1 samples or reference images."""
+    if min(num, len(ref.images)) <= k:
+        raise ValueError(f"need more than k={k} samples and reference images for precision/recall, got {num} "
+                         f"samples and {len(ref.images)} reference images")
+    grid = meta["grid"]
+    size = tuple(ref.images.shape[-2:])
+    extractors = {}
+    if classifier is not None:
+        extractors["classifier"] = lambda x: classifier_features(classifier, x)
+    if inception is not None:
+        extractors["inception"] = inception
+    ref_feats = {name: fn(ref.images) for name, fn in extractors.items()}
+
+    recon, tokens = reconstruct(tokenizer, ref.images, batch_size, device)
+    tok = {"psnr_db": psnr(recon, ref.images), "ssim": ssim(recon, ref.images),
+           "codebook_usage": codebook_usage(tokens, tokenizer.cfg.n_codes), "images": len(ref.images)}
+    for name, fn in extractors.items():
+        tok[f"rfid_{name}"] = frechet_distance(ref_feats[name], fn(recon))
+    if classifier is not None:
+        tok["classifier_accuracy_on_reconstructions"] = (predict(classifier, recon) == ref.labels).float().mean().item()
+
+    conditional = bool(net.cfg.num_classes)
+    labels = balanced_labels(num, net.cfg.num_classes) if conditional else None
+    judge_labels = conditional and classifier is not None and ref.num_classes == net.cfg.num_classes
+    rows, first = [], None
+    for steps in steps_list:
+        images, taken, seconds = generate(net, tokenizer, grid, size, labels, num, batch_size,
+                                          {**schedule, "steps": steps}, seed, precision, compile, device,
+                                          desc=f"sample T={steps}")
+        first = images if first is None else first
+        row: dict[str, Any] = {"steps": steps, "mean_steps_taken": taken.float().mean().item(),
+                               "seconds_per_image": seconds / num}
+        for name, fn in extractors.items():
+            row.update({f"{key}_{name}": value for key, value in _feature_scores(ref_feats[name], fn(images), k).items()})
+        if judge_labels:
+            row["class_accuracy"] = (predict(classifier, images) == labels).float().mean().item()
+        rows.append(row)
+    results = {"tokenizer": tok, "samples": rows}
+    if classifier_record is not None:
+        results["classifier"] = classifier_record
+    if inception_record is not None:
+        results["inception"] = inception_record
+    if conditional and not judge_labels:
+        results.setdefault("skipped", {})["class_accuracy"] = (
+            f"the generator has {net.cfg.num_classes} classes, the reference classifier "
+            f"{ref.num_classes if classifier is not None else 'none'}")
+    return results, first
