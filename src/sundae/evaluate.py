@@ -28,10 +28,12 @@ def codebook_usage(tokens: Tensor, n_codes: int) -> float:
 
 class SmallClassifier(nn.Module):
     """A small CNN (two conv blocks, two linear layers): `b c 32 32` images in [-1, 1] -> `b num_classes`
-    logits. About 0.90 test accuracy on Fashion-MNIST after two epochs."""
+    logits. About 0.90 test accuracy on Fashion-MNIST after two epochs. `features` gives the 128 activations
+    before the last linear layer (the feature space of classifier-FID, `sundae.metrics`)."""
 
     def __init__(self, in_channels: int, num_classes: int, size: int = 32, width: int = 32):
         super().__init__()
+        self.input_shape = (in_channels, size, size)
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
@@ -40,6 +42,11 @@ class SmallClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def features(self, x: Tensor) -> Tensor:
+        """`b c H W` images in [-1, 1] -> `b 128` penultimate activations (after the ReLU, before the last
+        dropout and linear layer)."""
+        return self.net[:-2](x)
 
 
 def train_classifier(images: Tensor, labels: Tensor, num_classes: int, epochs: int = 2, batch_size: int = 128,

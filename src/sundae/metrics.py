@@ -1,0 +1,134 @@
+"""Sample-quality metrics over feature vectors: Frechet distance (FID) and k-NN precision/recall.
+
+Everything here works on features `n d` (one row per image) from any extractor: Inception-V3 for the
+standard FID, or the penultimate layer of a classifier trained on the dataset (`classifier_features`) for
+an "Inception-free" FID that also works on 28x28 grayscale data where Inception's ImageNet features mean
+little. Statistics and distances are computed in float64.
+
+Why these are written here rather than taken from a library: torchmetrics' `FrechetInceptionDistance` is a
+stateful metric that runs its own feature extractor over images, and its matrix square root takes the
+eigenvalues of the non-symmetric product S_a S_b in whatever precision the caller's features have; we need the
+distance between two feature sets or two Gaussians as plain functions (the benchmarks call them per sweep
+point), and a square root that stays real and stable for rank-deficient covariances (fewer images than
+feature dimensions). torchmetrics has no k-NN precision/recall, and torch-fidelity (which has it) needs
+torchvision, which pins its own torch version. The tests check `frechet_distance` against torchmetrics' FID
+and against closed forms.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def _as_features(x: Tensor, name: str) -> Tensor:
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"{name}: expected features of shape (n, d), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if len(x) < 2:
+        raise ValueError(f"{name}: need at least 2 feature vectors for a covariance, got {len(x)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name}: features contain NaN or infinite values")
+    return x.detach().to("cpu", torch.float64)
+
+
+def gaussian_stats(feats: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean `d`, unbiased covariance `d d`) of features `n d`, float64. Raises ValueError for n < 2."""
+    x = _as_features(feats, "features")
+    return x.mean(0), torch.cov(x.T).reshape(x.shape[1], x.shape[1])
+
+
+def _sqrt_psd(m: Tensor) -> Tensor:
+    """Square root of a symmetric positive semi-definite matrix by eigen-decomposition. Eigenvalues within
+    rounding noise of 0 (below d * eps * the largest) are set to 0: the square root would blow noise of
+    1e-16 up to 1e-8 per dimension in rank-deficient covariances."""
+    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    noise = len(m) * torch.finfo(m.dtype).eps * vals.abs().max().clamp(min=torch.finfo(m.dtype).tiny)
+    vals = torch.where(vals > noise, vals, torch.zeros_like(vals))
+    return (vecs * vals.sqrt()) @ vecs.T
+
+
+def frechet_distance_gaussians(mu_a: Tensor, cov_a: Tensor, mu_b: Tensor, cov_b: Tensor) -> float:
+    """Squared Frechet (2-Wasserstein) distance between N(mu_a, cov_a) and N(mu_b, cov_b):
+
+        |mu_a - mu_b|^2 + tr(cov_a) + tr(cov_b) - 2 tr((cov_a^1/2 cov_b cov_a^1/2)^1/2)
+
+    (Dowson & Landau 1982; the FID of Heusel et al. 2017, Eq. 6). tr((S_a S_b)^1/2) is computed as the trace
+    of the square root of the symmetric PSD matrix S_a^1/2 S_b S_a^1/2, which has the same eigenvalues as
+    S_a S_b, so it stays real and exact for singular covariances. Means `d`, covariances `d d` (any float
+    dtype; computed in float64). Raises ValueError for mismatched shapes. The result is >= 0 up to rounding.
+    """
+    mu_a, mu_b = (torch.as_tensor(t, dtype=torch.float64).cpu() for t in (mu_a, mu_b))
+    cov_a, cov_b = (torch.as_tensor(t, dtype=torch.float64).cpu() for t in (cov_a, cov_b))
+    d = mu_a.shape[0] if mu_a.dim() == 1 else -1
+    if mu_a.dim() != 1 or mu_b.shape != (d,) or cov_a.shape != (d, d) or cov_b.shape != (d, d):
+        raise ValueError(f"expected means (d,) and covariances (d, d) of one d, got {tuple(mu_a.shape)}, "
+                         f"{tuple(cov_a.shape)}, {tuple(mu_b.shape)}, {tuple(cov_b.shape)}")
+    root_a = _sqrt_psd(cov_a)
+    cross = _sqrt_psd(root_a @ cov_b @ root_a).trace()
+    value = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross
+    return float(value)
+
+
+def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
+    """FID-style distance between two feature sets `n d` and `m d`: the Frechet distance between the Gaussians
+    fitted to each (mean and unbiased covariance, float64; `frechet_distance_gaussians`). Depends on the
+    sample sizes (a biased estimator: compare numbers only at equal n and m). Raises ValueError for sets of
+    fewer than 2 rows, different widths, or non-finite values."""
+    a, b = _as_features(feats_a, "first feature set"), _as_features(feats_b, "second feature set")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature widths differ: {a.shape[1]} vs {b.shape[1]}")
+    return frechet_distance_gaussians(*gaussian_stats(a), *gaussian_stats(b))
+
+
+def _kth_neighbour_radii(x: Tensor, k: int, chunk: int) -> Tensor:
+    """Distance from each row of `x` (`n d`) to its k-th nearest other row: `n`."""
+    radii = []
+    for i in range(0, len(x), chunk):
+        dist = torch.cdist(x[i:i + chunk], x)
+        radii.append(dist.kthvalue(k + 1, dim=1).values)  # k + 1: the row itself is at distance 0
+    return torch.cat(radii)
+
+
+def _coverage(points: Tensor, centres: Tensor, radii: Tensor, chunk: int) -> float:
+    """Fraction of `points` inside at least one ball (centre, radius)."""
+    inside = [(torch.cdist(points[i:i + chunk], centres) <= radii[None]).any(1)
+              for i in range(0, len(points), chunk)]
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(real_feats: Tensor, fake_feats: Tensor, k: int = 3, chunk: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall of generated samples (Kynkaanniemi et al. 2019, Sec. 2).
+
+    The real manifold is the union of balls around each real feature vector with radius the distance to its
+    k-th nearest real neighbour; likewise the fake manifold. Precision = fraction of fake vectors inside the
+    real manifold (how many samples look real); recall = fraction of real vectors inside the fake manifold (how
+    much of the data the samples cover). `real_feats` `n d`, `fake_feats` `m d`, n and m > k; distances
+    Euclidean in float64, computed `chunk` rows at a time. Returns (precision, recall), each in [0, 1]. Both
+    are 1 for identical sets. Raises ValueError for k < 1, sets of at most k rows, or different widths.
+    """
+    real, fake = _as_features(real_feats, "real features"), _as_features(fake_feats, "fake features")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature widths differ: {real.shape[1]} real vs {fake.shape[1]} fake")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"need more than k={k} vectors in each set, got {len(real)} real and {len(fake)} fake")
+    real_radii, fake_radii = _kth_neighbour_radii(real, k, chunk), _kth_neighbour_radii(fake, k, chunk)
+    return _coverage(fake, real, real_radii, chunk), _coverage(real, fake, fake_radii, chunk)
+
+
+@torch.no_grad()
+def classifier_features(model: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
+    """Penultimate-layer features of a classifier (`SmallClassifier.features`) for `b c H W` images in
+    [-1, 1], run in eval mode `batch_size` at a time on the model's device -> `b d` float32 on the CPU
+    (d = 128 for `SmallClassifier`). Raises ValueError when the images' channels or size differ from the
+    classifier's."""
+    expected = getattr(model, "input_shape", None)
+    if images.dim() != 4 or (expected is not None and tuple(images.shape[1:]) != tuple(expected)):
+        raise ValueError(f"the classifier takes images of shape (b, {', '.join(map(str, expected or ('c', 'H', 'W')))}), "
+                         f"got {tuple(images.shape)}")
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model.features(images[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)]) if len(images) else torch.zeros(0, 0)

@@ -1,0 +1,127 @@
+"""Metric code against known values: closed forms, an independent FID implementation, constructed manifolds."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from sundae.evaluate import SmallClassifier
+from sundae.metrics import classifier_features, frechet_distance, frechet_distance_gaussians, precision_recall
+
+
+def _random_cov(d: int, gen: torch.Generator) -> torch.Tensor:
+    a = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    return a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    assert abs(frechet_distance(x, x)) < 1e-8
+    # Fewer vectors than dimensions: a singular covariance, still exactly 0 against itself and finite.
+    y = torch.randn(10, 64, generator=torch.Generator().manual_seed(1))
+    assert abs(frechet_distance(y, y)) < 1e-8
+    assert math.isfinite(frechet_distance(y, torch.randn(12, 64)))
+
+
+def test_gaussian_distance_with_diagonal_covariances_matches_hand_derivation():
+    # Commuting (diagonal) covariances: tr((A B)^1/2) = sum sqrt(a_i b_i), so
+    # d^2 = |mu_a - mu_b|^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
+    mu_a, mu_b = torch.tensor([0.0, 1.0, -2.0]), torch.tensor([1.0, 1.0, 0.0])
+    a, b = torch.tensor([4.0, 1.0, 9.0]), torch.tensor([1.0, 1.0, 16.0])
+    expected = (1 + 0 + 4) + ((2 - 1) ** 2 + 0 + (3 - 4) ** 2)
+    assert frechet_distance_gaussians(mu_a, torch.diag(a), mu_b, torch.diag(b)) == pytest.approx(expected, abs=1e-10)
+    assert frechet_distance_gaussians(mu_a, torch.diag(a), mu_a, torch.diag(a)) == pytest.approx(0, abs=1e-10)
+
+
+def test_gaussian_distance_with_full_covariances_matches_scipy_sqrtm():
+    gen = torch.Generator().manual_seed(2)
+    d = 6
+    mu_a, mu_b = torch.randn(d, generator=gen, dtype=torch.float64), torch.randn(d, generator=gen, dtype=torch.float64)
+    cov_a, cov_b = _random_cov(d, gen), _random_cov(d, gen)
+    cross = np.real(scipy.linalg.sqrtm(cov_a.numpy() @ cov_b.numpy())).trace()  # the textbook formula
+    expected = ((mu_a - mu_b) ** 2).sum().item() + cov_a.trace().item() + cov_b.trace().item() - 2 * cross
+    assert frechet_distance_gaussians(mu_a, cov_a, mu_b, cov_b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_between_samples_of_two_gaussians_matches_the_closed_form():
+    gen = torch.Generator().manual_seed(3)
+    d, n = 4, 40000
+    mu_a, mu_b = torch.zeros(d, dtype=torch.float64), torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
+    cov_a, cov_b = _random_cov(d, gen), _random_cov(d, gen)
+    xa = torch.distributions.MultivariateNormal(mu_a, cov_a).sample((n,))
+    xb = torch.distributions.MultivariateNormal(mu_b, cov_b).sample((n,))
+    exact = frechet_distance_gaussians(mu_a, cov_a, mu_b, cov_b)
+    assert exact > 1
+    assert frechet_distance(xa, xb) == pytest.approx(exact, rel=0.03)
+
+
+def test_fid_agrees_with_torchmetrics():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class Flatten(torch.nn.Module):  # the "feature extractor": the images' 12 values are the features
+        num_features = 12
+
+        def forward(self, x):
+            return x.flatten(1).double()
+
+    gen = torch.Generator().manual_seed(4)
+    real = torch.randn(500, 3, 2, 2, generator=gen)
+    fake = torch.randn(400, 3, 2, 2, generator=gen) * 1.3 + 0.2
+    fid = FrechetInceptionDistance(feature=Flatten(), normalize=True)
+    fid.set_dtype(torch.float64)
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    assert frechet_distance(real.flatten(1), fake.flatten(1)) == pytest.approx(fid.compute().item(), rel=1e-6)
+
+
+def test_precision_recall_of_identical_sets_is_one():
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(5))
+    assert precision_recall(x, x, k=3) == (1.0, 1.0)
+
+
+def test_precision_recall_of_a_shifted_set_is_low():
+    gen = torch.Generator().manual_seed(6)
+    real, fake = torch.randn(300, 8, generator=gen), torch.randn(300, 8, generator=gen)
+    p, r = precision_recall(real, fake)
+    assert p > 0.8 and r > 0.8  # two samples of one distribution
+    p, r = precision_recall(real, fake + 2.0)  # shifted by 2 per dimension: |shift| = 5.7 standard deviations
+    assert p < 0.2 and r < 0.2
+    p, r = precision_recall(real, fake + 100.0)
+    assert (p, r) == (0.0, 0.0)
+
+
+def test_precision_recall_of_samples_covering_half_the_data():
+    # Real data: two far-apart clusters. Samples from one of them only: all samples look real (precision 1)
+    # but they cover only that cluster (recall = its share of the real data, 0.5).
+    gen = torch.Generator().manual_seed(7)
+    centres = torch.tensor([[0.0] * 4, [50.0] * 4])
+    real = torch.cat([torch.randn(150, 4, generator=gen) + centres[0], torch.randn(150, 4, generator=gen) + centres[1]])
+    fake = torch.randn(150, 4, generator=gen) * 0.7 + centres[0]
+    p, r = precision_recall(real, fake, k=5)
+    assert p > 0.95  # a sample may fall just outside the real balls at the cluster's edge
+    assert 0.4 < r <= 0.5
+
+
+def test_metric_errors_are_clear():
+    with pytest.raises(ValueError, match="widths differ"):
+        frechet_distance(torch.randn(5, 3), torch.randn(5, 4))
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance(torch.randn(1, 3), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="more than k=3"):
+        precision_recall(torch.randn(3, 2), torch.randn(10, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        frechet_distance(torch.full((4, 2), float("nan")), torch.randn(4, 2))
+
+
+def test_classifier_features_are_the_input_of_the_last_layer():
+    torch.manual_seed(0)
+    model = SmallClassifier(1, 10, size=32).eval()
+    images = torch.rand(7, 1, 32, 32) * 2 - 1
+    feats = classifier_features(model, images, batch_size=3)
+    assert feats.shape == (7, 128) and feats.dtype == torch.float32 and (feats >= 0).all()  # after a ReLU
+    with torch.no_grad():
+        torch.testing.assert_close(model.net[-1](feats), model(images), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(b, 1, 32, 32\)"):
+        classifier_features(model, torch.zeros(2, 3, 32, 32))
