@@ -186,10 +186,12 @@ def generate(run: Callable, net: nn.Module, tokenizer: VQGAN, labels: Tensor, ba
 
 
 def judge_row(images: Tensor, labels: Tensor, judge: nn.Module, real_feats: Tensor) -> dict:
+    """Classifier-FID against `real_feats`, class accuracy, k-NN precision and recall of `b 1 H W` images."""
     feats = classifier_features(judge, images)
     precision, recall = precision_recall(real_feats, feats, k=3)
-    return {"cfid": frechet_distance(feats, real_feats), "accuracy": (predict(judge, images) == labels).float().mean().item(),
-            "precision": precision, "recall": recall}
+    accuracy = (predict(judge, images) == labels).float().mean().item()
+    return {"cfid": frechet_distance(feats, real_feats), "accuracy": accuracy, "precision": precision,
+            "recall": recall}
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
