@@ -320,7 +320,8 @@ def main() -> None:
         for _ in range(3):
             probe(z, y)
         call_s = (time.perf_counter() - t0) / 3
-    sampling_estimate = 1.15 * estimated_calls(s, grid) * call_s
+    # + about 5 s per setting for decoding and judging (k-NN precision/recall against the test split).
+    sampling_estimate = 1.15 * estimated_calls(s, grid) * call_s + 5 * len(settings)
     if args.train_cpu_minutes is not None:
         cpu_budget = 60 * args.train_cpu_minutes
     elif args.smoke:
