@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -113,6 +115,49 @@ def test_upsampling_returns_into_the_same_patch():
     # The resampling attention mixes a residual token only with the tokens of its own patch.
     up_from_residual = _influence(lambda r: model.upsample_grid(z, r), residual, (0, 1))
     assert up_from_residual == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
+
+def test_default_shortening_is_the_papers_2d_patch():
+    assert HourglassConfig().shorten_mode == "2d" and TINY.patch == (2, 2)
+    with pytest.raises(ValueError, match="shorten_mode"):
+        HourglassConfig(shorten_mode="3d")
+
+
+ONE_D = dataclasses.replace(TINY, shorten_mode="1d")
+
+
+def test_1d_shortening_merges_four_consecutive_tokens_of_one_row():
+    assert ONE_D.patch == (1, 4)
+    model = _model(ONE_D)
+    x = torch.randn(1, 3, 8, TINY.dim)
+    # The original hourglass: row-major runs of k = 4 tokens, so a 3x8 grid becomes 3x2 and token (1, 6)
+    # belongs to valley cell (1, 1) together with (1, 4), (1, 5), (1, 7): one row, no neighbour above or below.
+    assert _influence(model.shorten_grid, x, (1, 6)) == {(1, 1)}
+    sources = {(i, j) for i in range(3) for j in range(8) if (1, 1) in _influence(model.shorten_grid, x, (i, j))}
+    assert sources == {(1, 4), (1, 5), (1, 6), (1, 7)}
+    z = torch.randn(1, 3, 2, TINY.dim)
+    assert _influence(lambda v: model.upsample_grid(v, torch.zeros(1, 3, 8, TINY.dim)), z, (2, 0)) == \
+        {(2, 0), (2, 1), (2, 2), (2, 3)}
+
+
+def test_1d_and_2d_shortening_have_the_same_weights_but_different_logits():
+    two_d, one_d = _model(), _model(ONE_D)
+    one_d.load_state_dict(two_d.state_dict())  # raises unless the parameter shapes match: k = 4 either way
+    tokens = torch.randint(0, TINY.vocab_size, (2, 4, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(one_d(tokens), two_d(tokens), atol=1e-4)
+
+
+def test_1d_shortening_pads_the_width_to_whole_runs_invisibly():
+    model = _model(ONE_D)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 3, 5), generator=g)
+    with torch.no_grad():
+        ref = model(tokens)
+        assert ref.shape == (2, 3, 5, TINY.vocab_size) and torch.isfinite(ref).all()
+        big = torch.randint(0, TINY.vocab_size, (2, 4, 13), generator=g)  # 13: whole padded runs too
+        big[:, :3, :5] = tokens
+        torch.testing.assert_close(model(big, grid=(3, 5)), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_rotary_reaches_every_head():

@@ -6,12 +6,13 @@ The hourglass runs `pre` blocks on the full `h x w` token grid, shortens it by m
 patches (s = `shorten_factor`, 2 in the paper, so k = 4 tokens merge), runs the `valley` blocks on the
 `h/s x w/s` grid, upsamples back into the same patches, adds the pre-shortening residual and runs the
 `post` blocks. The 1D original merges k raster-consecutive tokens, i.e. pixels of one row; McKinney &
-Willcocks section 3.2 merge square patches instead. Both resampling steps are followed by an attention
-block restricted to the tokens of one patch.
+Willcocks section 3.2 merge square patches instead; `shorten_mode="1d"` keeps the original for the
+ablation (s*s consecutive tokens of one row, a `h x w/(s*s)` valley). Both resampling steps are followed
+by an attention block restricted to the tokens of one patch.
 
-Any `h x w` grid works: it is padded right and bottom to multiples of s, and the padding is invisible to
-the real positions (masked as attention keys, zero in the patch merge), so their logits depend neither on
-what the padding holds nor on how much of it there is.
+Any `h x w` grid works: it is padded right and bottom to multiples of the patch sides, and the padding is
+invisible to the real positions (masked as attention keys, zero in the patch merge), so their logits depend
+neither on what the padding holds nor on how much of it there is.
 
 Shapes: tokens `b h w` int64 in [0, v); labels `b` int64; logits `b h w v` float32.
 """
@@ -39,6 +40,7 @@ class HourglassConfig:
     depth: tuple[int, int, int] = (2, 10, 2)  # (pre, valley, post) blocks
     mlp_ratio: int = 4
     shorten_factor: int = 2  # tokens per patch side; s * s tokens merge into one
+    shorten_mode: str = "2d"  # "2d": s x s spatial patches (the paper); "1d": s*s raster-consecutive tokens
     num_classes: int = 0  # 0: unconditional
     rotary_base: float = 10000.0
 
@@ -47,23 +49,31 @@ class HourglassConfig:
             raise ValueError(f"depth must be three block counts (pre, valley, post), got {self.depth}")
         if min(self.vocab_size, self.dim, self.heads, self.head_dim, self.shorten_factor) < 1:
             raise ValueError("vocab_size, dim, heads, head_dim and shorten_factor must be positive")
+        if self.shorten_mode not in ("2d", "1d"):
+            raise ValueError(f"shorten_mode must be '2d' or '1d', got {self.shorten_mode!r}")
+
+    @property
+    def patch(self) -> tuple[int, int]:
+        """(rows, columns) of the tokens merged into one valley token: (s, s), or (1, s*s) for "1d"."""
+        s = self.shorten_factor
+        return (s, s) if self.shorten_mode == "2d" else (1, s * s)
 
 
-def rotary_angles(h: int, w: int, head_dim: int, base: float, stride: float = 1.0,
+def rotary_angles(h: int, w: int, head_dim: int, base: float, stride: float | tuple[float, float] = 1.0,
                   device: torch.device | None = None) -> Tensor:
     """2D axial rotary angles, `(h w) head_dim/2` float32 in radians (Su et al. 2021, made axial).
 
     The first half of the rotated channel pairs turns with the row, the second half with the column.
     `stride` is the distance between grid points in full-resolution tokens, so a valley token sits at
-    the centre of the patch it came from.
+    the centre of the patch it came from; a (rows, columns) pair for patches that are not square.
     """
     if head_dim % 4:
         raise ValueError(f"head_dim must be a multiple of 4 for 2D rotary embeddings, got {head_dim}")
     quarter = head_dim // 4
     freqs = base ** (-torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
-    offset = (stride - 1) / 2
-    rows = torch.arange(h, device=device, dtype=torch.float32) * stride + offset
-    cols = torch.arange(w, device=device, dtype=torch.float32) * stride + offset
+    stride_r, stride_c = stride if isinstance(stride, tuple) else (stride, stride)
+    rows = torch.arange(h, device=device, dtype=torch.float32) * stride_r + (stride_r - 1) / 2
+    cols = torch.arange(w, device=device, dtype=torch.float32) * stride_c + (stride_c - 1) / 2
     ang_r = (rows[:, None] * freqs)[:, None, :].expand(h, w, quarter)
     ang_c = (cols[:, None] * freqs)[None, :, :].expand(h, w, quarter)
     return rearrange(torch.cat([ang_r, ang_c], -1), "h w n -> (h w) n")
@@ -164,11 +174,11 @@ class Hourglass(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _patch_valid(self, valid: Tensor | None, b: int) -> Tensor | None:
-        """`H W` bool real positions -> `(b H/s W/s) (s s)` bool, the real tokens of each patch."""
+        """`H W` bool real positions -> `(b H/p1 W/p2) (p1 p2)` bool, the real tokens of each patch."""
         if valid is None:
             return None
-        s = self.cfg.shorten_factor
-        return rearrange(valid, "(h p1) (w p2) -> (h w) (p1 p2)", p1=s, p2=s).repeat(b, 1)
+        p1, p2 = self.cfg.patch
+        return rearrange(valid, "(h p1) (w p2) -> (h w) (p1 p2)", p1=p1, p2=p2).repeat(b, 1)
 
     @staticmethod
     def _key_mask(patch_valid: Tensor | None) -> Tensor | None:
@@ -180,33 +190,35 @@ class Hourglass(nn.Module):
         return (patch_valid | ~patch_valid.any(-1, keepdim=True))[:, None, None, :]
 
     def shorten_grid(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
-        """`b h w d` -> `b h/s w/s d`: linear merge of each s x s patch, then attention within the patch.
+        """`b h w d` -> `b h/p1 w/p2 d`: linear merge of each p1 x p2 patch (`cfg.patch`), then attention
+        within the patch.
 
         `valid` (`h w` bool, True = real token) zeroes padding in the merge and hides it from the attention.
         """
-        s = self.cfg.shorten_factor
-        patch = rearrange(x, "b (h p1) (w p2) d -> (b h w) (p1 p2) d", p1=s, p2=s)
+        p1, p2 = self.cfg.patch
+        patch = rearrange(x, "b (h p1) (w p2) d -> (b h w) (p1 p2) d", p1=p1, p2=p2)
         patch_valid = self._patch_valid(valid, x.shape[0])
         merged = patch if patch_valid is None else patch * patch_valid[..., None].to(patch.dtype)
         z = self.shorten(rearrange(merged, "n k d -> n 1 (k d)"))
         z = self.down_resample(z, patch, self._key_mask(patch_valid))
-        return rearrange(z, "(b h w) 1 d -> b h w d", b=x.shape[0], h=x.shape[1] // s)
+        return rearrange(z, "(b h w) 1 d -> b h w d", b=x.shape[0], h=x.shape[1] // p1)
 
     def upsample_grid(self, z: Tensor, residual: Tensor, valid: Tensor | None = None) -> Tensor:
-        """`b h/s w/s d` valley + `b h w d` residual -> `b h w d`: split each token back into its patch,
+        """`b h/p1 w/p2 d` valley + `b h w d` residual -> `b h w d`: split each token back into its patch,
         add the residual, then attention among the tokens of that patch (real ones only, by `valid`)."""
-        s = self.cfg.shorten_factor
-        u = rearrange(self.upsample(z), "b h w (k d) -> (b h w) k d", k=s * s)
-        u = u + rearrange(residual, "b (h p1) (w p2) d -> (b h w) (p1 p2) d", p1=s, p2=s)
+        p1, p2 = self.cfg.patch
+        u = rearrange(self.upsample(z), "b h w (k d) -> (b h w) k d", k=p1 * p2)
+        u = u + rearrange(residual, "b (h p1) (w p2) d -> (b h w) (p1 p2) d", p1=p1, p2=p2)
         u = self.up_resample(u, u, self._key_mask(self._patch_valid(valid, z.shape[0])))
-        return rearrange(u, "(b h w) (p1 p2) d -> b (h p1) (w p2) d", b=z.shape[0], h=z.shape[1], p1=s)
+        return rearrange(u, "(b h w) (p1 p2) d -> b (h p1) (w p2) d", b=z.shape[0], h=z.shape[1], p1=p1)
 
     def forward(self, tokens: Tensor, labels: Tensor | None = None, grid: tuple[int, int] | None = None) -> Tensor:
         """`b H W` int64 tokens in [0, v) (+ `b` int64 labels) -> `b h w v` float32 logits.
 
         Only the top-left `grid` = (h, w) tokens are real (default: all, h, w = H, W); the rest, and the
-        padding up to multiples of s, is masked out: never an attention key at full resolution or in the
-        resample attention, zero in the patch merge, and a valley key only if its patch holds a real token.
+        padding up to multiples of the patch sides, is masked out: never an attention key at full resolution
+        or in the resample attention, zero in the patch merge, and a valley key only if its patch holds a real
+        token.
         Raises ValueError for a `grid` larger than the tokens or labels given to an unconditional model.
         """
         b, height, width = tokens.shape
@@ -215,22 +227,23 @@ class Hourglass(nn.Module):
             raise ValueError(f"grid {h}x{w} does not fit the {height}x{width} tokens")
         if labels is not None and self.class_embedding is None:
             raise ValueError("labels given to an unconditional model (num_classes=0)")
-        s = self.cfg.shorten_factor
-        height, width = -(-height // s) * s, -(-width // s) * s
+        p1, p2 = self.cfg.patch
+        height, width = -(-height // p1) * p1, -(-width // p2) * p2
         tokens = F.pad(tokens, (0, width - tokens.shape[2], 0, height - tokens.shape[1]))  # id 0, masked anyway
         valid = coarse_valid = None
         if (h, w) != (height, width):
             rows, cols = torch.arange(height, device=tokens.device), torch.arange(width, device=tokens.device)
             valid = (rows[:, None] < h) & (cols[None, :] < w)
-            coarse_valid = rearrange(valid, "(h p1) (w p2) -> (h w) (p1 p2)", p1=s, p2=s).any(-1)
+            coarse_valid = rearrange(valid, "(h p1) (w p2) -> (h w) (p1 p2)", p1=p1, p2=p2).any(-1)
         x = self.token_embedding(tokens)
         if self.class_embedding is not None:
             x = x + self.class_embedding(labels, b)[:, None, None, :]
         fine = rotary_angles(height, width, self.cfg.head_dim, self.cfg.rotary_base, device=tokens.device)
-        coarse = rotary_angles(height // s, width // s, self.cfg.head_dim, self.cfg.rotary_base, s, tokens.device)
+        coarse = rotary_angles(height // p1, width // p2, self.cfg.head_dim, self.cfg.rotary_base, (p1, p2),
+                               tokens.device)
         # Key masks broadcast to `b heads n m`; a valley without wholly padded patches needs none.
         fine_mask = None if valid is None else valid.flatten()[None, None, None, :]
-        padded_patches = height - h >= s or width - w >= s
+        padded_patches = height - h >= p1 or width - w >= p2
         coarse_mask = coarse_valid[None, None, None, :] if padded_patches else None
 
         x = rearrange(x, "b h w d -> b (h w) d")
@@ -240,7 +253,7 @@ class Hourglass(nn.Module):
         z = rearrange(self.shorten_grid(residual, valid), "b h w d -> b (h w) d")
         for block in self.valley:
             z = block(z, coarse, coarse_mask)
-        x = self.upsample_grid(rearrange(z, "b (h w) d -> b h w d", h=height // s), residual, valid)
+        x = self.upsample_grid(rearrange(z, "b (h w) d -> b h w d", h=height // p1), residual, valid)
         x = rearrange(x, "b h w d -> b (h w) d")
         for block in self.post:
             x = block(x, fine, fine_mask)
