@@ -28,7 +28,7 @@ from sundae import data as D
 from sundae.checkpoint import config_from_dict, export, load_checkpoint, load_generator, load_tokenizer
 from sundae.evaluate import codebook_usage, psnr
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
-from sundae.sundae import check_schedule, sample, token_keep_mask
+from sundae.sundae import GuidanceScale, check_schedule, guidance_scales, guided_logits_fn, sample, token_keep_mask
 from sundae.distributed import Dist, barrier, gather_to_main, setup, teardown
 from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, Interrupted, resolve_device,
                           train_generator, train_vqgan)
@@ -350,22 +350,41 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def class_logits_fn(net: torch.nn.Module, labels: torch.Tensor | None, precision: str = "fp32",
-                    compile: bool = False):
-    """The sampler's logits function for `net`, conditioned on `labels` (`b` int64) when given.
+                    compile: bool = False, guidance_scale: GuidanceScale = 1.0, steps: int = 1,
+                    text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+    """The sampler's logits function for `net`, conditioned on `labels` (`b` int64) and, for a text model,
+    `text` (features `b n e`, mask `b n` bool, pooled `b e`: `sundae.text.TextEncoder.encode`) when given.
 
     precision "bf16" runs the network under bf16 autocast; the logits come out float32 and the sampler
     draws from them in float32 (attention's softmax accumulates in float32 inside the fused kernels).
     compile wraps the network in `torch.compile(dynamic=True)`: the batch shrinks as samples finish.
+    guidance_scale: classifier-free guidance (`sundae.sundae.guided_logits_fn`, Ho & Salimans 2022), a
+    constant s or (start, end) linear over `steps` sampling steps; s = 1 (the default) is plain conditional
+    sampling with one forward per step, any other scale batches the conditional and null-condition passes
+    (twice the rows). A fresh function is needed for every `sample` run when the scale follows a schedule.
+    Raises ValueError for an unknown precision, a non-finite scale, or guidance other than 1 for an
+    unconditional network (it has no condition to guide by).
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     forward = torch.compile(net, dynamic=True) if compile else net
     device_type = next(net.parameters()).device.type
+    scales = guidance_scales(guidance_scale, steps)
+    guided = any(s != 1.0 for s in scales)
+    if guided and not (getattr(net.cfg, "num_classes", 0) or getattr(net.cfg, "text_dim", 0)):
+        raise ValueError(f"guidance scale {guidance_scale} needs a conditional generator (classes or text); this "
+                         f"one is unconditional: drop --guidance-scale")
+
+    def conditioned_fn(z: torch.Tensor, rows: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {} if drop is None else {"drop": drop}
+        if text is not None:
+            kwargs["text"] = tuple(t[rows] for t in text)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return forward(z, None if labels is None else labels[rows], **kwargs)
 
     def logits_fn(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            return forward(z) if labels is None else forward(z, labels[rows])
-    return logits_fn
+        return conditioned_fn(z, rows)
+    return guided_logits_fn(conditioned_fn, guidance_scale, steps) if guided else logits_fn
 
 
 def _labels(text: str | None, num: int, num_classes: int, device: torch.device) -> torch.Tensor | None:
@@ -402,6 +421,14 @@ def _load_pair(args: argparse.Namespace, device: torch.device):
     return net, meta, tokenizer
 
 
+def _check_guidance(args: argparse.Namespace, net: torch.nn.Module) -> None:
+    """--guidance-scale other than 1 needs a conditional generator; raises UsageError otherwise."""
+    if tuple(args.guidance_scale) != (1.0, 1.0) and not net.cfg.num_classes:
+        raise UsageError(f"--guidance-scale {','.join(map(str, args.guidance_scale))}: {args.generator} is "
+                         f"unconditional, there is no condition to guide by (guidance needs a class-conditional "
+                         f"generator)")
+
+
 def _schedule_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     check_schedule(args.steps, args.temperature, args.update_proportion)
     if args.min_steps < 0:
@@ -414,6 +441,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     device = args.device
     _claim_outputs(args.out, ["grid.png", "samples"], args.overwrite)
     net, meta, tokenizer = _load_pair(args, device)
+    _check_guidance(args, net)
     h, w = meta["grid"]
     # The training images' size (pixels), when the tokenizer padded them (sides not multiples of f).
     size = tuple(meta["image_size"]) if meta.get("image_size") else None
@@ -425,7 +453,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         for start in tqdm(range(0, args.num, args.batch_size), desc="sample", dynamic_ncols=True):
             b = min(args.batch_size, args.num - start)
             lab = labels[start:start + b] if labels is not None else None
-            z, steps = sample(class_logits_fn(net, lab, args.precision, args.compile), (b, h, w),
+            fn = class_logits_fn(net, lab, args.precision, args.compile, args.guidance_scale, args.steps)
+            z, steps = sample(fn, (b, h, w),
                               net.cfg.vocab_size, generator=gen, device=device, **schedule)
             images.append(tokenizer.decode(z, size=size).cpu())
             taken.append(steps.cpu())
@@ -474,14 +503,15 @@ def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
 
 def inpaint_images(net, tokenizer: VQGAN, image: torch.Tensor, pixel_mask: torch.Tensor, num: int,
                    labels: torch.Tensor | None, generator: torch.Generator, dilate: int = 0,
-                   precision: str = "fp32", compile: bool = False, **schedule: Any):
+                   precision: str = "fp32", compile: bool = False, guidance_scale: GuidanceScale = 1.0,
+                   **schedule: Any):
     """`num` completions of one image (`c H W`, any H, W) where `pixel_mask` (`1 H W`, 1 = regenerate) is set.
 
     The image is tokenized with the tokenizer's size policy (padded to multiples of f, `VQGAN.encode`).
     Known tokens (`token_keep_mask`: no masked pixel in the cell, grown by `dilate` cells) are fixed; the
     decoded images are cropped back to H x W and every pixel outside the regenerated cells is copied from
     the input. Returns (images `num c H W` in [-1, 1], tokens `num h w`, keep-mask `num h w` bool, the
-    input's tokens `num h w`), h = ceil(H / f), w = ceil(W / f). precision and compile: see
+    input's tokens `num h w`), h = ceil(H / f), w = ceil(W / f). precision, compile and guidance_scale: see
     `class_logits_fn`.
     """
     f = tokenizer.cfg.f
@@ -490,8 +520,9 @@ def inpaint_images(net, tokenizer: VQGAN, image: torch.Tensor, pixel_mask: torch
     x = image[None].to(device)
     keep = token_keep_mask(pixel_mask[None].to(device), f, dilate).expand(num, -1, -1)
     init = tokenizer.encode(x).expand(num, -1, -1)
-    z, _ = sample(class_logits_fn(net, labels, precision, compile), tuple(init.shape), net.cfg.vocab_size, init=init, keep=keep,
-                  generator=generator, device=device, **schedule)
+    fn = class_logits_fn(net, labels, precision, compile, guidance_scale, schedule.get("steps", 100))
+    z, _ = sample(fn, tuple(init.shape), net.cfg.vocab_size, init=init, keep=keep, generator=generator,
+                  device=device, **schedule)
     decoded = tokenizer.decode(z, size=(height, width))
     keep_px = keep.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, None, :height, :width]
     return torch.where(keep_px, x, decoded), z, keep, init
@@ -501,6 +532,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     device = args.device
     _claim_outputs(args.out, ["figure.png", "completion_*.png"], args.overwrite)
     net, meta, tokenizer = _load_pair(args, device)
+    _check_guidance(args, net)
     schedule = _schedule_kwargs(args)
     if net.cfg.num_classes and args.class_ is None:
         raise UsageError(f"{args.generator} is class-conditional: pass --class (0..{net.cfg.num_classes - 1})")
@@ -522,7 +554,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     with torch.inference_mode():
         out_images, *_ = inpaint_images(net, tokenizer, image, mask, args.num, labels,
                                         torch.Generator(device).manual_seed(args.seed), args.dilate,
-                                        args.precision, args.compile, **schedule)
+                                        args.precision, args.compile, args.guidance_scale, **schedule)
     out = Path(args.out)
     for i, img in enumerate(out_images):
         D.save_image(img, out / f"completion_{i:02d}.png")
@@ -669,6 +701,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update-proportion", type=_pair, default=(0.5, 0.5),
                    help="p or p_start,p_end, linear over the steps (default 0.5)")
     p.add_argument("--min-steps", type=int, default=10, help="no early stop before this many steps (default 10)")
+    p.add_argument("--guidance-scale", type=_pair, default=(1.0, 1.0), metavar="S[,S_END]",
+                   help="classifier-free guidance for a conditional generator: logits = uncond + s * (cond - uncond); "
+                   "S_END makes s linear from S to S_END over the steps (default 1: no guidance; >1 follows the "
+                   "condition more closely, at twice the compute per step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: network under bf16 autocast (logits and sampling stay fp32); fastest on GPUs")

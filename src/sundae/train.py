@@ -38,7 +38,7 @@ from sundae.data import save_grid
 from sundae.distributed import EpochBatchSampler
 from sundae.hourglass import Hourglass, HourglassConfig
 from sundae.losses import LPIPS, PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
-from sundae.sundae import sample, unrolled_loss
+from sundae.sundae import condition_dropout, sample, unrolled_loss
 from sundae.vqgan import VQGAN, VQGANConfig
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -105,11 +105,16 @@ class GeneratorTrainConfig:
     sample_every: int = 1000
     save_every: int = 5000
     sample_steps: int = 50  # sampling steps for the grids written during training
+    # Conditional models: share of samples trained with the null condition, so that the same network also
+    # gives unconditional logits for classifier-free guidance (Ho & Salimans 2022, p_uncond 0.1-0.2).
+    cond_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         _check_train_config(self)
         if self.unroll_steps < 1 or self.sample_steps < 1:
             raise ValueError("unroll_steps and sample_steps must be >= 1")
+        if not 0 <= self.cond_dropout <= 1:
+            raise ValueError(f"cond_dropout must lie in [0, 1], got {self.cond_dropout}")
         if self.sharding not in ("ddp", "fsdp"):
             raise ValueError(f"sharding must be 'ddp' or 'fsdp', got {self.sharding!r}")
 
@@ -356,7 +361,9 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     `dataset` items are (`h w` int64 tokens, int label); labels are used when `model_cfg.num_classes` > 0.
     `meta` (token grid, tokenizer path, class names) is stored in the checkpoint for `sundae sample`.
     `tokenizer`, if given, decodes the sample grids written every `sample_every` steps (EMA weights).
-    The corruption and unroll noise of sample j of step s come from a generator seeded by (seed, s, j), so
+    Conditional models train each sample with the null condition with probability `cfg.cond_dropout`
+    (classifier-free guidance, Ho & Salimans 2022); that draw, the corruption and the unroll noise of
+    sample j of step s come from a generator seeded by (seed, s, j), so
     the update does not depend on the number of processes or `grad_accum`. `resume` continues from
     `out/generator.pt` exactly; `overwrite` starts over in a folder holding a run (`runs.restore`).
     Raises FloatingPointError naming the step when the loss is not finite
@@ -404,10 +411,12 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
             for m in range(cfg.grad_accum):
                 rows = slice(m * micro, (m + 1) * micro)
                 gens = _sample_generators(cfg, step, ctx.rank * micro * cfg.grad_accum + m * micro, micro, device)
+                lab, drop = (labels[rows], None) if conditional else (None, None)
+                if conditional and cfg.cond_dropout > 0:  # drawn first from each sample's own generator
+                    drop = condition_dropout(micro, cfg.cond_dropout, device, gens)
                 with _no_sync(net, m == cfg.grad_accum - 1), autocast(device, cfg.precision):
-                    lab = labels[rows] if conditional else None
-                    loss, per_step = unrolled_loss(lambda z: net(z, lab), tokens[rows], model_cfg.vocab_size,
-                                                   cfg.unroll_steps, generator=gens)
+                    loss, per_step = unrolled_loss(lambda z: net(z, lab, drop=drop), tokens[rows],
+                                                   model_cfg.vocab_size, cfg.unroll_steps, generator=gens)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 sums += torch.stack([loss, *per_step]).detach().float() / cfg.grad_accum
             sums = D.mean(sums, ctx)
