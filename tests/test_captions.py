@@ -103,3 +103,18 @@ def test_text_to_image_chain(captioned, tmp_path, capsys):
     capsys.readouterr()
     assert "not text-conditional" in fails(capsys, "sample", "--generator", tmp_path / "plain" / "generator.pt",
                                            "--out", tmp_path / "u", "--prompt", "x", "--device", "cpu")
+
+
+def test_emoji_renderer(tmp_path):
+    """Real glyphs of the installed font: colour images on white with the Unicode names as captions."""
+    from sundae.emoji import emoji_code_points, render_emoji, write_emoji_folder
+    found = dict(emoji_code_points())
+    assert 1200 < len(found) < 1600  # "about 1,300" single-code-point emoji in Noto Color Emoji
+    assert found[0x1F600] == "grinning face" and found[0x1F34E] == "red apple" and 0x41 not in found
+    apple = np.asarray(render_emoji("\U0001F34E", 32)).astype(int)
+    assert apple.shape == (32, 32, 3) and (apple[0, 0] == 255).all()  # white margin
+    red = (apple[..., 0] > 150) & (apple[..., 1] < 80) & (apple[..., 2] < 80)
+    assert red.sum() > 100  # a red apple is mostly red
+    assert write_emoji_folder(tmp_path, 16, limit=5) == 5
+    ds = ImageFolder(tmp_path, 16, 3)
+    assert len(ds) == 5 and ds.captions[0] == found[min(found)] and all(ds.captions)

@@ -681,9 +681,17 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    from sundae.quickstart import QUICKSTART_PRESETS, quickstart
-    cfg = _preset(QUICKSTART_PRESETS, args.preset, "quickstart")
-    metrics = quickstart(cfg, args.data, args.out, args.device)
+    from sundae.quickstart import EMOJI_PRESETS, QUICKSTART_PRESETS, quickstart, quickstart_emoji
+    if args.dataset == "emoji":
+        if args.data is not None:
+            raise UsageError("--data is for the fashion dataset; --dataset emoji renders the installed emoji font")
+        cfg = _preset(EMOJI_PRESETS, args.preset or "emoji", "emoji quickstart")
+        metrics = quickstart_emoji(cfg, args.out, args.device)
+        print(f"quickstart done in {metrics['seconds_total']:.0f} s; prompts and their samples in "
+              f"{Path(args.out) / 'prompts.png'}")
+        return
+    cfg = _preset(QUICKSTART_PRESETS, args.preset or "fashion", "quickstart")
+    metrics = quickstart(cfg, args.data or str(D.FASHION_MNIST_DIR), args.out, args.device)
     print(f"quickstart done in {metrics['seconds_total']:.0f} s; results in {args.out}")
 
 
@@ -864,10 +872,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("quickstart", help="the whole pipeline on Fashion-MNIST: tokenizer, generator, metrics")
-    p.add_argument("--data", default=str(D.FASHION_MNIST_DIR), help="folder with the Fashion-MNIST idx files")
+    p = sub.add_parser("quickstart", help="the whole pipeline on Fashion-MNIST (or, with --dataset emoji, "
+                       "text-to-image on emoji): tokenizer, generator, samples, metrics")
+    p.add_argument("--dataset", choices=("fashion", "emoji"), default="fashion", help="fashion: class-conditional "
+                   "Fashion-MNIST (default); emoji: text-conditional on the Noto Color Emoji font "
+                   "(apt-get install fonts-noto-color-emoji; pip install -e \".[text]\")")
+    p.add_argument("--data", help=f"fashion: folder with the Fashion-MNIST idx files (default {D.FASHION_MNIST_DIR})")
     p.add_argument("--out", default="quickstart", help="output folder")
-    p.add_argument("--preset", default="fashion", help="fashion (the real run) or tiny (a smoke test)")
+    p.add_argument("--preset", help="fashion: fashion (the real run, default) or tiny (a smoke test); emoji: emoji "
+                   "(default) or tiny")
     _common(p)
     p.set_defaults(func=cmd_quickstart)
     return parser
