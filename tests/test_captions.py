@@ -118,3 +118,17 @@ def test_emoji_renderer(tmp_path):
     assert write_emoji_folder(tmp_path, 16, limit=5) == 5
     ds = ImageFolder(tmp_path, 16, 3)
     assert len(ds) == 5 and ds.captions[0] == found[min(found)] and all(ds.captions)
+
+
+def test_emoji_quickstart_tiny(tmp_path, capsys):
+    run("quickstart", "--dataset", "emoji", "--preset", "tiny", "--out", tmp_path / "qs", "--device", "cpu")
+    qs = tmp_path / "qs"
+    metrics = json.loads((qs / "metrics.json").read_text())
+    assert metrics["dataset"]["images"] == 24 and metrics["text_encoder"] == "all-MiniLM-L6-v2"
+    assert (qs / "prompts.txt").read_text().splitlines() == ["grinning face", "rocket"]
+    # Two rows (prompts) of 1 real emoji + 2 samples, 32-pixel cells with 2-pixel gaps.
+    for name in ("prompts.png", "prompts_unguided.png"):
+        assert Image.open(qs / name).size == (2 + 3 * 34, 2 + 2 * 34)
+    capsys.readouterr()
+    assert "--data is for the fashion" in fails(capsys, "quickstart", "--dataset", "emoji", "--data", tmp_path,
+                                                "--out", tmp_path / "x")

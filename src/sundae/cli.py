@@ -301,8 +301,8 @@ def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out:
     captions = getattr(dataset, "captions", None)
     text = None
     if captions is not None and text_encoder and ctx.main:
-        from sundae.text import TextEncoder, encode_captions
-        encoder = TextEncoder(text_encoder, ctx.device)
+        from sundae.text import encode_captions, load_text_encoder
+        encoder = load_text_encoder(str(text_encoder), str(ctx.device))
         text = encode_captions(encoder, captions)
         meta.update(text_encoder=encoder.name, text_dim=encoder.dim, text_len=int(text[0].shape[1]))
     for split, rows, folder in (("train", train_rows, Path(out)), ("eval", eval_rows, Path(out) / "eval")):
@@ -435,8 +435,8 @@ def encode_prompts(prompts: Sequence[str], num: int, encoder_name: str | None,
     (features `num n e`, mask `num n`, pooled `num e`). Raises UsageError when the generator names none."""
     if not encoder_name:
         raise UsageError("this text-conditional generator names no text encoder in its checkpoint")
-    from sundae.text import TextEncoder
-    encoder = TextEncoder(encoder_name, device)
+    from sundae.text import load_text_encoder
+    encoder = load_text_encoder(encoder_name, str(device))
     cycled = [prompts[i % len(prompts)] for i in range(num)]
     return encoder.encode(cycled)
 

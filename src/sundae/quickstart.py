@@ -191,12 +191,10 @@ class EmojiQuickstartConfig:
     text-conditional hourglass over the captions' all-MiniLM-L6-v2 features. `limit` > 0 renders only about
     that many emoji (tests)."""
 
-    vqgan: VQGANConfig = VQGANConfig(in_channels=3, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(),
-                                     resolution=32, z_channels=32, embed_dim=32, n_codes=256, norm_groups=8)
-    vqgan_train: VQGANTrainConfig = dataclasses.replace(VQGAN_TRAIN_PRESETS["fashion"], steps=1500, disc_start=1200)
+    vqgan: VQGANConfig = dataclasses.replace(VQGAN_PRESETS["fashion"], in_channels=3)
+    vqgan_train: VQGANTrainConfig = dataclasses.replace(VQGAN_TRAIN_PRESETS["fashion"], steps=1200, disc_start=1000)
     hourglass: HourglassConfig = dataclasses.replace(HOURGLASS_PRESETS["fashion"], num_classes=0)
-    generator_train: GeneratorTrainConfig = dataclasses.replace(GENERATOR_TRAIN_PRESETS["fashion"], steps=1200,
-                                                                sample_every=400, save_every=400, cond_dropout=0.15)
+    generator_train: GeneratorTrainConfig = dataclasses.replace(GENERATOR_TRAIN_PRESETS["fashion"], cond_dropout=0.15)
     text_encoder: str = "all-MiniLM-L6-v2"
     limit: int = 0
     prompts: tuple[str, ...] = EMOJI_PROMPTS
@@ -212,10 +210,10 @@ class EmojiQuickstartConfig:
 EMOJI_PRESETS: dict[str, EmojiQuickstartConfig] = {
     "emoji": EmojiQuickstartConfig(),
     "tiny": EmojiQuickstartConfig(
-        vqgan=VQGAN_PRESETS["tiny"], vqgan_train=dataclasses.replace(VQGAN_TRAIN_PRESETS["tiny"], steps=4),
+        vqgan=VQGAN_PRESETS["tiny"], vqgan_train=dataclasses.replace(VQGAN_TRAIN_PRESETS["tiny"], steps=2),
         hourglass=dataclasses.replace(HOURGLASS_PRESETS["tiny"], num_classes=0),
-        generator_train=dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=4, batch_size=8),
-        limit=40, prompts=("grinning face", "rocket"), samples_per_prompt=2, steps=4, min_steps=2),
+        generator_train=dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=2, batch_size=8),
+        limit=24, prompts=("grinning face", "rocket"), samples_per_prompt=2, steps=4, min_steps=2),
 }
 
 

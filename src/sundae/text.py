@@ -14,6 +14,7 @@ has the encoder's special tokens).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -86,6 +87,12 @@ class TextEncoder:
         features = self.model(**batch).last_hidden_state.float() * mask[..., None]
         pooled = (features * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return features, mask, torch.nn.functional.normalize(pooled, dim=-1)
+
+
+@functools.lru_cache(maxsize=2)
+def load_text_encoder(source: str = DEFAULT, device: str = "cpu") -> TextEncoder:
+    """`TextEncoder(source, device)`, loaded once per process (the encoder is frozen, so sharing it is safe)."""
+    return TextEncoder(source, device)
 
 
 def encode_captions(encoder: TextEncoder, captions: Sequence[str], batch_size: int = 256,
