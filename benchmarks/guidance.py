@@ -52,7 +52,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long check of the script (2,000 judge "
+                        "images, 2 generator steps, 2 samples per class); writes no results")
     args = parser.parse_args()
+    if args.smoke:
+        args.gen_steps, args.per_class, args.steps = 2, 2, 2
     device, out = torch.device(args.device), Path(args.out)
     cfg = QUICKSTART_PRESETS["fashion"]
     torch.manual_seed(args.seed)
@@ -60,7 +64,9 @@ def main() -> None:
 
     train = D.IdxImages(args.data, "train", cfg.image_size)
     test = D.IdxImages(args.data, "test", cfg.image_size)
-    judge = train_classifier(train.images, train.labels, 10, cfg.classifier_epochs, seed=args.seed)
+    n = 2000 if args.smoke else len(train)
+    judge = train_classifier(train.images[:n], train.labels[:n], 10, 1 if args.smoke else cfg.classifier_epochs,
+                             seed=args.seed)
     judge_acc = accuracy(judge, test.images, test.labels)
     print(f"judge test accuracy {judge_acc:.4f}")
 
@@ -106,6 +112,8 @@ def main() -> None:
         r["scale"] = ":".join(f"{v:g}" for v in dict.fromkeys(r["guidance_scale"]))
     print_table(rows, [("scale", "guidance scale", "s"), ("class_accuracy", "class accuracy", ".4f"),
                        ("min_class_accuracy", "worst class", ".2f"), ("seconds_sampling", "sampling s", ".0f")])
+    if args.smoke:
+        return
     write_json(RESULTS / "guidance_fashion.json", {
         "judge_test_accuracy": judge_acc, "samples_per_class": args.per_class, "sampling_steps": args.steps,
         "generator_steps": args.gen_steps, "cond_dropout": args.cond_dropout, "generator_train_seconds": train_seconds,

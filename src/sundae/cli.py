@@ -812,7 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("tokenize", help="encode a dataset once into a token folder")
-    _encode_args(p, "folder for tokens.npy, labels.npy, meta.json", split="train")
+    _encode_args(p, "folder for tokens.npy, labels.npy, meta.json (and captions.json, text_*.npy)", split="train",
+                 data_help="image folder (sub-folders = classes; captions from metadata.jsonl or .txt sidecars) "
+                 "or idx folder")
     p.add_argument("--batch-size", type=_positive, default=256)
     p.add_argument("--flip", action="store_true", help="also store a horizontally flipped copy of every "
                    "training image (the paper's augmentation)")
