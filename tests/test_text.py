@@ -107,3 +107,16 @@ def test_missing_encoder_folder_is_a_clear_error(tmp_path):
         TextEncoder(tmp_path / "nothing")
     with pytest.raises(ValueError, match="config.json"):
         TextEncoder(tmp_path)
+
+
+def test_forward_flops_count_the_cross_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sundae.hourglass import forward_flops
+    net = Hourglass(CFG)
+    text = _text(b=2, n=5)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        net(torch.randint(0, 64, (2, 8, 12)), text=text)
+    assert forward_flops(CFG, 8, 12, batch=2, text_len=5) == counter.get_total_flops()
+    assert forward_flops(CFG, 8, 12, batch=2, text_len=5) > forward_flops(HG["tiny"], 8, 12, batch=2)
