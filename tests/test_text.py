@@ -100,6 +100,10 @@ def test_minilm_encoder_matches_sentence_transformers():
     ref = sentence_transformers.SentenceTransformer(str(default_model_path()), device="cpu").encode(
         captions, convert_to_tensor=True)
     torch.testing.assert_close(pooled, ref, atol=1e-5, rtol=0)
+    # The same model given as a local folder path: the alternative to the default name, recorded by path.
+    by_path = TextEncoder(default_model_path())
+    assert by_path.name == str(default_model_path().resolve())
+    torch.testing.assert_close(by_path.encode(captions)[2], pooled, atol=0, rtol=0)
 
 
 def test_missing_encoder_folder_is_a_clear_error(tmp_path):
