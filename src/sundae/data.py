@@ -15,7 +15,7 @@ clipped). Idx images are grayscale and follow the same rule: replicated into thr
 
 Captions (text-to-image): an image folder may hold a `metadata.jsonl` (one JSON object per line with
 `file_name`, relative to the folder, and `text`: Hugging Face imagefolder's convention) and/or `.txt`
-sidecars (`a.png` + `a.txt`). Neither kind of file is read as an image.
+sidecars (`a.png` + `a.txt`). Neither is read as an image (a .txt without an image of its stem is).
 
 Token datasets (`sundae tokenize`) are a folder with `tokens.npy` (uint16 `N h w`, read as a memmap),
 `labels.npy` (int64 `N`) and `meta.json` (codebook size, grid, f, the tokenizer that produced them); from a
@@ -26,6 +26,7 @@ runs the encoder.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import logging
@@ -210,7 +211,8 @@ class ImageFolder(Dataset):
     [-1, 1], int label). Raises FileNotFoundError when no usable image is left. `skipped` lists (path, reason).
 
     Captions (`captions`: one str per item, or None for a folder without any) come from `root/metadata.jsonl`
-    and `.txt` sidecars (`read_captions`); those files are never tried as images. Images of a captioned
+    and `.txt` sidecars (`read_captions`); those files are never tried as images (a .txt beside no file of
+    its stem is, like any other file). Images of a captioned
     folder without a caption get the empty caption, with a warning counting them.
     """
 
@@ -276,7 +278,11 @@ class ImageFolder(Dataset):
 
 
 def _caption_file(path: Path) -> bool:
-    return path.suffix.lower() == ".txt" or path.name == METADATA
+    """metadata.jsonl, or a .txt beside a file of the same stem (a sidecar caption); a lone .txt is not a
+    caption and is tried (and skipped) like any other file."""
+    if path.name == METADATA:
+        return True
+    return path.suffix == ".txt" and any(p != path for p in path.parent.glob(f"{glob.escape(path.stem)}.*"))
 
 
 def _read_text(path: Path) -> str:
