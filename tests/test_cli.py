@@ -81,6 +81,26 @@ def test_inpaint_keeps_pixels_outside_the_mask(pipeline, image_folder, tmp_path)
     assert (tmp_path / "out" / "figure.png").is_file()
 
 
+def test_guidance_flags(pipeline, image_folder, tmp_path, capsys):
+    gen = pipeline / "gen" / "generator.pt"
+    args = ["--num", 3, "--steps", 4, "--class", "1", "--device", "cpu"]
+    run("sample", "--generator", gen, "--out", tmp_path / "plain", *args)
+    for name, scale in (("two", "2"), ("ramp", "1,3")):
+        run("sample", "--generator", gen, "--out", tmp_path / name, *args, "--guidance-scale", scale)
+    grids = {name: (tmp_path / name / "grid.png").read_bytes() for name in ("plain", "two", "ramp")}
+    assert grids["two"] != grids["plain"] and grids["ramp"] != grids["two"]
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "mask.png")
+    run("inpaint", "--generator", gen, "--image", image_folder / "circles" / "00.png", "--mask", tmp_path / "mask.png",
+        "--out", tmp_path / "inpaint", *args, "--guidance-scale", "3")
+    assert len(list((tmp_path / "inpaint").glob("completion_*.png"))) == 3
+    capsys.readouterr()
+    run("train", "--tokens", pipeline / "tokens", "--out", tmp_path / "uncond", "--preset", "tiny", "--set", "steps=1",
+        "--set", "batch_size=4", "--set", "num_classes=0", "--device", "cpu")
+    capsys.readouterr()
+    assert "unconditional" in fails(capsys, "sample", "--generator", tmp_path / "uncond" / "generator.pt", "--out",
+                                    tmp_path / "y", "--guidance-scale", "2", "--device", "cpu")
+
+
 def test_reconstruct(pipeline, image_folder, tmp_path, capsys):
     run("reconstruct", "--tokenizer", pipeline / "tok" / "tokenizer.pt", "--data", image_folder, "--num", 4,
         "--out", tmp_path / "r.png", "--device", "cpu")

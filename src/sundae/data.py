@@ -13,12 +13,20 @@ clipped). Idx images are grayscale and follow the same rule: replicated into thr
 (or stops at the first with `strict=True`). Images over Pillow's decompression-bomb limit
 (`Image.MAX_IMAGE_PIXELS`) are refused.
 
+Captions (text-to-image): an image folder may hold a `metadata.jsonl` (one JSON object per line with
+`file_name`, relative to the folder, and `text`: Hugging Face imagefolder's convention) and/or `.txt`
+sidecars (`a.png` + `a.txt`). Neither is read as an image (a .txt without an image of its stem is).
+
 Token datasets (`sundae tokenize`) are a folder with `tokens.npy` (uint16 `N h w`, read as a memmap),
-`labels.npy` (int64 `N`) and `meta.json` (codebook size, grid, f, the tokenizer that produced them).
+`labels.npy` (int64 `N`) and `meta.json` (codebook size, grid, f, the tokenizer that produced them); from a
+captioned folder also `captions.json` and the text encoder's `text_features.npy` (float16 `N n e`),
+`text_mask.npy` (bool `N n`) and `text_pooled.npy` (float16 `N e`), computed once so that training never
+runs the encoder.
 """
 
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import logging
@@ -37,6 +45,7 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 BACKGROUND = (255, 255, 255)  # transparent pixels become white
+METADATA = "metadata.jsonl"  # captions, Hugging Face imagefolder convention
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 16-bit grayscale PNG/TIFF modes (values 0..65535)
 log = logging.getLogger("sundae")
 
@@ -200,6 +209,11 @@ class ImageFolder(Dataset):
     be read, and images whose shorter side is under `size`, are skipped with a warning naming the file and
     a count at the end, or with `strict` the first one raises ImageError. Items: (`c size size` float in
     [-1, 1], int label). Raises FileNotFoundError when no usable image is left. `skipped` lists (path, reason).
+
+    Captions (`captions`: one str per item, or None for a folder without any) come from `root/metadata.jsonl`
+    and `.txt` sidecars (`read_captions`); those files are never tried as images (a .txt beside no file of
+    its stem is, like any other file). Images of a captioned
+    folder without a caption get the empty caption, with a warning counting them.
     """
 
     def __init__(self, root: str | Path, size: int, channels: int = 3, strict: bool = False):
@@ -212,7 +226,7 @@ class ImageFolder(Dataset):
         self.files: list[tuple[Path, int]] = []
         self.skipped: list[tuple[Path, str]] = []
         if subdirs:
-            loose = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+            loose = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and not _caption_file(p)]
             if loose:
                 what = (f"ignored {len(loose)} file(s) directly in {root} (e.g. {min(loose).name}): its "
                         f"{len(subdirs)} class sub-folder(s) define the labels, so a top-level file has none; "
@@ -223,7 +237,8 @@ class ImageFolder(Dataset):
         candidates = 0
         for label, folder in enumerate(subdirs or [root]):
             for path in sorted(folder.rglob("*")):
-                if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
+                if (not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts)
+                        or _caption_file(path)):
                     continue
                 candidates += 1
                 try:
@@ -241,6 +256,7 @@ class ImageFolder(Dataset):
             raise FileNotFoundError(f"no usable images found under {root} ({candidates} files, "
                                     f"{len(self.skipped)} skipped)")
         self.num_classes = len(self.classes)
+        self.captions = read_captions(root, [path for path, _ in self.files])
 
     def _check(self, path: Path) -> None:
         img = read_image(path, self.channels)
@@ -259,6 +275,74 @@ class ImageFolder(Dataset):
         left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))
         return image_to_tensor(img), label
+
+
+def _caption_file(path: Path) -> bool:
+    """metadata.jsonl, or a .txt beside a file of the same stem (a sidecar caption); a lone .txt is not a
+    caption and is tried (and skipped) like any other file."""
+    if path.name == METADATA:
+        return True
+    return path.suffix == ".txt" and any(p != path for p in path.parent.glob(f"{glob.escape(path.stem)}.*"))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"caption file {path} is not UTF-8 text: {err.reason} at byte {err.start}") from None
+
+
+def read_captions(root: str | Path, images: list[Path]) -> list[str] | None:
+    """The caption of each of `images` (files under `root`), or None when the folder has no captions.
+
+    Sources: `root/metadata.jsonl`, one JSON object per line with string fields `file_name` (relative to
+    `root`, sub-folders allowed) and `text` (other fields are ignored; blank lines too), and `.txt` sidecars
+    (image `a.png`, caption `a.txt` beside it, UTF-8, surrounding whitespace stripped). An image without a
+    caption gets "" (the empty caption is valid), with a warning counting them. Raises ValueError naming the
+    file (and line) for invalid JSON, missing or non-string fields, a `file_name` outside `root` or listed
+    twice, an image captioned both ways, non-UTF-8 text; FileNotFoundError for a listed image that does not
+    exist.
+    """
+    root = Path(root)
+    base = root.resolve()
+    captions: dict[Path, str] = {}
+    meta = root / METADATA
+    if meta.is_file():
+        for n, line in enumerate(_read_text(meta).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{meta} line {n}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not (isinstance(record, dict) and isinstance(record.get("file_name"), str)
+                    and isinstance(record.get("text"), str)):
+                raise ValueError(f"{meta} line {n}: expected an object with string fields \"file_name\" and "
+                                 f"\"text\", got {line.strip()[:80]}")
+            path = (root / record["file_name"]).resolve()
+            if base not in path.parents:
+                raise ValueError(f"{meta} line {n}: file_name {record['file_name']!r} is outside {root}")
+            if not path.is_file():
+                raise FileNotFoundError(f"{meta} line {n}: image {record['file_name']!r} does not exist in {root}")
+            if path in captions:
+                raise ValueError(f"{meta} line {n}: {record['file_name']!r} is listed twice")
+            captions[path] = record["text"]
+    sidecars = 0
+    for image in images:
+        txt = image.with_suffix(".txt")
+        if txt.is_file():
+            if image.resolve() in captions:
+                raise ValueError(f"{image} has a caption in {meta} and in {txt}: keep one of them")
+            captions[image.resolve()] = _read_text(txt).strip()
+            sidecars += 1
+    if not meta.is_file() and not sidecars:
+        return None
+    out = [captions.get(image.resolve()) for image in images]
+    missing = [image for image, text in zip(images, out) if text is None]
+    if missing:
+        log.warning("%d of %d images under %s have no caption (neither in %s nor a .txt beside them, e.g. %s): "
+                    "they get the empty caption", len(missing), len(images), root, METADATA, missing[0].name)
+    return [text or "" for text in out]
 
 
 def open_images(path: str | Path, size: int, channels: int, split: str = "train", strict: bool = False) -> Dataset:
@@ -320,7 +404,9 @@ def write_json(path: str | Path, obj) -> None:
 
 
 class TokenDataset(Dataset):
-    """A `sundae tokenize` folder: items are (`h w` int64 tokens, int label).
+    """A `sundae tokenize` folder: items are (`h w` int64 tokens, int label), and for a folder with text
+    features (meta.json `text_dim` > 0) also the caption's (features `n e` float32, mask `n` bool, pooled
+    `e` float32), read from float16 memmaps.
 
     Raises FileNotFoundError naming the missing file, ValueError when the files disagree.
     """
@@ -357,13 +443,39 @@ class TokenDataset(Dataset):
         n = self.num_classes
         if n and len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < n:
             raise ValueError(f"{root}: labels outside 0..{n - 1} (meta.json num_classes)")
+        self.text = None
+        if self.text_dim:
+            names = ("text_features.npy", "text_mask.npy", "text_pooled.npy")
+            for name in names:
+                if not (root / name).is_file():
+                    raise FileNotFoundError(f"{root / name} is missing (meta.json says text_dim={self.text_dim}): "
+                                            f"re-run `sundae tokenize`")
+            try:
+                self.text = tuple(np.load(root / name, mmap_mode="r") for name in names)
+            except (OSError, ValueError, EOFError) as err:
+                raise ValueError(f"cannot read the text files in {root}: {err}") from None
+            features, mask, pooled = self.text
+            if (features.shape[0] != len(self.labels) or features.shape[2] != self.text_dim
+                    or mask.shape != features.shape[:2] or pooled.shape != (len(self.labels), self.text_dim)):
+                raise ValueError(f"{root}: text features {features.shape}, mask {mask.shape}, pooled {pooled.shape} "
+                                 f"do not fit {len(self.labels)} rows of text_dim {self.text_dim}")
 
     @property
     def num_classes(self) -> int:
         return int(self.meta.get("num_classes", 0))
 
+    @property
+    def text_dim(self) -> int:
+        """Width of the stored text features; 0 for a folder without captions."""
+        return int(self.meta.get("text_dim", 0))
+
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return torch.from_numpy(self.tokens[i].astype(np.int64)), int(self.labels[i])
+    def __getitem__(self, i: int) -> tuple:
+        item = (torch.from_numpy(self.tokens[i].astype(np.int64)), int(self.labels[i]))
+        if self.text is None:
+            return item
+        features, mask, pooled = self.text
+        return (*item, torch.from_numpy(features[i].astype(np.float32)), torch.from_numpy(mask[i].copy()),
+                torch.from_numpy(pooled[i].astype(np.float32)))

@@ -158,9 +158,11 @@ def load_or_train_classifier(path: Path, ref: Reference, epochs: int, seed: int,
 @torch.no_grad()
 def generate(net, tokenizer, grid: Sequence[int], size: tuple[int, int] | None, labels: Tensor | None, num: int,
              batch_size: int, schedule: dict[str, Any], seed: int, precision: str = "fp32", compile: bool = False,
-             device: torch.device = torch.device("cpu"), desc: str = "sample") -> tuple[Tensor, Tensor, float]:
+             device: torch.device = torch.device("cpu"), desc: str = "sample",
+             guidance_scale: float | tuple[float, float] = 1.0) -> tuple[Tensor, Tensor, float]:
     """`num` decoded samples `num c H W` in [-1, 1] (CPU), batch by batch from one generator seeded `seed`
     (so results depend on `batch_size` too), with `labels` (`num` int64) for a class-conditional network.
+    guidance_scale: classifier-free guidance, a constant or (start, end) over the steps (`cli.class_logits_fn`).
     Returns (images, steps each sample took `num` int64, seconds)."""
     from sundae.cli import class_logits_fn  # the sample verb's logits function (precision, compile)
 
@@ -170,7 +172,8 @@ def generate(net, tokenizer, grid: Sequence[int], size: tuple[int, int] | None, 
                       disable=bool(os.environ.get("TQDM_DISABLE")) or None):
         b = min(batch_size, num - start)
         lab = labels[start:start + b].to(device) if labels is not None else None
-        z, steps = sample(class_logits_fn(net, lab, precision, compile), (b, *grid), net.cfg.vocab_size,
+        fn = class_logits_fn(net, lab, precision, compile, guidance_scale, schedule["steps"])
+        z, steps = sample(fn, (b, *grid), net.cfg.vocab_size,
                           generator=gen, device=device, **schedule)
         images.append(tokenizer.decode(z, size=size).cpu())
         taken.append(steps.cpu())
@@ -267,7 +270,8 @@ def evaluate(net, meta: dict[str, Any], tokenizer, ref: Reference, steps_list: S
              compile: bool = False, classifier: SmallClassifier | None = None,
              classifier_record: dict[str, Any] | None = None, inception=None,
              inception_record: dict[str, Any] | None = None, k: int = 3,
-             device: torch.device = torch.device("cpu")) -> tuple[dict[str, Any], Tensor]:
+             device: torch.device = torch.device("cpu"),
+             guidance_scale: float | tuple[float, float] = 1.0) -> tuple[dict[str, Any], Tensor]:
     """Measure the tokenizer on `ref` and the generator at each number of steps in `steps_list` (the other
     sampler settings in `schedule`). `classifier` (with `classifier_record`) and `inception` (a module mapping
     `b c H W` images in [-1, 1] to features, with `inception_record`) are optional feature extractors; a
@@ -300,7 +304,7 @@ def evaluate(net, meta: dict[str, Any], tokenizer, ref: Reference, steps_list: S
     for steps in steps_list:
         images, taken, seconds = generate(net, tokenizer, grid, size, labels, num, batch_size,
                                           {**schedule, "steps": steps}, seed, precision, compile, device,
-                                          desc=f"sample T={steps}")
+                                          desc=f"sample T={steps}", guidance_scale=guidance_scale)
         first = images if first is None else first
         row: dict[str, Any] = {"steps": steps, "mean_steps_taken": taken.float().mean().item(),
                                "seconds_per_image": seconds / num}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from sundae.conditioning import ClassEmbedding
+from sundae.conditioning import ClassEmbedding, TextConditioning
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class HourglassConfig:
     shorten_factor: int = 2  # tokens per patch side; s * s tokens merge into one
     shorten_mode: str = "2d"  # "2d": s x s spatial patches (the paper); "1d": s*s raster-consecutive tokens
     num_classes: int = 0  # 0: unconditional
+    text_dim: int = 0  # width of the text encoder's features; 0: no text conditioning
     rotary_base: float = 10000.0
 
     def __post_init__(self) -> None:
@@ -49,6 +50,8 @@ class HourglassConfig:
             raise ValueError(f"depth must be three block counts (pre, valley, post), got {self.depth}")
         if min(self.vocab_size, self.dim, self.heads, self.head_dim, self.shorten_factor) < 1:
             raise ValueError("vocab_size, dim, heads, head_dim and shorten_factor must be positive")
+        if self.num_classes < 0 or self.text_dim < 0:
+            raise ValueError("num_classes and text_dim must be >= 0")
         if self.shorten_mode not in ("2d", "1d"):
             raise ValueError(f"shorten_mode must be '2d' or '1d', got {self.shorten_mode!r}")
 
@@ -117,16 +120,24 @@ def _mlp(cfg: HourglassConfig) -> nn.Sequential:
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + Attn(LN x), then x + MLP(LN x)."""
+    """Pre-LN transformer block: x + Attn(LN x), [x + CrossAttn(LN x, text) for text models], x + MLP(LN x).
+
+    The cross-attention (Vaswani et al. 2017 encoder-decoder attention, as in Imagen's text conditioning)
+    reads the `b m d` text context under its key mask `b 1 1 m` (True = attend).
+    """
 
     def __init__(self, cfg: HourglassConfig):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(cfg.dim), Attention(cfg)
+        self.norm_cross, self.cross = (nn.LayerNorm(cfg.dim), Attention(cfg)) if cfg.text_dim else (None, None)
         self.norm2, self.mlp = nn.LayerNorm(cfg.dim), _mlp(cfg)
 
-    def forward(self, x: Tensor, angles: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, angles: Tensor, mask: Tensor | None = None,
+                text: tuple[Tensor, Tensor] | None = None) -> Tensor:
         h = self.norm1(x)
         x = x + self.attn(h, h, angles, mask)
+        if self.cross is not None and text is not None:
+            x = x + self.cross(self.norm_cross(x), text[0], mask=text[1])
         return x + self.mlp(self.norm2(x))
 
 
@@ -155,6 +166,7 @@ class Hourglass(nn.Module):
         s2 = cfg.shorten_factor**2
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.class_embedding = ClassEmbedding(cfg.num_classes, cfg.dim) if cfg.num_classes else None
+        self.text_embedding = TextConditioning(cfg.text_dim, cfg.dim) if cfg.text_dim else None
         self.pre = nn.ModuleList(Block(cfg) for _ in range(cfg.depth[0]))
         self.shorten = nn.Linear(s2 * cfg.dim, cfg.dim)
         self.down_resample = ResampleBlock(cfg)
@@ -212,8 +224,15 @@ class Hourglass(nn.Module):
         u = self.up_resample(u, u, self._key_mask(self._patch_valid(valid, z.shape[0])))
         return rearrange(u, "(b h w) (p1 p2) d -> b (h p1) (w p2) d", b=z.shape[0], h=z.shape[1], p1=p1)
 
-    def forward(self, tokens: Tensor, labels: Tensor | None = None, grid: tuple[int, int] | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, labels: Tensor | None = None, grid: tuple[int, int] | None = None,
+                drop: Tensor | None = None, text: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """`b H W` int64 tokens in [0, v) (+ `b` int64 labels) -> `b h w v` float32 logits.
+
+        `text` (models with `text_dim`): the text encoder's (features `b n text_dim` float, mask `b n` bool,
+        True = real text token, pooled `b text_dim` float), see `sundae.text`; None = the null text.
+        `drop` (`b` bool, conditional models only): True rows get the null condition instead of theirs (the
+        null class, the null text), for condition dropout in training and classifier-free guidance
+        (Ho & Salimans 2022).
 
         Only the top-left `grid` = (h, w) tokens are real (default: all, h, w = H, W); the rest, and the
         padding up to multiples of the patch sides, is masked out: never an attention key at full resolution
@@ -227,6 +246,10 @@ class Hourglass(nn.Module):
             raise ValueError(f"grid {h}x{w} does not fit the {height}x{width} tokens")
         if labels is not None and self.class_embedding is None:
             raise ValueError("labels given to an unconditional model (num_classes=0)")
+        if text is not None and self.text_embedding is None:
+            raise ValueError("text given to a model without text conditioning (text_dim=0)")
+        if drop is not None and self.class_embedding is None and self.text_embedding is None:
+            raise ValueError("drop (null condition) given to an unconditional model: it has no condition to drop")
         p1, p2 = self.cfg.patch
         height, width = -(-height // p1) * p1, -(-width // p2) * p2
         tokens = F.pad(tokens, (0, width - tokens.shape[2], 0, height - tokens.shape[1]))  # id 0, masked anyway
@@ -237,7 +260,11 @@ class Hourglass(nn.Module):
             coarse_valid = rearrange(valid, "(h p1) (w p2) -> (h w) (p1 p2)", p1=p1, p2=p2).any(-1)
         x = self.token_embedding(tokens)
         if self.class_embedding is not None:
-            x = x + self.class_embedding(labels, b)[:, None, None, :]
+            x = x + self.class_embedding(labels, b, drop)[:, None, None, :]
+        context = None
+        if self.text_embedding is not None:
+            pooled, context = self.text_embedding(text, b, drop)
+            x = x + pooled[:, None, None, :]
         fine = rotary_angles(height, width, self.cfg.head_dim, self.cfg.rotary_base, device=tokens.device)
         coarse = rotary_angles(height // p1, width // p2, self.cfg.head_dim, self.cfg.rotary_base, (p1, p2),
                                tokens.device)
@@ -248,26 +275,27 @@ class Hourglass(nn.Module):
 
         x = rearrange(x, "b h w d -> b (h w) d")
         for block in self.pre:
-            x = block(x, fine, fine_mask)
+            x = block(x, fine, fine_mask, context)
         residual = rearrange(x, "b (h w) d -> b h w d", h=height)
         z = rearrange(self.shorten_grid(residual, valid), "b h w d -> b (h w) d")
         for block in self.valley:
-            z = block(z, coarse, coarse_mask)
+            z = block(z, coarse, coarse_mask, context)
         x = self.upsample_grid(rearrange(z, "b (h w) d -> b h w d", h=height // p1), residual, valid)
         x = rearrange(x, "b h w d -> b (h w) d")
         for block in self.post:
-            x = block(x, fine, fine_mask)
+            x = block(x, fine, fine_mask, context)
         logits = self.to_logits(self.norm(x)).float()
         return rearrange(logits, "b (h w) v -> b h w v", h=height)[:, :h, :w]
 
 
-def forward_flops(cfg: HourglassConfig, h: int, w: int, batch: int = 1) -> int:
+def forward_flops(cfg: HourglassConfig, h: int, w: int, batch: int = 1, text_len: int = 0) -> int:
     """Analytic FLOPs of one `Hourglass` forward pass over a `batch h w` token grid (one sampling step).
 
     Counts the matrix multiplications (2 FLOPs per multiply-add): the linear layers, q k^T and
     attention-weighted values, the shorten/upsample linears and the logits. Norms, activations, rotary
     and softmax are left out (a few percent at the paper's widths). h and w are the grid the network
-    runs on (multiples of the shorten factor). Units: FLOPs (not FLOP/s).
+    runs on (multiples of the shorten factor). `text_len`: the text tokens n of a text model (its context
+    holds n + 2 keys: a kept register and the null text). Units: FLOPs (not FLOP/s).
     """
     d, inner, hidden, v = cfg.dim, cfg.heads * cfg.head_dim, cfg.mlp_ratio * cfg.dim, cfg.vocab_size
     k = cfg.shorten_factor**2
@@ -283,7 +311,14 @@ def forward_flops(cfg: HourglassConfig, h: int, w: int, batch: int = 1) -> int:
     up = block(n, k)  # every token attends to the k tokens of its own patch
     resample_linears = 2 * (2 * n_c * k * d * d)
     logits = 2 * n * d * v
-    return batch * (pre_post + valley + down + up + resample_linears + logits)
+    text = 0
+    if cfg.text_dim:
+        m = text_len + 2
+        text = 2 * text_len * cfg.text_dim * d + 2 * cfg.text_dim * d  # feature and pooled projections
+        # Per block: q over the grid, k and v over the context, q k^T and weights x values, output projection.
+        cross = (lambda t: 2 * t * d * inner + 4 * m * d * inner + 4 * t * m * inner + 2 * t * inner * d)
+        text += (cfg.depth[0] + cfg.depth[2]) * cross(n) + cfg.depth[1] * cross(n_c)
+    return batch * (pre_post + valley + down + up + resample_linears + logits + text)
 
 
 PRESETS: dict[str, HourglassConfig] = {

@@ -202,3 +202,59 @@ def token_keep_mask(pixel_mask: Tensor, f: int, dilate: int = 0) -> Tensor:
     if dilate:
         masked = F.max_pool2d(masked, kernel_size=2 * dilate + 1, stride=1, padding=dilate)
     return masked[:, 0] == 0
+
+
+# ---- classifier-free guidance (Ho & Salimans, "Classifier-Free Diffusion Guidance", arXiv 2207.12598) ----
+
+# conditioned_fn(tokens `b' h w`, rows `b'` int64, drop `b'` bool) -> logits `b' h w v`: like LogitsFn, and rows
+# whose `drop` is True get the null condition (the learned "no label / no text" the model was trained with).
+ConditionedFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+# A guidance scale: one number, or (start, end) linear over the sampling steps.
+GuidanceScale = float | tuple[float, float]
+
+
+def condition_dropout(batch: int, p: float, device: torch.device | str, generator: Generators = None) -> Tensor:
+    """Which samples train with the null condition: `b` bool, each True with probability `p` (Ho & Salimans
+    section 3.2, algorithm 1: "with probability p_uncond, c <- null"). `generator`: one, or a sequence of
+    `batch` (one per sample: the draw then depends only on the sample, not on how the batch is split).
+    Raises ValueError unless 0 <= p <= 1."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"condition dropout must lie in [0, 1], got {p}")
+    return _draw(torch.rand, (batch,), torch.device(device), generator) < p
+
+
+def guidance_scales(scale: GuidanceScale, steps: int) -> list[float]:
+    """The guidance scale of each of `steps` sampling steps: a constant, or linear from start to end.
+    Raises ValueError for a non-finite scale or steps < 1."""
+    start, end = (scale, scale) if isinstance(scale, (int, float)) else scale
+    if not all(abs(s) < float("inf") for s in (start, end)):  # also rejects NaN
+        raise ValueError(f"guidance scale must be finite, got {scale}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return linear_schedule(start, end, steps).tolist()
+
+
+def guided_logits_fn(conditioned_fn: ConditionedFn, scale: GuidanceScale, steps: int = 1) -> LogitsFn:
+    """Classifier-free guidance as a logits function for `sample` (Ho & Salimans eq. 6, on logits):
+
+        logits = uncond + s_n * (cond - uncond)
+
+    s = 1 gives the conditional logits, s = 0 the unconditional ones, s > 1 sharpens towards the condition.
+    Both passes run in ONE forward: the `b'` rows are stacked twice (`2b' h w`), the second copy with
+    `drop` True, and the result is split back. `scale` is a constant or (start, end), linear over `steps`:
+    the returned function counts its calls (the sampler calls it once per step) and uses s_n at call n
+    (the last value after `steps` calls), so make a fresh one for every `sample` run.
+    Raises ValueError for a non-finite scale or steps < 1.
+    """
+    scales = guidance_scales(scale, steps)
+    calls = 0
+
+    def logits_fn(z: Tensor, rows: Tensor) -> Tensor:
+        nonlocal calls
+        s = scales[min(calls, len(scales) - 1)]
+        calls += 1
+        b = z.shape[0]
+        drop = torch.arange(2 * b, device=z.device) >= b
+        cond, uncond = conditioned_fn(torch.cat([z, z]), torch.cat([rows, rows]), drop).float().chunk(2)
+        return uncond + s * (cond - uncond)
+    return logits_fn

@@ -38,7 +38,7 @@ from sundae.data import save_grid
 from sundae.distributed import EpochBatchSampler
 from sundae.hourglass import Hourglass, HourglassConfig
 from sundae.losses import LPIPS, PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
-from sundae.sundae import sample, unrolled_loss
+from sundae.sundae import condition_dropout, sample, unrolled_loss
 from sundae.vqgan import VQGAN, VQGANConfig
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -105,11 +105,16 @@ class GeneratorTrainConfig:
     sample_every: int = 1000
     save_every: int = 5000
     sample_steps: int = 50  # sampling steps for the grids written during training
+    # Conditional models: share of samples trained with the null condition, so that the same network also
+    # gives unconditional logits for classifier-free guidance (Ho & Salimans 2022, p_uncond 0.1-0.2).
+    cond_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         _check_train_config(self)
         if self.unroll_steps < 1 or self.sample_steps < 1:
             raise ValueError("unroll_steps and sample_steps must be >= 1")
+        if not 0 <= self.cond_dropout <= 1:
+            raise ValueError(f"cond_dropout must lie in [0, 1], got {self.cond_dropout}")
         if self.sharding not in ("ddp", "fsdp"):
             raise ValueError(f"sharding must be 'ddp' or 'fsdp', got {self.sharding!r}")
 
@@ -353,10 +358,14 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                     resume: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
     """Train the hourglass denoiser with the unrolled SUNDAE loss; returns `out/generator.pt`.
 
-    `dataset` items are (`h w` int64 tokens, int label); labels are used when `model_cfg.num_classes` > 0.
+    `dataset` items are (`h w` int64 tokens, int label), plus (text features `n e`, mask `n`, pooled `e`)
+    for a text model (`model_cfg.text_dim` > 0, `sundae.data.TokenDataset` of a captioned folder); labels are
+    used when `model_cfg.num_classes` > 0.
     `meta` (token grid, tokenizer path, class names) is stored in the checkpoint for `sundae sample`.
     `tokenizer`, if given, decodes the sample grids written every `sample_every` steps (EMA weights).
-    The corruption and unroll noise of sample j of step s come from a generator seeded by (seed, s, j), so
+    Conditional models train each sample with the null condition with probability `cfg.cond_dropout`
+    (classifier-free guidance, Ho & Salimans 2022); that draw, the corruption and the unroll noise of
+    sample j of step s come from a generator seeded by (seed, s, j), so
     the update does not depend on the number of processes or `grad_accum`. `resume` continues from
     `out/generator.pt` exactly; `overwrite` starts over in a folder holding a run (`runs.restore`).
     Raises FloatingPointError naming the step when the loss is not finite
@@ -388,26 +397,35 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     def save() -> Path:
         return runs.save(out, "generator", model_cfg, cfg, parts, ema, step, ctx, meta=meta)
 
-    conditional = model_cfg.num_classes > 0
+    has_classes, has_text = model_cfg.num_classes > 0, model_cfg.text_dim > 0
+    conditional = has_classes or has_text
     data = _loader(dataset, cfg, step, ctx, rng)
     h, w = meta["grid"]
-    grid_labels = torch.arange(min(model_cfg.num_classes, 10) or 1, device=device).repeat_interleave(8)
+    if has_text:  # the grids show the captions of the first 16 items (8 per row: 2 rows)
+        count = min(16, len(dataset))
+        grid_text = tuple(torch.stack([dataset[i][k] for i in range(count)]).to(device) for k in (2, 3, 4))
+        grid_labels = torch.tensor([dataset[i][1] for i in range(count)], device=device)
+    else:
+        grid_text = None
+        grid_labels = torch.arange(min(model_cfg.num_classes, 10) or 1, device=device).repeat_interleave(8)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=_quiet(progress, ctx), dynamic_ncols=True)
     t0, tokens_seen = time.time(), 0
     with runs.StopOnSignal() as stop:
         while step < cfg.steps:
-            tokens, labels = next(data)
-            tokens, labels = tokens.to(device), labels.to(device)
+            tokens, labels, *text = (t.to(device) for t in next(data))
             model.train()
             opt.zero_grad(set_to_none=True)
             sums = torch.zeros(cfg.unroll_steps + 1, device=device)  # loss, then per unroll step
             for m in range(cfg.grad_accum):
                 rows = slice(m * micro, (m + 1) * micro)
                 gens = _sample_generators(cfg, step, ctx.rank * micro * cfg.grad_accum + m * micro, micro, device)
+                lab = labels[rows] if has_classes else None
+                kwargs = {"text": tuple(t[rows] for t in text)} if has_text else {}
+                if conditional and cfg.cond_dropout > 0:  # drawn first from each sample's own generator
+                    kwargs["drop"] = condition_dropout(micro, cfg.cond_dropout, device, gens)
                 with _no_sync(net, m == cfg.grad_accum - 1), autocast(device, cfg.precision):
-                    lab = labels[rows] if conditional else None
-                    loss, per_step = unrolled_loss(lambda z: net(z, lab), tokens[rows], model_cfg.vocab_size,
-                                                   cfg.unroll_steps, generator=gens)
+                    loss, per_step = unrolled_loss(lambda z: net(z, lab, **kwargs), tokens[rows],
+                                                   model_cfg.vocab_size, cfg.unroll_steps, generator=gens)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 sums += torch.stack([loss, *per_step]).detach().float() / cfg.grad_accum
             sums = D.mean(sums, ctx)
@@ -434,7 +452,11 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                 save()
             if tokenizer is not None and (ctx.main or sharded) and (step % cfg.sample_every == 0 or step == cfg.steps):
                 ema.eval()  # under FSDP every rank runs the (collective) forward; rank 0 writes
-                fn = (lambda z, rows: ema(z, grid_labels[rows])) if conditional else (lambda z, rows: ema(z))
+                if has_text:
+                    fn = (lambda z, rows: ema(z, grid_labels[rows] if has_classes else None,
+                                             text=tuple(t[rows] for t in grid_text)))
+                else:
+                    fn = (lambda z, rows: ema(z, grid_labels[rows])) if has_classes else (lambda z, rows: ema(z))
                 with torch.inference_mode(), autocast(device, cfg.precision):
                     z, _ = sample(fn, (len(grid_labels), h, w), model_cfg.vocab_size, steps=cfg.sample_steps,
                                   min_steps=cfg.sample_steps, generator=torch.Generator(device).manual_seed(0),
