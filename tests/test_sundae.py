@@ -159,7 +159,7 @@ def test_results_do_not_depend_on_when_others_leave_the_batch():
 
 
 def test_schedules_reach_the_sampler():
-    temps, props = [], []
+    props = []
 
     def fn(z, rows):
         return torch.zeros(*z.shape, V)
