@@ -98,6 +98,8 @@ def test_text_to_image_chain(captioned, tmp_path, capsys):
     assert len(list((tmp_path / "s" / "samples").iterdir())) == 3
     capsys.readouterr()
     assert "pass --prompt" in fails(capsys, "sample", "--generator", gen, "--out", tmp_path / "t", "--device", "cpu")
+    assert "has no classes: it is text-conditional, use --prompt" in fails(
+        capsys, "sample", "--generator", gen, "--out", tmp_path / "t", "--class", 0, "--prompt", "x", "--device", "cpu")
     run("train", "--tokens", folder, "--out", tmp_path / "plain", "--preset", "tiny", "--set", "steps=1",
         "--set", "batch_size=4", "--set", "text_dim=0", "--device", "cpu")
     capsys.readouterr()
