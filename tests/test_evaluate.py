@@ -206,3 +206,21 @@ def test_evaluate_checks_its_arguments_before_any_work(runs, image_folder, tmp_p
     assert "--guidance-scale" in fails(capsys, *base, *SAMPLER, "--overwrite", "--guidance-scale", "inf")
     assert "is not a folder" in fails(capsys, *base[:4], tmp_path / "missing", *base[5:], *SAMPLER, "--overwrite")
     assert (out / "evaluation.json").read_text() == result and (out / "samples.png").is_file()
+
+
+def test_image_folder_reference_limit_takes_a_seeded_subset_of_every_class(image_folder):
+    """The folder's files are sorted by class (12 circles, then 12 squares): the first 10 would all be
+    circles. The limited subsets are random (seeded, so the same every time) and count their classes."""
+    from sundae.evaluation import load_reference
+    ref = load_reference(str(image_folder), 32, 3, limit=10, classifier_limit=16)
+    counts = ref.info["class_counts"]
+    assert sum(counts) == 10 and min(counts) > 0 and counts == torch.bincount(ref.labels, minlength=2).tolist()
+    assert min(torch.bincount(ref.train_labels, minlength=2).tolist()) > 0 and len(ref.train_labels) == 16
+    assert ref.info["subset"] == "random, seed 0" and ref.info["available"] == 24
+    again = load_reference(str(image_folder), 32, 3, limit=10, classifier_limit=16)
+    assert torch.equal(again.images, ref.images) and torch.equal(again.labels, ref.labels)
+    whole = load_reference(str(image_folder), 32, 3)
+    assert whole.info["subset"] == "all" and whole.info["class_counts"] == [12, 12]
+    # Each kept image is one of the folder's, in file order.
+    rows = [int(torch.nonzero((whole.images == x).flatten(1).all(1))[0]) for x in ref.images]
+    assert rows == sorted(set(rows))
