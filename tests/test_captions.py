@@ -71,6 +71,22 @@ def test_caption_in_both_places_or_not_utf8_is_an_error(tmp_path):
         read_captions(tmp_path, [tmp_path / "0.png"])
 
 
+def test_byte_order_marks_are_dropped_and_bad_text_names_its_line(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (32, 32)).save(tmp_path / f"{i}.png")
+    images = [tmp_path / f"{i}.png" for i in range(3)]
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "caf\u00e9"}\n', encoding="utf-8-sig")
+    (tmp_path / "1.txt").write_text("a sidecar\n", encoding="utf-8-sig")  # Notepad's UTF-8
+    assert read_captions(tmp_path, images) == ["caf\u00e9", "a sidecar", ""]
+    lines = ['{"file_name": "0.png", "text": "ok"}', '{"file_name": "2.png", "text": "caf\u00e9"}']
+    (tmp_path / "metadata.jsonl").write_bytes("\n".join(lines).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"metadata.jsonl is not UTF-8 text: line 2: .*byte 0xe9"):
+        read_captions(tmp_path, images)
+    (tmp_path / "metadata.jsonl").write_text(lines[0] + '\n{"file_name": "2.png", "text": "\\ud800x"}\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl line 2: not valid text \(surrogates not allowed"):
+        read_captions(tmp_path, images)
+
+
 def test_text_to_image_chain(captioned, tmp_path, capsys):
     """tokenize stores the encoder's features once; train makes a text model; sample takes --prompt with
     guidance; a class-only flag on it, or a prompt for a model without text, is a one-line error."""
@@ -98,6 +114,8 @@ def test_text_to_image_chain(captioned, tmp_path, capsys):
     assert len(list((tmp_path / "s" / "samples").iterdir())) == 3
     capsys.readouterr()
     assert "pass --prompt" in fails(capsys, "sample", "--generator", gen, "--out", tmp_path / "t", "--device", "cpu")
+    err = fails(capsys, "sample", "--generator", gen, "--out", tmp_path / "t", "--prompt", "caf\udce9", "--device", "cpu")
+    assert "--prompt 'caf\\udce9': not valid text (surrogates not allowed" in err  # a Latin-1 byte in argv
     assert "has no classes: it is text-conditional, use --prompt" in fails(
         capsys, "sample", "--generator", gen, "--out", tmp_path / "t", "--class", 0, "--prompt", "x", "--device", "cpu")
     run("train", "--tokens", folder, "--out", tmp_path / "plain", "--preset", "tiny", "--set", "steps=1",

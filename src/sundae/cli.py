@@ -460,6 +460,8 @@ def _text(args: argparse.Namespace, net: torch.nn.Module, meta: dict[str, Any], 
     if not args.prompt:
         raise UsageError(f"{args.generator} is text-conditional: pass --prompt TEXT (repeatable; \"\" is the empty "
                          f"caption)")
+    for prompt in args.prompt:
+        D.check_text(prompt, f"--prompt {prompt!r}")
     return encode_prompts(args.prompt, num, meta.get("text_encoder"), device)
 
 

@@ -286,10 +286,26 @@ def _caption_file(path: Path) -> bool:
 
 
 def _read_text(path: Path) -> str:
+    """A caption file's text, UTF-8 with or without a byte-order mark (dropped). Raises ValueError naming the
+    file and line for other bytes."""
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"caption file {path} is not UTF-8 text: {err.reason} at byte {err.start}") from None
+        line = data[:err.start].count(b"\n") + 1
+        raise ValueError(f"caption file {path} is not UTF-8 text: line {line}: {err.reason} "
+                         f"(byte {data[err.start]:#04x}; save it as UTF-8)") from None
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` unchanged when it is valid Unicode text (encodable as UTF-8: no unpaired surrogate, such as a
+    JSON "\\ud800" escape or an undecodable command-line byte); ValueError starting with `what` otherwise."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{what}: not valid text ({err.reason}, {text[err.start]!r} at character {err.start}; "
+                         f"captions and prompts must be UTF-8)") from None
+    return text
 
 
 def read_captions(root: str | Path, images: list[Path]) -> list[str] | None:
@@ -326,7 +342,7 @@ def read_captions(root: str | Path, images: list[Path]) -> list[str] | None:
                 raise FileNotFoundError(f"{meta} line {n}: image {record['file_name']!r} does not exist in {root}")
             if path in captions:
                 raise ValueError(f"{meta} line {n}: {record['file_name']!r} is listed twice")
-            captions[path] = record["text"]
+            captions[path] = check_text(record["text"], f"{meta} line {n}")
     sidecars = 0
     for image in images:
         txt = image.with_suffix(".txt")
