@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +139,26 @@ def test_emoji_renderer(tmp_path):
     assert write_emoji_folder(tmp_path, 16, limit=5) == 5
     ds = ImageFolder(tmp_path, 16, 3)
     assert len(ds) == 5 and ds.captions[0] == found[min(found)] and all(ds.captions)
+
+
+def test_emoji_rerender_replaces_the_old_one_and_bad_arguments_are_one_line_errors(tmp_path):
+    import subprocess
+    import sys
+    from sundae.emoji import write_emoji_folder
+    out = tmp_path / "emoji"
+    assert write_emoji_folder(out, 8, limit=4) == 4
+    with pytest.raises(ValueError, match="is not empty"):
+        write_emoji_folder(out, 8, limit=2)
+    assert write_emoji_folder(out, 8, limit=2, overwrite=True) == 2
+    assert len(list(out.glob("*.png"))) == 2 and len(ImageFolder(out, 8, 3)) == 2  # no stale PNG of the first
+    (tmp_path / "junk.ttf").write_bytes(b"not a font")
+    script = [sys.executable, Path(__file__).parent.parent / "examples" / "render_emoji.py", "--out", tmp_path / "x"]
+    for extra, message in ((["--limit", "-1"], "limit must be >= 0"), (["--size", "0"], "size must be >= 1"),
+                           (["--font", tmp_path / "none.ttf"], "not found"),
+                           (["--font", tmp_path / "junk.ttf"], "is not a font file"),
+                           (["--out", out], "is not empty")):
+        done = subprocess.run(script + extra, capture_output=True, text=True)
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
 
 
 def test_emoji_quickstart_tiny(tmp_path, capsys):
