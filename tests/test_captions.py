@@ -44,6 +44,21 @@ def test_class_folders_keep_their_labels_with_sidecars(image_folder, tmp_path):
     assert ds.captions[12 + 3] == "a square" and ds.captions.count("") == 23
 
 
+def test_metadata_in_class_sub_folders_captions_their_images(image_folder, tmp_path):
+    """As in a Hugging Face imagefolder: a metadata.jsonl in a sub-folder names files relative to itself."""
+    root = tmp_path / "classes"
+    shutil.copytree(image_folder, root)
+    (root / "squares" / "metadata.jsonl").write_text('{"file_name": "03.png", "text": "a square"}\n')
+    (root / "metadata.jsonl").write_text('{"file_name": "circles/01.png", "text": "a circle"}\n')
+    ds = ImageFolder(root, 32, 3)
+    assert [label for _, label in ds.files] == [0] * 12 + [1] * 12 and len(ds) == 24
+    assert ds.captions[1] == "a circle" and ds.captions[12 + 3] == "a square" and ds.captions.count("") == 22
+    (root / "metadata.jsonl").write_text('{"file_name": "squares/03.png", "text": "again"}\n')
+    twice = r"squares/metadata.jsonl line 1: .03.png. is listed twice \(also in .*classes/metadata.jsonl\)"
+    with pytest.raises(ValueError, match=twice):
+        ImageFolder(root, 32, 3)
+
+
 @pytest.mark.parametrize("line,message", [
     ("{not json", "line 2: not valid JSON"),
     ('{"file_name": "0.png"}', 'line 2: expected an object with string fields "file_name" and "text"'),

@@ -311,8 +311,10 @@ def check_text(text: str, what: str) -> str:
 def read_captions(root: str | Path, images: list[Path]) -> list[str] | None:
     """The caption of each of `images` (files under `root`), or None when the folder has no captions.
 
-    Sources: `root/metadata.jsonl`, one JSON object per line with string fields `file_name` (relative to
-    `root`, sub-folders allowed) and `text` (other fields are ignored; blank lines too), and `.txt` sidecars
+    Sources: `metadata.jsonl` files in `root` and in any folder below it (class sub-folders too, as in a
+    Hugging Face imagefolder), one JSON object per line with string fields `file_name` (relative to the
+    metadata file's folder, sub-folders allowed) and `text` (other fields are ignored; blank lines too; UTF-8,
+    a byte-order mark is dropped), and `.txt` sidecars
     (image `a.png`, caption `a.txt` beside it, UTF-8, surrounding whitespace stripped). An image without a
     caption gets "" (the empty caption is valid), with a warning counting them. Raises ValueError naming the
     file (and line) for invalid JSON, missing or non-string fields, a `file_name` outside `root` or listed
@@ -320,10 +322,11 @@ def read_captions(root: str | Path, images: list[Path]) -> list[str] | None:
     exist.
     """
     root = Path(root)
-    base = root.resolve()
     captions: dict[Path, str] = {}
-    meta = root / METADATA
-    if meta.is_file():
+    source: dict[Path, Path] = {}  # image -> the metadata file that captions it
+    metas = sorted(p for p in root.rglob(METADATA) if p.is_file())
+    for meta in metas:
+        base = meta.parent.resolve()
         for n, line in enumerate(_read_text(meta).splitlines(), 1):
             if not line.strip():
                 continue
@@ -335,23 +338,26 @@ def read_captions(root: str | Path, images: list[Path]) -> list[str] | None:
                     and isinstance(record.get("text"), str)):
                 raise ValueError(f"{meta} line {n}: expected an object with string fields \"file_name\" and "
                                  f"\"text\", got {line.strip()[:80]}")
-            path = (root / record["file_name"]).resolve()
+            path = (meta.parent / record["file_name"]).resolve()
             if base not in path.parents:
-                raise ValueError(f"{meta} line {n}: file_name {record['file_name']!r} is outside {root}")
+                raise ValueError(f"{meta} line {n}: file_name {record['file_name']!r} is outside {meta.parent}")
             if not path.is_file():
-                raise FileNotFoundError(f"{meta} line {n}: image {record['file_name']!r} does not exist in {root}")
+                raise FileNotFoundError(f"{meta} line {n}: image {record['file_name']!r} does not exist in "
+                                        f"{meta.parent}")
             if path in captions:
-                raise ValueError(f"{meta} line {n}: {record['file_name']!r} is listed twice")
+                where = "" if source[path] == meta else f" (also in {source[path]})"
+                raise ValueError(f"{meta} line {n}: {record['file_name']!r} is listed twice{where}")
             captions[path] = check_text(record["text"], f"{meta} line {n}")
+            source[path] = meta
     sidecars = 0
     for image in images:
         txt = image.with_suffix(".txt")
         if txt.is_file():
             if image.resolve() in captions:
-                raise ValueError(f"{image} has a caption in {meta} and in {txt}: keep one of them")
+                raise ValueError(f"{image} has a caption in {source[image.resolve()]} and in {txt}: keep one of them")
             captions[image.resolve()] = _read_text(txt).strip()
             sidecars += 1
-    if not meta.is_file() and not sidecars:
+    if not metas and not sidecars:
         return None
     out = [captions.get(image.resolve()) for image in images]
     missing = [image for image, text in zip(images, out) if text is None]
