@@ -345,3 +345,14 @@ def test_guidance_scale_beyond_float32_names_the_flag(models, tmp_path, capsys):
                 "--device", "cpu")
     assert "--guidance-scale 1,1e300: too large for the float32 logits" in err
     assert "RuntimeError" not in err and not list(tmp_path.iterdir())
+
+
+def test_text_encoder_on_an_uncaptioned_folder_warns(models, image_folder, tmp_path, capsys):
+    run("tokenize", "--tokenizer", models / "tok_a.pt", "--data", image_folder, "--out", tmp_path / "t",
+        "--text-encoder", "all-MiniLM-L6-v2", "--device", "cpu")
+    err = capsys.readouterr().err
+    assert "warning: --text-encoder all-MiniLM-L6-v2 given, but" in err and "has no captions" in err
+    assert not (tmp_path / "t" / "captions.json").exists() and (tmp_path / "t" / "tokens.npy").is_file()
+    run("tokenize", "--tokenizer", models / "tok_a.pt", "--data", image_folder, "--out", tmp_path / "u",
+        "--device", "cpu")
+    assert "--text-encoder" not in capsys.readouterr().err  # the default is not "given"

