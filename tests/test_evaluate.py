@@ -193,6 +193,8 @@ def test_evaluate_checks_its_arguments_before_any_work(runs, image_folder, tmp_p
                             ("1e300", "--guidance-scale 1e300: too large for the float32 logits")):
         assert expected in fails(capsys, *base, "--guidance-scale", scale, *SAMPLER)
     assert "--num 3: precision/recall need more than --k 3" in fails(capsys, *base, *SAMPLER, "--num", 3)
+    err = fails(capsys, *base, *SAMPLER, "--inception", tmp_path)
+    assert f"--inception {tmp_path} is a directory, expected the .pth file ({INCEPTION_FILE})" in err
     assert not out.exists()  # no classifier trained, nothing written
     flat = tmp_path / "flat"
     flat.mkdir()

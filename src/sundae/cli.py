@@ -785,7 +785,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                     f"weights {E.INCEPTION_FILE} (pytorch-fid / torch-fidelity release) there, set "
                                     f"${E.INCEPTION_ENV}, or pass --inception PATH")
         D.log.warning("Inception FID skipped: %s", skipped["fid_inception"])
-    _clear_outputs(old)
     classifier = record = None
     if ref.num_classes >= 2:
         classifier, record = E.load_or_train_classifier(Path(args.classifier or out / "classifier.pt"), ref,
@@ -794,6 +793,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         skipped["classifier"] = (f"the reference {args.reference} has no class labels (sub-folders): no classifier-FID "
                                  f"and no class accuracy")
+    _clear_outputs(old)  # a --classifier file that is not one has been refused by now
     results, images = E.evaluate(net, meta, tokenizer, ref, args.steps, schedule, args.num, args.batch_size,
                                  args.seed, args.precision, args.compile, classifier, record, inception,
                                  inception_record, args.k, device, tuple(args.guidance_scale))
