@@ -130,7 +130,8 @@ def test_text_to_image_chain(captioned, tmp_path, capsys):
     assert len(list((tmp_path / "s" / "samples").iterdir())) == 3
     capsys.readouterr()
     assert "pass --prompt" in fails(capsys, "sample", "--generator", gen, "--out", tmp_path / "t", "--device", "cpu")
-    err = fails(capsys, "sample", "--generator", gen, "--out", tmp_path / "t", "--prompt", "caf\udce9", "--device", "cpu")
+    err = fails(capsys, "sample", "--generator", gen, "--out", tmp_path / "t", "--prompt", "caf\udce9",
+                "--device", "cpu")
     assert "--prompt 'caf\\udce9': not valid text (surrogates not allowed" in err  # a Latin-1 byte in argv
     assert "has no classes: it is text-conditional, use --prompt" in fails(
         capsys, "sample", "--generator", gen, "--out", tmp_path / "t", "--class", 0, "--prompt", "x", "--device", "cpu")
