@@ -7,6 +7,7 @@ Captions are the emoji's Unicode names in lower case ("grinning face", "red appl
 """
 
 import argparse
+import sys
 
 from sundae.emoji import FONT, write_emoji_folder
 
@@ -15,6 +16,11 @@ parser.add_argument("--out", default="emoji", help="folder for the PNGs and meta
 parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
 parser.add_argument("--limit", type=int, default=0, help="keep about this many emoji, spread over the font (0: all)")
 parser.add_argument("--font", default=str(FONT), help=f"the font file (default {FONT})")
+parser.add_argument("--overwrite", action="store_true", help="replace an earlier render in --out")
 args = parser.parse_args()
-count = write_emoji_folder(args.out, args.size, args.limit, args.font)
+try:
+    count = write_emoji_folder(args.out, args.size, args.limit, args.font, args.overwrite)
+except (OSError, ValueError) as err:
+    print(f"render_emoji.py: error: {err}", file=sys.stderr)
+    sys.exit(2)
 print(f"{count} captioned emoji written to {args.out}")

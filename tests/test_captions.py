@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +44,21 @@ def test_class_folders_keep_their_labels_with_sidecars(image_folder, tmp_path):
     assert ds.captions[12 + 3] == "a square" and ds.captions.count("") == 23
 
 
+def test_metadata_in_class_sub_folders_captions_their_images(image_folder, tmp_path):
+    """As in a Hugging Face imagefolder: a metadata.jsonl in a sub-folder names files relative to itself."""
+    root = tmp_path / "classes"
+    shutil.copytree(image_folder, root)
+    (root / "squares" / "metadata.jsonl").write_text('{"file_name": "03.png", "text": "a square"}\n')
+    (root / "metadata.jsonl").write_text('{"file_name": "circles/01.png", "text": "a circle"}\n')
+    ds = ImageFolder(root, 32, 3)
+    assert [label for _, label in ds.files] == [0] * 12 + [1] * 12 and len(ds) == 24
+    assert ds.captions[1] == "a circle" and ds.captions[12 + 3] == "a square" and ds.captions.count("") == 22
+    (root / "metadata.jsonl").write_text('{"file_name": "squares/03.png", "text": "again"}\n')
+    twice = r"squares/metadata.jsonl line 1: .03.png. is listed twice \(also in .*classes/metadata.jsonl\)"
+    with pytest.raises(ValueError, match=twice):
+        ImageFolder(root, 32, 3)
+
+
 @pytest.mark.parametrize("line,message", [
     ("{not json", "line 2: not valid JSON"),
     ('{"file_name": "0.png"}', 'line 2: expected an object with string fields "file_name" and "text"'),
@@ -69,6 +85,22 @@ def test_caption_in_both_places_or_not_utf8_is_an_error(tmp_path):
     (tmp_path / "0.txt").write_bytes(b"\xff\xfe caption")
     with pytest.raises(ValueError, match="0.txt is not UTF-8"):
         read_captions(tmp_path, [tmp_path / "0.png"])
+
+
+def test_byte_order_marks_are_dropped_and_bad_text_names_its_line(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (32, 32)).save(tmp_path / f"{i}.png")
+    images = [tmp_path / f"{i}.png" for i in range(3)]
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "caf\u00e9"}\n', encoding="utf-8-sig")
+    (tmp_path / "1.txt").write_text("a sidecar\n", encoding="utf-8-sig")  # Notepad's UTF-8
+    assert read_captions(tmp_path, images) == ["caf\u00e9", "a sidecar", ""]
+    lines = ['{"file_name": "0.png", "text": "ok"}', '{"file_name": "2.png", "text": "caf\u00e9"}']
+    (tmp_path / "metadata.jsonl").write_bytes("\n".join(lines).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"metadata.jsonl is not UTF-8 text: line 2: .*byte 0xe9"):
+        read_captions(tmp_path, images)
+    (tmp_path / "metadata.jsonl").write_text(lines[0] + '\n{"file_name": "2.png", "text": "\\ud800x"}\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl line 2: not valid text \(surrogates not allowed"):
+        read_captions(tmp_path, images)
 
 
 def test_text_to_image_chain(captioned, tmp_path, capsys):
@@ -98,6 +130,11 @@ def test_text_to_image_chain(captioned, tmp_path, capsys):
     assert len(list((tmp_path / "s" / "samples").iterdir())) == 3
     capsys.readouterr()
     assert "pass --prompt" in fails(capsys, "sample", "--generator", gen, "--out", tmp_path / "t", "--device", "cpu")
+    err = fails(capsys, "sample", "--generator", gen, "--out", tmp_path / "t", "--prompt", "caf\udce9",
+                "--device", "cpu")
+    assert "--prompt 'caf\\udce9': not valid text (surrogates not allowed" in err  # a Latin-1 byte in argv
+    assert "has no classes: it is text-conditional, use --prompt" in fails(
+        capsys, "sample", "--generator", gen, "--out", tmp_path / "t", "--class", 0, "--prompt", "x", "--device", "cpu")
     run("train", "--tokens", folder, "--out", tmp_path / "plain", "--preset", "tiny", "--set", "steps=1",
         "--set", "batch_size=4", "--set", "text_dim=0", "--device", "cpu")
     capsys.readouterr()
@@ -118,6 +155,26 @@ def test_emoji_renderer(tmp_path):
     assert write_emoji_folder(tmp_path, 16, limit=5) == 5
     ds = ImageFolder(tmp_path, 16, 3)
     assert len(ds) == 5 and ds.captions[0] == found[min(found)] and all(ds.captions)
+
+
+def test_emoji_rerender_replaces_the_old_one_and_bad_arguments_are_one_line_errors(tmp_path):
+    import subprocess
+    import sys
+    from sundae.emoji import write_emoji_folder
+    out = tmp_path / "emoji"
+    assert write_emoji_folder(out, 8, limit=4) == 4
+    with pytest.raises(ValueError, match="is not empty"):
+        write_emoji_folder(out, 8, limit=2)
+    assert write_emoji_folder(out, 8, limit=2, overwrite=True) == 2
+    assert len(list(out.glob("*.png"))) == 2 and len(ImageFolder(out, 8, 3)) == 2  # no stale PNG of the first
+    (tmp_path / "junk.ttf").write_bytes(b"not a font")
+    script = [sys.executable, Path(__file__).parent.parent / "examples" / "render_emoji.py", "--out", tmp_path / "x"]
+    for extra, message in ((["--limit", "-1"], "limit must be >= 0"), (["--size", "0"], "size must be >= 1"),
+                           (["--font", tmp_path / "none.ttf"], "not found"),
+                           (["--font", tmp_path / "junk.ttf"], "is not a font file"),
+                           (["--out", out], "is not empty")):
+        done = subprocess.run(script + extra, capture_output=True, text=True)
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
 
 
 def test_emoji_quickstart_tiny(tmp_path, capsys):

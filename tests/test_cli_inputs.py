@@ -314,3 +314,45 @@ def test_argument_types_explain_themselves(capsys):
             parser.parse_args(argv)
         err = capsys.readouterr().err
         assert expected in err and "_pair" not in err and "_positive" not in err
+
+
+def test_failing_overwrite_keeps_the_earlier_outputs(models, picture, tmp_path, capsys):
+    """--overwrite deletes the earlier outputs only once the inputs are validated: a run that fails on its
+    arguments or inputs leaves the earlier run as it was."""
+    path, _ = picture
+    out = tmp_path / "s"
+    sample = ("sample", "--generator", models / "gen_uncond.pt", "--out", out, "--steps", 2, "--num", 2,
+              "--device", "cpu")
+    run(*sample)
+    before = sorted(p.name for p in (out / "samples").iterdir())
+    assert before == ["00000.png", "00001.png"] and (out / "grid.png").is_file()
+    assert "--prompt given" in fails(capsys, *sample, "--overwrite", "--prompt", "x")
+    assert "--class given" in fails(capsys, *sample, "--overwrite", "--class", "1")
+    gen = ("sample", "--generator", models / "gen.pt", "--out", out, "--steps", 2, "--device", "cpu", "--overwrite")
+    assert "--guidance-scale nan: expected finite" in fails(capsys, *gen, "--guidance-scale", "nan")
+    assert sorted(p.name for p in (out / "samples").iterdir()) == before and (out / "grid.png").is_file()
+    inpaint = ("inpaint", "--generator", models / "gen.pt", "--image", path, "--class", 0, "--num", 1, "--steps", 2,
+               "--out", out, "--device", "cpu")
+    run(*inpaint, "--mask", path)
+    capsys.readouterr()
+    assert (out / "figure.png").is_file() and (out / "completion_00.png").is_file()
+    fails(capsys, *inpaint, "--mask", tmp_path / "none.png", "--overwrite")  # the mask does not exist
+    assert (out / "figure.png").is_file() and (out / "completion_00.png").is_file()
+
+
+def test_guidance_scale_beyond_float32_names_the_flag(models, tmp_path, capsys):
+    err = fails(capsys, "sample", "--generator", models / "gen.pt", "--out", tmp_path, "--guidance-scale", "1,1e300",
+                "--device", "cpu")
+    assert "--guidance-scale 1,1e300: too large for the float32 logits" in err
+    assert "RuntimeError" not in err and not list(tmp_path.iterdir())
+
+
+def test_text_encoder_on_an_uncaptioned_folder_warns(models, image_folder, tmp_path, capsys):
+    run("tokenize", "--tokenizer", models / "tok_a.pt", "--data", image_folder, "--out", tmp_path / "t",
+        "--text-encoder", "all-MiniLM-L6-v2", "--device", "cpu")
+    err = capsys.readouterr().err
+    assert "warning: --text-encoder all-MiniLM-L6-v2 given, but" in err and "has no captions" in err
+    assert not (tmp_path / "t" / "captions.json").exists() and (tmp_path / "t" / "tokens.npy").is_file()
+    run("tokenize", "--tokenizer", models / "tok_a.pt", "--data", image_folder, "--out", tmp_path / "u",
+        "--device", "cpu")
+    assert "--text-encoder" not in capsys.readouterr().err  # the default is not "given"

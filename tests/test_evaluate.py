@@ -182,3 +182,47 @@ def test_evaluate_with_inception_weights_reports_inception_fid(pipeline, image_f
 def test_balanced_labels():
     labels = balanced_labels(25, 10)
     assert torch.bincount(labels).tolist() == [3] * 5 + [2] * 5
+
+
+def test_evaluate_checks_its_arguments_before_any_work(runs, image_folder, tmp_path, capsys, no_inception):
+    """Bad --guidance-scale, --num <= k, an unmeasurable setup: one-line errors before the classifier is
+    trained, and a failing --overwrite keeps the earlier results."""
+    gen, out = runs / "gen", tmp_path / "out"
+    base = ("evaluate", "--generator", gen, "--reference", image_folder, "--steps", 2, "--out", out)
+    for scale, expected in (("nan", "--guidance-scale nan: expected finite"),
+                            ("1e300", "--guidance-scale 1e300: too large for the float32 logits")):
+        assert expected in fails(capsys, *base, "--guidance-scale", scale, *SAMPLER)
+    assert "--num 3: precision/recall need more than --k 3" in fails(capsys, *base, *SAMPLER, "--num", 3)
+    err = fails(capsys, *base, *SAMPLER, "--inception", tmp_path)
+    assert f"--inception {tmp_path} is a directory, expected the .pth file ({INCEPTION_FILE})" in err
+    assert not out.exists()  # no classifier trained, nothing written
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in sorted(image_folder.rglob("*.png"))[:8]:
+        (flat / f"{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
+    err = fails(capsys, "evaluate", "--generator", gen, "--reference", flat, "--out", out, *SAMPLER)
+    assert "no sample metric can be measured" in err and "sub-folders" in err and str(no_inception) in err
+    run(*base, *SAMPLER)
+    result = (out / "evaluation.json").read_text()
+    capsys.readouterr()
+    assert "--guidance-scale" in fails(capsys, *base, *SAMPLER, "--overwrite", "--guidance-scale", "inf")
+    assert "is not a folder" in fails(capsys, *base[:4], tmp_path / "missing", *base[5:], *SAMPLER, "--overwrite")
+    assert (out / "evaluation.json").read_text() == result and (out / "samples.png").is_file()
+
+
+def test_image_folder_reference_limit_takes_a_seeded_subset_of_every_class(image_folder):
+    """The folder's files are sorted by class (12 circles, then 12 squares): the first 10 would all be
+    circles. The limited subsets are random (seeded, so the same every time) and count their classes."""
+    from sundae.evaluation import load_reference
+    ref = load_reference(str(image_folder), 32, 3, limit=10, classifier_limit=16)
+    counts = ref.info["class_counts"]
+    assert sum(counts) == 10 and min(counts) > 0 and counts == torch.bincount(ref.labels, minlength=2).tolist()
+    assert min(torch.bincount(ref.train_labels, minlength=2).tolist()) > 0 and len(ref.train_labels) == 16
+    assert ref.info["subset"] == "random, seed 0" and ref.info["available"] == 24
+    again = load_reference(str(image_folder), 32, 3, limit=10, classifier_limit=16)
+    assert torch.equal(again.images, ref.images) and torch.equal(again.labels, ref.labels)
+    whole = load_reference(str(image_folder), 32, 3)
+    assert whole.info["subset"] == "all" and whole.info["class_counts"] == [12, 12]
+    # Each kept image is one of the folder's, in file order.
+    rows = [int(torch.nonzero((whole.images == x).flatten(1).all(1))[0]) for x in ref.images]
+    assert rows == sorted(set(rows))

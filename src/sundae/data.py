@@ -251,9 +251,11 @@ class ImageFolder(Dataset):
                     continue
                 self.files.append((path, label))
         if self.skipped:
-            log.warning("skipped %d of %d files under %s (see above)", len(self.skipped), candidates, root)
+            log.warning("skipped %d of %d file%s under %s (see above)", len(self.skipped), candidates,
+                        "" if candidates == 1 else "s", root)
         if not self.files:
-            raise FileNotFoundError(f"no usable images found under {root} ({candidates} files, "
+            raise FileNotFoundError(f"no usable images found under {root} ({candidates} file"
+                                    f"{'' if candidates == 1 else 's'}, "
                                     f"{len(self.skipped)} skipped)")
         self.num_classes = len(self.classes)
         self.captions = read_captions(root, [path for path, _ in self.files])
@@ -286,17 +288,35 @@ def _caption_file(path: Path) -> bool:
 
 
 def _read_text(path: Path) -> str:
+    """A caption file's text, UTF-8 with or without a byte-order mark (dropped). Raises ValueError naming the
+    file and line for other bytes."""
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"caption file {path} is not UTF-8 text: {err.reason} at byte {err.start}") from None
+        line = data[:err.start].count(b"\n") + 1
+        raise ValueError(f"caption file {path} is not UTF-8 text: line {line}: {err.reason} "
+                         f"(byte {data[err.start]:#04x}; save it as UTF-8)") from None
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` unchanged when it is valid Unicode text (encodable as UTF-8: no unpaired surrogate, such as a
+    JSON "\\ud800" escape or an undecodable command-line byte); ValueError starting with `what` otherwise."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{what}: not valid text ({err.reason}, {text[err.start]!r} at character {err.start}; "
+                         f"captions and prompts must be UTF-8)") from None
+    return text
 
 
 def read_captions(root: str | Path, images: list[Path]) -> list[str] | None:
     """The caption of each of `images` (files under `root`), or None when the folder has no captions.
 
-    Sources: `root/metadata.jsonl`, one JSON object per line with string fields `file_name` (relative to
-    `root`, sub-folders allowed) and `text` (other fields are ignored; blank lines too), and `.txt` sidecars
+    Sources: `metadata.jsonl` files in `root` and in any folder below it (class sub-folders too, as in a
+    Hugging Face imagefolder), one JSON object per line with string fields `file_name` (relative to the
+    metadata file's folder, sub-folders allowed) and `text` (other fields are ignored; blank lines too; UTF-8,
+    a byte-order mark is dropped), and `.txt` sidecars
     (image `a.png`, caption `a.txt` beside it, UTF-8, surrounding whitespace stripped). An image without a
     caption gets "" (the empty caption is valid), with a warning counting them. Raises ValueError naming the
     file (and line) for invalid JSON, missing or non-string fields, a `file_name` outside `root` or listed
@@ -304,10 +324,11 @@ def read_captions(root: str | Path, images: list[Path]) -> list[str] | None:
     exist.
     """
     root = Path(root)
-    base = root.resolve()
     captions: dict[Path, str] = {}
-    meta = root / METADATA
-    if meta.is_file():
+    source: dict[Path, Path] = {}  # image -> the metadata file that captions it
+    metas = sorted(p for p in root.rglob(METADATA) if p.is_file())
+    for meta in metas:
+        base = meta.parent.resolve()
         for n, line in enumerate(_read_text(meta).splitlines(), 1):
             if not line.strip():
                 continue
@@ -319,23 +340,26 @@ def read_captions(root: str | Path, images: list[Path]) -> list[str] | None:
                     and isinstance(record.get("text"), str)):
                 raise ValueError(f"{meta} line {n}: expected an object with string fields \"file_name\" and "
                                  f"\"text\", got {line.strip()[:80]}")
-            path = (root / record["file_name"]).resolve()
+            path = (meta.parent / record["file_name"]).resolve()
             if base not in path.parents:
-                raise ValueError(f"{meta} line {n}: file_name {record['file_name']!r} is outside {root}")
+                raise ValueError(f"{meta} line {n}: file_name {record['file_name']!r} is outside {meta.parent}")
             if not path.is_file():
-                raise FileNotFoundError(f"{meta} line {n}: image {record['file_name']!r} does not exist in {root}")
+                raise FileNotFoundError(f"{meta} line {n}: image {record['file_name']!r} does not exist in "
+                                        f"{meta.parent}")
             if path in captions:
-                raise ValueError(f"{meta} line {n}: {record['file_name']!r} is listed twice")
-            captions[path] = record["text"]
+                where = "" if source[path] == meta else f" (also in {source[path]})"
+                raise ValueError(f"{meta} line {n}: {record['file_name']!r} is listed twice{where}")
+            captions[path] = check_text(record["text"], f"{meta} line {n}")
+            source[path] = meta
     sidecars = 0
     for image in images:
         txt = image.with_suffix(".txt")
         if txt.is_file():
             if image.resolve() in captions:
-                raise ValueError(f"{image} has a caption in {meta} and in {txt}: keep one of them")
+                raise ValueError(f"{image} has a caption in {source[image.resolve()]} and in {txt}: keep one of them")
             captions[image.resolve()] = _read_text(txt).strip()
             sidecars += 1
-    if not meta.is_file() and not sidecars:
+    if not metas and not sidecars:
         return None
     out = [captions.get(image.resolve()) for image in images]
     missing = [image for image, text in zip(images, out) if text is None]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import unicodedata
 from pathlib import Path
 
@@ -49,7 +50,11 @@ def _font(font_path: str | Path) -> ImageFont.FreeTypeFont:
     if not Path(font_path).is_file():
         raise FileNotFoundError(f"emoji font {font_path} not found: install it with `apt-get install "
                                 f"fonts-noto-color-emoji` (or pass the path of NotoColorEmoji.ttf)")
-    return ImageFont.truetype(str(font_path), size=BITMAP_SIZE, layout_engine=ImageFont.Layout.BASIC)
+    try:
+        return ImageFont.truetype(str(font_path), size=BITMAP_SIZE, layout_engine=ImageFont.Layout.BASIC)
+    except OSError as err:
+        raise ValueError(f"emoji font {font_path} is not a font file FreeType can read ({err}): pass the path of "
+                         f"NotoColorEmoji.ttf") from None
 
 
 def _draw(font: ImageFont.FreeTypeFont, char: str) -> Image.Image:
@@ -73,12 +78,33 @@ def render_emoji(char: str, size: int = 32, font_path: str | Path = FONT) -> Ima
     return canvas.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
 
 
-def write_emoji_folder(out: str | Path, size: int = 32, limit: int = 0, font_path: str | Path = FONT) -> int:
+def write_emoji_folder(out: str | Path, size: int = 32, limit: int = 0, font_path: str | Path = FONT,
+                       overwrite: bool = False) -> int:
     """Render the font's emoji into the captioned image folder `out` (`NNNN_<hex>.png` + metadata.jsonl,
     each written atomically); `limit` > 0 keeps every k-th emoji so that about `limit` remain (spread over
-    all blocks). Returns the number of images. Raises FileNotFoundError when the font is missing."""
+    all blocks). A non-empty `out` is refused unless `overwrite`, which first deletes an earlier render there
+    (its PNGs and metadata.jsonl; other files make it refuse still, as they would join the dataset). Returns
+    the number of images. Raises FileNotFoundError when the font is missing, ValueError for a file that is
+    not a font, `size` < 1, `limit` < 0 or a non-empty `out`."""
     out = Path(out)
+    if size < 1:
+        raise ValueError(f"size must be >= 1 pixel, got {size}")
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0 (0: all emoji), got {limit}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: expected a folder for the emoji")
     found = emoji_code_points(font_path)
+    old = sorted(out.iterdir()) if out.is_dir() else []
+    if old and not overwrite:
+        raise ValueError(f"{out} is not empty ({old[0].name}, ...): pass overwrite (--overwrite) to replace an "
+                         f"earlier render, or choose another folder")
+    ours = [p for p in old if p.name == METADATA or (p.suffix == ".png" and re.fullmatch(r"\d{4}_[0-9a-f]+", p.stem))]
+    others = [p for p in old if p not in ours]
+    if others:
+        raise ValueError(f"{out} holds files that are not an emoji render ({others[0].name}, ...): they would "
+                         f"join the dataset; choose another folder")
+    for path in ours:
+        path.unlink()
     if limit and limit < len(found):
         found = [found[round(i * len(found) / limit)] for i in range(limit)]
     lines = []

@@ -59,12 +59,20 @@ class Reference:
     classes: list[str] = field(default_factory=list)
 
 
+SUBSET_SEED = 0  # the seed of the random subset an image-folder reference keeps under a limit
+
+
 def _stack(dataset, limit: int) -> tuple[Tensor, Tensor]:
+    """All images of `dataset` and their labels, or `limit` of them: the first ones of an idx split (stored in
+    shuffled order), a seeded random subset of an image folder (whose files are sorted by class), in file
+    order."""
     n = min(limit, len(dataset)) if limit else len(dataset)
     if isinstance(dataset, D.IdxImages):
         x = dataset.images[:n]
         return (x if dataset.channels == 1 else x.repeat(1, dataset.channels, 1, 1)), dataset.labels[:n].clone()
-    items = [dataset[i] for i in range(n)]
+    rows = range(n) if n == len(dataset) else \
+        torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SUBSET_SEED))[:n].sort().values.tolist()
+    items = [dataset[i] for i in rows]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64)
 
 
@@ -74,8 +82,10 @@ def load_reference(spec: str, size: int, channels: int, limit: int = 0, classifi
     `sundae.data.FASHION_MNIST_DIR`, default test split), "DIR" or "DIR:train|test" for another idx folder,
     or an image folder (sub-folders = classes). Images at `size` x `size` pixels with `channels` channels by
     `sundae.data.open_images` (idx: zero-padded; image files: shorter side resized bicubic, centre crop).
-    `limit` keeps the first N reference images, `classifier_limit` the first N classifier training images
-    (0 = all). Raises ValueError / FileNotFoundError naming the spec.
+    `limit` keeps N reference images, `classifier_limit` N classifier training images (0 = all): the first N
+    of an idx split, a random subset (seed `SUBSET_SEED`) of an image folder, whose sorted files would
+    otherwise give the first classes only. `info["class_counts"]` counts the kept reference images per class.
+    Raises ValueError / FileNotFoundError naming the spec.
     """
     path_text, sep, split = spec.rpartition(":") if spec.rpartition(":")[2] in ("train", "test") else (spec, "", "")
     name = path_text if sep else spec
@@ -112,7 +122,11 @@ def load_reference(spec: str, size: int, channels: int, limit: int = 0, classifi
     num_classes = int(getattr(ds, "num_classes", 0))
     info = {"source": source, "path": str(root.resolve()), "split": split, "count": len(images),
             "available": len(ds), "num_classes": num_classes, "image_size": [size, size], "channels": channels,
-            "resizing": resizing, "classifier_trained_on": trained_on}
+            "resizing": resizing, "classifier_trained_on": trained_on,
+            "subset": "all" if len(images) == len(ds) else ("the first images of the split" if D.is_idx_dataset(root)
+                                                            else f"random, seed {SUBSET_SEED}")}
+    if num_classes:
+        info["class_counts"] = torch.bincount(labels, minlength=num_classes).tolist()
     return Reference(images, labels, num_classes, info, train_images, train_labels, classes)
 
 
@@ -146,7 +160,8 @@ def load_or_train_classifier(path: Path, ref: Reference, epochs: int, seed: int,
         model = train_classifier(ref.train_images, ref.train_labels, ref.num_classes, epochs, batch_size, seed=seed,
                                  progress=progress)
         record = {"epochs": epochs, "seed": seed, "batch_size": batch_size, "train_images": len(ref.train_images),
-                  "trained_on": ref.info["classifier_trained_on"], "seconds": time.time() - t}
+                  "trained_on": ref.info["classifier_trained_on"], "seconds": time.time() - t,
+                  "class_counts": torch.bincount(ref.train_labels, minlength=ref.num_classes).tolist()}
         payload = {"format": CLASSIFIER_FORMAT, "data": key, "record": record, "model": model.state_dict()}
         D.atomic_write(path, lambda tmp: torch.save(payload, tmp))
         record = {**record, "path": str(path), "loaded": False}

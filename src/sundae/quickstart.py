@@ -234,7 +234,7 @@ def quickstart_emoji(cfg: EmojiQuickstartConfig, out: str | Path, device: torch.
     torch.manual_seed(cfg.seed)
     folder = out / "emoji"
     t = time.time()
-    count = write_emoji_folder(folder, cfg.vqgan.resolution, cfg.limit, font or FONT)
+    count = write_emoji_folder(folder, cfg.vqgan.resolution, cfg.limit, font or FONT, overwrite=True)
     images = D.ImageFolder(folder, cfg.vqgan.resolution, cfg.vqgan.in_channels)
     seconds["render"] = time.time() - t
 

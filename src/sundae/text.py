@@ -76,10 +76,17 @@ class TextEncoder:
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Captions -> (features `b n d` float32, zero at padding, mask `b n` bool, pooled `b d` float32,
-        unit L2 norm). Raises TypeError for a non-string caption."""
+        unit L2 norm). Raises TypeError for a non-string caption, ValueError for one that is not valid Unicode
+        text (an unpaired surrogate: the tokenizer would fail with a cryptic TypeError)."""
         bad = [t for t in texts if not isinstance(t, str)]
         if bad:
             raise TypeError(f"captions must be strings, got {type(bad[0]).__name__}")
+        for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"caption {i} ({text!r}) is not valid text: {err.reason} (captions must be "
+                                 f"UTF-8)") from None
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
         mask = batch["attention_mask"].bool()
