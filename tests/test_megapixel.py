@@ -69,6 +69,11 @@ def test_benchmark_scripts_run_and_write_their_json(tmp_path):
     assert (tmp_path / "images" / "tiny_random_sample.png").is_file()
     rows = _script(tmp_path, "hourglass_vs_flat", "--preset", "tiny", "--grids", "4,8", "--repeats", "1",
                    "--device", "cpu")
-    assert [r["grid"] for r in rows] == ["4x4", "8x8"]
+    # Default shorten factors 2 and 4: one row per grid and factor (4x4 patches need a grid divisible by 4).
+    assert [(r["grid"], r["shorten_factor"]) for r in rows] == [("4x4", 2), ("4x4", 4), ("8x8", 2), ("8x8", 4)]
     for r in rows:
         assert r["speedup"] == r["flat_seconds"] / r["hourglass_seconds"] and r["flops_ratio"] > 0
+        assert r["train_speedup"] == r["flat_train_seconds"] / r["hourglass_train_seconds"]
+        assert r["train_memory_ratio"] == r["flat_train_peak_bytes"] / max(r["hourglass_train_peak_bytes"], 1)
+    # Coarser patches leave fewer tokens in the valley: fewer FLOPs, at the same grid.
+    assert rows[1]["hourglass_gflops"] < rows[0]["hourglass_gflops"] and rows[3]["hourglass_gflops"] < rows[2]["hourglass_gflops"]
