@@ -8,6 +8,17 @@ from PIL import Image, ImageDraw
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (modules opt in with `pytestmark`). Tiny models gain nothing from
+    threads, and on a shared 2-core machine spinning OpenMP threads make them far slower; one thread also
+    matches torchrun subprocesses (OMP_NUM_THREADS=1) bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     """24 real PNG files, 32x32 RGB, in two class sub-folders (circles and squares of varying colour)."""

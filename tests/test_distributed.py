@@ -29,14 +29,7 @@ TINY = dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], batch_size=4, log_ev
 SETS = ["--set", "batch_size=4", "--set", "log_every=10", "--set", "save_every=10", "--set", "sample_every=10000"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine spinning OpenMP threads make
-    them ~40x slower; one thread also matches the torchrun subprocesses (OMP_NUM_THREADS=1) bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
 
 def _env() -> dict[str, str]:

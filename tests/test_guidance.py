@@ -15,13 +15,7 @@ from sundae.sundae import condition_dropout, guidance_scales, guided_logits_fn, 
 from sundae.train import GENERATOR_TRAIN_PRESETS, train_generator
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine spinning threads slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
 
 @pytest.fixture(scope="module")

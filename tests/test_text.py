@@ -13,12 +13,7 @@ from sundae.text import TextEncoder
 CFG = dataclasses.replace(HG["tiny"], num_classes=0, text_dim=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
 
 @pytest.fixture(scope="module")
