@@ -48,6 +48,8 @@ def test_schedule_moves_linearly_over_the_steps(net):
     assert guidance_scales(2.0, 3) == [2.0, 2.0, 2.0]
     with pytest.raises(ValueError, match="finite"):
         guidance_scales(float("nan"), 3)
+    with pytest.raises(ValueError, match="float32"):  # finite in Python, an overflow in the logits
+        guidance_scales((1.0, 1e300), 3)
     seen = []
 
     def conditioned(x, r, d):  # cond rows give 1, null rows 0: the guided logits are the scale itself

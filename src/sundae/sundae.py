@@ -225,10 +225,12 @@ def condition_dropout(batch: int, p: float, device: torch.device | str, generato
 
 def guidance_scales(scale: GuidanceScale, steps: int) -> list[float]:
     """The guidance scale of each of `steps` sampling steps: a constant, or linear from start to end.
-    Raises ValueError for a non-finite scale or steps < 1."""
+    Raises ValueError for a non-finite scale, one beyond the float32 range of the logits, or steps < 1."""
     start, end = (scale, scale) if isinstance(scale, (int, float)) else scale
     if not all(abs(s) < float("inf") for s in (start, end)):  # also rejects NaN
         raise ValueError(f"guidance scale must be finite, got {scale}")
+    if any(abs(s) > torch.finfo(torch.float32).max for s in (start, end)):
+        raise ValueError(f"guidance scale {scale} is too large for the float32 logits")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return linear_schedule(start, end, steps).tolist()
