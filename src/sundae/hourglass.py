@@ -218,11 +218,34 @@ class Hourglass(nn.Module):
     def upsample_grid(self, z: Tensor, residual: Tensor, valid: Tensor | None = None) -> Tensor:
         """`b h/p1 w/p2 d` valley + `b h w d` residual -> `b h w d`: split each token back into its patch,
         add the residual, then attention among the tokens of that patch (real ones only, by `valid`)."""
+        return self._upsample_grid(z, [residual], valid)
+
+    def _upsample_grid(self, z: Tensor, residual: list[Tensor], valid: Tensor | None) -> Tensor:
+        """`upsample_grid`, taking the one residual out of `residual` so that nothing outside holds it: it is
+        freed once added, as is the valley output `z` once upsampled, and the pre-attention patches once the
+        attention output is added. Without grad this keeps no more full-resolution tensors alive than a flat
+        block's MLP does, so the hourglass's peak inference memory is not above a flat transformer's. The up
+        `ResampleBlock` is run step by step for that: called as a module, its arguments (the pre-attention
+        patches) would stay alive until it returns."""
         p1, p2 = self.cfg.patch
+        b, h = z.shape[:2]
         u = rearrange(self.upsample(z), "b h w (k d) -> (b h w) k d", k=p1 * p2)
-        u = u + rearrange(residual, "b (h p1) (w p2) d -> (b h w) (p1 p2) d", p1=p1, p2=p2)
-        u = self.up_resample(u, u, self._key_mask(self._patch_valid(valid, z.shape[0])))
-        return rearrange(u, "(b h w) (p1 p2) d -> b (h p1) (w p2) d", b=z.shape[0], h=z.shape[1], p1=p1)
+        del z  # forward passes the valley output as a temporary, so this frees it
+        u = u + rearrange(residual.pop(), "b (h p1) (w p2) d -> (b h w) (p1 p2) d", p1=p1, p2=p2)
+        block, mask = self.up_resample, self._key_mask(self._patch_valid(valid, b))
+        u = u + block.attn(block.norm_q(u), block.norm_kv(u), mask=mask)
+        u = u + block.mlp(block.norm2(u))
+        return rearrange(u, "(b h w) (p1 p2) d -> b (h p1) (w p2) d", b=b, h=h, p1=p1)
+
+    def _valley(self, x: Tensor, valid: Tensor | None, angles: Tensor, mask: Tensor | None,
+                context: Tensor | None) -> Tensor:
+        """`b h w d` -> `b h/p1 w/p2 d`: the shortening, then the valley blocks at the coarse resolution."""
+        z = self.shorten_grid(x, valid)
+        height = z.shape[1]
+        z = rearrange(z, "b h w d -> b (h w) d")
+        for block in self.valley:
+            z = block(z, angles, mask, context)
+        return rearrange(z, "b (h w) d -> b h w d", h=height)
 
     def forward(self, tokens: Tensor, labels: Tensor | None = None, grid: tuple[int, int] | None = None,
                 drop: Tensor | None = None, text: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
@@ -276,11 +299,9 @@ class Hourglass(nn.Module):
         x = rearrange(x, "b h w d -> b (h w) d")
         for block in self.pre:
             x = block(x, fine, fine_mask, context)
-        residual = rearrange(x, "b (h w) d -> b h w d", h=height)
-        z = rearrange(self.shorten_grid(residual, valid), "b h w d -> b (h w) d")
-        for block in self.valley:
-            z = block(z, coarse, coarse_mask, context)
-        x = self.upsample_grid(rearrange(z, "b (h w) d -> b h w d", h=height // p1), residual, valid)
+        residual = [rearrange(x, "b (h w) d -> b h w d", h=height)]  # handed over to _upsample_grid
+        del x
+        x = self._upsample_grid(self._valley(residual[0], valid, coarse, coarse_mask, context), residual, valid)
         x = rearrange(x, "b h w d -> b (h w) d")
         for block in self.post:
             x = block(x, fine, fine_mask, context)
