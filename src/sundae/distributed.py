@@ -7,6 +7,7 @@ I/O and owns the progress bar. Gradients are synchronised by DDP or FSDP2 (`full
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -63,8 +64,16 @@ def setup(device: str | torch.device = "cpu") -> Dist:
 
 
 def teardown() -> None:
-    """Leave the process group (if any), so every rank exits cleanly."""
+    """Leave the process group (if any), so every rank exits cleanly.
+
+    Cyclic garbage (DDP reducers, FSDP state and autograd graphs that hold the group) is collected first,
+    while the interpreter is fully alive, so that destroying the group really frees it. Otherwise the last
+    references can die during interpreter shutdown, where freeing them from gloo's C++ threads aborts the
+    process ("terminate called without an active exception", exit -6) after a run that otherwise succeeded.
+    No barrier: a rank that failed must not wait for ranks that are still in a collective.
+    """
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
