@@ -27,6 +27,8 @@ from sundae.vqgan import PRESETS as VQGAN_PRESETS  # noqa: E402
 from sundae.vqgan import VQGAN  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 V = 64  # the tiny presets' codebook
 
 
