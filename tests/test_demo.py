@@ -1,6 +1,8 @@
 """`sundae demo`: the live sampler iterator, the page's input checks, and the app itself driven in headless
-Chromium (Debian's `chromium`; skipped where it is absent) on random-weight tiny networks."""
+Chromium (Debian's `chromium`; skipped where it is absent) on random-weight tiny networks: class-conditional,
+unconditional, and text-conditional with the real default text encoder (all-MiniLM-L6-v2, loaded offline)."""
 
+import contextlib
 import dataclasses
 import io
 import socket
@@ -19,15 +21,20 @@ gr = pytest.importorskip("gradio")
 from sundae import data as D  # noqa: E402
 from sundae import demo  # noqa: E402  (after the skip: gradio is the optional `demo` extra)
 from sundae.checkpoint import save_checkpoint  # noqa: E402
-from sundae.cli import main  # noqa: E402
+from sundae.cli import class_logits_fn, inpaint_images, main  # noqa: E402
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS  # noqa: E402
 from sundae.hourglass import Hourglass  # noqa: E402
 from sundae.sundae import sample  # noqa: E402
+from sundae.text import DEFAULT as MINILM  # noqa: E402
+from sundae.text import load_text_encoder  # noqa: E402
 from sundae.vqgan import PRESETS as VQGAN_PRESETS  # noqa: E402
 from sundae.vqgan import VQGAN  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 V = 64  # the tiny presets' codebook
+TEXT_META = {"grid": [8, 8], "text_encoder": MINILM}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +42,24 @@ def nets():
     """Random-weight tiny generator (10 classes, 64 codes) and tokenizer (RGB, f=4): 8x8 tokens, 32x32 px."""
     torch.manual_seed(0)
     return Hourglass(HOURGLASS_PRESETS["tiny"]).eval(), VQGAN(VQGAN_PRESETS["tiny"]).eval()
+
+
+@pytest.fixture(scope="module")
+def text_net():
+    """Random-weight tiny text-conditional generator (no classes) for all-MiniLM-L6-v2's 384-wide features,
+    its text projections drawn large so that the prompt visibly steers the samples."""
+    torch.manual_seed(1)
+    net = Hourglass(dataclasses.replace(HOURGLASS_PRESETS["tiny"], num_classes=0, text_dim=384)).eval()
+    with torch.no_grad():
+        for p in net.text_embedding.parameters():
+            p.normal_(0, 1.0)
+    return net
+
+
+def _decoded_grid(tokenizer, z):
+    """Tokens `b h w` -> the grid the demo shows: decoded, ceil(sqrt(b)) per row (sundae.data's grid)."""
+    with torch.inference_mode():
+        return np.asarray(D.tensor_to_image(D.make_grid(tokenizer.decode(z), nrow=int(np.ceil(np.sqrt(len(z)))))))
 
 
 # ---- the live sampler --------------------------------------------------------------------------------
@@ -125,8 +150,9 @@ def test_editor_value_to_image_and_mask():
 def test_generate_action_yields_previews_then_the_samplers_grid(nets):
     net, tokenizer = nets
     actions = demo.Actions(net, tokenizer, {"grid": [8, 8]}, max_samples=8)
-    # class "all", 5 samples, redraw every 4 steps, T = 12, min steps 10, seed 3, tau 0.8, p 0.5
-    seen = list(actions.generate(demo.ALL_CLASSES, 5, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
+    # class "all", guidance 1 (none), 5 samples, redraw every 4 steps, T = 12, min steps 10, seed 3, tau 0.8,
+    # p 0.5
+    seen = list(actions.generate(demo.ALL_CLASSES, 1, 5, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
     assert [text.split(":")[0] for _, text in seen] == ["Step 0 of 12", "Step 4 of 12", "Step 8 of 12", "Done"]
     labels = torch.arange(5)  # "all" cycles through the classes
     with torch.inference_mode():
@@ -137,9 +163,27 @@ def test_generate_action_yields_previews_then_the_samplers_grid(nets):
     assert grid.size == (2 + 3 * 34, 2 + 2 * 34) and np.array_equal(np.asarray(grid), np.asarray(expected))
     assert text.endswith(": " + ", ".join(str(t) for t in taken.tolist()))
     with pytest.raises(gr.Error, match="outside the trained classes 0..9"):
-        list(actions.generate(12, 5, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
+        list(actions.generate(12, 1, 5, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
     with pytest.raises(gr.Error, match="Number of samples must be 1..8"):
-        list(actions.generate(0, 9, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
+        list(actions.generate(0, 1, 9, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
+
+
+def _elem_ids(app: gr.Blocks) -> set[str]:
+    return {block.elem_id for block in app.blocks.values() if block.elem_id}
+
+
+def test_each_generator_gets_its_own_conditioning_inputs(nets, text_net):
+    """Classes: a class box and a guidance scale; text: a prompt box and a guidance scale; unconditional:
+    neither (there is no condition to guide by), in both tabs."""
+    unconditional = Hourglass(dataclasses.replace(HOURGLASS_PRESETS["tiny"], num_classes=0)).eval()
+    cases = ((nets[0], {"grid": [8, 8]}, {"class", "guidance"}),
+             (text_net, TEXT_META, {"prompt", "guidance"}),
+             (unconditional, {"grid": [8, 8]}, set()))
+    for net, meta, inputs in cases:
+        ids = _elem_ids(demo.build_app(net, nets[1], meta))
+        assert {"gen-run", "inp-run"} <= ids
+        for tab in ("gen", "inp"):
+            assert {name for name in ("class", "prompt", "guidance") if f"{tab}-{name}" in ids} == inputs, (tab, ids)
 
 
 def test_unconditional_generator_needs_no_class(nets):
@@ -178,9 +222,9 @@ def test_inpaint_action_regenerates_exactly_the_painted_cells(nets):
     background = Image.fromarray(pixels).convert("RGBA")
     layer = Image.new("RGBA", (32, 32))
     layer.paste((255, 0, 255, 150), (10, 10, 14, 14))  # pixels 10..13: token cells 2..3 (f = 4)
-    # class 0, 3 completions, no growing, T = 6, min steps 2, seed 0, tau 1.0, p 0.9
-    cells, completions, text = actions.inpaint({"background": background, "layers": [layer]}, 0, 3, 0, 6, 2, 0,
-                                               1.0, 1.0, 0.9, 0.9)
+    # class 0, guidance 1, 3 completions, no growing, T = 6, min steps 2, seed 0, tau 1.0, p 0.9
+    cells, completions, text = actions.inpaint({"background": background, "layers": [layer]}, 0, 1, 3, 0, 6, 2,
+                                               0, 1.0, 1.0, 0.9, 0.9)
     regenerated = np.zeros((32, 32), dtype=bool)
     regenerated[8:16, 8:16] = True
     shown = np.asarray(cells)
@@ -190,12 +234,101 @@ def test_inpaint_action_regenerates_exactly_the_painted_cells(nets):
         assert out.shape == (32, 32, 3) and (out[~regenerated] == pixels[~regenerated]).all()
     assert (np.asarray(completions[0])[regenerated] != np.asarray(completions[1])[regenerated]).any()
     # Grown by one cell: cells 1..4, pixels 4..19.
-    cells, completions, text = actions.inpaint({"background": background, "layers": [layer]}, 0, 1, 1, 6, 2, 0,
-                                               1.0, 1.0, 0.9, 0.9)
+    cells, completions, text = actions.inpaint({"background": background, "layers": [layer]}, 0, 1, 1, 1, 6, 2,
+                                               0, 1.0, 1.0, 0.9, 0.9)
     regenerated[:] = False
     regenerated[4:20, 4:20] = True
     assert (np.asarray(cells)[regenerated] == demo.REGENERATED).all() and "16 of 64 token cells" in text
     assert (np.asarray(completions[0])[~regenerated] == pixels[~regenerated]).all()
+
+
+# ---- text prompts and classifier-free guidance ------------------------------------------------------
+
+def test_condition_values_prompts_per_line_and_guidance_checks(nets, text_net):
+    cpu = torch.device("cpu")
+    labels, prompts, scale = demo._condition(text_net, ["red apple\n\nrocket", 2.5], 4, 10, cpu)
+    assert labels is None and prompts == ("red apple", "", "rocket") and scale == 2.5  # a blank line: ""
+    assert demo._condition(text_net, ["", 1], 4, 10, cpu)[1:] == (("",), 1.0)  # an empty box: the empty caption
+    assert demo._condition(text_net, [None, 1], 4, 10, cpu)[1] == ("",)
+    # Any finite scale, as `sundae sample --guidance-scale` takes it: 0 is unconditional, below 0 pushes away.
+    assert demo._condition(text_net, ["x", -1.5], 4, 10, cpu)[2] == -1.5
+    labels, prompts, scale = demo._condition(nets[0], [3, 4.0], 2, 10, cpu)
+    assert labels.tolist() == [3, 3] and prompts is None and scale == 4.0
+    for value, message in ((None, "Guidance scale is empty"), (float("inf"), "Guidance scale must be finite"),
+                           (float("nan"), "Guidance scale must be finite"), (1e39, "too large for the float32")):
+        with pytest.raises(gr.Error, match=message):
+            demo._condition(nets[0], [3, value], 2, 10, cpu)
+    with pytest.raises(gr.Error, match=r"Prompt line 2: not valid text \(surrogates not allowed"):
+        demo._condition(text_net, ["fine\ncaf\udce9", 1], 2, 10, cpu)
+
+
+def test_generate_with_prompts_samples_the_network_on_their_encoding(nets, text_net):
+    """The page's prompts (one per line, cycled over the samples) reach the network as the encoder's features
+    of each sample's prompt: the grid equals the sampler's over the network given those features directly.
+    Guidance 1 is that same conditional sampling; guidance 3 is the library's guided sampling and differs."""
+    tokenizer = nets[1]
+    actions = demo.Actions(text_net, tokenizer, TEXT_META)
+    encoder = load_text_encoder(MINILM, "cpu")
+    text = encoder.encode(["red apple", "rocket", "red apple"])  # 2 prompts cycled over 3 samples
+    kwargs = dict(steps=6, min_steps=6, temperature=(0.8, 0.8), update_proportion=(0.5, 0.5))
+
+    def page(prompt, scale):  # 3 samples, redraw every 10 steps, T = 6, min steps 6, seed 5, tau 0.8, p 0.5
+        *_, (grid, status) = actions.generate(prompt, scale, 3, 10, 6, 6, 5, 0.8, 0.8, 0.5, 0.5)
+        assert status.startswith("Done: 3 samples")
+        return np.asarray(grid)
+
+    with torch.inference_mode():
+        z, _ = sample(lambda z, rows: text_net(z, text=tuple(t[rows] for t in text)), (3, 8, 8), V,
+                      generator=torch.Generator().manual_seed(5), **kwargs)
+        guided, _ = sample(class_logits_fn(text_net, None, guidance_scale=3.0, steps=6, text=text), (3, 8, 8), V,
+                           generator=torch.Generator().manual_seed(5), **kwargs)
+    plain = page("red apple\nrocket", 1)
+    assert np.array_equal(plain, _decoded_grid(tokenizer, z))
+    assert not torch.equal(guided, z)
+    assert np.array_equal(page("red apple\nrocket", 3), _decoded_grid(tokenizer, guided))
+    assert not np.array_equal(page("a blue car", 1), plain)  # another prompt, the same seed: other samples
+    assert not np.array_equal(page("", 1), plain)  # the empty caption is valid, and a condition of its own
+
+
+def test_inpaint_with_a_prompt_and_guidance(nets, text_net):
+    """Inpainting takes the prompts and the scale too: the completions are `inpaint_images`' for the prompt's
+    features and that scale, the unpainted cells are the input's, and guidance changes the painted ones."""
+    tokenizer = nets[1]
+    actions = demo.Actions(text_net, tokenizer, TEXT_META)
+    pixels = np.random.default_rng(2).integers(0, 200, (32, 32, 3), dtype=np.uint8)
+    layer = Image.new("RGBA", (32, 32))
+    layer.paste((255, 0, 255, 150), (0, 0, 16, 32))  # the left half: token columns 0..3
+    editor = {"background": Image.fromarray(pixels).convert("RGBA"), "layers": [layer]}
+
+    def completions(scale):  # prompt, scale, 2 completions, no growing, T = 5, min steps 5, seed 1, tau 1, p 0.8
+        _, images, text = actions.inpaint(editor, "rocket", scale, 2, 0, 5, 5, 1, 1.0, 1.0, 0.8, 0.8)
+        assert "32 of 64 token cells" in text
+        return np.stack([np.asarray(image) for image in images])
+
+    guided = completions(3.0)
+    image, mask = demo._editor_image_and_mask(editor, 3, 32 * 32)
+    with torch.inference_mode():
+        expected, *_ = inpaint_images(text_net, tokenizer, image, mask, 2, None, torch.Generator().manual_seed(1),
+                                      guidance_scale=3.0, text=load_text_encoder(MINILM, "cpu").encode(["rocket"] * 2),
+                                      steps=5, min_steps=5, temperature=(1.0, 1.0), update_proportion=(0.8, 0.8))
+    assert np.array_equal(guided, np.stack([np.asarray(D.tensor_to_image(x)) for x in expected]))
+    assert (guided[:, :, 16:] == pixels[:, 16:]).all()
+    assert not np.array_equal(completions(1.0)[:, :, :16], guided[:, :, :16])
+
+
+def test_text_encoder_problems_are_one_line_errors_at_start(nets, tmp_path):
+    """A text generator whose checkpoint names no encoder, or one that cannot load or gives features of another
+    width, is refused when the app is built (before any click), with a one-line ValueError."""
+    net12 = Hourglass(dataclasses.replace(HOURGLASS_PRESETS["tiny"], num_classes=0, text_dim=12)).eval()
+    for meta, message in (({"grid": [8, 8]}, "names no text encoder in its checkpoint"),
+                          ({"grid": [8, 8], "text_encoder": str(tmp_path / "gone")},
+                           f"cannot load the generator's text encoder {tmp_path / 'gone'}: text encoder folder "
+                           f"{tmp_path / 'gone'} does not exist"),
+                          (TEXT_META, "text encoder all-MiniLM-L6-v2 gives 384-wide features, the generator "
+                           "expects text_dim 12")):
+        with pytest.raises(ValueError, match=message) as err:
+            demo.build_app(net12, nets[1], meta)
+        assert len(str(err.value).splitlines()) == 1
 
 
 # ---- the verb ----------------------------------------------------------------------------------------
@@ -225,34 +358,69 @@ def test_demo_verb_loads_a_quickstart_folder(nets, tmp_path, monkeypatch, capsys
     assert "http://127.0.0.1:7999" in capsys.readouterr().out
 
 
+def test_demo_verb_serves_a_text_conditional_generator(nets, text_net, tmp_path, monkeypatch, capsys):
+    tokenizer = nets[1]
+    save_checkpoint(tmp_path / "tok.pt", "tokenizer", tokenizer.cfg, tokenizer)
+    save_checkpoint(tmp_path / "gen.pt", "generator", text_net.cfg, text_net,
+                    meta={**TEXT_META, "tokenizer": str(tmp_path / "tok.pt")})
+    served = {}
+    monkeypatch.setattr(demo, "serve", lambda app, *args: served.update(app=app))
+    main(["demo", "--generator", str(tmp_path / "gen.pt"), "--device", "cpu"])
+    assert {"gen-prompt", "gen-guidance", "inp-prompt", "inp-guidance"} <= _elem_ids(served["app"])
+    capsys.readouterr()
+    # A text generator that names no encoder: one line at start, not a page that fails at the first click.
+    save_checkpoint(tmp_path / "bare.pt", "generator", text_net.cfg, text_net,
+                    meta={"grid": [8, 8], "tokenizer": str(tmp_path / "tok.pt")})
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--generator", str(tmp_path / "bare.pt"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "names no text encoder" in err, err
+
+
 # ---- the page in headless Chromium -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def page(nets):
-    """The app on a free localhost port, open in headless Chromium."""
+def browser():
+    """Headless Chromium, shared by the module's pages."""
     if not CHROMIUM.is_file():
         pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        yield browser
+        browser.close()
+
+
+@contextlib.contextmanager
+def _opened(browser, app: gr.Blocks, max_pixels: int):
+    """`app` served on a free localhost port and open in a new page of `browser`; closed afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = demo.serve(app, "127.0.0.1", port, max_upload_bytes=demo.upload_limit(max_pixels), block=False)
+    outside = []  # requests to other hosts (blob: and data: URLs are the page's own)
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    page.on("request", lambda r: outside.append(r.url) if r.url.startswith(("http:", "https:", "ws:", "wss:"))
+            and not r.url.startswith(url.rstrip("/")) else None)
+    try:
+        page.goto(url)
+        page.wait_for_selector("#gen-run")
+        yield page
+    finally:
+        page.close()
+        app.close()
+    assert outside == []  # the page loads nothing from outside this machine
+
+
+@pytest.fixture(scope="module")
+def page(browser, nets):
+    """The class-conditional app, open in headless Chromium."""
     net, tokenizer = nets
     names = [f"class{i}" for i in range(10)]
     app = demo.build_app(net, tokenizer, {"grid": [8, 8], "class_names": names}, "cpu", max_pixels=64 * 64,
                          max_samples=16)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = demo.serve(app, "127.0.0.1", port, max_upload_bytes=demo.upload_limit(64 * 64), block=False)
-    outside = []  # requests to other hosts (blob: and data: URLs are the page's own)
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.on("request", lambda r: outside.append(r.url) if r.url.startswith(("http:", "https:", "ws:", "wss:"))
-                and not r.url.startswith(url.rstrip("/")) else None)
-        page.goto(url)
-        page.wait_for_selector("#gen-run")
+    with _opened(browser, app, 64 * 64) as page:
         yield page
-        browser.close()
-    app.close()
-    assert outside == []  # the page loads nothing from outside this machine
 
 
 def _set(page, elem_id: str, value) -> None:
@@ -344,3 +512,26 @@ def test_inpaint_without_an_image_says_so_in_the_page(page):
     page.click("#inp-run")
     page.get_by_text("Upload an image first").wait_for(timeout=10_000)
     assert "Traceback" not in page.content()
+
+
+def test_a_typed_prompt_and_guidance_scale_reach_the_sampler(browser, nets, text_net):
+    """On a text-conditional generator's page: two prompts typed on two lines, guidance 3; the grid served is
+    the one `Actions.generate` gives for those values (the page's defaults for the rest)."""
+    tokenizer = nets[1]
+    with _opened(browser, demo.build_app(text_net, tokenizer, TEXT_META, "cpu", max_samples=8), 64 * 64) as page:
+        assert page.locator("#gen-class").count() == 0
+        page.locator("#gen-prompt textarea").fill("red apple\nrocket")
+        _set(page, "gen-guidance", 3)
+        _set(page, "gen-num", 3)
+        _set(page, "gen-steps", 6)
+        page.click("#gen-run")
+        page.wait_for_function("document.querySelector('#gen-status').innerText.startsWith('Done')",
+                               timeout=30_000)
+        (grid,) = _fetch(page, "#grid img")
+    # prompts, guidance 3, 3 samples, redraw every 5, T = 6, min steps 10, seed 0, tau 0.8, p 0.5 (defaults)
+    *_, (expected, _) = demo.Actions(text_net, tokenizer, TEXT_META).generate("red apple\nrocket", 3, 3, 5, 6, 10,
+                                                                              0, 0.8, 0.8, 0.5, 0.5)
+    assert grid.shape == (2 + 2 * 34, 2 + 2 * 34, 3) and np.array_equal(grid, np.asarray(expected))
+    *_, (unguided, _) = demo.Actions(text_net, tokenizer, TEXT_META).generate("red apple\nrocket", 1, 3, 5, 6, 10,
+                                                                              0, 0.8, 0.8, 0.5, 0.5)
+    assert not np.array_equal(grid, np.asarray(unguided))  # the scale typed in the page was used

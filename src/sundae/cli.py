@@ -691,9 +691,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
     except ImportError as err:
         raise UsageError(f"the demo needs gradio ({err}): pip install -e \".[demo]\"") from None
     net, meta, tokenizer = _load_pair(args, args.device)
-    if net.cfg.text_dim:
-        raise UsageError(f"{args.generator} is text-conditional and the demo takes no prompts yet: use "
-                         f"`sundae sample --prompt TEXT`")
     app = build_app(net, tokenizer, meta, args.device, max_pixels=args.max_pixels)
     print(f"starting the SUNDAE demo on http://{args.host}:{args.port}" + (" and a public share link" if args.share
                                                                            else "") + "; Ctrl-C stops it")

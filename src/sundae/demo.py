@@ -11,8 +11,10 @@ current tokens `z` (`b' h w`) and the rows still in the batch at every step. Bad
 the page (`gr.Error`), never a traceback. Gradio is an optional dependency (`pip install -e ".[demo]"`);
 analytics are off and the page loads nothing from outside the machine.
 
-Conditioning: class labels when the generator has classes. A text prompt (issue 7) belongs beside the class
-box in `_condition_controls`/`_labels_for`; guidance scale is left out until the library has guidance.
+Conditioning (`_condition_controls`, read back by `_condition`): a class box when the generator has classes,
+a prompt box when it is text-conditional (one prompt per line, cycled over the samples, like `sundae sample
+--prompt` repeated; encoded by the text encoder named in the checkpoint, loaded once when the app is built),
+and for either a classifier-free guidance scale (Ho & Salimans 2022; `sundae.cli.class_logits_fn`, 1 = none).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ import torch
 from PIL import Image
 
 from sundae import data as D
-from sundae.cli import class_logits_fn, inpaint_images
+from sundae.cli import class_logits_fn, encode_prompts, inpaint_images
 from sundae.hourglass import Hourglass
-from sundae.sundae import check_schedule, sample
+from sundae.sundae import check_schedule, guidance_scales, sample
+from sundae.text import load_text_encoder
 from sundae.vqgan import VQGAN
 
 ALL_CLASSES = -1  # the Generate tab's "cycle through all classes" choice
@@ -162,18 +165,59 @@ def _class_names(net: Hourglass, meta: dict[str, Any]) -> list[str]:
 
 def _condition_controls(net: Hourglass, meta: dict[str, Any], cycle: bool,
                         prefix: str) -> list[gr.components.Component]:
-    """The conditioning inputs of a tab: a class box for a class-conditional generator, else nothing.
-    `cycle` adds the choice "all classes, cycled over the samples"."""
-    if not net.cfg.num_classes:
-        return []
-    choices = [(name, i) for i, name in enumerate(_class_names(net, meta))]
-    if cycle:
-        choices = [("all, cycled over the samples", ALL_CLASSES)] + choices
-    return [gr.Dropdown(choices, value=choices[0][1], label="Class", elem_id=f"{prefix}-class")]
+    """The conditioning inputs of a tab, in this order: a class box for a class-conditional generator (`cycle`
+    adds the choice "all classes, cycled over the samples"), a prompt box for a text-conditional one, and a
+    guidance scale for either; nothing for an unconditional generator."""
+    controls = []
+    if net.cfg.num_classes:
+        choices = [(name, i) for i, name in enumerate(_class_names(net, meta))]
+        if cycle:
+            choices = [("all, cycled over the samples", ALL_CLASSES)] + choices
+        controls.append(gr.Dropdown(choices, value=choices[0][1], label="Class", elem_id=f"{prefix}-class"))
+    if net.cfg.text_dim:
+        controls.append(gr.Textbox("", lines=2, max_lines=8, label="Prompt", elem_id=f"{prefix}-prompt", scale=2,
+                                   placeholder="one prompt per line; empty: the empty caption",
+                                   info="One prompt per line, cycled over the samples; an empty line or an empty "
+                                   "box is the empty caption"))
+    if net.cfg.num_classes or net.cfg.text_dim:
+        controls.append(gr.Number(1.0, step=0.5, label="Guidance scale", elem_id=f"{prefix}-guidance",
+                                  info="Classifier-free: 1 = none, 0 = unconditional, above 1 follows the "
+                                  "condition more closely"))
+    return controls
+
+
+def _condition(net: Hourglass, values: list[Any], num: int, steps: int,
+               device: torch.device) -> tuple[torch.Tensor | None, tuple[str, ...] | None, float]:
+    """The conditioning inputs' values (`_condition_controls`' order) -> (`num` int64 labels or None, the
+    prompts or None, the guidance scale). gr.Error for a missing or unknown class, a prompt that is not valid
+    text, or an empty or non-finite scale (the checks of `sundae.sundae.guidance_scales`, as `sundae sample
+    --guidance-scale` makes them; any finite scale is accepted)."""
+    values = list(values)
+    labels = _labels_for(net, values, num, device)
+    values = values[1:] if net.cfg.num_classes else values
+    prompts = None
+    if net.cfg.text_dim:
+        prompts = tuple((values.pop(0) or "").splitlines()) or ("",)  # a line per prompt; empty box: ""
+        for i, prompt in enumerate(prompts):
+            try:
+                D.check_text(prompt, f"prompt line {i + 1}")
+            except ValueError as err:
+                raise _fail(str(err)) from None
+    scale = 1.0
+    if net.cfg.num_classes or net.cfg.text_dim:
+        scale = values[0]
+        if scale is None:
+            raise _fail("guidance scale is empty: enter a number (1 = no guidance)")
+        scale = float(scale)
+        try:
+            guidance_scales(scale, steps)
+        except ValueError as err:
+            raise _fail(str(err)) from None
+    return labels, prompts, scale
 
 
 def _labels_for(net: Hourglass, values: list[Any], num: int, device: torch.device) -> torch.Tensor | None:
-    """`num` int64 labels from the conditioning inputs' values (None for an unconditional generator)."""
+    """`num` int64 labels from the conditioning inputs' values (None for a generator without classes)."""
     if not net.cfg.num_classes:
         return None
     choice = values[0]
@@ -242,11 +286,14 @@ def _editor_image_and_mask(editor: dict[str, Any] | None, channels: int,
 class Actions:
     """What the page's buttons do, over a loaded generator `net` and its `tokenizer` (eval mode, on `device`);
     callable without a browser. `meta` is the generator checkpoint's meta dict: its `grid` [h, w] sets the
-    sample size (ValueError without one). `max_pixels` bounds an uploaded image's H * W, `max_samples` the
-    samples per run.
+    sample size, its `text_encoder` the encoder of a text-conditional generator's prompts (loaded here, once).
+    `max_pixels` bounds an uploaded image's H * W, `max_samples` the samples per run.
 
-    The arguments after the conditioning values (one class index for a class-conditional generator, none
-    otherwise) are the page's inputs in order; bad values raise gr.Error with a message for the page.
+    The arguments after the conditioning values (`_condition_controls`: a class index for a class-conditional
+    generator, the prompt text for a text-conditional one, then the guidance scale for either; none for an
+    unconditional generator) are the page's inputs in order; bad values raise gr.Error with a message for
+    the page. Raises ValueError (one line) for meta without a grid, or for a text-conditional generator whose
+    checkpoint names no text encoder or whose encoder cannot be loaded or gives features of another width.
     """
 
     def __init__(self, net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: torch.device | str = "cpu",
@@ -258,6 +305,29 @@ class Actions:
         # The training images' size, when the tokenizer padded them (sides not multiples of f): decode to it.
         self.size = tuple(meta["image_size"]) if meta.get("image_size") else None
         self.max_pixels, self.max_samples = max_pixels, max_samples
+        self.text_encoder = meta.get("text_encoder")
+        if net.cfg.text_dim:
+            self._check_text_encoder()
+
+    def _check_text_encoder(self) -> None:
+        """Load the text encoder now, so a missing one is a message at start, not at the first click; later
+        `encode_prompts` calls get the same instance from `load_text_encoder`'s cache."""
+        name = self.text_encoder
+        if not name:
+            raise ValueError("this text-conditional generator names no text encoder in its checkpoint (meta "
+                             "text_encoder), so its prompts cannot be encoded")
+        try:
+            encoder = load_text_encoder(str(name), str(self.device))
+        except (ImportError, OSError, ValueError) as err:
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"cannot load the generator's text encoder {name}: {text}") from None
+        if encoder.dim != self.net.cfg.text_dim:
+            raise ValueError(f"the generator's text encoder {name} gives {encoder.dim}-wide features, the "
+                             f"generator expects text_dim {self.net.cfg.text_dim}")
+
+    def _text(self, prompts: tuple[str, ...] | None, num: int):
+        """The prompts cycled over `num` samples and encoded (`sundae.cli.encode_prompts`), or None."""
+        return None if prompts is None else encode_prompts(prompts, num, self.text_encoder, self.device)
 
     def _count(self, num, what: str) -> int:
         if num is None or not 1 <= int(num) <= self.max_samples:
@@ -267,7 +337,8 @@ class Actions:
     def generate(self, *values) -> Iterator[tuple[Image.Image, str]]:
         """(*conditioning, samples, redraw every, steps, min steps, seed, temperature start, end, update
         proportion start, end) -> yields (grid image, status text) while sampling, the last with the final
-        grid and the steps each sample took."""
+        grid and the steps each sample took. Conditioning: see the class docstring; prompts and classes are
+        cycled over the samples."""
         net, f = self.net, self.tokenizer.cfg.f
         (h, w), device = self.grid, self.device
         height, width = self.size or (h * f, w * f)
@@ -275,13 +346,14 @@ class Actions:
         schedule = _schedule(steps, (t0, t1), (p0, p1), min_steps)
         num = self._count(num, "samples")
         every = max(1, int(every or 1))
-        labels = _labels_for(net, list(cond), num, device)
+        labels, prompts, scale = _condition(net, cond, num, schedule["steps"], device)
         gen = _generator(seed, device)
         start = time.time()
         try:
-            for step, active, tokens, taken in sample_live(class_logits_fn(net, labels), (num, h, w),
-                                                           net.cfg.vocab_size, every, generator=gen,
-                                                           device=device, **schedule):
+            text = self._text(prompts, num)
+            logits_fn = class_logits_fn(net, labels, guidance_scale=scale, steps=schedule["steps"], text=text)
+            for step, active, tokens, taken in sample_live(logits_fn, (num, h, w), net.cfg.vocab_size, every,
+                                                           generator=gen, device=device, **schedule):
                 with torch.inference_mode():
                     grid = _grid(self.tokenizer.decode(tokens, size=self.size))
                 if taken is None:
@@ -312,19 +384,22 @@ class Actions:
     def inpaint(self, editor: dict[str, Any] | None, *values) -> tuple[Image.Image, list[Image.Image], str]:
         """(editor value {background, layers}, *conditioning, completions, grow by N cells, steps, min steps,
         seed, temperature start, end, update proportion start, end) -> (the upload with its regenerated
-        token cells in REGENERATED colour, the completions at the upload's size, status text)."""
+        token cells in REGENERATED colour, the completions at the upload's size, status text). Conditioning:
+        see the class docstring; prompts are cycled over the completions."""
         net, f, device = self.net, self.tokenizer.cfg.f, self.device
         cond, (num, dilate, steps, min_steps, seed, t0, t1, p0, p1) = values[:-9], values[-9:]
         schedule = _schedule(steps, (t0, t1), (p0, p1), min_steps)
         num = self._count(num, "completions")
         image, mask = _editor_image_and_mask(editor, self.tokenizer.cfg.in_channels, self.max_pixels)
-        labels = _labels_for(net, list(cond), num, device)
+        labels, prompts, scale = _condition(net, cond, num, schedule["steps"], device)
         gen = _generator(seed, device)
         start = time.time()
+        text = self._text(prompts, num)
         try:
             with torch.inference_mode():
                 images, _, keep, _ = inpaint_images(net, self.tokenizer, image, mask, num, labels, gen,
-                                                    dilate=int(dilate or 0), **schedule)
+                                                    dilate=int(dilate or 0), guidance_scale=scale, text=text,
+                                                    **schedule)
         except (ValueError, RuntimeError) as err:  # sizes the tokenizer or the generator cannot take
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise _fail(f"cannot inpaint this {image.shape[2]}x{image.shape[1]} image: {message}") from None
@@ -341,7 +416,8 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
               max_pixels: int = 2048 * 2048, max_samples: int = 64) -> gr.Blocks:
     """The demo's Gradio Blocks for a loaded generator `net` and its `tokenizer` (both in eval mode on
     `device`); `meta` is the generator checkpoint's meta dict (its `grid` [h, w] sets the sample size,
-    its `class_names` label the class box). The buttons call `Actions`. Launch it with `serve`.
+    its `class_names` label the class box, its `text_encoder` encodes a text-conditional generator's
+    prompts). The buttons call `Actions`. Launch it with `serve`. Raises ValueError as `Actions` does.
 
     `max_pixels` bounds the uploaded image's H * W, `max_samples` the samples or completions per run.
     """
@@ -350,9 +426,11 @@ def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: to
     f = tokenizer.cfg.f
 
     with gr.Blocks(analytics_enabled=False, title="SUNDAE demo") as app:
+        conditions = ([f"{net.cfg.num_classes} classes"] if net.cfg.num_classes else []) + (
+            [f"text prompts ({actions.text_encoder})"] if net.cfg.text_dim else [])
         gr.Markdown(f"## SUNDAE: step-unrolled denoising over VQ-GAN tokens\n"
-                    f"{h}x{w} tokens of {f}x{f} pixels, {net.cfg.vocab_size} codes"
-                    + (f", {net.cfg.num_classes} classes" if net.cfg.num_classes else ", unconditional"))
+                    f"{h}x{w} tokens of {f}x{f} pixels, {net.cfg.vocab_size} codes, "
+                    + (" and ".join(conditions) or "unconditional"))
         with gr.Tab("Generate", id="generate"):
             with gr.Row():
                 cond = _condition_controls(net, meta, cycle=True, prefix="gen")
