@@ -13,7 +13,9 @@ def run(*argv):
 
 
 def fails(capsys, *argv) -> str:
-    """Run the CLI expecting a one-line error, no traceback and exit status 2; returns the line."""
+    """Run the CLI expecting a one-line error, no traceback and exit status 2; returns the line. Output of
+    earlier calls (progress bars of a run before) is dropped first, so only this call's stderr is judged."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         run(*argv)
     assert exit_.value.code == 2
