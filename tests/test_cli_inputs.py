@@ -356,3 +356,14 @@ def test_text_encoder_on_an_uncaptioned_folder_warns(models, image_folder, tmp_p
     run("tokenize", "--tokenizer", models / "tok_a.pt", "--data", image_folder, "--out", tmp_path / "u",
         "--device", "cpu")
     assert "--text-encoder" not in capsys.readouterr().err  # the default is not "given"
+
+
+def test_argument_errors_are_one_line_naming_the_flag(models, tmp_path, capsys):
+    # argparse's own errors (bad type, bad choice, missing flag) follow the CLI's one-line rule too.
+    sample = ("sample", "--generator", models / "gen.pt", "--out", tmp_path, "--device", "cpu")
+    err = fails(capsys, *sample, "--guidance-scale", "abc")
+    assert err.startswith("sundae sample: error: argument --guidance-scale") and "sundae sample --help" in err
+    assert "argument --num" in fails(capsys, *sample, "--num", "x")
+    assert "invalid choice: 'foo'" in fails(capsys, "quickstart", "--dataset", "foo")
+    assert "--generator" in fails(capsys, "sample", "--out", tmp_path)
+    assert not list(tmp_path.iterdir())

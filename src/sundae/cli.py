@@ -945,8 +945,17 @@ def _guidance(p: argparse.ArgumentParser) -> None:
                    "condition more closely, at twice the compute per step)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line like every other CLI error, `sundae VERB: error: MESSAGE (see
+    sundae VERB --help)`, exit status 2; the default prints the whole usage block before the message.
+    Sub-parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sundae", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="sundae", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error instead of "
                         "one line (also accepted after the verb)")
     sub = parser.add_subparsers(dest="verb", required=True)
