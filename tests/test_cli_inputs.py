@@ -251,9 +251,8 @@ def test_incomplete_checkpoint(models, tmp_path, capsys):
     assert "nomodel.pt lacks a 'config' or 'model' entry" in err
 
 
-def test_second_fresh_user_trial(models, picture, image_folder, tmp_path, capsys, monkeypatch):
+def test_second_fresh_user_trial(models, picture, image_folder, tmp_path, capsys):
     """What the second fresh-user trial found: resume and --set surprises, outputs overwritten, messages."""
-    monkeypatch.setenv("TQDM_DISABLE", "1")
     path, _ = picture
     tok, tokens = models / "tok_a.pt", tmp_path / "tokens"
     run("tokenize", "--tokenizer", tok, "--data", image_folder, "--out", tokens, "--device", "cpu")
