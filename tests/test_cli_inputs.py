@@ -5,6 +5,7 @@ The models are untrained tiny ones written with `save_checkpoint` (no training n
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,14 +187,37 @@ def test_unexpected_errors_are_one_line_too(models, tmp_path, capsys, monkeypatc
     assert err == "sundae sample: error: something inside torch (RuntimeError; run with --debug for the traceback)"
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_out_folder_that_cannot_be_created(models, tmp_path, capsys):
+    """A folder on a file system that refuses it gets a one-line error naming the folder, before any work."""
+    err = fails(capsys, "sample", "--generator", models / "gen.pt", "--out", "/proc/sundae_out", "--device", "cpu")
+    assert err.startswith("sundae sample: error: --out /proc/sundae_out: cannot create the folder (")
+    assert not Path("/proc/sundae_out").exists()
+
+
 def test_fresh_user_mistakes(models, picture, tmp_path, capsys):
     """What a new user tried: a file where a folder belongs, a file as --out."""
     path, _ = picture
     tok = models / "tok_a.pt"
     err = fails(capsys, "tokenize", "--tokenizer", tok, "--data", path, "--out", tmp_path / "t", "--device", "cpu")
     assert f"{path} is a file: expected a folder of images" in err
+    assert not (tmp_path / "t").exists()  # the output folder check leaves nothing behind on failure
     err = fails(capsys, "tokenize", "--tokenizer", tok, "--data", tmp_path, "--out", path, "--device", "cpu")
     assert f"--out {path} is a file: expected a folder" in err
+    err = fails(capsys, "sample", "--generator", models / "gen.pt", "--out", path / "a" / "b", "--device", "cpu")
+    assert err == f"sundae sample: error: --out {path / 'a' / 'b'}: cannot create the folder, {path} is a file"
+    err = fails(capsys, "export", models / "gen.pt", path)
+    assert err == f"sundae export: error: out {path} is a file: expected a folder (it is created if missing)"
+    empty, both = tmp_path / "empty_run", tmp_path / "both_run"
+    empty.mkdir()
+    both.mkdir()
+    for name, kind in (("gen.pt", "generator"), ("tok_a.pt", "tokenizer")):
+        (both / f"{kind}.pt").write_bytes((models / name).read_bytes())
+    err = fails(capsys, "export", empty, tmp_path / "x")
+    assert err.startswith(f"sundae export: error: {empty} holds no generator.pt or tokenizer.pt: pass a run folder")
+    err = fails(capsys, "export", both, tmp_path / "x")
+    assert err == f"sundae export: error: {both} holds both generator.pt and tokenizer.pt: pass the one to export"
+    assert not (tmp_path / "x").exists()
     err = fails(capsys, "inpaint", "--generator", models / "gen.pt", "--image", tmp_path / "nothere.png", "--mask",
                 path, "--out", tmp_path / "o", "--class", 0, "--device", "cpu")
     assert f"image {tmp_path / 'nothere.png'} does not exist" in err
@@ -275,6 +299,13 @@ def test_second_fresh_user_trial(models, picture, image_folder, tmp_path, capsys
     assert "--preset fashion ignored" in err and "nothing to train" in err
     run(*train, "--preset", "tiny", "--set", "steps=1", "--resume", "--out", tmp_path / "fresh")
     assert "no " in capsys.readouterr().err  # nothing to resume: a new run, said so
+    # Resuming with the preset the run was trained with does not warn, although the token folder changed
+    # the data-decided fields of that preset (here the number of classes).
+    stored = torch.load(tmp_path / "fresh" / "generator.pt", weights_only=True)["config"]
+    assert (stored["num_classes"], HG["tiny"].num_classes) == (2, 10)
+    run(*train, "--preset", "tiny", "--set", "steps=1", "--resume", "--out", tmp_path / "fresh")
+    err = capsys.readouterr().err
+    assert "ignored" not in err and "nothing to train" in err
     # A token folder with another grid cannot continue the run.
     other = tmp_path / "tokens4"
     other.mkdir()

@@ -46,10 +46,12 @@ def test_scale_one_is_conditional_and_zero_is_unconditional(net):
 def test_schedule_moves_linearly_over_the_steps(net):
     assert guidance_scales((1.0, 3.0), 5) == [1.0, 1.5, 2.0, 2.5, 3.0]
     assert guidance_scales(2.0, 3) == [2.0, 2.0, 2.0]
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match="^guidance scale nan: expected finite numbers$"):
         guidance_scales(float("nan"), 3)
-    with pytest.raises(ValueError, match="float32"):  # finite in Python, an overflow in the logits
-        guidance_scales((1.0, 1e300), 3)
+    with pytest.raises(ValueError, match=r"^guidance scale 1.0,1e\+300: too large for the float32 logits"):
+        guidance_scales((1.0, 1e300), 3)  # finite in Python, an overflow in the logits
+    with pytest.raises(ValueError, match="^--guidance-scale 1,inf: expected finite numbers$"):
+        guidance_scales((1.0, float("inf")), 3, "--guidance-scale 1,inf")  # how the CLI names it
     seen = []
 
     def conditioned(x, r, d):  # cond rows give 1, null rows 0: the guided logits are the scale itself

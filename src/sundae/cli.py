@@ -146,10 +146,12 @@ def file_digest(path: str | Path) -> str:
 
 # ---- verbs -----------------------------------------------------------------------------------------
 
-def _run_configs(args: argparse.Namespace, kind: str, model_table: dict,
-                 train_table: dict) -> tuple[Any, Any, dict[str, Any]]:
+def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_table: dict,
+                 data_fields: tuple[str, ...] = ()) -> tuple[Any, Any, dict[str, Any]]:
     """The (model config, training config, stored meta) of a run: the preset's, or with --resume the ones
-    stored in the run's last checkpoint; then the --set overrides on top.
+    stored in the run's last checkpoint; then the --set overrides on top. `data_fields` are the model config
+    fields that the training data sets (the generator's vocab_size, num_classes, text_dim): a resumed run
+    differing from --preset only there was trained with that preset.
 
     Raises UsageError for --resume with --overwrite, or --set values that change the architecture of the
     run being resumed. Warns when --resume finds nothing to resume or nothing left to train, and when an
@@ -163,7 +165,8 @@ def _run_configs(args: argparse.Namespace, kind: str, model_table: dict,
         model_cls, train_cls = (type(next(iter(table.values()))) for table in (model_table, train_table))
         stored = config_from_dict(model_cls, ckpt["config"], str(last))
         train_cfg = config_from_dict(train_cls, ckpt["train"], str(last))
-        if args.preset is not None and _preset(model_table, args.preset, kind) != stored:
+        preset = _preset(model_table, args.preset, kind) if args.preset is not None else None
+        if preset is not None and dataclasses.replace(preset, **{k: getattr(stored, k) for k in data_fields}) != stored:
             D.log.warning(f"--preset {args.preset} ignored: --resume continues the run in {args.out}, whose "
                           f"architecture (stored in {last.name}) differs from that preset's")
         model_cfg, train_cfg = apply_overrides(args.set, stored, train_cfg)
@@ -348,7 +351,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if Path(args.tokens).is_file():
         raise UsageError(f"--tokens {args.tokens} is a file: expected a token folder from `sundae tokenize`")
     dataset = D.TokenDataset(args.tokens)
-    model_cfg, train_cfg, stored = _run_configs(args, "generator", HOURGLASS_PRESETS, GENERATOR_TRAIN_PRESETS)
+    model_cfg, train_cfg, stored = _run_configs(args, "generator", HOURGLASS_PRESETS, GENERATOR_TRAIN_PRESETS,
+                                                ("vocab_size", "num_classes", "text_dim"))
     num_classes = dataset.num_classes if model_cfg.num_classes else 0
     asked = {pair.partition("=")[0] for pair in args.set}
     # A token folder with text features trains a text-conditional model unless --set text_dim=0 says not to.
@@ -503,11 +507,10 @@ def _check_guidance(args: argparse.Namespace, net: torch.nn.Module) -> None:
     """--guidance-scale must be finite and within float32 range, and other than 1 needs a conditional
     generator; raises UsageError otherwise."""
     text = getattr(args.guidance_scale, "text", "") or ",".join(map(str, args.guidance_scale))
-    if not all(abs(s) < float("inf") for s in args.guidance_scale):  # also rejects NaN
-        raise UsageError(f"--guidance-scale {text}: expected finite numbers")
-    if any(abs(s) > torch.finfo(torch.float32).max for s in args.guidance_scale):
-        raise UsageError(f"--guidance-scale {text}: too large for the float32 logits (at most "
-                         f"{torch.finfo(torch.float32).max:.4g} in magnitude; useful scales are about 1 to 10)")
+    try:
+        guidance_scales(tuple(args.guidance_scale), 1, f"--guidance-scale {text}")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if tuple(args.guidance_scale) != (1.0, 1.0) and not (net.cfg.num_classes or net.cfg.text_dim):
         raise UsageError(f"--guidance-scale {','.join(map(str, args.guidance_scale))}: {args.generator} is "
                          f"unconditional, there is no condition to guide by (guidance needs a class- or text-conditional "
@@ -710,7 +713,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     if source.is_dir():  # a run folder: its last checkpoint
         found = [source / f"{kind}.pt" for kind in ("generator", "tokenizer") if (source / f"{kind}.pt").is_file()]
         if len(found) != 1:
-            raise UsageError(f"{source} holds {len(found)} of generator.pt/tokenizer.pt: pass the checkpoint file")
+            if not found:
+                raise UsageError(f"{source} holds no generator.pt or tokenizer.pt: pass a run folder of `sundae "
+                                 f"train` or `sundae train-vqgan`, or the checkpoint file")
+            raise UsageError(f"{source} holds both generator.pt and tokenizer.pt: pass the one to export")
         source = found[0]
     out = export(source, args.out, ema=not args.no_ema)
     print(f"{source} exported to {out}/config.json and {out}/model.safetensors")
@@ -1121,6 +1127,37 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _check_out_folder(out: Path, flag: str) -> None:
+    """Fail before any work if the output folder `out` cannot exist: it is a file, or a missing part of its
+    path cannot be created (read-only or virtual file systems, no permission). The check creates the missing
+    folders and removes them again, so a command that fails later leaves nothing behind.
+    Raises UsageError naming the folder and the reason."""
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"{flag} {out} is a file: expected a folder (it is created if missing)")
+        return
+    missing = []
+    parent = out
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {out}: cannot create the folder, {parent} is a file")
+    made = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            made.append(folder)
+    except OSError as err:
+        raise UsageError(f"{flag} {out}: cannot create the folder ({err.strerror or err})") from err
+    finally:
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the command line. Errors print one line `sundae VERB: error: ...` and exit with status 2 (130 on
     Ctrl-C); `--debug` re-raises them with the traceback."""
@@ -1128,9 +1165,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     handler = _StderrHandler(args.verb)
     D.log.addHandler(handler)
     try:
-        out = Path(getattr(args, "out", ""))
-        if args.verb != "reconstruct" and out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out} is a file: expected a folder (it is created if missing)")
+        if args.verb != "reconstruct" and getattr(args, "out", None):
+            _check_out_folder(Path(args.out), "out" if args.verb == "export" else "--out")
         args.func(args)
     except Interrupted as err:  # SIGTERM/SIGINT during training: saved at a step boundary
         if args.debug:

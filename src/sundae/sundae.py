@@ -223,14 +223,18 @@ def condition_dropout(batch: int, p: float, device: torch.device | str, generato
     return _draw(torch.rand, (batch,), torch.device(device), generator) < p
 
 
-def guidance_scales(scale: GuidanceScale, steps: int) -> list[float]:
+def guidance_scales(scale: GuidanceScale, steps: int, name: str | None = None) -> list[float]:
     """The guidance scale of each of `steps` sampling steps: a constant, or linear from start to end.
-    Raises ValueError for a non-finite scale, one beyond the float32 range of the logits, or steps < 1."""
+    Raises ValueError for a non-finite scale, one beyond the float32 range of the logits, or steps < 1; the
+    message starts with `name` (default "guidance scale S", as the command line names it "--guidance-scale S").
+    """
     start, end = (scale, scale) if isinstance(scale, (int, float)) else scale
+    name = name or f"guidance scale {scale if isinstance(scale, (int, float)) else f'{start},{end}'}"
     if not all(abs(s) < float("inf") for s in (start, end)):  # also rejects NaN
-        raise ValueError(f"guidance scale must be finite, got {scale}")
+        raise ValueError(f"{name}: expected finite numbers")
     if any(abs(s) > torch.finfo(torch.float32).max for s in (start, end)):
-        raise ValueError(f"guidance scale {scale} is too large for the float32 logits")
+        raise ValueError(f"{name}: too large for the float32 logits (at most {torch.finfo(torch.float32).max:.4g} "
+                         f"in magnitude; useful scales are about 1 to 10)")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return linear_schedule(start, end, steps).tolist()
