@@ -2,19 +2,24 @@
 
 The flat baseline is what the hourglass replaces: the same `Block`s (same width, heads, MLP, 2D rotary),
 as many of them as the hourglass has (pre + valley + post), all at full resolution, with the same
-embedding and logits head. Both run the same random `b h w` token grid, alternating so that machine noise
-hits both alike, in two passes:
+embedding and logits head. All run the same random `b h w` token grid, their timed calls taken in turn
+(flat, hourglass s=2, hourglass s=4, flat, ...) so that machine noise hits them alike, in two passes:
 - inference: one forward pass under `torch.inference_mode` (what a sampling step costs);
 - training: forward + backward of the token cross-entropy (every block's activations are kept).
 The hourglass saves compute because its valley blocks see 1/s^2 of the tokens (s x s patches merged;
-McKinney & Willcocks section 3.2). s = 2 is the paper's; `--shorten-factors 2,4` also measures 4x4 patches.
+McKinney & Willcocks section 3.2). s = 2 is the paper's; the default `--shorten-factors 2,4` also
+measures 4x4 patches. The "FLOPs ratio" (analytic, `forward_flops`) bounds the speedup unless the hourglass
+also runs at a higher FLOP rate, which the per-model GFLOP/s in the JSON show.
+The default run (3 timed forwards and 1 timed training pass per model and grid) takes about 8 minutes on
+a 2-core CPU.
 
     python benchmarks/hourglass_vs_flat.py                 # ffhq256 width, grids 16, 32, 64, on the CPU
     python benchmarks/hourglass_vs_flat.py --device cuda --precision bf16 --batch 8
 
 Prints a table and writes benchmarks/results/hourglass_vs_flat.json: a list of {"grid": "32x32",
 "speedup": flat_seconds / hourglass_seconds, "memory_ratio": flat_peak / hourglass_peak, ...} for the
-forward pass, plus "train_speedup" and "train_memory_ratio" for the training pass and "shorten_factor".
+forward pass, plus "train_speedup" and "train_memory_ratio" for the training pass, "shorten_factor",
+"flops_ratio" and each model's seconds, peak bytes and GFLOP/s.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,28 +66,47 @@ def flat_flops(cfg: HourglassConfig, h: int, w: int, batch: int) -> int:
     return batch * (sum(cfg.depth) * block + 2 * n * d * cfg.vocab_size)
 
 
-def measure(model: nn.Module, tokens: Tensor, device: torch.device, precision: str, repeats: int) -> dict:
-    """Median seconds and peak memory growth (bytes) of an inference forward and of a training pass.
+def measure(models: dict, tokens: Tensor, device: torch.device, precision: str, repeats: int,
+            train_repeats: int) -> dict:
+    """Per model (name -> module): median seconds and peak memory growth (bytes) of an inference forward
+    and of a training pass, measured side by side.
 
+    Every model first runs each pass once untimed (warm-up), then once for its peak memory. The timed calls
+    go round-robin (flat, hourglass, flat, ...) so that a slow spell of the machine hits every model alike.
     The training peak is measured with the weight gradients already allocated (zeroed in place, as in a
     training loop), so it is the memory of the activations kept for the backward pass and its temporaries.
     """
     autocast = lambda: torch.autocast(device.type, DTYPES[precision], enabled=precision != "fp32")  # noqa: E731
 
-    def forward() -> Tensor:
-        with torch.inference_mode(), autocast():
-            return model(tokens)
+    def forward(model: nn.Module) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            with torch.inference_mode(), autocast():
+                return model(tokens)
+        return run
 
-    def train() -> None:
-        model.zero_grad(set_to_none=False)
-        with autocast():
-            loss = F.cross_entropy(model(tokens).flatten(0, -2), tokens.flatten())
-        loss.backward()
+    def train(model: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            model.zero_grad(set_to_none=False)
+            with autocast():
+                loss = F.cross_entropy(model(tokens).flatten(0, -2), tokens.flatten())
+            loss.backward()
+        return run
 
-    out = {"seconds": timed(forward, device, repeats=repeats), "peak_bytes": peak_memory(forward, device)[1],
-           "train_seconds": timed(train, device, repeats=repeats)}
-    out["train_peak_bytes"] = peak_memory(train, device)[1]  # gradients exist already: activations only
-    model.zero_grad(set_to_none=True)
+    out: dict = {name: {"seconds": [], "train_seconds": []} for name in models}
+    for name, model in models.items():
+        forward(model)()
+        train(model)()
+        out[name]["peak_bytes"] = peak_memory(forward(model), device)[1]
+        out[name]["train_peak_bytes"] = peak_memory(train(model), device)[1]  # gradients exist: activations only
+    for key, make, count in (("seconds", forward, repeats), ("train_seconds", train, train_repeats)):
+        for _ in range(count):
+            for name, model in models.items():
+                out[name][key].append(timed(make(model), device, repeats=1, warmup=0))
+    for name, model in models.items():
+        model.zero_grad(set_to_none=True)
+        for key in ("seconds", "train_seconds"):
+            times = sorted(out[name][key])
+            out[name][key] = times[len(times) // 2]
     return out
 
 
@@ -94,7 +119,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--precision", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed forward passes per model (median)")
+    parser.add_argument("--train-repeats", type=int, default=1,
+                        help="timed training passes per model (median; default 1, to keep the run under 10 minutes)")
     parser.add_argument("--out", type=Path, default=RESULTS / "hourglass_vs_flat.json")
     args = parser.parse_args()
 
@@ -110,17 +137,19 @@ def main() -> None:
     rows = []
     for side in (int(g) for g in args.grids.split(",")):
         tokens = torch.randint(0, cfg.vocab_size, (args.batch, side, side), device=device)
-        base = measure(flat, tokens, device, args.precision, args.repeats)
-        for s, hourglass in hourglasses.items():
-            if side % s:
-                continue
-            hg = measure(hourglass, tokens, device, args.precision, args.repeats)
+        models = {"flat": flat, **{s: hg for s, hg in hourglasses.items() if side % s == 0}}
+        measured = measure(models, tokens, device, args.precision, args.repeats, args.train_repeats)
+        base = measured.pop("flat")
+        for s, hg in measured.items():
+            hourglass = hourglasses[s]
             row = {"grid": f"{side}x{side}", "shorten_factor": s}
             row.update({f"flat_{k}": v for k, v in base.items()})
             row.update({f"hourglass_{k}": v for k, v in hg.items()})
             row["hourglass_gflops"] = forward_flops(hourglass.cfg, side, side, args.batch) / 1e9
             row["flat_gflops"] = flat_flops(cfg, side, side, args.batch) / 1e9
             row["flops_ratio"] = row["flat_gflops"] / row["hourglass_gflops"]
+            for name in ("flat", "hourglass"):  # achieved rate: the speedup is the FLOPs ratio times their ratio
+                row[f"{name}_gflop_per_s"] = row[f"{name}_gflops"] / row[f"{name}_seconds"]
             for pre in ("", "train_"):
                 row[f"{pre}speedup"] = row[f"flat_{pre}seconds"] / row[f"hourglass_{pre}seconds"]
                 row[f"{pre}memory_ratio"] = row[f"flat_{pre}peak_bytes"] / max(row[f"hourglass_{pre}peak_bytes"], 1)

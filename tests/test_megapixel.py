@@ -75,5 +75,8 @@ def test_benchmark_scripts_run_and_write_their_json(tmp_path):
         assert r["speedup"] == r["flat_seconds"] / r["hourglass_seconds"] and r["flops_ratio"] > 0
         assert r["train_speedup"] == r["flat_train_seconds"] / r["hourglass_train_seconds"]
         assert r["train_memory_ratio"] == r["flat_train_peak_bytes"] / max(r["hourglass_train_peak_bytes"], 1)
+        assert r["hourglass_gflop_per_s"] == r["hourglass_gflops"] / r["hourglass_seconds"]
+    # One flat measurement per grid, shared by its rows (the models were timed side by side).
+    assert rows[0]["flat_seconds"] == rows[1]["flat_seconds"] != rows[2]["flat_seconds"]
     # Coarser patches leave fewer tokens in the valley: fewer FLOPs, at the same grid.
     assert rows[1]["hourglass_gflops"] < rows[0]["hourglass_gflops"] and rows[3]["hourglass_gflops"] < rows[2]["hourglass_gflops"]
