@@ -1,9 +1,12 @@
 """Take the README's screenshots of `sundae demo`: one per tab, in headless Chromium (Debian's `chromium`).
 
     python docs/screenshots.py --run quickstart        # a `sundae quickstart` output folder
+    python docs/screenshots.py --run quickstart --text-run emoji   # + `sundae quickstart --dataset emoji`
 
-Writes docs/demo_generate.png and docs/demo_inpaint.png. The Inpaint tab gets the first Fashion-MNIST test
-image (an ankle boot) with a stroke painted across its top.
+Writes docs/demo_generate.png and docs/demo_inpaint.png. The Generate tab samples with guidance scale 2;
+the Inpaint tab gets the first Fashion-MNIST test image (an ankle boot) with a stroke painted across its
+top. With `--text-run`, also docs/demo_text.png: the Generate tab of the text-to-image emoji model with
+four prompts (one per line, cycled over the samples) at guidance scale 3, the quickstart's.
 """
 
 from __future__ import annotations
@@ -36,30 +39,45 @@ def _save(page, path: Path) -> None:
         img.convert("RGB").quantize(64).save(path, optimize=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", required=True, help="quickstart output folder")
-    parser.add_argument("--chromium", default="/usr/bin/chromium")
-    args = parser.parse_args()
-    net, meta = load_generator(Path(args.run) / "generator" / "generator.pt")
-    tokenizer = load_tokenizer(Path(args.run) / "tokenizer" / "tokenizer.pt")
+def _serve(run: Path):
+    """Serve the demo of the quickstart folder `run` on a free local port: (app, url)."""
+    net, meta = load_generator(run / "generator" / "generator.pt")
+    tokenizer = load_tokenizer(run / "tokenizer" / "tokenizer.pt")
     app = build_app(net, tokenizer, meta, "cpu")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = serve(app, "127.0.0.1", port, block=False)
+    return app, serve(app, "127.0.0.1", port, block=False)
+
+
+def _generate(page, url: str, steps: int, guidance: float, path: Path, prompts: str | None = None) -> None:
+    page.goto(url)
+    page.wait_for_selector("#gen-run")
+    _set(page, "gen-steps", steps)
+    _set(page, "gen-guidance", guidance)
+    if prompts is not None:
+        page.locator("#gen-prompt textarea").fill(prompts)
+    page.click("#gen-run")
+    page.wait_for_function("document.querySelector('#gen-status').innerText.startsWith('Done')")
+    time.sleep(0.5)
+    _save(page, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="quickstart output folder")
+    parser.add_argument("--text-run", help="an emoji quickstart output folder (`--dataset emoji`): also "
+                        "docs/demo_text.png")
+    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    args = parser.parse_args()
+    app, url = _serve(Path(args.run))
     boot = Path(tempfile.mkdtemp()) / "boot.png"
     D.save_image(D.open_images(D.FASHION_MNIST_DIR, 32, 1, "test")[0][0], boot)
+    written = [DOCS / "demo_generate.png", DOCS / "demo_inpaint.png"]
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=args.chromium, headless=True)
         page = browser.new_page(viewport={"width": 1000, "height": 700})
-        page.goto(url)
-        page.wait_for_selector("#gen-run")
-        _set(page, "gen-steps", 40)
-        page.click("#gen-run")
-        page.wait_for_function("document.querySelector('#gen-status').innerText.startsWith('Done')")
-        time.sleep(0.5)
-        _save(page, DOCS / "demo_generate.png")
+        _generate(page, url, 40, 2, written[0])
 
         page.get_by_role("tab", name="Inpaint").click()
         page.wait_for_selector("#editor canvas")
@@ -78,10 +96,15 @@ def main() -> None:
         page.click("#inp-run")
         page.wait_for_function("document.querySelector('#inp-status').innerText.includes('completions in')")
         time.sleep(0.5)
-        _save(page, DOCS / "demo_inpaint.png")
+        _save(page, written[1])
+        app.close()
+        if args.text_run:
+            app, url = _serve(Path(args.text_run))
+            written.append(DOCS / "demo_text.png")
+            _generate(page, url, 32, 3, written[2], "red apple\nrocket\nsnowman\nchristmas tree")
+            app.close()
         browser.close()
-    app.close()
-    print(f"wrote {DOCS / 'demo_generate.png'} and {DOCS / 'demo_inpaint.png'}")
+    print("wrote " + ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":
