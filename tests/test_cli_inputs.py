@@ -195,6 +195,18 @@ def test_out_folder_that_cannot_be_created(models, tmp_path, capsys):
     assert not Path("/proc/sundae_out").exists()
 
 
+def test_out_folder_check_is_safe_when_processes_run_it_at_once(tmp_path):
+    """Every torchrun process checks --out: four threads checking each of 100 new folders at once must all
+    pass and leave nothing behind (a check that made and removed the folder itself failed 122 of 400)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from sundae.cli import _check_out_folder
+
+    targets = [tmp_path / f"run{i}" / "out" for i in range(100) for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda out: _check_out_folder(out, "--out"), targets)) == [None] * 400
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_fresh_user_mistakes(models, picture, tmp_path, capsys):
     """What a new user tried: a file where a folder belongs, a file as --out."""
     path, _ = picture

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -1128,34 +1129,24 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _check_out_folder(out: Path, flag: str) -> None:
-    """Fail before any work if the output folder `out` cannot exist: it is a file, or a missing part of its
-    path cannot be created (read-only or virtual file systems, no permission). The check creates the missing
-    folders and removes them again, so a command that fails later leaves nothing behind.
+    """Fail before any work if the output folder `out` cannot exist: it is a file, or a folder cannot be
+    created where its missing part would go (read-only or virtual file systems, no permission). The check
+    creates and removes a uniquely named folder in the nearest existing parent, so it leaves nothing behind
+    and cannot collide with the same check in the other processes of a torchrun job.
     Raises UsageError naming the folder and the reason."""
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"{flag} {out} is a file: expected a folder (it is created if missing)")
         return
-    missing = []
-    parent = out
+    parent = out.parent
     while not parent.exists():
-        missing.append(parent)
         parent = parent.parent
     if not parent.is_dir():
         raise UsageError(f"{flag} {out}: cannot create the folder, {parent} is a file")
-    made = []
     try:
-        for folder in reversed(missing):
-            folder.mkdir()
-            made.append(folder)
+        os.rmdir(tempfile.mkdtemp(prefix=".sundae-check-", dir=parent))
     except OSError as err:
         raise UsageError(f"{flag} {out}: cannot create the folder ({err.strerror or err})") from err
-    finally:
-        for folder in reversed(made):
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
 
 
 def main(argv: Sequence[str] | None = None) -> None:
