@@ -39,8 +39,9 @@ def _env() -> dict[str, str]:
 def _torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "sundae", *args, "--device", "cpu"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    ranks = [line for line in proc.stderr.splitlines() if line.startswith("[rank")]  # workers' tracebacks
-    assert proc.returncode == 0, "\n".join(ranks[-40:]) + proc.stderr[-2000:]
+    # The workers' tracebacks and one-line CLI errors, which torchrun's own report would push out of view.
+    ranks = [line for line in proc.stderr.splitlines() if line.startswith("[rank") or ": error: " in line]
+    assert proc.returncode == 0, "\n".join(ranks[-40:]) + "\n" + proc.stderr[-2000:]
     return proc
 
 
