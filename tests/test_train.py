@@ -79,8 +79,18 @@ def test_vqgan_resume_matches_uninterrupted_run(image_folder, tmp_path):
 def test_non_finite_loss_stops_with_the_step(token_dir, tmp_path):
     ds = TokenDataset(token_dir)
     cfg = dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=3, batch_size=4, lr=float("inf"))
-    with pytest.raises(FloatingPointError, match="at step"):
+    # With an infinite lr the run stops at its first step.
+    with pytest.raises(FloatingPointError, match="at step 1; .* the run has no checkpoint yet"):
         train_generator(HG["tiny"], cfg, ds, tmp_path / "x", {"grid": [4, 4]}, progress=False)
+    assert not (tmp_path / "x" / "generator.pt").exists()
+    # A run with a checkpoint keeps it, and the message says --resume continues from it.
+    good = dataclasses.replace(cfg, steps=2, lr=GENERATOR_TRAIN_PRESETS["tiny"].lr)
+    saved = train_generator(HG["tiny"], good, ds, tmp_path / "y", {"grid": [4, 4]}, progress=False)
+    before = saved.read_bytes()
+    with pytest.raises(FloatingPointError, match="at step 3; .* the last good checkpoint is kept"):
+        train_generator(HG["tiny"], dataclasses.replace(cfg, steps=5), ds, tmp_path / "y", {"grid": [4, 4]},
+                        resume=True, progress=False)
+    assert saved.read_bytes() == before
 
 
 def _write_idx(path, array):

@@ -213,10 +213,14 @@ def _quiet(progress: bool, ctx: D.Dist) -> bool:
     return not ctx.main or not progress or bool(os.environ.get("TQDM_DISABLE"))
 
 
-def _check_finite(loss: Tensor, step: int) -> None:
+def _check_finite(loss: Tensor, step: int, checkpoint: Path) -> None:
+    """Raise FloatingPointError for a non-finite loss, saying what `checkpoint` (the run's last one) holds."""
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {step}; nothing was saved for this step, the last "
-                                 f"good checkpoint is kept (continue from it with --resume, e.g. with a lower lr)")
+        if checkpoint.is_file():
+            kept = "the last good checkpoint is kept (continue from it with --resume, e.g. with a lower lr)"
+        else:
+            kept = "the run has no checkpoint yet (start again, e.g. with a lower lr)"
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}; nothing was saved for this step, {kept}")
 
 
 def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset, out: str | Path,
@@ -290,7 +294,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
                 log_usage += torch.bincount(tokens.flatten(), minlength=model_cfg.n_codes)
                 grid_tokens = tokens[0].numel()
             sums = D.mean(sums, ctx)
-            _check_finite(sums[0], step)
+            _check_finite(sums[0], step, out / "tokenizer.pt")
             scaler.step(opt)
             _ema_update(ema, model, cfg.ema_decay)
             # Discriminator update, hinge loss on real vs detached reconstructions.
@@ -429,7 +433,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                     scaler.scale(loss / cfg.grad_accum).backward()
                 sums += torch.stack([loss, *per_step]).detach().float() / cfg.grad_accum
             sums = D.mean(sums, ctx)
-            _check_finite(sums[0], step)
+            _check_finite(sums[0], step, out / "generator.pt")
             scaler.unscale_(opt)
             grad_norm = D.local(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
             scaler.step(opt)
