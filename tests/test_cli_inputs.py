@@ -14,7 +14,7 @@ from PIL import Image
 
 from sundae.checkpoint import save_checkpoint
 from cli_helpers import fails, run
-from sundae.cli import file_digest, load_mask
+from sundae.cli import UsageError, file_digest, load_mask, main
 from sundae.hourglass import PRESETS as HG
 from sundae.hourglass import Hourglass
 from sundae.vqgan import PRESETS as VQ
@@ -193,6 +193,22 @@ def test_out_folder_that_cannot_be_created(models, tmp_path, capsys):
     err = fails(capsys, "sample", "--generator", models / "gen.pt", "--out", "/proc/sundae_out", "--device", "cpu")
     assert err.startswith("sundae sample: error: --out /proc/sundae_out: cannot create the folder (")
     assert not Path("/proc/sundae_out").exists()
+    err = fails(capsys, "sample", "--generator", models / "gen.pt", "--out", "/proc", "--device", "cpu")
+    assert err.startswith("sundae sample: error: --out /proc: cannot write into the folder (")
+
+
+def test_reconstruct_out_folder_and_debug_flags(models, picture, tmp_path, capsys):
+    """reconstruct's --out is a file: its folder is checked. export and convert-taming take --debug too."""
+    path, _ = picture
+    err = fails(capsys, "reconstruct", "--tokenizer", models / "tok_a.pt", "--data", path, "--out", path / "r.png",
+                "--device", "cpu")
+    assert err == (f"sundae reconstruct: error: --out {path / 'r.png'}: its folder {path} is a file: expected a "
+                   f"folder (it is created if missing)")
+    with pytest.raises(UsageError, match="holds no generator.pt or tokenizer.pt"):  # raised, not one line
+        main(["export", str(tmp_path), str(tmp_path / "x"), "--debug"])
+    with pytest.raises(FileNotFoundError):
+        main(["convert-taming", "--checkpoint", str(tmp_path / "no.ckpt"), "--config", str(tmp_path / "no.yaml"),
+              "--out", str(tmp_path / "t"), "--debug"])
 
 
 def test_out_folder_check_is_safe_when_processes_run_it_at_once(tmp_path):
@@ -309,6 +325,9 @@ def test_second_fresh_user_trial(models, picture, image_folder, tmp_path, capsys
     run(*train, "--resume", "--preset", "fashion", "--set", "steps=2")
     err = capsys.readouterr().err
     assert "--preset fashion ignored" in err and "nothing to train" in err
+    run(*train, "--resume", "--preset", "tiny", "--set", "depth=(1, 2, 1)", "--set", "steps=2")
+    err = capsys.readouterr().err  # the preset with the run's own --set is the run's architecture: no warning
+    assert "ignored" not in err and "nothing to train" in err
     run(*train, "--preset", "tiny", "--set", "steps=1", "--resume", "--out", tmp_path / "fresh")
     assert "no " in capsys.readouterr().err  # nothing to resume: a new run, said so
     # Resuming with the preset the run was trained with does not warn, although the token folder changed

@@ -166,7 +166,9 @@ def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_t
         model_cls, train_cls = (type(next(iter(table.values()))) for table in (model_table, train_table))
         stored = config_from_dict(model_cls, ckpt["config"], str(last))
         train_cfg = config_from_dict(train_cls, ckpt["train"], str(last))
-        preset = _preset(model_table, args.preset, kind) if args.preset is not None else None
+        preset = None
+        if args.preset is not None:  # the preset as this command line would shape it: with its --set values
+            preset = apply_overrides(args.set, _preset(model_table, args.preset, kind), train_cfg)[0]
         if preset is not None and dataclasses.replace(preset, **{k: getattr(stored, k) for k in data_fields}) != stored:
             D.log.warning(f"--preset {args.preset} ignored: --resume continues the run in {args.out}, whose "
                           f"architecture (stored in {last.name}) differs from that preset's")
@@ -513,7 +515,7 @@ def _check_guidance(args: argparse.Namespace, net: torch.nn.Module) -> None:
     except ValueError as err:
         raise UsageError(str(err)) from None
     if tuple(args.guidance_scale) != (1.0, 1.0) and not (net.cfg.num_classes or net.cfg.text_dim):
-        raise UsageError(f"--guidance-scale {','.join(map(str, args.guidance_scale))}: {args.generator} is "
+        raise UsageError(f"--guidance-scale {text}: {args.generator} is "
                          f"unconditional, there is no condition to guide by (guidance needs a class- or text-conditional "
                          f"generator)")
 
@@ -984,6 +986,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a transformer whose tokenizer keys start with first_stage_model.)")
     p.add_argument("--config", required=True, help="its YAML, e.g. configs/model.yaml")
     p.add_argument("--out", required=True, help="folder for tokenizer.pt")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the Python traceback of an error instead of one line")
     p.set_defaults(func=cmd_convert_taming)
 
     p = sub.add_parser("reconstruct", help="encode and decode images; write a grid and print PSNR")
@@ -1096,6 +1100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .pt checkpoint, or a run folder (its generator.pt or tokenizer.pt)")
     p.add_argument("out", help="folder; every command accepts it where it accepts the checkpoint")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the Python traceback of an error instead of one line")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on Fashion-MNIST (or, with --dataset emoji, "
@@ -1129,24 +1135,26 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _check_out_folder(out: Path, flag: str) -> None:
-    """Fail before any work if the output folder `out` cannot exist: it is a file, or a folder cannot be
-    created where its missing part would go (read-only or virtual file systems, no permission). The check
+    """Fail before any work if the output folder `out` cannot be written: it is a file, or a folder cannot
+    be created in it or where its missing part would go (read-only or virtual file systems, no permission).
+    The check
     creates and removes a uniquely named folder in the nearest existing parent, so it leaves nothing behind
     and cannot collide with the same check in the other processes of a torchrun job.
     Raises UsageError naming the folder and the reason."""
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"{flag} {out} is a file: expected a folder (it is created if missing)")
-        return
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {out}: cannot create the folder, {parent} is a file")
+        parent, what = out, "cannot write into the folder"
+    else:
+        parent, what = out.parent, "cannot create the folder"
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UsageError(f"{flag} {out}: cannot create the folder, {parent} is a file")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".sundae-check-", dir=parent))
     except OSError as err:
-        raise UsageError(f"{flag} {out}: cannot create the folder ({err.strerror or err})") from err
+        raise UsageError(f"{flag} {out}: {what} ({err.strerror or err})") from err
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1156,7 +1164,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     handler = _StderrHandler(args.verb)
     D.log.addHandler(handler)
     try:
-        if args.verb != "reconstruct" and getattr(args, "out", None):
+        if args.verb == "reconstruct":  # --out is the PNG file to write: its folder must be writable
+            if not Path(args.out).is_dir():
+                _check_out_folder(Path(args.out).parent, f"--out {args.out}: its folder")
+        elif getattr(args, "out", None):
             _check_out_folder(Path(args.out), "out" if args.verb == "export" else "--out")
         args.func(args)
     except Interrupted as err:  # SIGTERM/SIGINT during training: saved at a step boundary
