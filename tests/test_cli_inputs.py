@@ -325,6 +325,10 @@ def test_second_fresh_user_trial(models, picture, image_folder, tmp_path, capsys
     run(*train, "--resume", "--preset", "fashion", "--set", "steps=2")
     err = capsys.readouterr().err
     assert "--preset fashion ignored" in err and "nothing to train" in err
+    # A run that fails before writing anything leaves no run folder (nor the parents it created) behind.
+    err = fails(capsys, *train, "--preset", "tiny", "--set", "lr=1e30", "--out", tmp_path / "nan" / "run")
+    assert "nothing was saved for this step, the run has no checkpoint yet" in err
+    assert not (tmp_path / "nan").exists()
     run(*train, "--resume", "--preset", "tiny", "--set", "depth=(1, 2, 1)", "--set", "steps=2")
     err = capsys.readouterr().err  # the preset with the run's own --set is the run's architecture: no warning
     assert "ignored" not in err and "nothing to train" in err

@@ -1157,12 +1157,33 @@ def _check_out_folder(out: Path, flag: str) -> None:
         raise UsageError(f"{flag} {out}: {what} ({err.strerror or err})") from err
 
 
+def _missing_folders(out: Path) -> list[Path]:
+    """`out` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not out.exists() and out != out.parent:
+        missing.append(out)
+        out = out.parent
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove each of `folders` (innermost first) that exists and is empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # fails on a folder with anything in it, which is kept
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the command line. Errors print one line `sundae VERB: error: ...` and exit with status 2 (130 on
     Ctrl-C); `--debug` re-raises them with the traceback."""
     args = build_parser().parse_args(argv)
     handler = _StderrHandler(args.verb)
     D.log.addHandler(handler)
+    new_folders = _missing_folders(Path(args.out)) if args.verb != "reconstruct" and getattr(args, "out", None) else []
     try:
         if args.verb == "reconstruct":  # --out is the PNG file to write: its folder must be writable
             if not Path(args.out).is_dir():
@@ -1183,6 +1204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               file=sys.stderr)
         sys.exit(130)
     except Exception as err:
+        _remove_if_empty(new_folders)  # a run that failed before writing anything leaves no folder behind
         if args.debug:
             raise
         expected = isinstance(err, (UsageError, OSError, ValueError, FloatingPointError, ImportError))
