@@ -246,6 +246,13 @@ def test_fresh_user_mistakes(models, picture, tmp_path, capsys):
     err = fails(capsys, "export", both, tmp_path / "x")
     assert err == f"sundae export: error: {both} holds both generator.pt and tokenizer.pt: pass the one to export"
     assert not (tmp_path / "x").exists()
+    # A run folder or a quickstart folder where a checkpoint belongs: the error names the file to pass.
+    quick = tmp_path / "quick"
+    (quick / "generator").mkdir(parents=True)
+    (quick / "generator" / "generator.pt").write_bytes((models / "gen.pt").read_bytes())
+    for folder, inner in ((both, both / "generator.pt"), (quick, quick / "generator" / "generator.pt")):
+        err = fails(capsys, "sample", "--generator", folder, "--out", tmp_path / "s", "--device", "cpu")
+        assert err.endswith(f": did you mean {inner}?")
     err = fails(capsys, "inpaint", "--generator", models / "gen.pt", "--image", tmp_path / "nothere.png", "--mask",
                 path, "--out", tmp_path / "o", "--class", 0, "--device", "cpu")
     assert f"image {tmp_path / 'nothere.png'} does not exist" in err

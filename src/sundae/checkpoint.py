@@ -138,8 +138,10 @@ def _load_export(path: Path, kind: str) -> dict[str, Any]:
 
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
+            inner = path / kind / f"{kind}.pt"  # a quickstart output folder holds its runs one level down
+            hint = f": did you mean {inner}?" if inner.is_file() else ""
             raise FileNotFoundError(f"{path / name} is missing: an exported model folder holds config.json and "
-                                    f"model.safetensors (`sundae export`)")
+                                    f"model.safetensors (`sundae export`){hint}")
     try:
         info = json.loads((path / "config.json").read_text())
         state = load_file(path / "model.safetensors")
