@@ -874,11 +874,16 @@ def _device(text: str) -> torch.device:
     return device
 
 
+def _debug(p: argparse.ArgumentParser) -> None:
+    """--debug after the verb too (SUPPRESS: without it, the top-level parser's value stands)."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the Python traceback of an error instead of one line")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=_device, default="auto",
                    help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the Python traceback of an error instead of one line")
+    _debug(p)
 
 
 def _overwrite(p: argparse.ArgumentParser) -> None:
@@ -986,8 +991,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a transformer whose tokenizer keys start with first_stage_model.)")
     p.add_argument("--config", required=True, help="its YAML, e.g. configs/model.yaml")
     p.add_argument("--out", required=True, help="folder for tokenizer.pt")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the Python traceback of an error instead of one line")
+    _debug(p)
     p.set_defaults(func=cmd_convert_taming)
 
     p = sub.add_parser("reconstruct", help="encode and decode images; write a grid and print PSNR")
@@ -1100,8 +1104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .pt checkpoint, or a run folder (its generator.pt or tokenizer.pt)")
     p.add_argument("out", help="folder; every command accepts it where it accepts the checkpoint")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the Python traceback of an error instead of one line")
+    _debug(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on Fashion-MNIST (or, with --dataset emoji, "
@@ -1137,20 +1140,16 @@ class _StderrHandler(logging.StreamHandler):
 def _check_out_folder(out: Path, flag: str) -> None:
     """Fail before any work if the output folder `out` cannot be written: it is a file, or a folder cannot
     be created in it or where its missing part would go (read-only or virtual file systems, no permission).
-    The check
-    creates and removes a uniquely named folder in the nearest existing parent, so it leaves nothing behind
-    and cannot collide with the same check in the other processes of a torchrun job.
+    The check creates and removes a uniquely named folder in the nearest existing parent, so it leaves
+    nothing behind and cannot collide with the same check in the other processes of a torchrun job.
     Raises UsageError naming the folder and the reason."""
-    if out.exists():
-        if not out.is_dir():
+    missing = _missing_folders(out)
+    parent = missing[-1].parent if missing else out  # the nearest existing folder (or file)
+    what = "cannot create the folder" if missing else "cannot write into the folder"
+    if not parent.is_dir():
+        if not missing:
             raise UsageError(f"{flag} {out} is a file: expected a folder (it is created if missing)")
-        parent, what = out, "cannot write into the folder"
-    else:
-        parent, what = out.parent, "cannot create the folder"
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            raise UsageError(f"{flag} {out}: cannot create the folder, {parent} is a file")
+        raise UsageError(f"{flag} {out}: cannot create the folder, {parent} is a file")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".sundae-check-", dir=parent))
     except OSError as err:
@@ -1183,13 +1182,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     handler = _StderrHandler(args.verb)
     D.log.addHandler(handler)
-    new_folders = _missing_folders(Path(args.out)) if args.verb != "reconstruct" and getattr(args, "out", None) else []
+    out_folder = Path(args.out) if args.verb != "reconstruct" and getattr(args, "out", None) else None
+    new_folders = _missing_folders(out_folder) if out_folder is not None else []
     try:
-        if args.verb == "reconstruct":  # --out is the PNG file to write: its folder must be writable
-            if not Path(args.out).is_dir():
-                _check_out_folder(Path(args.out).parent, f"--out {args.out}: its folder")
-        elif getattr(args, "out", None):
-            _check_out_folder(Path(args.out), "out" if args.verb == "export" else "--out")
+        if out_folder is not None:
+            _check_out_folder(out_folder, "out" if args.verb == "export" else "--out")
+        elif args.verb == "reconstruct" and not Path(args.out).is_dir():  # --out is the PNG file to write
+            _check_out_folder(Path(args.out).parent, f"--out {args.out}: its folder")
         args.func(args)
     except Interrupted as err:  # SIGTERM/SIGINT during training: saved at a step boundary
         if args.debug:
