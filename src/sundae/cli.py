@@ -1156,6 +1156,12 @@ def _check_out_folder(out: Path, flag: str) -> None:
         raise UsageError(f"{flag} {out}: {what} ({err.strerror or err})") from err
 
 
+def error_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when the message is empty."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _missing_folders(out: Path) -> list[Path]:
     """`out` and those of its parents that do not exist yet, innermost first."""
     missing = []
@@ -1207,7 +1213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.debug:
             raise
         expected = isinstance(err, (UsageError, OSError, ValueError, FloatingPointError, ImportError))
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = error_line(err)
         hint = "" if expected else f" ({type(err).__name__}; run with --debug for the traceback)"
         print(f"sundae {args.verb}: error: {text}{hint}", file=sys.stderr)
         sys.exit(2)

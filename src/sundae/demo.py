@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from sundae import data as D
-from sundae.cli import class_logits_fn, encode_prompts, inpaint_images
+from sundae.cli import class_logits_fn, encode_prompts, error_line, inpaint_images
 from sundae.hourglass import Hourglass
 from sundae.sundae import check_schedule, guidance_scales, sample
 from sundae.text import load_text_encoder
@@ -319,8 +319,7 @@ class Actions:
         try:
             encoder = load_text_encoder(str(name), str(self.device))
         except (ImportError, OSError, ValueError) as err:
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"cannot load the generator's text encoder {name}: {text}") from None
+            raise ValueError(f"cannot load the generator's text encoder {name}: {error_line(err)}") from None
         if encoder.dim != self.net.cfg.text_dim:
             raise ValueError(f"the generator's text encoder {name} gives {encoder.dim}-wide features, the "
                              f"generator expects text_dim {self.net.cfg.text_dim}")
@@ -401,8 +400,7 @@ class Actions:
                                                     dilate=int(dilate or 0), guidance_scale=scale, text=text,
                                                     **schedule)
         except (ValueError, RuntimeError) as err:  # sizes the tokenizer or the generator cannot take
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise _fail(f"cannot inpaint this {image.shape[2]}x{image.shape[1]} image: {message}") from None
+            raise _fail(f"cannot inpaint this {image.shape[2]}x{image.shape[1]} image: {error_line(err)}") from None
         cells = keep[0].repeat_interleave(f, 0).repeat_interleave(f, 1)[: image.shape[1], : image.shape[2]]
         shown = np.array(D.tensor_to_image(image).convert("RGB"))
         shown[~cells.cpu().numpy()] = REGENERATED
