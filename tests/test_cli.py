@@ -172,8 +172,8 @@ def test_quickstart_tiny_console_script(tmp_path, monkeypatch):
     # The README's example of loading the quickstart's checkpoints, run where it expects them.
     from test_readme import python_examples
     monkeypatch.chdir(tmp_path)
-    exec(compile(python_examples()[1], "README.md", "exec"), {})
-    assert Image.open(tmp_path / "one_per_class.png").size[1] == 36  # one row of 32-pixel images, 2-pixel pads
+    exec(compile(python_examples()[0], "README.md", "exec"), {})
+    assert Image.open(tmp_path / "trouser.png").size == (32, 32)
 
 
 def test_resume_continues_with_the_stored_settings(image_folder, tmp_path):

@@ -66,7 +66,7 @@ def _decoded_grid(tokenizer, z):
 
 def test_sample_live_previews_every_n_steps_and_ends_with_the_samplers_result(nets):
     net = nets[0]
-    logits_fn = lambda z, rows: net(z)  # noqa: E731
+    logits_fn = lambda z, rows, step: net(z)  # noqa: E731
     kwargs = dict(steps=10, min_steps=10, temperature=(1.0, 0.7), update_proportion=(0.5, 0.5))
     seen = list(demo.sample_live(logits_fn, (3, 8, 8), V, 4, generator=torch.Generator().manual_seed(7), **kwargs))
     # Calls 0..9 see the tokens after 0..9 steps; previews at 0, 4, 8, then the result after all 10.
@@ -79,7 +79,7 @@ def test_sample_live_previews_every_n_steps_and_ends_with_the_samplers_result(ne
 
 
 def test_sample_live_shows_finished_samples_after_they_leave_the_batch():
-    def towards_five(z, rows):  # every position overwhelmingly prefers code 5
+    def towards_five(z, rows, step):  # every position overwhelmingly prefers code 5
         logits = torch.zeros(*z.shape, V)
         logits[..., 5] = 100.0
         return logits
@@ -95,7 +95,7 @@ def test_sample_live_shows_finished_samples_after_they_leave_the_batch():
 def test_closing_sample_live_stops_the_sampler():
     calls = []
 
-    def slow(z, rows):
+    def slow(z, rows, step):
         calls.append(1)
         return torch.zeros(*z.shape, V)
     live = demo.sample_live(slow, (1, 4, 4), V, 1, steps=10_000, min_steps=10_000)
@@ -108,7 +108,7 @@ def test_closing_sample_live_stops_the_sampler():
 
 def test_sample_live_raises_the_samplers_errors():
     with pytest.raises(ValueError, match="temperature"):
-        list(demo.sample_live(lambda z, rows: torch.zeros(*z.shape, V), (1, 4, 4), V, 1, temperature=(0.0, 1.0)))
+        list(demo.sample_live(lambda z, rows, step: torch.zeros(*z.shape, V), (1, 4, 4), V, 1, temperature=(0.0, 1.0)))
 
 
 # ---- input checks: messages for the page -------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_generate_action_yields_previews_then_the_samplers_grid(nets):
     assert [text.split(":")[0] for _, text in seen] == ["Step 0 of 12", "Step 4 of 12", "Step 8 of 12", "Done"]
     labels = torch.arange(5)  # "all" cycles through the classes
     with torch.inference_mode():
-        z, taken = sample(lambda z, rows: net(z, labels[rows]), (5, 8, 8), V, steps=12, min_steps=10,
+        z, taken = sample(lambda z, rows, step: net(z, labels[rows]), (5, 8, 8), V, steps=12, min_steps=10,
                           generator=torch.Generator().manual_seed(3))
         expected = D.tensor_to_image(D.make_grid(tokenizer.decode(z), nrow=3))
     grid, text = seen[-1]
@@ -278,7 +278,7 @@ def test_generate_with_prompts_samples_the_network_on_their_encoding(nets, text_
         return np.asarray(grid)
 
     with torch.inference_mode():
-        z, _ = sample(lambda z, rows: text_net(z, text=tuple(t[rows] for t in text)), (3, 8, 8), V,
+        z, _ = sample(lambda z, rows, step: text_net(z, text=tuple(t[rows] for t in text)), (3, 8, 8), V,
                       generator=torch.Generator().manual_seed(5), **kwargs)
         guided, _ = sample(class_logits_fn(text_net, None, guidance_scale=3.0, steps=6, text=text), (3, 8, 8), V,
                            generator=torch.Generator().manual_seed(5), **kwargs)

@@ -34,9 +34,9 @@ def test_scale_one_is_conditional_and_zero_is_unconditional(net):
     with torch.no_grad():
         cond = net(z, labels[rows])
         uncond = net(z)  # no labels: the null class
-        one = guided_logits_fn(lambda x, r, d: net(x, labels[r], drop=d), 1.0)(z, rows)
-        zero = guided_logits_fn(lambda x, r, d: net(x, labels[r], drop=d), 0.0)(z, rows)
-        three = class_logits_fn(net, labels, guidance_scale=3.0)(z, rows)
+        one = guided_logits_fn(lambda x, r, d: net(x, labels[r], drop=d), 1.0)(z, rows, 0)
+        zero = guided_logits_fn(lambda x, r, d: net(x, labels[r], drop=d), 0.0)(z, rows, 0)
+        three = class_logits_fn(net, labels, guidance_scale=3.0)(z, rows, 0)
     assert (cond - uncond).abs().max() > 1e-2  # the condition changes the logits, so the checks below can fail
     torch.testing.assert_close(one, cond, atol=1e-5, rtol=0)
     torch.testing.assert_close(zero, uncond, atol=1e-5, rtol=0)
@@ -59,7 +59,7 @@ def test_schedule_moves_linearly_over_the_steps(net):
         return (~d).float()[:, None, None, None].expand(len(x), 1, 1, 2)
     fn = guided_logits_fn(conditioned, (0.0, 2.0), steps=3)
     z, rows = torch.zeros(2, 1, 1, dtype=torch.long), torch.arange(2)
-    assert [fn(z, rows)[0, 0, 0, 0].item() for _ in range(4)] == [0.0, 1.0, 2.0, 2.0]  # past the end: last
+    assert [fn(z, rows, n)[0, 0, 0, 0].item() for n in range(4)] == [0.0, 1.0, 2.0, 2.0]  # past the end: last
     assert seen == [4, 4, 4, 4]  # one forward per step, cond and null rows together
 
 

@@ -14,15 +14,20 @@ def _blocks(lang):
 
 
 def python_examples():
-    """The README's Python blocks: the first runs anywhere, the second inside a quickstart's parent folder
-    (tests/test_cli.py runs it after its quickstart)."""
+    """The README's Python blocks: the first inside a quickstart's parent folder (tests/test_cli.py runs it
+    after its quickstart), the second anywhere."""
     blocks = _blocks("python")
     assert len(blocks) == 2
     return blocks
 
 
-def test_python_example_runs():
-    exec(compile(python_examples()[0], "README.md", "exec"), {})
+def test_python_example_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    exec(compile(python_examples()[1], "README.md", "exec"), {})
+
+
+def test_the_quickstart_example_is_three_lines():
+    assert len(python_examples()[0].strip().splitlines()) == 3
 
 
 def test_ci_runs_the_readme_test_command():

@@ -85,7 +85,7 @@ def test_overfit_one_batch():
     # From ln(64) = 4.16 at init to memorised: the class label alone identifies each grid.
     assert loss.item() < 0.5
     with torch.no_grad():
-        z, _ = sample(lambda z, rows: net(z, labels[rows]), (4, 4, 4), cfg.vocab_size, steps=30, min_steps=30,
+        z, _ = sample(lambda z, rows, step: net(z, labels[rows]), (4, 4, 4), cfg.vocab_size, steps=30, min_steps=30,
                       temperature=(0.5, 0.5), generator=torch.Generator().manual_seed(0))
     assert (z == tokens).float().mean() > 0.9
 
@@ -97,7 +97,7 @@ def test_linear_schedule_hits_both_ends():
     assert linear_schedule(0.5, 0.9, 1).tolist() == [0.5]
 
 
-def _copy_logits(z, rows):
+def _copy_logits(z, rows, step=0):
     """A denoiser that is certain the current tokens are right: a step changes nothing."""
     return F.one_hot(z, V).float() * 100.0
 
@@ -105,9 +105,9 @@ def _copy_logits(z, rows):
 def test_early_stop_respects_min_steps():
     calls = []
 
-    def fn(z, rows):
+    def fn(z, rows, step):
         calls.append(len(rows))
-        return _copy_logits(z, rows)
+        return _copy_logits(z, rows, step)
 
     tokens, taken = sample(fn, (3, 4, 4), V, steps=50, min_steps=7, generator=torch.Generator().manual_seed(0),
                            compact_every=1)
@@ -125,7 +125,7 @@ def test_early_stop_respects_min_steps():
 def test_finished_samples_leave_the_batch():
     seen = []
 
-    def fn(z, rows):
+    def fn(z, rows, step):
         # Row 1 is settled from the start; the others keep changing (uniform logits).
         seen.append(rows.tolist())
         logits = torch.zeros(len(rows), *z.shape[1:], V)
@@ -147,7 +147,7 @@ def test_finished_samples_leave_the_batch():
 def test_results_do_not_depend_on_when_others_leave_the_batch():
     confidence = torch.tensor([0.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # per sample: how much it prefers its tokens
 
-    def fn(z, rows):
+    def fn(z, rows, step):
         return F.one_hot(z, V).float() * confidence[rows, None, None, None]
 
     runs = [sample(fn, (6, 3, 3), V, steps=40, min_steps=2, generator=torch.Generator().manual_seed(1),
@@ -161,19 +161,19 @@ def test_results_do_not_depend_on_when_others_leave_the_batch():
 def test_schedules_reach_the_sampler():
     props = []
 
-    def fn(z, rows):
+    def fn(z, rows, step):
         return torch.zeros(*z.shape, V)
 
     # Record the update proportion actually used: with uniform logits, a token changes with prob p * (V-1)/V.
     gen = torch.Generator().manual_seed(0)
     z_prev = None
 
-    def recording(z, rows):
+    def recording(z, rows, step):
         nonlocal z_prev
         if z_prev is not None:
             props.append((z != z_prev).float().mean().item() * V / (V - 1))
         z_prev = z.clone()
-        return fn(z, rows)
+        return fn(z, rows, step)
 
     sample(recording, (64, 16, 16), V, steps=11, min_steps=11, update_proportion=(0.1, 0.9), generator=gen)
     # props[i] is the proportion of step i (0-based): 0.1 + 0.08 i.
@@ -191,7 +191,7 @@ def test_keep_mask_tokens_never_change_and_same_seed_same_sample():
 
     def run(seed):
         with torch.no_grad():
-            return sample(lambda z, rows: net(z, labels[rows]), (4, 6, 6), cfg.vocab_size, steps=20, init=init,
+            return sample(lambda z, rows, step: net(z, labels[rows]), (4, 6, 6), cfg.vocab_size, steps=20, init=init,
                           keep=keep, generator=torch.Generator().manual_seed(seed))[0]
 
     a, b, c = run(0), run(0), run(1)

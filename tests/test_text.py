@@ -76,8 +76,8 @@ def test_text_guidance(net):
     with torch.no_grad():
         cond = net(z, text=tuple(t[rows] for t in text))
         uncond = net(z)
-        guided = class_logits_fn(net, None, guidance_scale=2.5, text=text)(z, rows)
-        plain = class_logits_fn(net, None, text=text)(z, rows)
+        guided = class_logits_fn(net, None, guidance_scale=2.5, text=text)(z, rows, 0)
+        plain = class_logits_fn(net, None, text=text)(z, rows, 0)
     torch.testing.assert_close(plain, cond, atol=1e-5, rtol=0)
     torch.testing.assert_close(guided, uncond + 2.5 * (cond - uncond), atol=1e-4, rtol=0)
 

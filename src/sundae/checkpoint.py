@@ -108,10 +108,10 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu",
     return _build(ckpt, Path(path), Hourglass, HourglassConfig, ema).to(device), ckpt.get("meta", {})
 
 
-def export(path: str | Path, out: str | Path, ema: bool = True) -> Path:
+def export(path: str | Path, out: str | Path, ema: bool = True, extra: dict[str, Any] | None = None) -> Path:
     """Write the model of checkpoint `path` (EMA weights by default) to the folder `out` as `config.json`
-    (format, version, kind, model config, meta, source file and its sha256) and `model.safetensors`, each
-    atomically. Returns `out`. Raises what `load_checkpoint` raises.
+    (format, version, kind, model config, meta, source file and its sha256, and the `extra` keys) and
+    `model.safetensors`, each atomically. Returns `out`. Raises what `load_checkpoint` raises.
     """
     import hashlib
 
@@ -128,7 +128,7 @@ def export(path: str | Path, out: str | Path, ema: bool = True) -> Path:
     write_json(out / "config.json", {"format": FORMAT, "version": VERSION, "kind": ckpt["kind"],
                                      "config": ckpt["config"], "meta": ckpt.get("meta", {}),
                                      "weights": "ema" if state is ckpt.get("ema") else "model",
-                                     "source": str(path.resolve()), "source_sha256": digest})
+                                     "source": str(path.resolve()), "source_sha256": digest, **(extra or {})})
     return out
 
 

@@ -79,7 +79,7 @@ def sample_live(logits_fn, shape: tuple[int, int, int], vocab_size: int, every: 
                 continue
         raise _Stopped
 
-    def watched(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def watched(z: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
         if stop.is_set():
             raise _Stopped
         if not latest:
@@ -90,7 +90,7 @@ def sample_live(logits_fn, shape: tuple[int, int, int], vocab_size: int, every: 
         if n % every == 0:
             put(("step", n, len(rows), latest[0].clone(), None))
         calls[0] += 1
-        return logits_fn(z, rows)
+        return logits_fn(z, rows, step)
 
     def work() -> None:
         try:

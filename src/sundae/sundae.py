@@ -10,17 +10,22 @@ Shapes: tokens `b h w` int64 in [0, v); logits `b h w v` float.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# logits_fn(tokens `b' h w`, rows `b'` int64 indices into the caller's batch) -> logits `b' h w v`.
-# `rows` tells a conditioning closure which samples are still in the batch (finished ones leave it).
-LogitsFn = Callable[[Tensor, Tensor], Tensor]
+# logits_fn(tokens `b' h w`, rows `b'` int64 indices into the caller's batch, step: int in [0, T)) -> logits
+# `b' h w v`. `rows` tells a conditioning closure which samples are still in the batch (finished ones leave it);
+# `step` is the sampling step, so a schedule over the steps (guidance) needs no state of its own.
+LogitsFn = Callable[[Tensor, Tensor, int], Tensor]
 # One generator for the batch, or one per sample: per-sample generators make a sample's noise independent of
-# how the batch is split over processes and gradient-accumulation steps (see sundae.train).
+# how the batch is split (over processes and gradient-accumulation steps in sundae.train, over sampling
+# batches in sundae.pipeline).
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -89,78 +94,154 @@ def linear_schedule(start: float, end: float, steps: int) -> Tensor:
     return torch.linspace(float(start), float(end), steps)
 
 
+Schedule = float | tuple[float, float]  # one value, or (start, end) linear over the sampling steps
+
+
+def _pair(value: Schedule, name: str) -> tuple[float, float]:
+    if isinstance(value, (int, float)):
+        return (float(value), float(value))
+    try:
+        start, end = value
+        return (float(start), float(end))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or a (start, end) pair, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """The SUNDAE sampler's settings (McKinney & Willcocks section 3.4; Savinov et al. section 3.3).
+
+    steps: T, sampling steps (network calls) at most, >= 1.
+    temperature: tau, a number or (start, end) linear over the T steps; finite and > 0.
+    update_proportion: p, the share of positions that take their new draw at a step, a number or
+        (start, end); each in (0, 1].
+    min_steps: no early stop before this many steps, >= 0.
+    early_stop: a sample is finished once a whole step after `min_steps` changes no token (it then leaves the
+        batch); False runs every sample for all T steps.
+
+    The defaults are the paper's FFHQ256 setting (T=100, tau 0.8, p 0.5, min 10); `SAMPLER_PRESETS` holds
+    the paper's others. Numbers given for the schedules are stored as (start, end) pairs. Validated once here:
+    raises ValueError naming the field for any value outside its range.
+    """
+
+    steps: int = 100
+    temperature: Schedule = (0.8, 0.8)
+    update_proportion: Schedule = (0.5, 0.5)
+    min_steps: int = 10
+    early_stop: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "temperature", _pair(self.temperature, "temperature"))
+        object.__setattr__(self, "update_proportion", _pair(self.update_proportion, "update proportion"))
+        for name, low in (("steps", 1), ("min_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+            object.__setattr__(self, name, int(value))
+        if not all(0 < t < float("inf") for t in self.temperature):  # also rejects NaN
+            raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
+        if not all(0 < p <= 1 for p in self.update_proportion):
+            raise ValueError(f"update proportion must lie in (0, 1], got {self.update_proportion}")
+        if not isinstance(self.early_stop, bool):
+            raise ValueError(f"early_stop must be True or False, got {self.early_stop!r}")
+
+    def temperatures(self) -> list[float]:
+        """tau_n for n in [0, T), linear from start to end."""
+        return linear_schedule(*self.temperature, self.steps).tolist()
+
+    def update_proportions(self) -> list[float]:
+        """p_n for n in [0, T), linear from start to end."""
+        return linear_schedule(*self.update_proportion, self.steps).tolist()
+
+
+# The paper's sampler settings (McKinney & Willcocks section 4 and their released configs), by the name of the
+# model preset they go with.
+SAMPLER_PRESETS: dict[str, SamplerConfig] = {
+    "ffhq256": SamplerConfig(steps=100, temperature=0.8, update_proportion=0.5),
+    "ffhq1024": SamplerConfig(steps=100, temperature=(1.0, 0.7), update_proportion=0.5),
+    "imagenet256": SamplerConfig(steps=200, temperature=(0.8, 0.7), update_proportion=0.7),
+}
+
+
 def check_schedule(steps: int, temperature: tuple[float, float], update_proportion: tuple[float, float]) -> None:
-    """Raise ValueError unless steps >= 1, temperatures are finite and > 0 and update proportions lie in (0, 1]."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not all(0 < t < float("inf") for t in temperature):  # also rejects NaN
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    if not all(0 < p <= 1 for p in update_proportion):
-        raise ValueError(f"update proportion must lie in (0, 1], got {update_proportion}")
+    """Raise ValueError unless steps >= 1, temperatures are finite and > 0 and update proportions lie in (0, 1]
+    (`SamplerConfig`'s checks)."""
+    SamplerConfig(steps=steps, temperature=temperature, update_proportion=update_proportion, min_steps=0)
 
 
-def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: int, steps: int = 100,
-           temperature: tuple[float, float] = (0.8, 0.8), update_proportion: tuple[float, float] = (0.5, 0.5),
-           min_steps: int = 10, init: Tensor | None = None, keep: Tensor | None = None,
-           generator: torch.Generator | None = None, device: torch.device | str | None = None,
-           progress: Callable[[int, int], None] | None = None, compact_every: int = 10) -> tuple[Tensor, Tensor]:
+def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: int, sampler: SamplerConfig | None = None,
+           *, init: Tensor | None = None, keep: Tensor | None = None, generator: Generators = None,
+           device: torch.device | str | None = None, progress: Callable[[int, int], None] | None = None,
+           compact_every: int = 10, **overrides: Any) -> tuple[Tensor, Tensor]:
     """SUNDAE sampling (Savinov et al. section 3.3; McKinney & Willcocks section 3.4).
 
-    Start from tokens uniform over the codebook (or `init` where `keep` is True). For step n of `steps`,
-    temperature tau_n and update proportion p_n move linearly from their (start, end); draw
-    z' ~ Categorical(logits / tau_n) at every position and take z' where rand < p_n (never where `keep`).
-    A sample is finished once a whole step after the first `min_steps` changes no token; its tokens are
-    frozen from then on and it leaves the batch at the next compaction, so later steps cost less.
-    The random draws are made for the whole batch and indexed by the rows still in it, so a sample's
-    result does not depend on when the others finish, nor on `compact_every`.
+    Start from tokens uniform over the codebook (or `init` where `keep` is True). For step n of T, temperature
+    tau_n and update proportion p_n follow `sampler`'s schedules; draw z' ~ Categorical(logits / tau_n) at every
+    position and take z' where rand < p_n (never where `keep`). With early stop, a sample is finished once a
+    whole step after the first `min_steps` changes no token; its tokens are frozen from then on and it leaves
+    the batch at the next compaction, so later steps cost less. The random draws are made for the whole batch
+    and indexed by the rows still in it, so a sample's result does not depend on when the others finish, nor
+    on `compact_every`. With one generator per sample (`generator` a sequence of b), every draw of sample i
+    comes from generator i alone, so sample i is the same whatever the batch it is drawn in (up to the
+    network's own batch invariance).
 
     The step loop keeps the early-stop bookkeeping on the device: the host waits for the device only at a
     compaction, once every `compact_every` steps (the batch size must be known to launch the next step).
     On a GPU the steps in between queue up without synchronising. Runs under `torch.inference_mode`.
 
-    shape: (b, h, w) tokens. init: `b h w` int64, required with keep. keep: `b h w` bool, True = known token
-    that is never resampled (inpainting). progress(step, active) is called after every step, with the
-    number of samples still in the batch as of the last compaction.
-    Returns (tokens `b h w` int64, steps taken `b` int64 in [1, steps]).
-    Raises ValueError for steps < 1, temperatures <= 0, update proportions outside (0, 1] or
-    compact_every < 1.
+    logits_fn(z, rows, step): see `LogitsFn`. shape: (b, h, w) tokens. sampler: `SamplerConfig` (default: the
+    paper's FFHQ256 setting); `overrides` are its fields (steps=, temperature=, ...), applied on top and
+    validated there. init: `b h w` int64, required with keep. keep: `b h w` bool, True = known token that is
+    never resampled (inpainting). progress(step, active) is called after every step, with the number of
+    samples still in the batch as of the last compaction.
+    Returns (tokens `b h w` int64, steps taken `b` int64 in [1, T]).
+    Raises ValueError for an invalid sampler setting (`SamplerConfig`), compact_every < 1, or a keep-mask
+    without an init of the same shape.
     """
-    check_schedule(steps, temperature, update_proportion)
+    sampler = dataclasses.replace(sampler or SamplerConfig(), **overrides)
     if compact_every < 1:
         raise ValueError(f"compact_every must be >= 1, got {compact_every}")
     if keep is not None and (init is None or keep.shape != init.shape or tuple(keep.shape) != tuple(shape)):
         raise ValueError(f"keep needs an init of the same shape {shape}")
     with torch.inference_mode():
-        return _sample_loop(logits_fn, shape, vocab_size, steps, temperature, update_proportion, min_steps,
-                            init, keep, generator, device, progress, compact_every)
+        return _sample_loop(logits_fn, shape, vocab_size, sampler, init, keep, generator, device, progress,
+                            compact_every)
 
 
-def _sample_loop(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: int, steps: int,
-                 temperature: tuple[float, float], update_proportion: tuple[float, float], min_steps: int,
-                 init: Tensor | None, keep: Tensor | None, generator: torch.Generator | None,
+def _sample_loop(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: int, sampler: SamplerConfig,
+                 init: Tensor | None, keep: Tensor | None, generator: Generators,
                  device: torch.device | str | None, progress: Callable[[int, int], None] | None,
                  compact_every: int) -> tuple[Tensor, Tensor]:
-    b = shape[0]
+    b, steps = shape[0], sampler.steps
+    min_steps = sampler.min_steps if sampler.early_stop else steps
     if device is None:
         device = init.device if init is not None else "cpu"
-    z = torch.randint(0, vocab_size, shape, device=device, generator=generator)
+    per_sample = generator is not None and not isinstance(generator, torch.Generator)
+    z = _draw(torch.randint, shape, device, generator, 0, vocab_size)
     if keep is not None:
         z = torch.where(keep.to(device), init.to(device), z)
-    taus = linear_schedule(*temperature, steps).tolist()  # host floats: no device reads in the loop
-    props = linear_schedule(*update_proportion, steps).tolist()
+    taus, props = sampler.temperatures(), sampler.update_proportions()  # host floats: no device reads in the loop
     out = z.clone()
     steps_taken = torch.full((b,), steps, dtype=torch.long, device=device)  # per caller sample
     frozen = keep.to(device) if keep is not None else torch.zeros(shape, dtype=torch.bool, device=device)
     rows = torch.arange(b, device=device)  # which caller sample each batch row holds
+    row_list = list(range(b))  # the same on the host, for per-sample generators
     taken = torch.full((b,), steps, dtype=torch.long, device=device)  # per batch row
     done = torch.zeros(b, dtype=torch.bool, device=device)
     active = b
     for n in range(steps):
-        uniform = torch.rand((b, *shape[1:], vocab_size), device=device, generator=generator)
-        flip = torch.rand(shape, device=device, generator=generator)
-        if active < b:
-            uniform, flip = uniform[rows], flip[rows]
-        proposal = sample_logits(logits_fn(z, rows), taus[n], uniform=uniform)
+        if per_sample:  # only the rows still in the batch draw, each from its own generator
+            gens = [generator[i] for i in row_list]
+            uniform = _draw(torch.rand, (active, *shape[1:], vocab_size), device, gens)
+            flip = _draw(torch.rand, (active, *shape[1:]), device, gens)
+        else:
+            uniform = torch.rand((b, *shape[1:], vocab_size), device=device, generator=generator)
+            flip = torch.rand(shape, device=device, generator=generator)
+            if active < b:
+                uniform, flip = uniform[rows], flip[rows]
+        proposal = sample_logits(logits_fn(z, rows, n), taus[n], uniform=uniform)
         update = (flip < props[n]) & ~frozen & ~done[:, None, None]  # finished samples stay as they are
         z_next = torch.where(update, proposal, z)
         if min_steps <= n + 1 < steps:
@@ -174,6 +255,7 @@ def _sample_loop(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: i
                 out[rows[finished]], steps_taken[rows[finished]] = z[finished], taken[finished]
                 left = (~done).nonzero()[:, 0]
                 z, rows, frozen, taken, done = z[left], rows[left], frozen[left], taken[left], done[left]
+                row_list = rows.tolist()
                 active = len(rows)
         if progress is not None:
             progress(n + 1, active)
@@ -247,18 +329,15 @@ def guided_logits_fn(conditioned_fn: ConditionedFn, scale: GuidanceScale, steps:
 
     s = 1 gives the conditional logits, s = 0 the unconditional ones, s > 1 sharpens towards the condition.
     Both passes run in ONE forward: the `b'` rows are stacked twice (`2b' h w`), the second copy with
-    `drop` True, and the result is split back. `scale` is a constant or (start, end), linear over `steps`:
-    the returned function counts its calls (the sampler calls it once per step) and uses s_n at call n
-    (the last value after `steps` calls), so make a fresh one for every `sample` run.
+    `drop` True, and the result is split back. `scale` is a constant or (start, end), linear over `steps`
+    sampling steps: the function reads s_n from the step index the sampler passes (the last value beyond
+    `steps`), so it holds no state and serves any number of `sample` runs.
     Raises ValueError for a non-finite scale or steps < 1.
     """
     scales = guidance_scales(scale, steps)
-    calls = 0
 
-    def logits_fn(z: Tensor, rows: Tensor) -> Tensor:
-        nonlocal calls
-        s = scales[min(calls, len(scales) - 1)]
-        calls += 1
+    def logits_fn(z: Tensor, rows: Tensor, step: int) -> Tensor:
+        s = scales[min(step, len(scales) - 1)]
         b = z.shape[0]
         drop = torch.arange(2 * b, device=z.device) >= b
         cond, uncond = conditioned_fn(torch.cat([z, z]), torch.cat([rows, rows]), drop).float().chunk(2)

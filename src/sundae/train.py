@@ -457,10 +457,10 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
             if tokenizer is not None and (ctx.main or sharded) and (step % cfg.sample_every == 0 or step == cfg.steps):
                 ema.eval()  # under FSDP every rank runs the (collective) forward; rank 0 writes
                 if has_text:
-                    fn = (lambda z, rows: ema(z, grid_labels[rows] if has_classes else None,
+                    fn = (lambda z, rows, step: ema(z, grid_labels[rows] if has_classes else None,
                                              text=tuple(t[rows] for t in grid_text)))
                 else:
-                    fn = (lambda z, rows: ema(z, grid_labels[rows])) if has_classes else (lambda z, rows: ema(z))
+                    fn = (lambda z, rows, step: ema(z, grid_labels[rows])) if has_classes else (lambda z, rows, step: ema(z))
                 with torch.inference_mode(), autocast(device, cfg.precision):
                     z, _ = sample(fn, (len(grid_labels), h, w), model_cfg.vocab_size, steps=cfg.sample_steps,
                                   min_steps=cfg.sample_steps, generator=torch.Generator(device).manual_seed(0),

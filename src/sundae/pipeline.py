@@ -1,0 +1,510 @@
+"""`SundaePipeline`: a SUNDAE generator with its VQ-GAN tokenizer, the one place where the two are used together.
+
+    from sundae import SundaePipeline
+    pipe = SundaePipeline.from_pretrained("quickstart")            # a bundle, export, run folder or .pt
+    images, steps, tokens = pipe(num=10, class_labels=range(10), seed=0)
+
+Generation is the sampler of `sundae.sundae` (McKinney & Willcocks section 3.4) over a logits function built
+here from the network and its condition (class labels, text features, classifier-free guidance), then the
+tokenizer's decoder; inpainting is the same sampler with a keep-mask (section 3.5). Every sample draws its
+noise from its own generator seeded `seed + i`, so sample i is the same whether it is drawn alone or in any
+batch, and the batched sample -> decode loop lives here once for the CLI, the demo, the quickstart, the
+evaluation protocol, the training loop's sample grids and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sundae.checkpoint import export, load_checkpoint, load_generator, load_tokenizer
+from sundae.hourglass import Hourglass
+from sundae.images import tensor_to_image
+from sundae.io import atomic_write, file_digest
+from sundae.sundae import (GuidanceScale, LogitsFn, SamplerConfig, guidance_scales, guided_logits_fn, sample,
+                           token_keep_mask)
+from sundae.vqgan import VQGAN
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the network's autocast dtype
+Text = tuple[Tensor, Tensor, Tensor]  # a text encoder's (features `b n e`, mask `b n` bool, pooled `b e`)
+
+
+class SundaeOutput(NamedTuple):
+    """What a pipeline call returns: `images` (a list of PIL images, or `b c H W` float in [-1, 1] on the CPU
+    for output_type "pt"), `steps` (`b` int64: sampler steps each sample took), `tokens` (`b h w` int64)."""
+
+    images: list[Image.Image] | Tensor
+    steps: Tensor
+    tokens: Tensor
+
+
+def class_logits_fn(net: torch.nn.Module, labels: Tensor | None, precision: str = "fp32", compile: bool = False,
+                    guidance_scale: GuidanceScale = 1.0, steps: int = 1, text: Text | None = None) -> LogitsFn:
+    """The sampler's logits function `fn(z, rows, step)` for `net`, conditioned on `labels` (`b` int64) and,
+    for a text model, `text` (features `b n e`, mask `b n` bool, pooled `b e`: `sundae.text.TextEncoder.encode`).
+
+    precision "bf16" or "fp16" runs the network under that autocast (fp16 for GPUs without bf16); the sampler
+    draws from the logits in float32. compile wraps the network in `torch.compile(dynamic=True)`: the batch
+    shrinks as samples finish. guidance_scale: classifier-free guidance (`sundae.sundae.guided_logits_fn`,
+    Ho & Salimans 2022), a constant s or (start, end) linear over `steps` sampling steps; s = 1 (the default)
+    is plain conditional sampling with one forward per step, any other scale batches the conditional and
+    null-condition passes (twice the rows). The function holds no state: it serves any number of runs.
+    Raises ValueError for an unknown precision, a non-finite scale, or guidance other than 1 for an
+    unconditional network (it has no condition to guide by).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    forward = torch.compile(net, dynamic=True) if compile else net
+    device_type = next(net.parameters()).device.type
+    guided = any(s != 1.0 for s in guidance_scales(guidance_scale, steps))
+    if guided and not (getattr(net.cfg, "num_classes", 0) or getattr(net.cfg, "text_dim", 0)):
+        raise ValueError(f"guidance scale {guidance_scale} needs a conditional generator (classes or text); this "
+                         f"one is unconditional: drop --guidance-scale")
+
+    def conditioned_fn(z: Tensor, rows: Tensor, drop: Tensor | None = None) -> Tensor:
+        kwargs = {} if drop is None else {"drop": drop}
+        if text is not None:
+            kwargs["text"] = tuple(t[rows] for t in text)
+        with torch.autocast(device_type, dtype=PRECISIONS[precision] or torch.bfloat16,
+                            enabled=PRECISIONS[precision] is not None):
+            return forward(z, None if labels is None else labels[rows], **kwargs)
+
+    def logits_fn(z: Tensor, rows: Tensor, step: int) -> Tensor:
+        return conditioned_fn(z, rows)
+    return guided_logits_fn(conditioned_fn, guidance_scale, steps) if guided else logits_fn
+
+
+def encode_prompts(prompts: Sequence[str], num: int, encoder_name: str | None, device: torch.device | str) -> Text:
+    """`prompts` cycled over `num` images, encoded by the text encoder the generator was trained with:
+    (features `num n e`, mask `num n` bool, pooled `num e`). Raises ValueError when the generator names none."""
+    if not encoder_name:
+        raise ValueError("this text-conditional generator names no text encoder in its checkpoint")
+    from sundae.text import load_text_encoder
+    encoder = load_text_encoder(encoder_name, str(device))
+    return encoder.encode([prompts[i % len(prompts)] for i in range(num)])
+
+
+def inpaint_images(net, tokenizer: VQGAN, image: Tensor, pixel_mask: Tensor, num: int, labels: Tensor | None,
+                   generator: torch.Generator | Sequence[torch.Generator], dilate: int = 0, precision: str = "fp32",
+                   compile: bool = False, guidance_scale: GuidanceScale = 1.0, text: Text | None = None,
+                   sampler: SamplerConfig | None = None, **overrides: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`num` completions of one image (`c H W` in [-1, 1], any H, W) where `pixel_mask` (`1 H W`, 1 =
+    regenerate) is set (McKinney & Willcocks section 3.5: inpainting is the sampler with a keep-mask).
+
+    The image is tokenized with the tokenizer's size policy (padded to multiples of f, `VQGAN.encode`).
+    Known tokens (`token_keep_mask`: no masked pixel in the cell, grown by `dilate` cells) are fixed; the
+    decoded images are cropped back to H x W and every pixel outside the regenerated cells is copied from
+    the input. Completion i depends only on its own generator (with one per completion), not on `num`.
+    `sampler` (default `SamplerConfig()`) with `overrides` (steps=, ...) sets the schedule;
+    `generator` is one generator or one per completion. Returns (images `num c H W` in [-1, 1], tokens
+    `num h w`, keep-mask `num h w` bool, the input's tokens `num h w`), h = ceil(H / f), w = ceil(W / f).
+    precision, compile, guidance_scale and text: see `class_logits_fn`.
+    """
+    sampler = dataclasses.replace(sampler or SamplerConfig(), **overrides)
+    f = tokenizer.cfg.f
+    height, width = image.shape[-2:]
+    device = tokenizer.last_layer.device
+    x = image[None].to(device)
+    keep = token_keep_mask(pixel_mask[None].to(device), f, dilate).expand(num, -1, -1)
+    init = tokenizer.encode(x).expand(num, -1, -1)
+    fn = class_logits_fn(net, labels, precision, compile, guidance_scale, sampler.steps, text)
+    z, _ = sample(fn, tuple(init.shape), net.cfg.vocab_size, sampler, init=init, keep=keep, generator=generator,
+                  device=device)
+    # One completion at a time, so that a completion does not depend on how many were asked for (batched
+    # convolutions round differently by batch size).
+    decoded = torch.cat([tokenizer.decode(z[i:i + 1], size=(height, width)) for i in range(num)])
+    keep_px = keep.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, None, :height, :width]
+    return torch.where(keep_px, x, decoded), z, keep, init
+
+
+# ---- finding a generator's files, and bundles ------------------------------------------------------------------------
+
+def resolve_generator(path: str | Path) -> Path:
+    """The generator that `path` names: a `.pt` checkpoint as is; an export or bundle folder (config.json) as
+    is; a run folder of `sundae train` -> its `generator.pt`; a quickstart output folder -> its
+    `generator/generator.pt`. Anything else is returned unchanged, for `load_checkpoint` to name the problem."""
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        for inner in (path / "generator.pt", path / "generator" / "generator.pt"):
+            if inner.is_file():
+                return inner
+    return path
+
+
+def bundle_info(path: str | Path) -> dict[str, Any]:
+    """The `config.json` of an export or bundle folder as a dict ({} for anything else: a checkpoint file, a
+    run folder, or an unreadable file, which the loaders then name)."""
+    try:
+        info = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def export_bundle(generator: str | Path, out: str | Path, tokenizer: str | Path | None = None, ema: bool = True,
+                  sampler: SamplerConfig | None = None) -> Path:
+    """Write a generator and the tokenizer it was trained with into one folder that works wherever it is
+    moved or copied: `out/config.json` + `out/model.safetensors` (the generator, `sundae.checkpoint.export`),
+    `out/tokenizer/config.json` + `out/tokenizer/model.safetensors`, each component in the
+    `config.json` + `model.safetensors` layout of huggingface_hub's `PyTorchModelHubMixin`; the generator's
+    config.json names its tokenizer by the relative path "tokenizer" (key "bundle") and holds the default
+    `sampler` settings; `out/README.md` is a model card (training data, steps, sampler, metrics if a
+    `metrics.json` or `evaluation.json` lies beside the run).
+
+    `generator`: a run folder, a checkpoint or a quickstart folder; `tokenizer`: default the one the
+    generator was trained with (`resolve_tokenizer`). EMA weights by default. Returns `out`.
+    Raises FileNotFoundError or ValueError as `SundaePipeline.from_pretrained` does.
+    """
+    source = resolve_generator(generator)
+    if not source.is_file():
+        raise FileNotFoundError(f"{generator}: expected a generator checkpoint (.pt) or its run folder")
+    net, meta = load_generator(source)
+    tokenizer_path = resolve_tokenizer(source, meta, tokenizer)
+    check_pair(net, meta, load_tokenizer(tokenizer_path), source, tokenizer_path)
+    if Path(tokenizer_path).is_dir():
+        raise ValueError(f"{tokenizer_path} is an exported folder: pass the tokenizer's .pt checkpoint to bundle it")
+    out = Path(out)
+    sampler = sampler or SamplerConfig()
+    export(tokenizer_path, out / "tokenizer", ema=ema)
+    export(source, out, ema=ema, extra={"bundle": {"tokenizer": "tokenizer"},
+                                        "sampler": dataclasses.asdict(sampler)})
+    ckpt_step = load_checkpoint(source, "generator").get("step")
+    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(
+        _model_card(net, meta, sampler, ckpt_step, _run_metrics(source))))
+    return out
+
+
+def _run_metrics(checkpoint: Path) -> dict[str, float]:
+    """Numbers measured on a run, if its folder or the quickstart folder above it holds them (metrics.json of
+    `sundae quickstart`, evaluation.json of `sundae evaluate`): flat `name: value` pairs."""
+    found: dict[str, float] = {}
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        for name in ("metrics.json", "evaluation.json"):
+            try:
+                data = json.loads((folder / name).read_text())
+            except (OSError, ValueError):
+                continue
+            for key, value in data.items() if isinstance(data, dict) else ():
+                inner = value.items() if isinstance(value, dict) else [("", value)]
+                for sub, number in inner:
+                    if isinstance(number, (int, float)) and not isinstance(number, bool):
+                        found[f"{key}.{sub}" if sub else key] = number
+    return found
+
+
+def _model_card(net: Hourglass, meta: dict[str, Any], sampler: SamplerConfig, step: int | None,
+                metrics: dict[str, float]) -> str:
+    cfg = net.cfg
+    params = sum(p.numel() for p in net.parameters()) / 1e6
+    condition = (f"class-conditional ({cfg.num_classes} classes: {', '.join(meta.get('class_names') or [])})"
+                 if cfg.num_classes else f"text-conditional ({meta.get('text_encoder')})" if cfg.text_dim
+                 else "unconditional")
+    size = meta.get("image_size") or [g * int(meta.get("f") or 1) for g in meta.get("grid", [])]
+    lines = ["# SUNDAE image generator", "",
+             "A Step-Unrolled Denoising Autoencoder (SUNDAE) over VQ-GAN tokens with a 2D hourglass transformer "
+             "(McKinney & Willcocks, arXiv 2206.12351), made with `sundae`.", "",
+             "```python", "from sundae import SundaePipeline",
+             'pipe = SundaePipeline.from_pretrained("THIS_FOLDER")',
+             "images = pipe(num=8, seed=0).images   # PIL images", "```", "",
+             "## Model", "",
+             f"- generator: {params:.1f}M parameters, {condition}, codebook of {cfg.vocab_size} codes, "
+             f"token grid {'x'.join(map(str, meta.get('grid', [])))}, images {'x'.join(map(str, size))} pixels",
+             f"- trained for {step} steps" if step is not None else "- training steps: unknown",
+             f"- tokenizer: `tokenizer/` (sha256 of its source checkpoint {meta.get('tokenizer_sha256', 'unknown')})",
+             "", "## Sampler defaults", "",
+             f"steps {sampler.steps}, temperature {sampler.temperature[0]} -> {sampler.temperature[1]}, update "
+             f"proportion {sampler.update_proportion[0]} -> {sampler.update_proportion[1]}, min steps "
+             f"{sampler.min_steps}, early stop {'on' if sampler.early_stop else 'off'}", "",
+             "## Metrics", ""]
+    lines += [f"- {k}: {v:.4g}" for k, v in metrics.items()] or ["Not measured (see `sundae evaluate`)."]
+    return "\n".join(lines) + "\n"
+
+
+def resolve_tokenizer(generator: str | Path, meta: dict[str, Any], tokenizer: str | Path | None = None) -> Path:
+    """The tokenizer a generator was trained with. `tokenizer`, when given, is used as is (and checked by
+    `check_pair`). Otherwise, in order: the tokenizer folder a bundle names (`config.json`'s "bundle"), the
+    path recorded at training time, then the same file found relative to the generator (the run folder moved
+    or copied along with its tokenizer: the recorded relative path, or the `tokenizer/` run folder beside
+    the generator's as a quickstart lays them out), accepted only if its sha256 is the recorded one.
+    Raises ValueError when the generator names none or none of these exists."""
+    if tokenizer is not None:
+        return Path(tokenizer)
+    generator = Path(generator)
+    bundled = bundle_info(generator).get("bundle", {}).get("tokenizer")
+    if bundled:
+        return generator / bundled
+    recorded = meta.get("tokenizer")
+    if not recorded:
+        raise ValueError(f"{generator} names no tokenizer: pass --tokenizer")
+    if Path(recorded).exists():
+        return Path(recorded)
+    here = generator if generator.is_dir() else generator.parent
+    candidates = [here / meta["tokenizer_relpath"]] if meta.get("tokenizer_relpath") else []
+    candidates += [here.parent / "tokenizer" / "tokenizer.pt", here / "tokenizer.pt"]
+    digest = meta.get("tokenizer_sha256")
+    for candidate in candidates:
+        if candidate.is_file() and digest and file_digest(candidate) == digest:
+            return candidate
+    raise ValueError(f"the tokenizer {generator} was trained with, {recorded}, does not exist (moved?): "
+                     f"pass --tokenizer PATH")
+
+
+def check_pair(net: Hourglass, meta: dict[str, Any], tokenizer: VQGAN, generator: str | Path,
+               tokenizer_path: str | Path) -> None:
+    """Raise ValueError unless `tokenizer` (read from `tokenizer_path`) is the one the generator was trained
+    with: the sha256 recorded at training time, and the codebook size."""
+    digest = meta.get("tokenizer_sha256")
+    if digest and file_digest(tokenizer_path) != digest:
+        raise ValueError(f"{tokenizer_path} is not the tokenizer {generator} was trained with (its sha256 "
+                         f"differs from the one recorded at training time)")
+    if tokenizer.cfg.n_codes != net.cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.n_codes} codes, "
+                         f"generator {generator} expects {net.cfg.vocab_size}")
+
+
+# ---- the pipeline ---------------------------------------------------------------------------------------
+
+class SundaePipeline:
+    """A generator (`Hourglass`) with its tokenizer (`VQGAN`): sample, inpaint, encode, decode.
+
+    `meta` is the generator checkpoint's: `grid` (h, w tokens), `image_size` (H, W pixels, when the
+    tokenizer padded the training images), `class_names`, `text_encoder`. `precision` ("fp32" or "bf16":
+    the network under bf16 autocast, sampling in float32) and `compile` (`torch.compile` the network)
+    apply to every call; `sampler` is the calls' default `SamplerConfig` (a bundle stores one; else the
+    paper's FFHQ256 setting). `source` and `tokenizer_path` name the files, for messages. Build one with `from_pretrained`, or from modules you hold (the training loop does).
+    """
+
+    def __init__(self, generator: Hourglass, tokenizer: VQGAN, meta: dict[str, Any] | None = None,
+                 precision: str = "fp32", compile: bool = False, source: str | None = None,
+                 tokenizer_path: str | None = None, sampler: SamplerConfig | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.generator, self.tokenizer, self.meta = generator, tokenizer, dict(meta or {})
+        self.precision, self.compile, self.source = precision, compile, source
+        self.tokenizer_path = tokenizer_path
+        self.sampler = sampler or SamplerConfig()  # the default of every call: a bundle's, or the paper's
+        self._encoder = None
+        f = tokenizer.cfg.f
+        side = tokenizer.cfg.resolution // f
+        self.grid = tuple(self.meta.get("grid") or (side, side))
+        size = self.meta.get("image_size")
+        self.image_size = tuple(size) if size else (self.grid[0] * f, self.grid[1] * f)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", tokenizer: str | Path | None = None,
+                        precision: str = "fp32", compile: bool = False, ema: bool = True) -> "SundaePipeline":
+        """Load a generator and the tokenizer it was trained with from `path`: a bundle or export folder
+        (`sundae export`), a run folder of `sundae train`, a quickstart output folder, or a `.pt` checkpoint.
+        `tokenizer` overrides the one the generator names. EMA weights by default, eval mode, on `device`.
+        Raises FileNotFoundError or ValueError naming the file: not a generator, a tokenizer that cannot be
+        found, or one other than the generator was trained with (sha256 or codebook size)."""
+        path = resolve_generator(path)
+        net, meta = load_generator(path, device, ema)
+        tokenizer_path = resolve_tokenizer(path, meta, tokenizer)
+        vq = load_tokenizer(tokenizer_path, device, ema)  # first: a wrong kind of file says so
+        check_pair(net, meta, vq, path, tokenizer_path)
+        stored = bundle_info(path).get("sampler")
+        return cls(net, vq, meta, precision, compile, source=str(path), tokenizer_path=str(tokenizer_path),
+                   sampler=SamplerConfig(**stored) if stored else None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.generator.cfg.num_classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        names = list(self.meta.get("class_names") or [])
+        return names if len(names) == self.num_classes else [str(i) for i in range(self.num_classes)]
+
+    # ---- conditions ----
+
+    def labels(self, class_labels: int | str | Iterable[int | str] | Tensor | None, num: int) -> Tensor | None:
+        """Class labels for `num` samples (`num` int64 on the device), cycled: None cycles through every
+        class; an int or a class name (`meta["class_names"]`) or a sequence of them. Raises ValueError for an
+        unconditional generator given labels, or a label outside 0..num_classes-1 or an unknown name."""
+        if self.num_classes == 0:
+            if class_labels is not None:
+                what = "text-conditional, pass prompt=" if self.generator.cfg.text_dim else "unconditional"
+                raise ValueError(f"class labels given, but the generator has no classes: it is {what}")
+            return None
+        if class_labels is None:
+            values = list(range(self.num_classes))
+        else:
+            if isinstance(class_labels, (int, str)) or (isinstance(class_labels, Tensor) and class_labels.ndim == 0):
+                class_labels = [class_labels]
+            values = [self._class_index(v) for v in (class_labels.tolist() if isinstance(class_labels, Tensor)
+                                                    else class_labels)]
+            if not values:
+                raise ValueError("class labels: an empty list")
+        return torch.tensor(values, device=self.device).repeat(-(-num // len(values)))[:num]
+
+    def _class_index(self, value: int | str) -> int:
+        if isinstance(value, str):
+            if value in self.class_names:
+                return self.class_names.index(value)
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError(f"class {value!r} is not one of the trained classes "
+                                 f"({', '.join(self.class_names)})") from None
+        if isinstance(value, bool) or int(value) != value or not 0 <= value < self.num_classes:
+            raise ValueError(f"class {value} is outside the trained classes 0..{self.num_classes - 1}")
+        return int(value)
+
+    def text(self, prompt: str | Sequence[str] | None, num: int) -> Text | None:
+        """A text model's conditioning of `num` samples, the prompts cycled (None for other models).
+        Raises ValueError when a text model gets no prompt or another model gets one."""
+        if not self.generator.cfg.text_dim:
+            if prompt is not None:
+                raise ValueError(f"a prompt was given, but {self.source or 'the generator'} is not text-conditional")
+            return None
+        if prompt is None:
+            raise ValueError(f"{self.source or 'the generator'} is text-conditional: pass a prompt (\"\" is the "
+                             f"empty caption)")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt: an empty list")
+        if self._encoder is None:
+            if not self.meta.get("text_encoder"):
+                raise ValueError("this text-conditional generator names no text encoder in its checkpoint")
+            from sundae.text import load_text_encoder
+            self._encoder = load_text_encoder(self.meta["text_encoder"], str(self.device))
+        return self._encoder.encode([prompts[i % len(prompts)] for i in range(num)])
+
+    def logits_fn(self, labels: Tensor | None = None, text: Text | None = None, guidance_scale: GuidanceScale = 1.0,
+                  steps: int = 1) -> LogitsFn:
+        """`class_logits_fn` with this pipeline's network, precision and compile setting."""
+        return class_logits_fn(self.generator, labels, self.precision, self.compile, guidance_scale, steps, text)
+
+    # ---- generation ----
+
+    @staticmethod
+    def seeds(seed: int | Sequence[int], num: int) -> list[int]:
+        """Per-sample seeds: `seed + i` for an int, or the list itself (its length must be `num`)."""
+        if isinstance(seed, (int,)) and not isinstance(seed, bool):
+            return [seed + i for i in range(num)]
+        seeds = [int(s) for s in seed]
+        if len(seeds) != num:
+            raise ValueError(f"{len(seeds)} seeds for {num} samples")
+        return seeds
+
+    def generate(self, num: int = 1, class_labels: Any = None, prompt: str | Sequence[str] | None = None,
+                 guidance_scale: GuidanceScale = 1.0, sampler: SamplerConfig | None = None,
+                 seed: int | Sequence[int] = 0, batch_size: int = 64, progress: bool = True,
+                 desc: str = "sample", text_features: Text | None = None) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        """The batched sample -> decode loop, one batch at a time: yields (index of the batch's first sample,
+        images `b c H W` float in [-1, 1] on the CPU, steps taken `b` int64, tokens `b h w` int64 on the CPU).
+        Arguments as for `__call__`; `text_features` (a text encoder's output for the `num` samples) can stand
+        in for `prompt`. Memory is bounded by `batch_size`, whatever `num`."""
+        if num < 1 or batch_size < 1:
+            raise ValueError(f"num and batch size must be >= 1, got {num} and {batch_size}")
+        sampler = sampler or self.sampler
+        seeds = self.seeds(seed, num)
+        labels = self.labels(class_labels, num)
+        text = text_features if text_features is not None else self.text(prompt, num)
+        guidance_scales(guidance_scale, sampler.steps)  # checked before any work
+        device = self.device
+        with torch.inference_mode():
+            for start in tqdm(range(0, num, batch_size), desc=desc, dynamic_ncols=True,
+                              disable=not progress or bool(os.environ.get("TQDM_DISABLE")) or None):
+                part = slice(start, min(start + batch_size, num))
+                fn = self.logits_fn(None if labels is None else labels[part],
+                                    None if text is None else tuple(t[part] for t in text), guidance_scale,
+                                    sampler.steps)
+                gens = [torch.Generator(device).manual_seed(s) for s in seeds[part]]
+                z, taken = sample(fn, (len(gens), *self.grid), self.generator.cfg.vocab_size, sampler,
+                                  generator=gens, device=device)
+                # One image at a time: batched convolutions round differently by batch size (about 1e-5 on
+                # the CPU), which would make an image depend on its batchmates.
+                images = torch.cat([self.decode(z[i:i + 1]).float().cpu() for i in range(len(z))])
+                yield start, images, taken.cpu(), z.cpu()
+
+    def __call__(self, num: int = 1, class_labels: Any = None, prompt: str | Sequence[str] | None = None,
+                 guidance_scale: GuidanceScale = 1.0, sampler: SamplerConfig | None = None,
+                 seed: int | Sequence[int] = 0, batch_size: int = 64, output_type: str = "pil",
+                 progress: bool = True) -> SundaeOutput:
+        """Generate `num` images.
+
+        class_labels: for a class-conditional generator, an int, a class name or a sequence of them, cycled
+        over the samples (None: every class in turn). prompt: for a text model, a string or a list cycled over
+        the samples. guidance_scale: classifier-free guidance, a number or (start, end) over the steps
+        (1 = none). sampler: `SamplerConfig` (default: the pipeline's `sampler`). seed: sample i uses
+        seed + i (or seed[i] for a list), so any one image can be regenerated alone, whatever `num` and
+        `batch_size` were. output_type: "pil" (a list of PIL images) or "pt" (`b c H W` float in [-1, 1]).
+        Returns `SundaeOutput(images, steps, tokens)`. Raises ValueError for a condition the generator
+        cannot take, an invalid sampler setting or scale, or an unknown output_type.
+        """
+        if output_type not in ("pil", "pt"):
+            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        parts = list(self.generate(num, class_labels, prompt, guidance_scale, sampler, seed, batch_size, progress))
+        images = torch.cat([p[1] for p in parts])
+        return SundaeOutput(self._output(images, output_type), torch.cat([p[2] for p in parts]),
+                            torch.cat([p[3] for p in parts]))
+
+    def inpaint(self, image: Tensor | Image.Image, mask: Tensor, num: int = 4, class_labels: Any = None,
+                prompt: str | Sequence[str] | None = None, guidance_scale: GuidanceScale = 1.0,
+                sampler: SamplerConfig | None = None, seed: int | Sequence[int] = 0, dilate: int = 0,
+                output_type: str = "pil") -> SundaeOutput:
+        """`num` completions of `image` (`c H W` float in [-1, 1], or a PIL image) where `mask` (`1 H W` or
+        `H W`, 1 = regenerate) is set; pixels outside the regenerated token cells are the input's. Conditions,
+        sampler and seeds as for `__call__`; a class-conditional generator needs `class_labels`. Returns
+        `SundaeOutput(images, steps, tokens)` (steps: T for every completion). Raises ValueError for a mask
+        of another size, dilate < 0, or a condition the generator cannot take."""
+        if isinstance(image, Image.Image):
+            from sundae.images import image_to_tensor
+            image = image_to_tensor(image.convert("L" if self.tokenizer.cfg.in_channels == 1 else "RGB"))
+        mask = mask if mask.ndim == 3 else mask[None]
+        if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
+            raise ValueError(f"the mask is {mask.shape[-2]}x{mask.shape[-1]} (HxW), the image "
+                             f"{image.shape[-2]}x{image.shape[-1]}: they must be the same size")
+        if dilate < 0:
+            raise ValueError(f"dilate must be >= 0 token cells, got {dilate}")
+        if self.num_classes and class_labels is None:
+            raise ValueError(f"{self.source or 'the generator'} is class-conditional: pass class labels "
+                             f"(0..{self.num_classes - 1})")
+        sampler = sampler or self.sampler
+        labels, text = self.labels(class_labels, num), self.text(prompt, num)
+        gens = [torch.Generator(self.device).manual_seed(s) for s in self.seeds(seed, num)]
+        with torch.inference_mode():
+            images, z, _, _ = inpaint_images(self.generator, self.tokenizer, image, mask.float(), num, labels, gens,
+                                             dilate, self.precision, self.compile, guidance_scale, text, sampler)
+        return SundaeOutput(self._output(images.float().cpu(), output_type),
+                            torch.full((num,), sampler.steps, dtype=torch.long), z.cpu())
+
+    # ---- the tokenizer ----
+
+    def encode(self, images: Tensor) -> Tensor:
+        """`b c H W` float in [-1, 1] (any H, W) -> tokens `b h w` int64, h = ceil(H / f), w = ceil(W / f)."""
+        with torch.inference_mode():
+            return self.tokenizer.encode(images.to(self.device))
+
+    def decode(self, tokens: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """Tokens `b h w` int64 -> images `b c H W` float in [-1, 1] on the device, cropped to `size` (H, W
+        pixels; default the generator's training image size)."""
+        with torch.inference_mode():
+            return self.tokenizer.decode(tokens.to(self.device), size=size or self.image_size)
+
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """Round trip through the tokenizer: `b c H W` in [-1, 1] -> the same shape, decoded (on the CPU)."""
+        with torch.inference_mode():
+            return self.tokenizer.decode(self.encode(images), size=tuple(images.shape[-2:])).float().cpu()
+
+    @staticmethod
+    def _output(images: Tensor, output_type: str) -> list[Image.Image] | Tensor:
+        if output_type == "pt":
+            return images
+        if output_type != "pil":
+            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        return [tensor_to_image(x) for x in images]
