@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
-from sundae.data import write_json as _write_json  # noqa: E402
+from sundae.io import write_json as _write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

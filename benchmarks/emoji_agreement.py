@@ -29,9 +29,10 @@ import torch.nn.functional as F
 
 from common import RESULTS, device_name, print_table, write_json  # noqa: E402  (puts src/ on the path)
 
-from sundae import data as D
 from sundae.checkpoint import load_generator, load_tokenizer
 from sundae.cli import class_logits_fn, encode_prompts
+from sundae.data import ImageFolder
+from sundae.images import save_grid
 from sundae.sundae import sample
 
 
@@ -60,7 +61,7 @@ def main() -> None:
     device, run = torch.device(args.device), Path(args.run)
     net, meta = load_generator(run / "generator" / "generator.pt", device)
     tokenizer = load_tokenizer(run / "tokenizer" / "tokenizer.pt", device)
-    folder = D.ImageFolder(run / "emoji", tokenizer.cfg.resolution, tokenizer.cfg.in_channels)
+    folder = ImageFolder(run / "emoji", tokenizer.cfg.resolution, tokenizer.cfg.in_channels)
     real = torch.stack([folder[i][0] for i in range(len(folder))])
     n = len(real)
     picked = torch.linspace(0, n - 1, min(args.captions, n)).round().long()
@@ -87,7 +88,7 @@ def main() -> None:
         images = torch.cat(images)
         rows.append({"guidance_scale": scale, "top1": retrieval(images, targets, real, 1),
                      "top5": retrieval(images, targets, real, 5), "seconds": time.time() - t})
-        D.save_grid(images[:80], run / f"agreement_samples_scale_{scale_text}.png", nrow=args.per_caption * 8)
+        save_grid(images[:80], run / f"agreement_samples_scale_{scale_text}.png", nrow=args.per_caption * 8)
         print(f"scale {scale:g}: top-1 {rows[-1]['top1']:.3f}, top-5 {rows[-1]['top5']:.3f}")
     print(f"{n} real emoji; chance top-1 {1 / n:.4f}, top-5 {5 / n:.4f}; tokenizer ceiling top-1 "
           f"{ceiling[1]:.3f}, top-5 {ceiling[5]:.3f}")

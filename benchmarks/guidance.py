@@ -24,12 +24,14 @@ import torch
 
 from common import RESULTS, device_name, print_table, write_json  # noqa: E402  (puts src/ on the path)
 
-from sundae import data as D
 from sundae.checkpoint import load_generator, load_tokenizer
-from sundae.cli import class_logits_fn, tokenize
+from sundae.cli import class_logits_fn
+from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxImages
 from sundae.evaluate import accuracy, train_classifier
+from sundae.images import save_grid
 from sundae.quickstart import QUICKSTART_PRESETS
 from sundae.sundae import sample
+from sundae.tokens import TokenDataset, tokenize
 from sundae.train import train_generator, train_vqgan
 
 
@@ -40,7 +42,7 @@ def _scale(text: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=str(D.FASHION_MNIST_DIR))
+    parser.add_argument("--data", default=str(FASHION_MNIST_DIR))
     parser.add_argument("--out", default="guidance_run", help="run folder (tokenizer/, tokens/, generator/)")
     parser.add_argument("--tokenizer", help="reuse this fashion tokenizer (with --tokens) instead of training one")
     parser.add_argument("--tokens", help="its token folder of the Fashion-MNIST training set")
@@ -62,8 +64,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     t0 = time.time()
 
-    train = D.IdxImages(args.data, "train", cfg.image_size)
-    test = D.IdxImages(args.data, "test", cfg.image_size)
+    train = IdxImages(args.data, "train", cfg.image_size)
+    test = IdxImages(args.data, "test", cfg.image_size)
     n = 2000 if args.smoke else len(train)
     judge = train_classifier(train.images[:n], train.labels[:n], 10, 1 if args.smoke else cfg.classifier_epochs,
                              seed=args.seed)
@@ -74,9 +76,9 @@ def main() -> None:
         tok_path, tokens_dir = Path(args.tokenizer), Path(args.tokens)
     else:
         tok_path = train_vqgan(cfg.vqgan, cfg.vqgan_train, train, out / "tokenizer", device, resume=True)
-        tokens_dir = tokenize(tok_path, train, out / "tokens", device, class_names=D.FASHION_MNIST_CLASSES)
+        tokens_dir = tokenize(tok_path, train, out / "tokens", device, class_names=FASHION_MNIST_CLASSES)
     tokenizer = load_tokenizer(tok_path, device)
-    tokens = D.TokenDataset(tokens_dir)
+    tokens = TokenDataset(tokens_dir)
     gen_cfg = dataclasses.replace(cfg.generator_train, steps=args.gen_steps, cond_dropout=args.cond_dropout)
     hg_cfg = dataclasses.replace(cfg.hourglass, vocab_size=tokenizer.cfg.n_codes, num_classes=10)
     meta = {k: tokens.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names")}
@@ -105,8 +107,8 @@ def main() -> None:
         rows.append({"guidance_scale": list(scale), "class_accuracy": acc, "min_class_accuracy": min(per_class),
                      "per_class_accuracy": per_class, "seconds_sampling": time.time() - t})
         print(f"scale {text}: class accuracy {acc:.4f}")
-        D.save_grid(images.view(10, args.per_class, *images.shape[1:])[:, :10].flatten(0, 1),
-                    out / f"samples_scale_{text.replace(':', '-')}.png", nrow=10)
+        save_grid(images.view(10, args.per_class, *images.shape[1:])[:, :10].flatten(0, 1),
+                  out / f"samples_scale_{text.replace(':', '-')}.png", nrow=10)
 
     for r in rows:
         r["scale"] = ":".join(f"{v:g}" for v in dict.fromkeys(r["guidance_scale"]))

@@ -62,14 +62,15 @@ from common import RESULTS, environment, print_table, write_json
 from baselines import (Autoregressive, MaskGIT, autoregressive_loss, autoregressive_sample, mask_schedule,
                        maskgit_sample, masked_token_loss, matching_layers)
 from plotting import Panel, save_panels
-from sundae import data as D
 from sundae.checkpoint import load_tokenizer
-from sundae.cli import class_logits_fn, encode_dataset
+from sundae.cli import class_logits_fn
+from sundae.data import FASHION_MNIST_DIR, IdxImages
 from sundae.evaluate import predict, train_classifier
-from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.hourglass import Hourglass
+from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.metrics import classifier_features, frechet_distance, precision_recall
 from sundae.sundae import sample, unrolled_loss
+from sundae.tokens import encode_dataset
 from sundae.train import VQGAN_TRAIN_PRESETS, train_vqgan
 from sundae.vqgan import PRESETS as VQGAN_PRESETS
 from sundae.vqgan import VQGAN
@@ -201,7 +202,7 @@ def judge_row(images: Tensor, labels: Tensor, judge: nn.Module, real_feats: Tens
 
 # ---- the run ---------------------------------------------------------------------------------------------
 
-def _subset(ds: D.IdxImages, limit: int) -> D.IdxImages:
+def _subset(ds: IdxImages, limit: int) -> IdxImages:
     if limit:
         ds.images, ds.labels = ds.images[:limit], ds.labels[:limit]
     return ds
@@ -237,7 +238,7 @@ def estimated_calls(s: Settings, grid: tuple[int, int]) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(D.FASHION_MNIST_DIR), help="folder with the Fashion-MNIST idx files")
+    p.add_argument("--data", default=str(FASHION_MNIST_DIR), help="folder with the Fashion-MNIST idx files")
     p.add_argument("--tokenizer", help="a trained `fashion` tokenizer checkpoint (tokenizer.pt) to reuse")
     p.add_argument("--budget-minutes", type=float, default=55.0,
                    help="wall-clock target for the whole run; sets the training budget (default 55)")
@@ -267,8 +268,8 @@ def main() -> None:
         print(f"[{time.perf_counter() - wall_start:6.0f} s] {name}: {seconds[name]:.0f} s", flush=True)
 
     t = time.perf_counter()
-    train = _subset(D.IdxImages(args.data, "train", 32), s.train_images)
-    test = _subset(D.IdxImages(args.data, "test", 32), s.test_images)
+    train = _subset(IdxImages(args.data, "train", 32), s.train_images)
+    test = _subset(IdxImages(args.data, "test", 32), s.test_images)
     judge = train_classifier(train.images, train.labels, NUM_CLASSES, s.classifier_epochs, seed=args.seed,
                              progress=False)
     judge_accuracy = (predict(judge, test.images) == test.labels).float().mean().item()

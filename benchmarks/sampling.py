@@ -32,9 +32,9 @@ import torch
 from common import DTYPES, RESULTS, environment, peak_matmul_flops, peak_memory, print_table, timed, write_json
 from sundae.checkpoint import load_generator, load_tokenizer
 from sundae.cli import class_logits_fn
-from sundae.data import save_image
-from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.hourglass import Hourglass, forward_flops
+from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
+from sundae.images import save_image
 from sundae.sundae import sample
 from sundae.vqgan import PRESETS as VQGAN_PRESETS
 from sundae.vqgan import VQGAN

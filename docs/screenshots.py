@@ -20,9 +20,10 @@ from pathlib import Path
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-from sundae import data as D
 from sundae.checkpoint import load_generator, load_tokenizer
+from sundae.data import FASHION_MNIST_DIR, open_images
 from sundae.demo import build_app, serve
+from sundae.images import save_image
 
 DOCS = Path(__file__).resolve().parent
 
@@ -72,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     app, url = _serve(Path(args.run))
     boot = Path(tempfile.mkdtemp()) / "boot.png"
-    D.save_image(D.open_images(D.FASHION_MNIST_DIR, 32, 1, "test")[0][0], boot)
+    save_image(open_images(FASHION_MNIST_DIR, 32, 1, "test")[0][0], boot)
     written = [DOCS / "demo_generate.png", DOCS / "demo_inpaint.png"]
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=args.chromium, headless=True)

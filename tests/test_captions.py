@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from cli_helpers import fails, run
-from sundae.data import ImageFolder, TokenDataset, read_captions
+from sundae.data import ImageFolder
+from sundae.images import read_captions
+from sundae.tokens import TokenDataset
 
 
 @pytest.fixture()

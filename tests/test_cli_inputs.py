@@ -14,9 +14,11 @@ from PIL import Image
 
 from sundae.checkpoint import save_checkpoint
 from cli_helpers import fails, run
-from sundae.cli import UsageError, file_digest, load_mask, main
-from sundae.hourglass import PRESETS as HG
+from sundae.cli import UsageError, main
 from sundae.hourglass import Hourglass
+from sundae.hourglass import PRESETS as HG
+from sundae.images import load_mask
+from sundae.io import file_digest
 from sundae.vqgan import PRESETS as VQ
 from sundae.vqgan import VQGAN
 

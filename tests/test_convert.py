@@ -19,8 +19,8 @@ import yaml
 from einops import rearrange
 from PIL import Image
 
-from sundae import data as D
 from sundae.checkpoint import load_tokenizer, save_checkpoint
+from sundae.data import open_images
 from cli_helpers import fails, run
 from sundae.convert import convert_taming, read_lightning_checkpoint
 from sundae.evaluate import psnr
@@ -275,7 +275,7 @@ def test_converted_tokenizer_through_the_cli(tmp_path, image_folder, capsys):
     assert "f=4, 64 codes, 32x32 images -> 8x8 tokens" in capsys.readouterr().out
     assert "exists" in fails(capsys, "convert-taming", "--checkpoint", ckpt, "--config", cfg, "--out", tmp_path / "tok")
 
-    dataset = D.open_images(image_folder, 32, 3)
+    dataset = open_images(image_folder, 32, 3)
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
     codes, images = reference(m, x, 4)
     run("tokenize", "--tokenizer", tok, "--data", image_folder, "--out", tmp_path / "tokens", "--device", "cpu")

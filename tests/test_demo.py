@@ -18,12 +18,12 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio")
 
-from sundae import data as D  # noqa: E402
 from sundae import demo  # noqa: E402  (after the skip: gradio is the optional `demo` extra)
 from sundae.checkpoint import save_checkpoint  # noqa: E402
 from sundae.cli import class_logits_fn, inpaint_images, main  # noqa: E402
-from sundae.hourglass import PRESETS as HOURGLASS_PRESETS  # noqa: E402
 from sundae.hourglass import Hourglass  # noqa: E402
+from sundae.hourglass import PRESETS as HOURGLASS_PRESETS  # noqa: E402
+from sundae.images import make_grid, tensor_to_image  # noqa: E402
 from sundae.sundae import sample  # noqa: E402
 from sundae.text import DEFAULT as MINILM  # noqa: E402
 from sundae.text import load_text_encoder  # noqa: E402
@@ -59,7 +59,7 @@ def text_net():
 def _decoded_grid(tokenizer, z):
     """Tokens `b h w` -> the grid the demo shows: decoded, ceil(sqrt(b)) per row (sundae.data's grid)."""
     with torch.inference_mode():
-        return np.asarray(D.tensor_to_image(D.make_grid(tokenizer.decode(z), nrow=int(np.ceil(np.sqrt(len(z)))))))
+        return np.asarray(tensor_to_image(make_grid(tokenizer.decode(z), nrow=int(np.ceil(np.sqrt(len(z)))))))
 
 
 # ---- the live sampler --------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def test_generate_action_yields_previews_then_the_samplers_grid(nets):
     with torch.inference_mode():
         z, taken = sample(lambda z, rows, step: net(z, labels[rows]), (5, 8, 8), V, steps=12, min_steps=10,
                           generator=torch.Generator().manual_seed(3))
-        expected = D.tensor_to_image(D.make_grid(tokenizer.decode(z), nrow=3))
+        expected = tensor_to_image(make_grid(tokenizer.decode(z), nrow=3))
     grid, text = seen[-1]
     assert grid.size == (2 + 3 * 34, 2 + 2 * 34) and np.array_equal(np.asarray(grid), np.asarray(expected))
     assert text.endswith(": " + ", ".join(str(t) for t in taken.tolist()))
@@ -311,7 +311,7 @@ def test_inpaint_with_a_prompt_and_guidance(nets, text_net):
         expected, *_ = inpaint_images(text_net, tokenizer, image, mask, 2, None, torch.Generator().manual_seed(1),
                                       guidance_scale=3.0, text=load_text_encoder(MINILM, "cpu").encode(["rocket"] * 2),
                                       steps=5, min_steps=5, temperature=(1.0, 1.0), update_proportion=(0.8, 0.8))
-    assert np.array_equal(guided, np.stack([np.asarray(D.tensor_to_image(x)) for x in expected]))
+    assert np.array_equal(guided, np.stack([np.asarray(tensor_to_image(x)) for x in expected]))
     assert (guided[:, :, 16:] == pixels[:, 16:]).all()
     assert not np.array_equal(completions(1.0)[:, :, :16], guided[:, :, :16])
 

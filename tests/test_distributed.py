@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from sundae.checkpoint import load_checkpoint, load_tokenizer
-from sundae.data import TokenDataset
 from sundae.hourglass import PRESETS as HG
+from sundae.tokens import TokenDataset
 from sundae.train import GENERATOR_TRAIN_PRESETS, train_generator
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -275,7 +275,8 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint_and_resume_works(tokens,
 
 
 def test_tokenize_under_torchrun_writes_the_single_process_folder(image_folder, tmp_path):
-    from sundae.cli import main, split_rows
+    from sundae.cli import main
+    from sundae.tokens import split_rows
     main(["train-vqgan", "--data", str(image_folder), "--out", str(tmp_path / "tok"), "--preset", "tiny",
           "--set", "steps=1", "--set", "batch_size=4", "--device", "cpu"])
     args = ["tokenize", "--tokenizer", str(tmp_path / "tok" / "tokenizer.pt"), "--data", str(image_folder),

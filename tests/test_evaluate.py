@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from cli_helpers import fails, run
-from sundae import data as D
 from sundae.checkpoint import load_tokenizer
+from sundae.data import FASHION_MNIST_DIR, ImageFolder, is_idx_dataset
 from sundae.evaluate import psnr
 from sundae.evaluation import INCEPTION_FILE, balanced_labels
 from sundae.inception import FIDInception, inception_features, load_fid_inception
@@ -56,7 +56,7 @@ def test_evaluate_reports_values_that_independent_computations_confirm(runs, ima
 
     # Tokenizer numbers recomputed here: encode/decode the same 24 reference images.
     tokenizer = load_tokenizer(runs / "tok" / "tokenizer.pt")
-    ref = D.ImageFolder(image_folder, 32, 3)
+    ref = ImageFolder(image_folder, 32, 3)
     x = torch.stack([ref[i][0] for i in range(len(ref))])
     with torch.no_grad():
         z = tokenizer.encode(x)
@@ -94,7 +94,7 @@ def test_evaluate_reports_values_that_independent_computations_confirm(runs, ima
                                     "--out", out, *SAMPLER)
 
 
-@pytest.mark.skipif(not D.is_idx_dataset(D.FASHION_MNIST_DIR), reason="Fashion-MNIST idx files not installed")
+@pytest.mark.skipif(not is_idx_dataset(FASHION_MNIST_DIR), reason="Fashion-MNIST idx files not installed")
 def test_evaluate_against_fashion_mnist(runs, tmp_path, capsys, no_inception):
     run("evaluate", "--generator", runs / "gen", "--reference", "fashion-mnist", "--reference-limit", 24,
         "--classifier-train-limit", 128, "--steps", 2, "--out", tmp_path, *SAMPLER)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from sundae.cli import class_logits_fn
-from sundae.data import TokenDataset
-from sundae.hourglass import PRESETS as HG
 from sundae.hourglass import Hourglass
+from sundae.hourglass import PRESETS as HG
 from sundae.sundae import condition_dropout, guidance_scales, guided_logits_fn, sample
+from sundae.tokens import TokenDataset
 from sundae.train import GENERATOR_TRAIN_PRESETS, train_generator
 
 

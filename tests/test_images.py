@@ -10,7 +10,8 @@ from PIL import Image
 
 from sundae.checkpoint import save_checkpoint
 from sundae.cli import main
-from sundae.data import ImageError, ImageFolder, image_to_tensor, open_images, read_image
+from sundae.data import ImageFolder, open_images
+from sundae.images import ImageError, image_to_tensor, read_image
 from sundae.vqgan import PRESETS as VQ
 from sundae.vqgan import VQGAN
 

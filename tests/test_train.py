@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from sundae.data import IdxImages, ImageFolder, TokenDataset, make_grid
+from sundae.data import IdxImages, ImageFolder
 from sundae.hourglass import PRESETS as HG
+from sundae.images import make_grid
+from sundae.tokens import TokenDataset
 from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, EpochBatchSampler, train_generator,
                           train_vqgan)
 from sundae.vqgan import PRESETS as VQ

@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from sundae.data import atomic_write, write_json
 from sundae.hourglass import Hourglass, HourglassConfig
+from sundae.io import atomic_write, write_json
 from sundae.vqgan import VQGAN, VQGANConfig
 
 FORMAT, VERSION = "sundae", 1

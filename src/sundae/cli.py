@@ -3,7 +3,7 @@
 Verbs: train-vqgan, convert-taming, reconstruct, tokenize, train, sample, inpaint, evaluate, export, demo,
 quickstart.
 Configs come from named presets plus `--set key=value` overrides checked against the dataclass fields. Images
-are read by `sundae.data.read_image`'s policy; errors are one line (`--debug` shows the traceback); the
+are read by `sundae.images.read_image`'s policy; errors are one line (`--debug` shows the traceback); the
 library's warnings (skipped files, ...) print as `sundae VERB: warning: ...`.
 """
 
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -20,18 +18,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sundae import data as D
 from sundae.checkpoint import config_from_dict, export, load_checkpoint, load_generator, load_tokenizer
+from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, is_idx_dataset, open_images
+from sundae.distributed import teardown
 from sundae.evaluate import codebook_usage, psnr
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
+from sundae.images import check_text, load_image, load_mask, save_grid, save_image
+from sundae.io import file_digest, log, write_json
 from sundae.sundae import GuidanceScale, check_schedule, guidance_scales, guided_logits_fn, sample, token_keep_mask
-from sundae.distributed import Dist, barrier, gather_to_main, setup, teardown
+from sundae.tokens import TokenDataset, tokenize
 from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, Interrupted, resolve_device,
                           train_generator, train_vqgan)
 from sundae.vqgan import PRESETS as VQGAN_PRESETS
@@ -130,21 +131,6 @@ def _preset(table: dict, name: str, what: str) -> Any:
     return table[name]
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file, hex: identifies which tokenizer checkpoint made a token file. For an exported model
-    folder, the sha256 of the checkpoint it was exported from."""
-    if Path(path).is_dir():
-        try:
-            return str(json.loads((Path(path) / "config.json").read_text()).get("source_sha256", ""))
-        except (OSError, json.JSONDecodeError, AttributeError) as err:
-            raise ValueError(f"{path}/config.json is not an exported model's config: {err}") from None
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---- verbs -----------------------------------------------------------------------------------------
 
 def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_table: dict,
@@ -170,8 +156,8 @@ def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_t
         if args.preset is not None:  # the preset as this command line would shape it: with its --set values
             preset = apply_overrides(args.set, _preset(model_table, args.preset, kind), train_cfg)[0]
         if preset is not None and dataclasses.replace(preset, **{k: getattr(stored, k) for k in data_fields}) != stored:
-            D.log.warning(f"--preset {args.preset} ignored: --resume continues the run in {args.out}, whose "
-                          f"architecture (stored in {last.name}) differs from that preset's")
+            log.warning(f"--preset {args.preset} ignored: --resume continues the run in {args.out}, whose "
+                        f"architecture (stored in {last.name}) differs from that preset's")
         model_cfg, train_cfg = apply_overrides(args.set, stored, train_cfg)
         changed = [f"{f.name}: {getattr(stored, f.name)!r} in the run, {getattr(model_cfg, f.name)!r} asked"
                    for f in dataclasses.fields(stored) if getattr(stored, f.name) != getattr(model_cfg, f.name)]
@@ -179,11 +165,11 @@ def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_t
             raise UsageError(f"--set changes the architecture of the run in {args.out} ({'; '.join(changed)}): "
                              f"resume without it, or start over with --overwrite or another --out")
         if train_cfg.steps <= ckpt.get("step", 0):
-            D.log.warning(f"the run in {args.out} is already at step {ckpt.get('step', 0)} >= steps "
-                          f"{train_cfg.steps}: nothing to train (raise it with --set steps=N)")
+            log.warning(f"the run in {args.out} is already at step {ckpt.get('step', 0)} >= steps "
+                        f"{train_cfg.steps}: nothing to train (raise it with --set steps=N)")
         return model_cfg, train_cfg, ckpt.get("meta", {})
     if args.resume:
-        D.log.warning(f"--resume: no {last} to resume, starting a new run")
+        log.warning(f"--resume: no {last} to resume, starting a new run")
     preset = args.preset or "ffhq256"
     model_cfg = _preset(model_table, preset, kind)
     train_cfg = _preset(train_table, preset, f"{kind} training")
@@ -193,141 +179,10 @@ def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_t
 
 def cmd_train_vqgan(args: argparse.Namespace) -> None:
     model_cfg, train_cfg, _ = _run_configs(args, "tokenizer", VQGAN_PRESETS, VQGAN_TRAIN_PRESETS)
-    dataset = D.open_images(args.data, model_cfg.resolution, model_cfg.in_channels, "train", args.strict)
+    dataset = open_images(args.data, model_cfg.resolution, model_cfg.in_channels, "train", args.strict)
     path = train_vqgan(model_cfg, train_cfg, dataset, args.out, args.device, args.resume, overwrite=args.overwrite)
     if _rank() == 0:
         print(f"tokenizer written to {path}")
-
-
-@torch.no_grad()
-def encode_dataset(tokenizer: VQGAN, dataset: torch.utils.data.Dataset, batch_size: int,
-                   device: torch.device, desc: str = "tokenize",
-                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Encode every image of `dataset` -> (tokens uint16 `N h w`, labels int64 `N`)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    tokens, labels = [], []
-    for x, y in tqdm(loader, desc=desc, dynamic_ncols=True, disable=not progress or None):
-        tokens.append(tokenizer.encode(x.to(device)).cpu().numpy().astype(np.uint16))
-        labels.append(y.numpy().astype(np.int64))
-    if not tokens:
-        return np.zeros((0, 0, 0), np.uint16), np.zeros(0, np.int64)
-    return np.concatenate(tokens), np.concatenate(labels)
-
-
-class SourceRows(torch.utils.data.Dataset):
-    """Items of `dataset` picked by `rows` (`n 2` int64: source index, flipped 0/1), horizontally flipped
-    where asked: the paper stores a flipped copy of every training image (augmentation)."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset, rows: np.ndarray):
-        self.dataset, self.rows = dataset, rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        x, y = self.dataset[int(self.rows[i, 0])]
-        return (x.flip(-1) if self.rows[i, 1] else x), y
-
-
-def split_rows(n: int, eval_fraction: float, seed: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic train/eval split of `n` source images -> (train rows, eval rows), each `m 2` int64
-    (source index, flipped), sorted by source index.
-
-    round(eval_fraction * n) images chosen by a permutation seeded with `seed` go to eval; the split is made
-    on source images before flipping, so an image and its flipped copy (train only, when `flip`) are always on
-    the same side. Raises ValueError unless 0 <= eval_fraction < 1.
-    """
-    if not 0 <= eval_fraction < 1:
-        raise ValueError(f"eval fraction must be in [0, 1), got {eval_fraction}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    held = np.sort(perm[:round(eval_fraction * n)])
-    kept = np.setdiff1d(np.arange(n), held)
-    train = np.stack([np.repeat(kept, 2), np.tile([0, 1], len(kept))], 1) if flip else \
-        np.stack([kept, np.zeros_like(kept)], 1)
-    return train.astype(np.int64), np.stack([held, np.zeros_like(held)], 1).astype(np.int64)
-
-
-def write_token_folder(out: str | Path, tokens: np.ndarray, labels: np.ndarray, meta: dict[str, Any],
-                       sources: np.ndarray | None = None, captions: Sequence[str] | None = None,
-                       text: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
-    """Write `tokens.npy` (uint16 `N h w`), `labels.npy`, `meta.json` and, when given, `sources.npy`
-    (`N 2` int64: source image index, flipped), `captions.json` (N strings) and the text encoder's
-    `text_features.npy` (float16 `N n e`), `text_mask.npy` (bool `N n`), `text_pooled.npy` (float16 `N e`)
-    into `out`, each atomically."""
-    out = Path(out)
-    if captions is not None:
-        D.write_json(out / "captions.json", list(captions))
-    for name, array in zip(("text_features", "text_mask", "text_pooled"), text or ()):
-        D.atomic_write(out / f"{name}.npy", lambda tmp, a=array: np.save(open(tmp, "wb"), a))
-    D.atomic_write(out / "tokens.npy", lambda tmp: np.save(open(tmp, "wb"), tokens.astype(np.uint16)))
-    D.atomic_write(out / "labels.npy", lambda tmp: np.save(open(tmp, "wb"), labels.astype(np.int64)))
-    if sources is not None:
-        D.atomic_write(out / "sources.npy", lambda tmp: np.save(open(tmp, "wb"), sources.astype(np.int64)))
-    D.write_json(out / "meta.json", {**meta, "grid": list(tokens.shape[1:]), "count": len(tokens)})
-
-
-def _encode_rows(tokenizer: VQGAN, dataset: torch.utils.data.Dataset, rows: np.ndarray, batch_size: int,
-                 ctx: Dist, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """Encode `rows` of `dataset`, a contiguous share per rank, gathered on rank 0 in the original order
-    (other ranks get empty arrays). Ranks never wait on each other while encoding, whatever the count."""
-    share = np.array_split(np.arange(len(rows)), ctx.world)[ctx.rank]
-    part = encode_dataset(tokenizer, SourceRows(dataset, rows[share]), batch_size, ctx.device, desc, ctx.main)
-    parts = gather_to_main(part, ctx)
-    if parts is None:
-        return np.zeros((0, 0, 0), np.uint16), np.zeros(0, np.int64)
-    parts = [p for p in parts if len(p[1])]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out: str | Path,
-             device: torch.device, batch_size: int = 256, class_names: Sequence[str] = (), flip: bool = False,
-             eval_fraction: float = 0.0, split_seed: int = 0, text_encoder: str | None = "all-MiniLM-L6-v2",
-             before_write: Callable[[], None] | None = None) -> Path:
-    """Encode `dataset` with the tokenizer checkpoint into a token folder (see `sundae.data`).
-
-    A captioned dataset (`dataset.captions`, see `sundae.data.read_captions`) also gets `captions.json` and,
-    unless `text_encoder` is None, the features of `sundae.text.TextEncoder(text_encoder)` for every row
-    (each caption encoded once, on rank 0), so training never runs the encoder.
-
-    `flip` adds a horizontally flipped copy of every training image; `eval_fraction` > 0 holds out that
-    share of the images (`split_rows`, unflipped) in the token folder `out/eval`. `sources.npy` says which
-    image each row came from. Under torchrun the images are split across ranks and rank 0 writes one folder,
-    identical to a single-process run's. `before_write` (if given) is called once the tokenizer and the text
-    encoder are loaded and the captions encoded, before any image is encoded (the CLI clears the earlier
-    outputs there).
-    """
-    ctx = setup(device)
-    tokenizer = load_tokenizer(tokenizer_path, ctx.device)
-    if tokenizer.cfg.n_codes > 65536:
-        raise UsageError(f"{tokenizer_path}: {tokenizer.cfg.n_codes} codes do not fit the uint16 token file")
-    train_rows, eval_rows = split_rows(len(dataset), eval_fraction, split_seed, flip)
-    num_classes = int(getattr(dataset, "num_classes", 0))
-    image_size = list(dataset[0][0].shape[-2:]) if len(dataset) else None  # pixels, before the tokenizer's padding
-    meta = {"n_codes": tokenizer.cfg.n_codes, "f": tokenizer.cfg.f, "tokenizer": str(Path(tokenizer_path).resolve()),
-            "tokenizer_sha256": file_digest(tokenizer_path), "num_classes": num_classes,
-            "class_names": list(class_names or getattr(dataset, "classes", []) or []),
-            "channels": tokenizer.cfg.in_channels, "image_size": image_size, "flip": flip,
-            "eval_fraction": eval_fraction, "split_seed": split_seed}
-    captions = getattr(dataset, "captions", None)
-    text = None
-    if captions is not None and text_encoder and ctx.main:
-        from sundae.text import encode_captions, load_text_encoder
-        encoder = load_text_encoder(str(text_encoder), str(ctx.device))
-        text = encode_captions(encoder, captions)
-        meta.update(text_encoder=encoder.name, text_dim=encoder.dim, text_len=int(text[0].shape[1]))
-    if before_write is not None:
-        before_write()
-    for split, rows, folder in (("train", train_rows, Path(out)), ("eval", eval_rows, Path(out) / "eval")):
-        if len(rows) == 0:
-            continue
-        tokens, labels = _encode_rows(tokenizer, dataset, rows, batch_size, ctx, f"tokenize {split}")
-        if ctx.main:
-            src = rows[:, 0]
-            write_token_folder(folder, tokens, labels, {**meta, "split": split}, sources=rows,
-                               captions=None if captions is None else [captions[i] for i in src],
-                               text=None if text is None else tuple(a[src] for a in text))
-    barrier(ctx)
-    return Path(out)
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
@@ -335,14 +190,14 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     old = _claim_outputs(args.out, ["tokens.npy", "labels.npy", "sources.npy", "meta.json", "eval",
                                     "captions.json", "text_*.npy"], args.overwrite)
     cfg = load_tokenizer(args.tokenizer).cfg
-    if args.split is not None and not D.is_idx_dataset(args.data):
+    if args.split is not None and not is_idx_dataset(args.data):
         raise UsageError(f"--split applies to idx folders (Fashion-MNIST), not to {args.data}")
-    dataset = D.open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split or "train",
-                            args.strict)
-    names = D.FASHION_MNIST_CLASSES if D.is_idx_dataset(args.data) else ()
+    dataset = open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split or "train",
+                          args.strict)
+    names = FASHION_MNIST_CLASSES if is_idx_dataset(args.data) else ()
     if args.text_encoder not in (None, "none") and getattr(dataset, "captions", None) is None:
-        D.log.warning("--text-encoder %s given, but %s has no captions (no metadata.jsonl, no .txt sidecars): "
-                      "the tokens get no text features", args.text_encoder, args.data)
+        log.warning("--text-encoder %s given, but %s has no captions (no metadata.jsonl, no .txt sidecars): "
+                    "the tokens get no text features", args.text_encoder, args.data)
     encoder = None if args.text_encoder == "none" else args.text_encoder or "all-MiniLM-L6-v2"
     out = tokenize(args.tokenizer, dataset, args.out, device, args.batch_size, names, args.flip,
                    args.eval_fraction, args.split_seed, encoder, before_write=lambda: _clear_outputs(old))
@@ -353,7 +208,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     if Path(args.tokens).is_file():
         raise UsageError(f"--tokens {args.tokens} is a file: expected a token folder from `sundae tokenize`")
-    dataset = D.TokenDataset(args.tokens)
+    dataset = TokenDataset(args.tokens)
     model_cfg, train_cfg, stored = _run_configs(args, "generator", HOURGLASS_PRESETS, GENERATOR_TRAIN_PRESETS,
                                                 ("vocab_size", "num_classes", "text_dim"))
     num_classes = dataset.num_classes if model_cfg.num_classes else 0
@@ -471,7 +326,7 @@ def _text(args: argparse.Namespace, net: torch.nn.Module, meta: dict[str, Any], 
         raise UsageError(f"{args.generator} is text-conditional: pass --prompt TEXT (repeatable; \"\" is the empty "
                          f"caption)")
     for prompt in args.prompt:
-        D.check_text(prompt, f"--prompt {prompt!r}")
+        check_text(prompt, f"--prompt {prompt!r}")
     return encode_prompts(args.prompt, num, meta.get("text_encoder"), device)
 
 
@@ -555,44 +410,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     images = torch.cat(images)
     out = Path(args.out)
     for i, img in enumerate(images):
-        D.save_image(img, out / "samples" / f"{i:05d}.png")
-    D.save_grid(images, out / "grid.png", nrow=args.nrow or int(np.ceil(np.sqrt(len(images)))))
+        save_image(img, out / "samples" / f"{i:05d}.png")
+    save_grid(images, out / "grid.png", nrow=args.nrow or int(np.ceil(np.sqrt(len(images)))))
     print(f"{len(images)} samples in {time.time() - t0:.1f} s (mean {torch.cat(taken).float().mean():.1f} steps) "
           f"written to {out}")
-
-
-def load_image(path: str | Path, channels: int) -> torch.Tensor:
-    """An image file -> `c H W` float in [-1, 1] (c = 1 grayscale or 3 RGB), by `sundae.data.read_image`'s
-    policy (EXIF orientation, alpha onto white, 16-bit scaled). Raises ImageError naming the file."""
-    return D.image_to_tensor(D.read_image(path, channels))
-
-
-def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
-    """A mask file -> `1 H W` float, 1 = regenerate, 0 = keep; `size` = the image's (H, W).
-
-    The convention: if the file has transparency (RGBA, LA, PA, or a transparent palette entry) and some
-    pixel is not fully opaque, transparent (alpha < 128) = regenerate; otherwise white (brightness at least
-    half the range: >= 128, or >= 32768 for 16-bit masks) = regenerate. EXIF orientation is applied, as for
-    the image. Raises UsageError for an unreadable file or a size other than `size`.
-    """
-    try:
-        img = D.open_image_file(path)
-        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-            mask = np.asarray(img) >= 32768
-        elif img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            alpha = np.asarray(img.convert("RGBA"))[:, :, 3]
-            # An alpha channel that is opaque everywhere carries no mask: read the brightness instead.
-            mask = alpha < 128 if (alpha < 255).any() else np.asarray(img.convert("L")) >= 128
-        else:
-            mask = np.asarray(img.convert("L")) >= 128
-    except D.ImageError as err:
-        raise UsageError(f"mask: {err}") from None
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read mask {path}: {err}") from None
-    if mask.shape != tuple(size):
-        raise UsageError(f"mask {path} is {mask.shape[0]}x{mask.shape[1]} (HxW), the image is {size[0]}x{size[1]}: "
-                         f"they must be the same size")
-    return torch.from_numpy(mask).float()[None]
 
 
 def inpaint_images(net, tokenizer: VQGAN, image: torch.Tensor, pixel_mask: torch.Tensor, num: int,
@@ -636,15 +457,15 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     image = load_image(args.image, tokenizer.cfg.in_channels)
     mask = load_mask(args.mask, tuple(image.shape[1:]))
     if not mask.any():
-        D.log.warning("mask %s marks no pixel to regenerate (white or transparent = regenerate): the completions "
-                      "will equal the image", args.mask)
+        log.warning("mask %s marks no pixel to regenerate (white or transparent = regenerate): the completions "
+                    "will equal the image", args.mask)
     elif mask.all():
-        D.log.warning("mask %s marks every pixel (white or transparent = regenerate): nothing of the image is kept",
-                      args.mask)
+        log.warning("mask %s marks every pixel (white or transparent = regenerate): nothing of the image is kept",
+                    args.mask)
     grid = list(token_grid(image.shape[1], image.shape[2], tokenizer.cfg.f))
     if meta.get("grid") and grid != list(meta["grid"]):
-        D.log.warning("%s gives a %dx%d token grid; %s was trained on %dx%d: completions may be poor",
-                      args.image, *grid, args.generator, *meta["grid"])
+        log.warning("%s gives a %dx%d token grid; %s was trained on %dx%d: completions may be poor",
+                    args.image, *grid, args.generator, *meta["grid"])
     text = _text(args, net, meta, args.num, device)
     _clear_outputs(old)
     with torch.inference_mode():
@@ -654,9 +475,9 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
                                         text, **schedule)
     out = Path(args.out)
     for i, img in enumerate(out_images):
-        D.save_image(img, out / f"completion_{i:02d}.png")
+        save_image(img, out / f"completion_{i:02d}.png")
     masked = image * (1 - mask) + mask  # regenerate area shown white
-    D.save_grid(torch.cat([image[None], masked[None], out_images.cpu()]), out / "figure.png", nrow=args.num + 2)
+    save_grid(torch.cat([image[None], masked[None], out_images.cpu()]), out / "figure.png", nrow=args.num + 2)
     print(f"{args.num} completions written to {out}")
 
 
@@ -666,20 +487,20 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {args.out} is a folder: expected the path of a PNG file to write")
     if Path(args.out).suffix.lower() not in ("", ".png"):
         raise UsageError(f"--out {args.out}: the grid is written as PNG, so the name must end in .png")
-    is_idx = Path(args.data).is_dir() and D.is_idx_dataset(args.data)
+    is_idx = Path(args.data).is_dir() and is_idx_dataset(args.data)
     if args.split is not None and not is_idx:
         raise UsageError(f"--split applies to idx folders (Fashion-MNIST), not to {args.data}")
     tokenizer = load_tokenizer(args.tokenizer, device)
     if Path(args.data).is_file():  # one image at its own size
         x = load_image(args.data, tokenizer.cfg.in_channels)[None].to(device)
     else:
-        dataset = D.open_images(args.data, args.image_size or tokenizer.cfg.resolution, tokenizer.cfg.in_channels,
-                                args.split or "test", args.strict)
+        dataset = open_images(args.data, args.image_size or tokenizer.cfg.resolution, tokenizer.cfg.in_channels,
+                              args.split or "test", args.strict)
         x = torch.stack([dataset[i][0] for i in range(min(args.num, len(dataset)))]).to(device)
     with torch.inference_mode():
         tokens = tokenizer.encode(x)
         recon = tokenizer.decode(tokens, size=tuple(x.shape[-2:]))
-    D.save_grid(torch.cat([x, recon]).cpu(), args.out, nrow=len(x))
+    save_grid(torch.cat([x, recon]).cpu(), args.out, nrow=len(x))
     print(f"PSNR {psnr(recon, x):.2f} dB, codebook usage {codebook_usage(tokens, tokenizer.cfg.n_codes):.3f} "
           f"on {len(x)} images; grid written to {args.out}")
 
@@ -790,7 +611,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         skipped["fid_inception"] = (f"no Inception weights at {inception_path}: put the standard FID Inception-V3 "
                                     f"weights {E.INCEPTION_FILE} (pytorch-fid / torch-fidelity release) there, set "
                                     f"${E.INCEPTION_ENV}, or pass --inception PATH")
-        D.log.warning("Inception FID skipped: %s", skipped["fid_inception"])
+        log.warning("Inception FID skipped: %s", skipped["fid_inception"])
     classifier = record = None
     if ref.num_classes >= 2:
         classifier, record = E.load_or_train_classifier(Path(args.classifier or out / "classifier.pt"), ref,
@@ -820,9 +641,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         "tools": E.tool_versions(), "device": str(device), "threads": torch.get_num_threads(),
     }
     result = {"protocol": protocol, **results}
-    D.write_json(out / "evaluation.json", result)
+    write_json(out / "evaluation.json", result)
     nrow = net.cfg.num_classes if conditional else 8
-    D.save_grid(images[:nrow * max(1, 64 // nrow)], out / "samples.png", nrow=nrow)
+    save_grid(images[:nrow * max(1, 64 // nrow)], out / "samples.png", nrow=nrow)
     if len(args.steps) > 1:
         keys = [k for k in ("fid_classifier", "fid_inception", "class_accuracy", "precision_classifier",
                             "recall_classifier") if k in results["samples"][0]]
@@ -858,7 +679,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
               f"{Path(args.out) / 'prompts.png'}")
         return
     cfg = _preset(QUICKSTART_PRESETS, args.preset or "fashion", "quickstart")
-    metrics = quickstart(cfg, args.data or str(D.FASHION_MNIST_DIR), args.out, args.device)
+    metrics = quickstart(cfg, args.data or str(FASHION_MNIST_DIR), args.out, args.device)
     print(f"quickstart done in {metrics['seconds_total']:.0f} s; results in {args.out}")
 
 
@@ -1112,7 +933,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("fashion", "emoji"), default="fashion", help="fashion: class-conditional "
                    "Fashion-MNIST (default); emoji: text-conditional on the Noto Color Emoji font "
                    "(apt-get install fonts-noto-color-emoji; pip install -e \".[text]\")")
-    p.add_argument("--data", help=f"fashion: folder with the Fashion-MNIST idx files (default {D.FASHION_MNIST_DIR})")
+    p.add_argument("--data", help=f"fashion: folder with the Fashion-MNIST idx files (default {FASHION_MNIST_DIR})")
     p.add_argument("--out", default="quickstart", help="output folder")
     p.add_argument("--preset", help="fashion: fashion (the real run, default) or tiny (a smoke test); emoji: emoji "
                    "(default) or tiny")
@@ -1187,7 +1008,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     Ctrl-C); `--debug` re-raises them with the traceback."""
     args = build_parser().parse_args(argv)
     handler = _StderrHandler(args.verb)
-    D.log.addHandler(handler)
+    log.addHandler(handler)
     out_folder = Path(args.out) if args.verb != "reconstruct" and getattr(args, "out", None) else None
     new_folders = _missing_folders(out_folder) if out_folder is not None else []
     try:
@@ -1218,5 +1039,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"sundae {args.verb}: error: {text}{hint}", file=sys.stderr)
         sys.exit(2)
     finally:
-        D.log.removeHandler(handler)
+        log.removeHandler(handler)
         teardown()

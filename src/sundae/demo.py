@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sundae import data as D
 from sundae.cli import class_logits_fn, encode_prompts, error_line, inpaint_images
 from sundae.hourglass import Hourglass
+from sundae.images import ImageError, check_text, image_to_tensor, make_grid, read_image, tensor_to_image
 from sundae.sundae import check_schedule, guidance_scales, sample
 from sundae.text import load_text_encoder
 from sundae.vqgan import VQGAN
@@ -121,7 +121,7 @@ def sample_live(logits_fn, shape: tuple[int, int, int], vocab_size: int, every: 
 
 def _grid(images: torch.Tensor) -> Image.Image:
     """`b c H W` in [-1, 1] -> one PIL image, ceil(sqrt(b)) images per row, 2 white pixels between."""
-    return D.tensor_to_image(D.make_grid(images.cpu(), nrow=math.ceil(math.sqrt(len(images)))))
+    return tensor_to_image(make_grid(images.cpu(), nrow=math.ceil(math.sqrt(len(images)))))
 
 
 def _fail(message: str) -> gr.Error:
@@ -200,7 +200,7 @@ def _condition(net: Hourglass, values: list[Any], num: int, steps: int,
         prompts = tuple((values.pop(0) or "").splitlines()) or ("",)  # a line per prompt; empty box: ""
         for i, prompt in enumerate(prompts):
             try:
-                D.check_text(prompt, f"prompt line {i + 1}")
+                check_text(prompt, f"prompt line {i + 1}")
             except ValueError as err:
                 raise _fail(str(err)) from None
     scale = 1.0
@@ -273,7 +273,7 @@ def _editor_image_and_mask(editor: dict[str, Any] | None, channels: int,
     width, height = background.size
     white = Image.new("RGBA", background.size, (255, 255, 255, 255))
     rgb = Image.alpha_composite(white, background.convert("RGBA"))
-    image = D.image_to_tensor(rgb.convert("L" if channels == 1 else "RGB"))
+    image = image_to_tensor(rgb.convert("L" if channels == 1 else "RGB"))
     painted = np.zeros((height, width), dtype=bool)
     for layer in editor.get("layers") or []:
         if layer is not None and layer.size == background.size:
@@ -374,8 +374,8 @@ class Actions:
         if path is None:
             return None
         try:
-            image = D.read_image(path, self.tokenizer.cfg.in_channels)
-        except D.ImageError as err:
+            image = read_image(path, self.tokenizer.cfg.in_channels)
+        except ImageError as err:
             raise _fail(str(err).replace(str(Path(path).parent) + "/", "")) from None  # no server paths
         _check_pixels(image, self.max_pixels)
         return {"background": image.convert("RGBA"), "layers": [], "composite": None}
@@ -402,12 +402,12 @@ class Actions:
         except (ValueError, RuntimeError) as err:  # sizes the tokenizer or the generator cannot take
             raise _fail(f"cannot inpaint this {image.shape[2]}x{image.shape[1]} image: {error_line(err)}") from None
         cells = keep[0].repeat_interleave(f, 0).repeat_interleave(f, 1)[: image.shape[1], : image.shape[2]]
-        shown = np.array(D.tensor_to_image(image).convert("RGB"))
+        shown = np.array(tensor_to_image(image).convert("RGB"))
         shown[~cells.cpu().numpy()] = REGENERATED
         regenerated = int((~keep[0]).sum())
         status = (f"{num} completions in {time.time() - start:.1f} s; {regenerated} of {keep[0].numel()} token "
                   f"cells ({f}x{f} pixels each) regenerated, every other pixel copied from the input")
-        return Image.fromarray(shown), [D.tensor_to_image(x) for x in images.cpu()], status
+        return Image.fromarray(shown), [tensor_to_image(x) for x in images.cpu()], status
 
 
 def build_app(net: Hourglass, tokenizer: VQGAN, meta: dict[str, Any], device: torch.device | str = "cpu",

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from sundae.data import METADATA, atomic_write
+from sundae.images import METADATA
+from sundae.io import atomic_write
 
 FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 BITMAP_SIZE = 109  # the only size a CBDT font of Noto's draws

@@ -29,8 +29,9 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sundae import data as D
+from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxImages, is_idx_dataset, open_images
 from sundae.evaluate import SmallClassifier, codebook_usage, predict, psnr, train_classifier
+from sundae.io import atomic_write
 from sundae.metrics import classifier_features, frechet_distance, precision_recall
 from sundae.sundae import sample
 
@@ -67,7 +68,7 @@ def _stack(dataset, limit: int) -> tuple[Tensor, Tensor]:
     shuffled order), a seeded random subset of an image folder (whose files are sorted by class), in file
     order."""
     n = min(limit, len(dataset)) if limit else len(dataset)
-    if isinstance(dataset, D.IdxImages):
+    if isinstance(dataset, IdxImages):
         x = dataset.images[:n]
         return (x if dataset.channels == 1 else x.repeat(1, dataset.channels, 1, 1)), dataset.labels[:n].clone()
     rows = range(n) if n == len(dataset) else \
@@ -90,7 +91,7 @@ def load_reference(spec: str, size: int, channels: int, limit: int = 0, classifi
     path_text, sep, split = spec.rpartition(":") if spec.rpartition(":")[2] in ("train", "test") else (spec, "", "")
     name = path_text if sep else spec
     if name.lower() in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
-        root, source = D.FASHION_MNIST_DIR, "Fashion-MNIST"
+        root, source = FASHION_MNIST_DIR, "Fashion-MNIST"
         if not root.is_dir():
             raise FileNotFoundError(f"--reference {spec}: {root} does not exist (install it with `apt-get install "
                                     f"dataset-fashion-mnist`, or pass an idx folder)")
@@ -99,21 +100,21 @@ def load_reference(spec: str, size: int, channels: int, limit: int = 0, classifi
     if not root.is_dir():
         raise FileNotFoundError(f"--reference {spec}: {root} is not a folder (expected fashion-mnist[:train|test], "
                                 f"an idx folder or an image folder)")
-    if D.is_idx_dataset(root):
+    if is_idx_dataset(root):
         split = split or "test"
-        ds = D.open_images(root, size, channels, split)
+        ds = open_images(root, size, channels, split)
         images, labels = _stack(ds, limit)
-        train_ds = ds if split == "train" else D.open_images(root, size, channels, "train")
+        train_ds = ds if split == "train" else open_images(root, size, channels, "train")
         train_images, train_labels = _stack(train_ds, classifier_limit)
         resizing = (f"idx images zero-padded (background -1) to {size}x{size}" +
                     (", grayscale replicated to 3 channels" if channels == 3 else ""))
-        classes = list(D.FASHION_MNIST_CLASSES) if source == "Fashion-MNIST" else []
+        classes = list(FASHION_MNIST_CLASSES) if source == "Fashion-MNIST" else []
         trained_on = f"{source} train split"
     else:
         if sep:
             raise ValueError(f"--reference {spec}: :{split} applies to idx folders (Fashion-MNIST), not to an "
                              f"image folder")
-        ds = D.open_images(root, size, channels, strict=strict)
+        ds = open_images(root, size, channels, strict=strict)
         images, labels = _stack(ds, limit)
         train_images, train_labels = _stack(ds, classifier_limit)
         resizing = (f"image files: shorter side resized (bicubic) to {size}, centre crop {size}x{size}, "
@@ -123,7 +124,7 @@ def load_reference(spec: str, size: int, channels: int, limit: int = 0, classifi
     info = {"source": source, "path": str(root.resolve()), "split": split, "count": len(images),
             "available": len(ds), "num_classes": num_classes, "image_size": [size, size], "channels": channels,
             "resizing": resizing, "classifier_trained_on": trained_on,
-            "subset": "all" if len(images) == len(ds) else ("the first images of the split" if D.is_idx_dataset(root)
+            "subset": "all" if len(images) == len(ds) else ("the first images of the split" if is_idx_dataset(root)
                                                             else f"random, seed {SUBSET_SEED}")}
     if num_classes:
         info["class_counts"] = torch.bincount(labels, minlength=num_classes).tolist()
@@ -163,7 +164,7 @@ def load_or_train_classifier(path: Path, ref: Reference, epochs: int, seed: int,
                   "trained_on": ref.info["classifier_trained_on"], "seconds": time.time() - t,
                   "class_counts": torch.bincount(ref.train_labels, minlength=ref.num_classes).tolist()}
         payload = {"format": CLASSIFIER_FORMAT, "data": key, "record": record, "model": model.state_dict()}
-        D.atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
         record = {**record, "path": str(path), "loaded": False}
     model.eval()
     record["accuracy_on_reference"] = (predict(model, ref.images) == ref.labels).float().mean().item()
@@ -277,7 +278,7 @@ def plot_curves(xs: Sequence[float], series: dict[str, Sequence[float]], xlabel:
         draw.line((x, bottom, x, bottom + 5), fill="black")
         draw.text((x - 8, bottom + 8), f"{label:g}", fill="black")
     draw.text((width // 2 - 60, height - 18), xlabel + (" (log scale)" if use_log else ""), fill="black")
-    D.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def evaluate(net, meta: dict[str, Any], tokenizer, ref: Reference, steps_list: Sequence[int],

@@ -18,13 +18,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sundae import data as D
 from sundae.checkpoint import load_generator, load_tokenizer
-from sundae.cli import class_logits_fn, encode_dataset, inpaint_images, tokenize
+from sundae.cli import class_logits_fn, inpaint_images
+from sundae.data import FASHION_MNIST_CLASSES, IdxImages, ImageFolder
 from sundae.evaluate import accuracy, codebook_usage, psnr, train_classifier
-from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.hourglass import HourglassConfig
+from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
+from sundae.images import save_grid
+from sundae.io import atomic_write, write_json
 from sundae.sundae import sample
+from sundae.tokens import TokenDataset, encode_dataset, tokenize
 from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, GeneratorTrainConfig, VQGANTrainConfig,
                           train_generator, train_vqgan)
 from sundae.vqgan import PRESETS as VQGAN_PRESETS
@@ -66,7 +69,7 @@ QUICKSTART_PRESETS: dict[str, QuickstartConfig] = {
 }
 
 
-def _subset(ds: D.IdxImages, limit: int) -> D.IdxImages:
+def _subset(ds: IdxImages, limit: int) -> IdxImages:
     if limit:
         ds.images, ds.labels = ds.images[:limit], ds.labels[:limit]
     return ds
@@ -78,9 +81,9 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
     out = Path(out)
     t_start = time.time()
     torch.manual_seed(cfg.seed)
-    train = _subset(D.IdxImages(data_dir, "train", cfg.image_size), cfg.train_limit)
-    test = _subset(D.IdxImages(data_dir, "test", cfg.image_size), cfg.test_limit)
-    num_classes = len(D.FASHION_MNIST_CLASSES)
+    train = _subset(IdxImages(data_dir, "train", cfg.image_size), cfg.train_limit)
+    test = _subset(IdxImages(data_dir, "test", cfg.image_size), cfg.test_limit)
+    num_classes = len(FASHION_MNIST_CLASSES)
     seconds: dict[str, float] = {}
 
     t = time.time()
@@ -96,18 +99,18 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
     with torch.inference_mode():
         recon = torch.cat([tokenizer.decode(torch.from_numpy(test_tokens[i:i + 500].astype("int64")).to(device)).cpu()
                            for i in range(0, len(test_tokens), 500)])
-    D.save_grid(torch.cat([test.images[:16], recon[:16]]), out / "reconstructions.png", nrow=16)
+    save_grid(torch.cat([test.images[:16], recon[:16]]), out / "reconstructions.png", nrow=16)
     tokenizer_metrics = {"psnr_db": psnr(recon, test.images), "codebook_usage": codebook_usage(
         torch.from_numpy(test_tokens.astype("int64")), cfg.vqgan.n_codes),
         "classifier_accuracy_on_reconstructions": accuracy(judge, recon, test.labels)}
     seconds["tokenizer"] = time.time() - t
 
     t = time.time()
-    tokens_dir = tokenize(tok_path, train, out / "tokens", device, class_names=D.FASHION_MNIST_CLASSES)
+    tokens_dir = tokenize(tok_path, train, out / "tokens", device, class_names=FASHION_MNIST_CLASSES)
     seconds["tokenize"] = time.time() - t
 
     t = time.time()
-    tokens = D.TokenDataset(tokens_dir)
+    tokens = TokenDataset(tokens_dir)
     hg_cfg = dataclasses.replace(cfg.hourglass, vocab_size=cfg.vqgan.n_codes, num_classes=num_classes)
     meta = {k: tokens.meta[k] for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names")}
     gen_path = train_generator(hg_cfg, cfg.generator_train, tokens, out / "generator", meta, tokenizer, device,
@@ -135,7 +138,7 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
     per_class = min(10, cfg.samples_per_class)
     by_class = torch.cat([images[c * cfg.samples_per_class:c * cfg.samples_per_class + per_class]
                           for c in range(num_classes)])
-    D.save_grid(by_class, out / "samples_by_class.png", nrow=per_class)
+    save_grid(by_class, out / "samples_by_class.png", nrow=per_class)
     sample_acc = accuracy(judge, images, labels.cpu())
 
     # Inpainting: a centre square of test images regenerated, several completions each.
@@ -156,7 +159,7 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
             flat = completions[:, inside]
             diffs.append(torch.cdist(flat, flat).sum().item() / max(1, len(flat) * (len(flat) - 1)))
             rows.append(torch.cat([image[None], (image * (1 - mask) + mask)[None], completions.cpu()]))
-    D.save_grid(torch.cat(rows), out / "inpainting.png", nrow=cfg.inpaint_completions + 2)
+    save_grid(torch.cat(rows), out / "inpainting.png", nrow=cfg.inpaint_completions + 2)
 
     metrics = {
         "dataset": {"name": "Fashion-MNIST", "path": str(data_dir), "train_images": len(train),
@@ -175,7 +178,7 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
         "seconds_total": time.time() - t_start,
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
-    D.write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     return metrics
 
 
@@ -235,7 +238,7 @@ def quickstart_emoji(cfg: EmojiQuickstartConfig, out: str | Path, device: torch.
     folder = out / "emoji"
     t = time.time()
     count = write_emoji_folder(folder, cfg.vqgan.resolution, cfg.limit, font or FONT, overwrite=True)
-    images = D.ImageFolder(folder, cfg.vqgan.resolution, cfg.vqgan.in_channels)
+    images = ImageFolder(folder, cfg.vqgan.resolution, cfg.vqgan.in_channels)
     seconds["render"] = time.time() - t
 
     t = time.time()
@@ -244,7 +247,7 @@ def quickstart_emoji(cfg: EmojiQuickstartConfig, out: str | Path, device: torch.
     seconds["tokenizer"] = time.time() - t
     t = time.time()
     tokens_dir = tokenize(tok_path, images, out / "tokens", device, text_encoder=cfg.text_encoder)
-    tokens = D.TokenDataset(tokens_dir)
+    tokens = TokenDataset(tokens_dir)
     seconds["tokenize"] = time.time() - t
 
     t = time.time()
@@ -273,9 +276,9 @@ def quickstart_emoji(cfg: EmojiQuickstartConfig, out: str | Path, device: torch.
                           generator=torch.Generator(device).manual_seed(cfg.seed), device=device, **schedule)
             samples = tokenizer.decode(z).cpu().view(n, k, *blank.shape)
         rows = [torch.cat([real.get(p, blank)[None], samples[i]]) for i, p in enumerate(cfg.prompts)]
-        D.save_grid(torch.cat(rows), out / f"{name}.png", nrow=k + 1)
+        save_grid(torch.cat(rows), out / f"{name}.png", nrow=k + 1)
         grids[name] = samples
-    D.atomic_write(out / "prompts.txt", lambda tmp: Path(tmp).write_text("\n".join(cfg.prompts) + "\n"))
+    atomic_write(out / "prompts.txt", lambda tmp: Path(tmp).write_text("\n".join(cfg.prompts) + "\n"))
     seconds["sampling"] = time.time() - t
 
     metrics = {
@@ -287,5 +290,5 @@ def quickstart_emoji(cfg: EmojiQuickstartConfig, out: str | Path, device: torch.
         "seconds": seconds, "seconds_total": time.time() - t_start,
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
-    D.write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     return metrics
