@@ -1,4 +1,4 @@
-"""Files written whole or not at all, file digests, and the library's logger.
+"""Files written whole or not at all, file digests, the library's logger, and errors as one line.
 
 `log` (logger "sundae") carries the library's warnings (skipped files, ignored options, ...); the CLI prints
 them as `sundae VERB: warning: ...` lines.
@@ -55,3 +55,10 @@ def file_digest(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def error_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when the message is empty: how the
+    command line and the demo show an error in one line."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -38,7 +38,8 @@ from sundae.distributed import EpochBatchSampler
 from sundae.hourglass import Hourglass, HourglassConfig
 from sundae.images import save_grid
 from sundae.losses import LPIPS, PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
-from sundae.sundae import condition_dropout, sample, unrolled_loss
+from sundae.pipeline import SundaePipeline
+from sundae.sundae import SamplerConfig, condition_dropout, unrolled_loss
 from sundae.vqgan import VQGAN, VQGANConfig
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -456,16 +457,11 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                 save()
             if tokenizer is not None and (ctx.main or sharded) and (step % cfg.sample_every == 0 or step == cfg.steps):
                 ema.eval()  # under FSDP every rank runs the (collective) forward; rank 0 writes
-                if has_text:
-                    fn = (lambda z, rows, step: ema(z, grid_labels[rows] if has_classes else None,
-                                             text=tuple(t[rows] for t in grid_text)))
-                else:
-                    fn = (lambda z, rows, step: ema(z, grid_labels[rows])) if has_classes else (lambda z, rows, step: ema(z))
-                with torch.inference_mode(), autocast(device, cfg.precision):
-                    z, _ = sample(fn, (len(grid_labels), h, w), model_cfg.vocab_size, steps=cfg.sample_steps,
-                                  min_steps=cfg.sample_steps, generator=torch.Generator(device).manual_seed(0),
-                                  device=device)
-                    images = tokenizer.decode(z)
+                pipe = SundaePipeline(ema, tokenizer, meta, precision=cfg.precision)
+                sampler = SamplerConfig(steps=cfg.sample_steps, early_stop=False)
+                images = torch.cat([batch for _, batch, _, _ in pipe.generate(
+                    len(grid_labels), grid_labels if has_classes else None, sampler=sampler, seed=0,
+                    batch_size=len(grid_labels), progress=False, text_features=grid_text)])
                 if sharded:
                     ema.reshard()  # a forward without backward leaves the root's parameters gathered
                 if ctx.main:
