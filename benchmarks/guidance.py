@@ -27,7 +27,7 @@ from common import RESULTS, device_name, print_table, write_json  # noqa: E402  
 from sundae.checkpoint import load_generator, load_tokenizer
 from sundae.cli import class_logits_fn
 from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxImages
-from sundae.evaluate import accuracy, train_classifier
+from sundae.eval.classifier import accuracy, train_classifier
 from sundae.images import save_grid
 from sundae.quickstart import QUICKSTART_PRESETS
 from sundae.sundae import sample

@@ -65,10 +65,10 @@ from plotting import Panel, save_panels
 from sundae.checkpoint import load_tokenizer
 from sundae.cli import class_logits_fn
 from sundae.data import FASHION_MNIST_DIR, IdxImages
-from sundae.evaluate import predict, train_classifier
+from sundae.eval.classifier import predict, train_classifier
+from sundae.eval.metrics import classifier_features, frechet_distance, precision_recall
 from sundae.hourglass import Hourglass
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
-from sundae.metrics import classifier_features, frechet_distance, precision_recall
 from sundae.sundae import sample, unrolled_loss
 from sundae.tokens import encode_dataset
 from sundae.train import VQGAN_TRAIN_PRESETS, train_vqgan
@@ -376,9 +376,10 @@ def main() -> None:
             "dataset": "Fashion-MNIST, zero-padded to 32x32", "data": str(args.data),
             "train_images": len(train), "reference": f"test split, {len(test)} images",
             "samples_per_setting": s.samples, "class_balanced": True, "seed": args.seed,
-            "features": "penultimate layer (128-d) of sundae.evaluate.SmallClassifier trained on the train split",
+            "features": "penultimate layer (128-d) of sundae.eval.classifier.SmallClassifier trained on the train "
+                        "split",
             "judge_test_accuracy": judge_accuracy, "judge_epochs": s.classifier_epochs,
-            "fid": "sundae.metrics.frechet_distance (float64)", "precision_recall_k": 3,
+            "fid": "sundae.eval.metrics.frechet_distance (float64)", "precision_recall_k": 3,
             "timing": "sampling only (tokenizer decode excluded), wall clock and process CPU time",
             "sundae_sampler": "temperature 0.8, update proportion as named, early stop after 10 steps unless named",
             "maskgit_sampler": "temperature 1.0, choice temperature 4.5 annealed linearly to 0, cosine schedule",

@@ -23,7 +23,7 @@ from sundae.checkpoint import load_tokenizer, save_checkpoint
 from sundae.data import open_images
 from cli_helpers import fails, run
 from sundae.convert import convert_taming, read_lightning_checkpoint
-from sundae.evaluate import psnr
+from sundae.eval.metrics import psnr
 from sundae.vqgan import PRESETS as VQ
 from sundae.vqgan import VQGAN
 

@@ -12,9 +12,9 @@ from PIL import Image
 from cli_helpers import fails, run
 from sundae.checkpoint import load_tokenizer
 from sundae.data import FASHION_MNIST_DIR, ImageFolder, is_idx_dataset
-from sundae.evaluate import psnr
-from sundae.evaluation import INCEPTION_FILE, balanced_labels
-from sundae.inception import FIDInception, inception_features, load_fid_inception
+from sundae.eval.inception import FIDInception, inception_features, load_fid_inception
+from sundae.eval.metrics import psnr
+from sundae.eval.protocol import INCEPTION_FILE, balanced_labels
 
 
 @pytest.fixture
@@ -162,10 +162,10 @@ def test_inception_network_loads_a_state_dict_and_gives_2048_features(tmp_path):
 def test_evaluate_with_inception_weights_reports_inception_fid(pipeline, image_folder, tmp_path, monkeypatch):
     """The CLI's Inception path. The network itself is tested above; here a cheap stand-in (4x4 average-pooled
     pixels as features) replaces it, since a real Inception pass at 299x299 costs seconds per image here."""
-    import sundae.inception
+    import sundae.eval.inception
 
-    monkeypatch.setattr(sundae.inception, "load_fid_inception", lambda path, device: path)
-    monkeypatch.setattr(sundae.inception, "inception_features",
+    monkeypatch.setattr(sundae.eval.inception, "load_fid_inception", lambda path, device: path)
+    monkeypatch.setattr(sundae.eval.inception, "inception_features",
                         lambda model, x: torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
     weights = tmp_path / INCEPTION_FILE
     weights.write_bytes(b"stand-in weights")
@@ -213,7 +213,7 @@ def test_evaluate_checks_its_arguments_before_any_work(runs, image_folder, tmp_p
 def test_image_folder_reference_limit_takes_a_seeded_subset_of_every_class(image_folder):
     """The folder's files are sorted by class (12 circles, then 12 squares): the first 10 would all be
     circles. The limited subsets are random (seeded, so the same every time) and count their classes."""
-    from sundae.evaluation import load_reference
+    from sundae.eval.protocol import load_reference
     ref = load_reference(str(image_folder), 32, 3, limit=10, classifier_limit=16)
     counts = ref.info["class_counts"]
     assert sum(counts) == 10 and min(counts) > 0 and counts == torch.bincount(ref.labels, minlength=2).tolist()

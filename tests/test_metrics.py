@@ -7,8 +7,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from sundae.evaluate import SmallClassifier
-from sundae.metrics import classifier_features, frechet_distance, frechet_distance_gaussians, precision_recall
+from sundae.eval.classifier import SmallClassifier
+from sundae.eval.metrics import classifier_features, frechet_distance, frechet_distance_gaussians, precision_recall
 
 
 def _random_cov(d: int, gen: torch.Generator) -> torch.Tensor:

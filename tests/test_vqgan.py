@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sundae.evaluate import psnr
+from sundae.eval.metrics import psnr
 from sundae.vqgan import PRESETS, VQGAN, VectorQuantizer, pad_to_multiple
 
 

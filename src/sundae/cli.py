@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from sundae.checkpoint import config_from_dict, export, load_checkpoint, load_generator, load_tokenizer
 from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, is_idx_dataset, open_images
 from sundae.distributed import teardown
-from sundae.evaluate import codebook_usage, psnr
+from sundae.eval.metrics import codebook_usage, psnr
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.images import check_text, load_image, load_mask, save_grid, save_image
 from sundae.io import file_digest, log, write_json
@@ -558,8 +558,10 @@ def _steps_list(text: str) -> list[int]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from sundae import evaluation as E
-    from sundae.inception import inception_features, load_fid_inception
+    from sundae.eval.classifier import load_or_train_classifier
+    from sundae.eval.inception import inception_features, load_fid_inception
+    from sundae.eval.protocol import (INCEPTION_ENV, INCEPTION_FILE, default_inception_path, evaluate, load_reference,
+                                      plot_curves, tool_versions)
 
     device = args.device
     out = Path(args.out)
@@ -584,13 +586,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise UsageError(f"--k must be >= 1, got {args.k}")
     if args.num <= args.k:
         raise UsageError(f"--num {args.num}: precision/recall need more than --k {args.k} samples")
-    ref = E.load_reference(args.reference, size[0], tokenizer.cfg.in_channels, args.reference_limit,
-                           args.classifier_train_limit, args.strict)
+    ref = load_reference(args.reference, size[0], tokenizer.cfg.in_channels, args.reference_limit,
+                         args.classifier_train_limit, args.strict)
     if len(ref.images) <= args.k:
         raise UsageError(f"--reference {args.reference}: {len(ref.images)} reference images, precision/recall "
                          f"need more than --k {args.k}")
     skipped: dict[str, str] = {}
-    inception_path = Path(args.inception) if args.inception else E.default_inception_path()
+    inception_path = Path(args.inception) if args.inception else default_inception_path()
     inception = inception_record = None
     if inception_path.is_file():
         model = load_fid_inception(inception_path, device)
@@ -599,31 +601,31 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                             "features": "pool3 (2048)", "resize": "bilinear, align_corners=False, to 299x299",
                             "grayscale": "replicated to 3 channels"}
     elif args.inception and inception_path.is_dir():
-        raise UsageError(f"--inception {args.inception} is a directory, expected the .pth file ({E.INCEPTION_FILE})")
+        raise UsageError(f"--inception {args.inception} is a directory, expected the .pth file ({INCEPTION_FILE})")
     elif args.inception:
         raise UsageError(f"--inception {args.inception} does not exist")
     elif ref.num_classes < 2:
         raise UsageError(f"no sample metric can be measured: the reference {args.reference} has no class labels "
                          f"(for classifier-FID, pass a reference with class sub-folders) and there are no Inception "
-                         f"weights at {inception_path} (put {E.INCEPTION_FILE} there, set ${E.INCEPTION_ENV}, or "
+                         f"weights at {inception_path} (put {INCEPTION_FILE} there, set ${INCEPTION_ENV}, or "
                          f"pass --inception PATH)")
     else:
         skipped["fid_inception"] = (f"no Inception weights at {inception_path}: put the standard FID Inception-V3 "
-                                    f"weights {E.INCEPTION_FILE} (pytorch-fid / torch-fidelity release) there, set "
-                                    f"${E.INCEPTION_ENV}, or pass --inception PATH")
+                                    f"weights {INCEPTION_FILE} (pytorch-fid / torch-fidelity release) there, set "
+                                    f"${INCEPTION_ENV}, or pass --inception PATH")
         log.warning("Inception FID skipped: %s", skipped["fid_inception"])
     classifier = record = None
     if ref.num_classes >= 2:
-        classifier, record = E.load_or_train_classifier(Path(args.classifier or out / "classifier.pt"), ref,
-                                                        args.classifier_epochs, args.seed)
+        classifier, record = load_or_train_classifier(Path(args.classifier or out / "classifier.pt"), ref,
+                                                      args.classifier_epochs, args.seed)
         record["features"] = "SmallClassifier penultimate layer (128, after ReLU)"
     else:
         skipped["classifier"] = (f"the reference {args.reference} has no class labels (sub-folders): no classifier-FID "
                                  f"and no class accuracy")
     _clear_outputs(old)  # a --classifier file that is not one has been refused by now
-    results, images = E.evaluate(net, meta, tokenizer, ref, args.steps, schedule, args.num, args.batch_size,
-                                 args.seed, args.precision, args.compile, classifier, record, inception,
-                                 inception_record, args.k, device, tuple(args.guidance_scale))
+    results, images = evaluate(net, meta, tokenizer, ref, args.steps, schedule, args.num, args.batch_size,
+                               args.seed, args.precision, args.compile, classifier, record, inception,
+                               inception_record, args.k, device, tuple(args.guidance_scale))
     results.setdefault("skipped", {}).update(skipped)
     conditional = bool(net.cfg.num_classes)
     protocol = {
@@ -638,7 +640,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         "reference": ref.info, "precision_recall_k": args.k,
         "feature_extractors": {"classifier": record is not None, "inception": inception_record is not None},
         "fid": "Frechet distance of Gaussians fitted to the features (mean, unbiased covariance), float64",
-        "tools": E.tool_versions(), "device": str(device), "threads": torch.get_num_threads(),
+        "tools": tool_versions(), "device": str(device), "threads": torch.get_num_threads(),
     }
     result = {"protocol": protocol, **results}
     write_json(out / "evaluation.json", result)
@@ -647,8 +649,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if len(args.steps) > 1:
         keys = [k for k in ("fid_classifier", "fid_inception", "class_accuracy", "precision_classifier",
                             "recall_classifier") if k in results["samples"][0]]
-        E.plot_curves(args.steps, {k: [row[k] for row in results["samples"]] for k in keys}, "sampling steps T",
-                      out / "curves.png", title=f"{args.num} samples vs {ref.info['count']} reference images")
+        plot_curves(args.steps, {k: [row[k] for row in results["samples"]] for k in keys}, "sampling steps T",
+                    out / "curves.png", title=f"{args.num} samples vs {ref.info['count']} reference images")
     print(_evaluation_table(result))
     print(f"results written to {out / 'evaluation.json'}")
 

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from sundae.checkpoint import load_generator, load_tokenizer
 from sundae.cli import class_logits_fn, inpaint_images
 from sundae.data import FASHION_MNIST_CLASSES, IdxImages, ImageFolder
-from sundae.evaluate import accuracy, codebook_usage, psnr, train_classifier
+from sundae.eval.classifier import accuracy, train_classifier
+from sundae.eval.metrics import codebook_usage, psnr
 from sundae.hourglass import HourglassConfig
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.images import save_grid

@@ -4,10 +4,10 @@ Given a generator, its tokenizer and a reference image set, `evaluate` generates
 setting (class-conditional generators: balanced over the classes, sample i has class i mod C) and reports
 
 - classifier-FID, precision and recall (k-NN manifolds) in the 128 penultimate features of a small classifier
-  trained on the labelled reference dataset (`sundae.evaluate.SmallClassifier`; for idx data on its train
+  trained on the labelled reference dataset (`sundae.eval.classifier.SmallClassifier`; for idx data on its train
   split, for an image folder on the folder itself), and its class accuracy for class-conditional generators;
 - FID (and precision/recall) in Inception-V3 pool features, when the standard FID Inception weights are on
-  disk (`sundae.inception`; never downloaded);
+  disk (`sundae.eval.inception`; never downloaded);
 - the tokenizer on the reference images: PSNR, SSIM (torchmetrics), codebook usage, reconstruction FIDs.
 
 Everything is measured against the same reference images; the result JSON records the protocol (counts,
@@ -30,14 +30,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxImages, is_idx_dataset, open_images
-from sundae.evaluate import SmallClassifier, codebook_usage, predict, psnr, train_classifier
+from sundae.eval.classifier import SmallClassifier, predict
+from sundae.eval.metrics import classifier_features, codebook_usage, frechet_distance, precision_recall, psnr, ssim
 from sundae.io import atomic_write
-from sundae.metrics import classifier_features, frechet_distance, precision_recall
 from sundae.sundae import sample
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_ENV = "SUNDAE_INCEPTION"
-CLASSIFIER_FORMAT = "sundae-classifier"
 
 
 def default_inception_path() -> Path:
@@ -131,46 +130,6 @@ def load_reference(spec: str, size: int, channels: int, limit: int = 0, classifi
     return Reference(images, labels, num_classes, info, train_images, train_labels, classes)
 
 
-def load_or_train_classifier(path: Path, ref: Reference, epochs: int, seed: int,
-                             progress: bool = True) -> tuple[SmallClassifier, dict[str, Any]]:
-    """The classifier of classifier-FID for `ref`: read from `path` when it exists (it must have been trained
-    for the same data, size and channels), else trained (`train_classifier`) and written there atomically.
-    Returns (model in eval mode, its record: what it was trained on, epochs, seed, accuracy on the
-    reference images). Raises ValueError when `path` holds another kind of file or another dataset's classifier.
-    """
-    key = {k: ref.info[k] for k in ("source", "image_size", "channels", "num_classes", "classifier_trained_on")}
-    key["train_images"] = len(ref.train_images)
-    if path.is_file():
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            raise ValueError(f"--classifier {path} is not a readable classifier file") from None
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CLASSIFIER_FORMAT:
-            raise ValueError(f"--classifier {path} is not a classifier written by `sundae evaluate`")
-        if ckpt["data"] != key:
-            diff = ", ".join(f"{k}: {ckpt['data'].get(k)!r} stored, {v!r} needed" for k, v in key.items()
-                             if ckpt["data"].get(k) != v)
-            raise ValueError(f"--classifier {path} was trained for other data ({diff}): pass another --classifier "
-                             f"path (it is trained there) or delete the file")
-        model = SmallClassifier(key["channels"], key["num_classes"], key["image_size"][0])
-        model.load_state_dict(ckpt["model"])
-        record = {**ckpt["record"], "path": str(path), "loaded": True}
-    else:
-        t = time.time()
-        batch_size = min(128, len(ref.train_images))  # small image folders: still one step per epoch
-        model = train_classifier(ref.train_images, ref.train_labels, ref.num_classes, epochs, batch_size, seed=seed,
-                                 progress=progress)
-        record = {"epochs": epochs, "seed": seed, "batch_size": batch_size, "train_images": len(ref.train_images),
-                  "trained_on": ref.info["classifier_trained_on"], "seconds": time.time() - t,
-                  "class_counts": torch.bincount(ref.train_labels, minlength=ref.num_classes).tolist()}
-        payload = {"format": CLASSIFIER_FORMAT, "data": key, "record": record, "model": model.state_dict()}
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
-        record = {**record, "path": str(path), "loaded": False}
-    model.eval()
-    record["accuracy_on_reference"] = (predict(model, ref.images) == ref.labels).float().mean().item()
-    return model, record
-
-
 @torch.no_grad()
 def generate(net, tokenizer, grid: Sequence[int], size: tuple[int, int] | None, labels: Tensor | None, num: int,
              batch_size: int, schedule: dict[str, Any], seed: int, precision: str = "fp32", compile: bool = False,
@@ -178,7 +137,7 @@ def generate(net, tokenizer, grid: Sequence[int], size: tuple[int, int] | None, 
              guidance_scale: float | tuple[float, float] = 1.0) -> tuple[Tensor, Tensor, float]:
     """`num` decoded samples `num c H W` in [-1, 1] (CPU), batch by batch from one generator seeded `seed`
     (so results depend on `batch_size` too), with `labels` (`num` int64) for a class-conditional network.
-    guidance_scale: classifier-free guidance, a constant or (start, end) over the steps (`cli.class_logits_fn`).
+    guidance_scale: classifier-free guidance, a constant or (start, end) over the steps (`sundae.cli.class_logits_fn`).
     Returns (images, steps each sample took `num` int64, seconds)."""
     from sundae.cli import class_logits_fn  # the sample verb's logits function (precision, compile)
 
@@ -206,15 +165,6 @@ def reconstruct(tokenizer, images: Tensor, batch_size: int, device: torch.device
         recon.append(tokenizer.decode(z, size=tuple(x.shape[-2:])).cpu())
         tokens.append(z.cpu())
     return torch.cat(recon), torch.cat(tokens)
-
-
-def ssim(x: Tensor, y: Tensor) -> float:
-    """Mean SSIM (Wang et al. 2004; torchmetrics, Gaussian window 11, sigma 1.5) of `n c H W` images in
-    [-1, 1] (data range 2)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    return float(structural_similarity_index_measure(x.float().clamp(-1, 1), y.float().clamp(-1, 1),
-                                                     data_range=2.0))
 
 
 def balanced_labels(num: int, num_classes: int) -> Tensor:

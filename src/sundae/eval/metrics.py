@@ -1,4 +1,5 @@
-"""Sample-quality metrics over feature vectors: Frechet distance (FID) and k-NN precision/recall.
+"""Sample-quality metrics over feature vectors: Frechet distance (FID) and k-NN precision/recall; and the
+tokenizer's: PSNR, SSIM and codebook usage.
 
 Everything here works on features `n d` (one row per image) from any extractor: Inception-V3 for the
 standard FID, or the penultimate layer of a classifier trained on the dataset (`classifier_features`) for
@@ -17,7 +18,10 @@ and against closed forms.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -140,3 +144,23 @@ def classifier_features(model: nn.Module, images: Tensor, batch_size: int = 500)
     device = next(model.parameters()).device
     return torch.cat([model.features(images[i:i + batch_size].to(device)).float().cpu()
                       for i in range(0, len(images), batch_size)]) if len(images) else torch.zeros(0, 0)
+
+
+def psnr(x: Tensor, y: Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2), over the whole batch."""
+    mse = F.mse_loss(x.float().clamp(-1, 1), y.float().clamp(-1, 1)).item()
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def ssim(x: Tensor, y: Tensor) -> float:
+    """Mean SSIM (Wang et al. 2004; torchmetrics, Gaussian window 11, sigma 1.5) of `n c H W` images in
+    [-1, 1] (data range 2)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return float(structural_similarity_index_measure(x.float().clamp(-1, 1), y.float().clamp(-1, 1),
+                                                     data_range=2.0))
+
+
+def codebook_usage(tokens: Tensor, n_codes: int) -> float:
+    """Fraction of the `n_codes` codebook entries that occur at least once in `tokens` (any shape)."""
+    return torch.unique(tokens).numel() / n_codes
