@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from common import RESULTS, device_name, print_table, write_json  # noqa: E402  (puts src/ on the path)
 
 from sundae.checkpoint import load_generator, load_tokenizer
-from sundae.cli import class_logits_fn, encode_prompts
+from sundae.pipeline import class_logits_fn, encode_prompts
 from sundae.data import ImageFolder
 from sundae.images import save_grid
 from sundae.sundae import sample

@@ -63,7 +63,7 @@ from baselines import (Autoregressive, MaskGIT, autoregressive_loss, autoregress
                        maskgit_sample, masked_token_loss, matching_layers)
 from plotting import Panel, save_panels
 from sundae.checkpoint import load_tokenizer
-from sundae.cli import class_logits_fn
+from sundae.pipeline import class_logits_fn
 from sundae.data import FASHION_MNIST_DIR, IdxImages
 from sundae.eval.classifier import predict, train_classifier
 from sundae.eval.metrics import classifier_features, frechet_distance, precision_recall

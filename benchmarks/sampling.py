@@ -31,7 +31,7 @@ import torch
 
 from common import DTYPES, RESULTS, environment, peak_matmul_flops, peak_memory, print_table, timed, write_json
 from sundae.checkpoint import load_generator, load_tokenizer
-from sundae.cli import class_logits_fn
+from sundae.pipeline import class_logits_fn
 from sundae.hourglass import Hourglass, forward_flops
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.images import save_image

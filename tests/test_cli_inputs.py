@@ -179,12 +179,12 @@ def test_debug_shows_the_traceback(models, tmp_path):
 
 
 def test_unexpected_errors_are_one_line_too(models, tmp_path, capsys, monkeypatch):
-    import sundae.cli as cli
+    import sundae.pipeline as pipeline
 
     def broken(*args, **kwargs):
         raise RuntimeError("something inside torch\nwith a second line")
 
-    monkeypatch.setattr(cli, "load_generator", broken)
+    monkeypatch.setattr(pipeline, "load_generator", broken)
     err = fails(capsys, "sample", "--generator", models / "gen.pt", "--out", tmp_path, "--device", "cpu")
     assert err == "sundae sample: error: something inside torch (RuntimeError; run with --debug for the traceback)"
 
@@ -217,11 +217,11 @@ def test_out_folder_check_is_safe_when_processes_run_it_at_once(tmp_path):
     """Every torchrun process checks --out: four threads checking each of 100 new folders at once must all
     pass and leave nothing behind (a check that made and removed the folder itself failed 122 of 400)."""
     from concurrent.futures import ThreadPoolExecutor
-    from sundae.cli import _check_out_folder
+    from sundae.cli.outputs import check_out_folder
 
     targets = [tmp_path / f"run{i}" / "out" for i in range(100) for _ in range(4)]
     with ThreadPoolExecutor(4) as pool:
-        assert list(pool.map(lambda out: _check_out_folder(out, "--out"), targets)) == [None] * 400
+        assert list(pool.map(lambda out: check_out_folder(out, "--out"), targets)) == [None] * 400
     assert list(tmp_path.iterdir()) == []
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sundae.cli import class_logits_fn
+from sundae.pipeline import class_logits_fn
 from sundae.hourglass import Hourglass
 from sundae.hourglass import PRESETS as HG
 from sundae.sundae import condition_dropout, guidance_scales, guided_logits_fn, sample

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from sundae.cli import class_logits_fn
+from sundae.pipeline import class_logits_fn
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.hourglass import Hourglass
 from sundae.sundae import sample

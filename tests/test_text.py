@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from sundae.cli import class_logits_fn
+from sundae.pipeline import class_logits_fn
 from sundae.hourglass import PRESETS as HG
 from sundae.hourglass import Hourglass
 from sundae.text import TextEncoder

@@ -27,13 +27,12 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxImages, is_idx_dataset, open_images
 from sundae.eval.classifier import SmallClassifier, predict
 from sundae.eval.metrics import classifier_features, codebook_usage, frechet_distance, precision_recall, psnr, ssim
 from sundae.io import atomic_write
-from sundae.sundae import sample
+from sundae.sundae import SamplerConfig
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_ENV = "SUNDAE_INCEPTION"
@@ -130,29 +129,14 @@ def load_reference(spec: str, size: int, channels: int, limit: int = 0, classifi
     return Reference(images, labels, num_classes, info, train_images, train_labels, classes)
 
 
-@torch.no_grad()
-def generate(net, tokenizer, grid: Sequence[int], size: tuple[int, int] | None, labels: Tensor | None, num: int,
-             batch_size: int, schedule: dict[str, Any], seed: int, precision: str = "fp32", compile: bool = False,
-             device: torch.device = torch.device("cpu"), desc: str = "sample",
-             guidance_scale: float | tuple[float, float] = 1.0) -> tuple[Tensor, Tensor, float]:
-    """`num` decoded samples `num c H W` in [-1, 1] (CPU), batch by batch from one generator seeded `seed`
-    (so results depend on `batch_size` too), with `labels` (`num` int64) for a class-conditional network.
-    guidance_scale: classifier-free guidance, a constant or (start, end) over the steps (`sundae.cli.class_logits_fn`).
-    Returns (images, steps each sample took `num` int64, seconds)."""
-    from sundae.cli import class_logits_fn  # the sample verb's logits function (precision, compile)
-
-    gen = torch.Generator(device).manual_seed(seed)
-    images, taken, t0 = [], [], time.time()
-    for start in tqdm(range(0, num, batch_size), desc=desc, dynamic_ncols=True,
-                      disable=bool(os.environ.get("TQDM_DISABLE")) or None):
-        b = min(batch_size, num - start)
-        lab = labels[start:start + b].to(device) if labels is not None else None
-        fn = class_logits_fn(net, lab, precision, compile, guidance_scale, schedule["steps"])
-        z, steps = sample(fn, (b, *grid), net.cfg.vocab_size,
-                          generator=gen, device=device, **schedule)
-        images.append(tokenizer.decode(z, size=size).cpu())
-        taken.append(steps.cpu())
-    return torch.cat(images), torch.cat(taken), time.time() - t0
+def generate(pipe, labels: Tensor | None, num: int, batch_size: int, sampler: SamplerConfig, seed: int,
+             guidance_scale: float | tuple[float, float] = 1.0, desc: str = "sample") -> tuple[Tensor, Tensor, float]:
+    """`num` decoded samples of `pipe` (a `sundae.pipeline.SundaePipeline`): (images `num c H W` in [-1, 1] on
+    the CPU, steps each sample took `num` int64, seconds). Sample i has label `labels[i]` (class-conditional
+    generators) and its own generator seeded seed + i, so the results do not depend on `batch_size`."""
+    t0 = time.time()
+    parts = list(pipe.generate(num, labels, None, guidance_scale, sampler, seed, batch_size, desc=desc))
+    return torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]), time.time() - t0
 
 
 @torch.no_grad()
@@ -231,23 +215,20 @@ def plot_curves(xs: Sequence[float], series: dict[str, Sequence[float]], xlabel:
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def evaluate(net, meta: dict[str, Any], tokenizer, ref: Reference, steps_list: Sequence[int],
-             schedule: dict[str, Any], num: int, batch_size: int, seed: int, precision: str = "fp32",
-             compile: bool = False, classifier: SmallClassifier | None = None,
-             classifier_record: dict[str, Any] | None = None, inception=None,
-             inception_record: dict[str, Any] | None = None, k: int = 3,
-             device: torch.device = torch.device("cpu"),
+def evaluate(pipe, ref: Reference, samplers: Sequence[SamplerConfig], num: int, batch_size: int, seed: int,
+             classifier: SmallClassifier | None = None, classifier_record: dict[str, Any] | None = None,
+             inception=None, inception_record: dict[str, Any] | None = None, k: int = 3,
              guidance_scale: float | tuple[float, float] = 1.0) -> tuple[dict[str, Any], Tensor]:
-    """Measure the tokenizer on `ref` and the generator at each number of steps in `steps_list` (the other
-    sampler settings in `schedule`). `classifier` (with `classifier_record`) and `inception` (a module mapping
-    `b c H W` images in [-1, 1] to features, with `inception_record`) are optional feature extractors; a
-    metric whose extractor is None is left out. Returns (results without the protocol, the samples of the
-    first setting). Raises ValueError for fewer than k + 1 samples or reference images."""
+    """Measure the tokenizer of `pipe` (a `sundae.pipeline.SundaePipeline`) on `ref` and its generator with each
+    sampler setting of `samplers` (a sweep over T, say). `classifier` (with `classifier_record`) and
+    `inception` (a module mapping `b c H W` images in [-1, 1] to features, with `inception_record`) are
+    optional feature extractors; a metric whose extractor is None is left out. Returns (results without the
+    protocol, the samples of the first setting). Raises ValueError for fewer than k + 1 samples or reference
+    images."""
     if min(num, len(ref.images)) <= k:
         raise ValueError(f"need more than k={k} samples and reference images for precision/recall, got {num} "
                          f"samples and {len(ref.images)} reference images")
-    grid = meta["grid"]
-    size = tuple(ref.images.shape[-2:])
+    net, tokenizer = pipe.generator, pipe.tokenizer
     extractors = {}
     if classifier is not None:
         extractors["classifier"] = lambda x: classifier_features(classifier, x)
@@ -255,7 +236,7 @@ def evaluate(net, meta: dict[str, Any], tokenizer, ref: Reference, steps_list: S
         extractors["inception"] = inception
     ref_feats = {name: fn(ref.images) for name, fn in extractors.items()}
 
-    recon, tokens = reconstruct(tokenizer, ref.images, batch_size, device)
+    recon, tokens = reconstruct(tokenizer, ref.images, batch_size, pipe.device)
     tok = {"psnr_db": psnr(recon, ref.images), "ssim": ssim(recon, ref.images),
            "codebook_usage": codebook_usage(tokens, tokenizer.cfg.n_codes), "images": len(ref.images)}
     for name, fn in extractors.items():
@@ -267,12 +248,11 @@ def evaluate(net, meta: dict[str, Any], tokenizer, ref: Reference, steps_list: S
     labels = balanced_labels(num, net.cfg.num_classes) if conditional else None
     judge_labels = conditional and classifier is not None and ref.num_classes == net.cfg.num_classes
     rows, first = [], None
-    for steps in steps_list:
-        images, taken, seconds = generate(net, tokenizer, grid, size, labels, num, batch_size,
-                                          {**schedule, "steps": steps}, seed, precision, compile, device,
-                                          desc=f"sample T={steps}", guidance_scale=guidance_scale)
+    for sampler in samplers:
+        images, taken, seconds = generate(pipe, labels, num, batch_size, sampler, seed, guidance_scale,
+                                          desc=f"sample T={sampler.steps}")
         first = images if first is None else first
-        row: dict[str, Any] = {"steps": steps, "mean_steps_taken": taken.float().mean().item(),
+        row: dict[str, Any] = {"steps": sampler.steps, "mean_steps_taken": taken.float().mean().item(),
                                "seconds_per_image": seconds / num}
         for name, fn in extractors.items():
             row.update({f"{key}_{name}": value for key, value in _feature_scores(ref_feats[name], fn(images), k).items()})

@@ -1,0 +1,101 @@
+"""`sundae <verb>`: the command line, a thin client of the library (`sundae.pipeline`, `sundae.train`, ...).
+
+Verbs: train-vqgan, convert-taming, reconstruct, tokenize, train (`cli.training`); sample, inpaint, export,
+demo (`cli.sampling`); evaluate, quickstart (`cli.evaluate`). Configs come from named presets plus
+`--set key=value` overrides checked against the dataclass fields (`cli.args`); the sampler's flags are
+generated from `SamplerConfig`. Errors are one line (`--debug` shows the traceback); the library's warnings
+(skipped files, ...) print as `sundae VERB: warning: ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from sundae.cli import evaluate, sampling, training
+from sundae.cli.args import UsageError, rank
+from sundae.cli.outputs import check_out_folder, missing_folders, remove_if_empty
+from sundae.distributed import teardown
+from sundae.io import error_line, log
+from sundae.train import Interrupted
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line like every other CLI error, `sundae VERB: error: MESSAGE (see
+    sundae VERB --help)`, exit status 2; the default prints the whole usage block before the message.
+    Sub-parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sundae", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error instead of "
+                        "one line (also accepted after the verb)")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    training.add_parsers(sub)
+    sampling.add_parsers(sub)
+    evaluate.add_parsers(sub)
+    return parser
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Warnings of the library (logger "sundae") as `sundae VERB: warning: ...` lines on the current stderr."""
+
+    def __init__(self, verb: str):
+        super().__init__()
+        self.setFormatter(logging.Formatter(f"sundae {verb}: warning: %(message)s"))
+
+    @property
+    def stream(self):  # the stderr of the moment, so redirections (and pytest's capture) see the lines
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command line. Errors print one line `sundae VERB: error: ...` and exit with status 2 (130 on
+    Ctrl-C); `--debug` re-raises them with the traceback."""
+    args = build_parser().parse_args(argv)
+    handler = _StderrHandler(args.verb)
+    log.addHandler(handler)
+    out_folder = Path(args.out) if args.verb != "reconstruct" and getattr(args, "out", None) else None
+    new_folders = missing_folders(out_folder) if out_folder is not None else []
+    try:
+        if out_folder is not None:
+            check_out_folder(out_folder, "out" if args.verb == "export" else "--out")
+        elif args.verb == "reconstruct" and not Path(args.out).is_dir():  # --out is the PNG file to write
+            check_out_folder(Path(args.out).parent, f"--out {args.out}: its folder")
+        args.func(args)
+    except Interrupted as err:  # SIGTERM/SIGINT during training: saved at a step boundary
+        if args.debug:
+            raise
+        if rank() == 0:
+            print(f"sundae {args.verb}: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"sundae {args.verb}: interrupted; training runs continue from their last checkpoint with --resume",
+              file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        remove_if_empty(new_folders)  # a run that failed before writing anything leaves no folder behind
+        if args.debug:
+            raise
+        expected = isinstance(err, (UsageError, OSError, ValueError, FloatingPointError, ImportError))
+        text = error_line(err)
+        hint = "" if expected else f" ({type(err).__name__}; run with --debug for the traceback)"
+        print(f"sundae {args.verb}: error: {text}{hint}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        log.removeHandler(handler)
+        teardown()
