@@ -514,7 +514,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         args.generator = str(Path(args.run) / "generator" / "generator.pt")
         args.tokenizer = args.tokenizer or str(Path(args.run) / "tokenizer" / "tokenizer.pt")
     try:
-        from sundae.demo import build_app, serve, upload_limit
+        from sundae.apps.demo import build_app, serve, upload_limit
     except ImportError as err:
         raise UsageError(f"the demo needs gradio ({err}): pip install -e \".[demo]\"") from None
     net, meta, tokenizer = _load_pair(args, args.device)
@@ -671,7 +671,7 @@ def _evaluation_table(result: dict[str, Any]) -> str:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    from sundae.quickstart import EMOJI_PRESETS, QUICKSTART_PRESETS, quickstart, quickstart_emoji
+    from sundae.apps.quickstart import EMOJI_PRESETS, QUICKSTART_PRESETS, quickstart, quickstart_emoji
     if args.dataset == "emoji":
         if args.data is not None:
             raise UsageError("--data is for the fashion dataset; --dataset emoji renders the installed emoji font")
