@@ -24,12 +24,12 @@ import torch
 
 from common import RESULTS, device_name, print_table, write_json  # noqa: E402  (puts src/ on the path)
 
+from sundae.apps.quickstart import QUICKSTART_PRESETS
 from sundae.checkpoint import load_generator, load_tokenizer
 from sundae.pipeline import class_logits_fn
 from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxImages
 from sundae.eval.classifier import accuracy, train_classifier
 from sundae.images import save_grid
-from sundae.quickstart import QUICKSTART_PRESETS
 from sundae.sundae import sample
 from sundae.tokens import TokenDataset, tokenize
 from sundae.train import train_generator, train_vqgan

@@ -20,9 +20,9 @@ from pathlib import Path
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
+from sundae.apps.demo import build_app, serve
 from sundae.checkpoint import load_generator, load_tokenizer
 from sundae.data import FASHION_MNIST_DIR, open_images
-from sundae.demo import build_app, serve
 from sundae.images import save_image
 
 DOCS = Path(__file__).resolve().parent

@@ -18,7 +18,7 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio")
 
-from sundae import demo  # noqa: E402  (after the skip: gradio is the optional `demo` extra)
+from sundae.apps import demo  # noqa: E402  (after the skip: gradio is the optional `demo` extra)
 from sundae.checkpoint import save_checkpoint  # noqa: E402
 from sundae.cli import class_logits_fn, inpaint_images, main  # noqa: E402
 from sundae.hourglass import Hourglass  # noqa: E402
