@@ -20,11 +20,12 @@ gr = pytest.importorskip("gradio")
 
 from sundae.apps import demo  # noqa: E402  (after the skip: gradio is the optional `demo` extra)
 from sundae.checkpoint import save_checkpoint  # noqa: E402
-from sundae.cli import class_logits_fn, inpaint_images, main  # noqa: E402
+from sundae.cli import main  # noqa: E402
 from sundae.hourglass import Hourglass  # noqa: E402
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS  # noqa: E402
 from sundae.images import make_grid, tensor_to_image  # noqa: E402
-from sundae.sundae import sample  # noqa: E402
+from sundae.pipeline import SundaePipeline, class_logits_fn, inpaint_images  # noqa: E402
+from sundae.sundae import SamplerConfig, sample  # noqa: E402
 from sundae.text import DEFAULT as MINILM  # noqa: E402
 from sundae.text import load_text_encoder  # noqa: E402
 from sundae.vqgan import PRESETS as VQGAN_PRESETS  # noqa: E402
@@ -34,6 +35,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 V = 64  # the tiny presets' codebook
+GRID = {"grid": [8, 8]}
 TEXT_META = {"grid": [8, 8], "text_encoder": MINILM}
 
 
@@ -56,10 +58,26 @@ def text_net():
     return net
 
 
+@pytest.fixture(scope="module")
+def text_pipe(nets, text_net):
+    return SundaePipeline(text_net, nets[1], TEXT_META)
+
+
+def _inputs(**sampler) -> list:
+    """The page's sampler inputs for `SamplerConfig(**sampler)`."""
+    return demo.sampler_values(SamplerConfig(**sampler))
+
+
+def _seeded(seed: int, num: int) -> list[torch.Generator]:
+    """Sample i's generator, seeded seed + i (the pipeline's and the CLI's rule)."""
+    return [torch.Generator().manual_seed(seed + i) for i in range(num)]
+
+
 def _decoded_grid(tokenizer, z):
-    """Tokens `b h w` -> the grid the demo shows: decoded, ceil(sqrt(b)) per row (sundae.data's grid)."""
+    """Tokens `b h w` -> the grid the demo shows: decoded one at a time, ceil(sqrt(b)) per row."""
     with torch.inference_mode():
-        return np.asarray(tensor_to_image(make_grid(tokenizer.decode(z), nrow=int(np.ceil(np.sqrt(len(z)))))))
+        images = torch.cat([tokenizer.decode(z[i:i + 1]) for i in range(len(z))])
+    return np.asarray(tensor_to_image(make_grid(images, nrow=int(np.ceil(np.sqrt(len(z)))))))
 
 
 # ---- the live sampler --------------------------------------------------------------------------------
@@ -67,15 +85,18 @@ def _decoded_grid(tokenizer, z):
 def test_sample_live_previews_every_n_steps_and_ends_with_the_samplers_result(nets):
     net = nets[0]
     logits_fn = lambda z, rows, step: net(z)  # noqa: E731
-    kwargs = dict(steps=10, min_steps=10, temperature=(1.0, 0.7), update_proportion=(0.5, 0.5))
-    seen = list(demo.sample_live(logits_fn, (3, 8, 8), V, 4, generator=torch.Generator().manual_seed(7), **kwargs))
+    sampler = SamplerConfig(steps=10, min_steps=10, temperature=(1.0, 0.7), update_proportion=0.5)
+    seen = list(demo.sample_live(logits_fn, (3, 8, 8), V, 4, sampler, generator=_seeded(7, 3)))
     # Calls 0..9 see the tokens after 0..9 steps; previews at 0, 4, 8, then the result after all 10.
     assert [(step, taken is None) for step, _, _, taken in seen] == [(0, True), (4, True), (8, True), (10, False)]
-    start = torch.randint(0, V, (3, 8, 8), generator=torch.Generator().manual_seed(7))  # the uniform start
+    start = torch.cat([torch.randint(0, V, (1, 8, 8), generator=g) for g in _seeded(7, 3)])  # the uniform start
     assert torch.equal(seen[0][2], start)
-    z, steps = sample(logits_fn, (3, 8, 8), V, generator=torch.Generator().manual_seed(7), **kwargs)
+    z, steps = sample(logits_fn, (3, 8, 8), V, sampler, generator=_seeded(7, 3))
     assert torch.equal(seen[-1][2], z) and seen[-1][3].tolist() == [10, 10, 10]  # min_steps=steps: no stop
     assert not torch.equal(seen[1][2], seen[2][2])  # the grid moves between previews
+    # The same iterator runs again from scratch: nothing in it counts calls across runs.
+    again = list(demo.sample_live(logits_fn, (3, 8, 8), V, 4, sampler, generator=_seeded(7, 3)))
+    assert [s for s, *_ in again] == [0, 4, 8, 10] and torch.equal(again[-1][2], z)
 
 
 def test_sample_live_shows_finished_samples_after_they_leave_the_batch():
@@ -83,8 +104,9 @@ def test_sample_live_shows_finished_samples_after_they_leave_the_batch():
         logits = torch.zeros(*z.shape, V)
         logits[..., 5] = 100.0
         return logits
-    seen = list(demo.sample_live(towards_five, (2, 4, 4), V, 1, steps=30, min_steps=2,
-                                 update_proportion=(1.0, 1.0), generator=torch.Generator().manual_seed(0)))
+    seen = list(demo.sample_live(towards_five, (2, 4, 4), V, 1, SamplerConfig(steps=30, min_steps=2,
+                                                                              update_proportion=1.0),
+                                 generator=torch.Generator().manual_seed(0)))
     # Step 1 sets every token to 5; step 2 changes nothing, so both stop after 2 steps and leave the batch at
     # the compaction after step 10; the sampler then ends: calls 0..9, a preview at each, then the result.
     assert [s for s, *_ in seen] == list(range(10)) + [10]
@@ -98,7 +120,7 @@ def test_closing_sample_live_stops_the_sampler():
     def slow(z, rows, step):
         calls.append(1)
         return torch.zeros(*z.shape, V)
-    live = demo.sample_live(slow, (1, 4, 4), V, 1, steps=10_000, min_steps=10_000)
+    live = demo.sample_live(slow, (1, 4, 4), V, 1, SamplerConfig(steps=10_000, min_steps=10_000))
     next(live)
     live.close()  # joins the sampler's thread
     stopped_at = len(calls)
@@ -113,15 +135,23 @@ def test_sample_live_raises_the_samplers_errors():
 
 # ---- input checks: messages for the page -------------------------------------------------------------
 
-def test_schedule_checks_become_page_messages():
-    assert demo._schedule(20, (1.0, 0.5), (0.8, 0.2), 5) == {
-        "steps": 20, "temperature": (1.0, 0.5), "update_proportion": (0.8, 0.2), "min_steps": 5}
-    with pytest.raises(gr.Error, match="Temperature end is empty"):
-        demo._schedule(20, (1.0, None), (0.5, 0.5), 5)
-    with pytest.raises(gr.Error, match=r"Temperature must be .*> 0"):
-        demo._schedule(20, (0.0, 1.0), (0.5, 0.5), 5)
-    with pytest.raises(gr.Error, match="Steps must be >= 1"):
-        demo._schedule(0, (1.0, 1.0), (0.5, 0.5), 5)
+def test_sampler_inputs_are_sampler_config_fields_and_its_errors_page_messages():
+    """The page's sampler inputs are SamplerConfig's fields in order (a schedule's start and end apart); the
+    values are checked by building a SamplerConfig, whose ValueError becomes the page's message."""
+    assert [label for _, label in demo.SAMPLER_INPUTS] == [
+        "steps", "temperature start", "temperature end", "update proportion start", "update proportion end",
+        "min steps", "early stop"]
+    cfg = SamplerConfig(steps=20, temperature=(1.0, 0.5), update_proportion=(0.8, 0.2), min_steps=5, early_stop=False)
+    assert demo.sampler_values(cfg) == [20, 1.0, 0.5, 0.8, 0.2, 5, False]
+    assert demo._sampler([20, 1.0, 0.5, 0.8, 0.2, 5, False]) == cfg
+    for values, message in (([20, 1.0, None, 0.5, 0.5, 5, True], "Temperature end is empty: enter a number"),
+                            ([20, 0.0, 1.0, 0.5, 0.5, 5, True], r"Temperature must be .*> 0"),
+                            ([0, 1.0, 1.0, 0.5, 0.5, 5, True], "Steps must be >= 1, got 0"),
+                            ([2.5, 1.0, 1.0, 0.5, 0.5, 5, True], "Steps must be an integer, got 2.5"),
+                            ([20, 1.0, 1.0, 0.5, 1.5, 5, True], r"Update proportion must lie in \(0, 1\]"),
+                            ([20, 1.0, 1.0, 0.5, 0.5, -1, True], "Min steps must be >= 0, got -1")):
+        with pytest.raises(gr.Error, match=message):
+            demo._sampler(values)
 
 
 def test_editor_value_to_image_and_mask():
@@ -147,57 +177,87 @@ def test_editor_value_to_image_and_mask():
 
 # ---- the buttons' actions, in process ---------------------------------------------------------------
 
-def test_generate_action_yields_previews_then_the_samplers_grid(nets):
+def _recorded(monkeypatch, target, name: str) -> list:
+    """Every value `target.name` returns or yields from now on (the test's spy; the call itself is unchanged)."""
+    seen, original = [], getattr(target, name)
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if not hasattr(out, "__next__"):
+            seen.append(out)
+            return out
+        return (seen.append(item) or item for item in out)
+    monkeypatch.setattr(target, name, spy)
+    return seen
+
+
+def test_generate_tab_gives_the_pipelines_samples(nets, monkeypatch):
+    """With seed s the Generate tab's final tokens, steps and grid are those of `pipe(num, class_labels,
+    seed=s, sampler=...)`, and sample i is drawn from seed s + i: watching the sampler changes nothing."""
     net, tokenizer = nets
-    actions = demo.Actions(net, tokenizer, {"grid": [8, 8]}, max_samples=8)
-    # class "all", guidance 1 (none), 5 samples, redraw every 4 steps, T = 12, min steps 10, seed 3, tau 0.8,
-    # p 0.5
-    seen = list(actions.generate(demo.ALL_CLASSES, 1, 5, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
+    pipe = SundaePipeline(net, tokenizer, GRID)
+    actions = demo.Actions(pipe, max_samples=8)
+    live = _recorded(monkeypatch, demo, "sample_live")
+    sampler = SamplerConfig(steps=12, min_steps=10)
+    # class "all", guidance 1 (none), 5 samples, redraw every 4 steps, seed 3
+    seen = list(actions.generate(demo.ALL_CLASSES, 1, 5, 4, 3, *demo.sampler_values(sampler)))
     assert [text.split(":")[0] for _, text in seen] == ["Step 0 of 12", "Step 4 of 12", "Step 8 of 12", "Done"]
-    labels = torch.arange(5)  # "all" cycles through the classes
-    with torch.inference_mode():
-        z, taken = sample(lambda z, rows, step: net(z, labels[rows]), (5, 8, 8), V, steps=12, min_steps=10,
-                          generator=torch.Generator().manual_seed(3))
-        expected = tensor_to_image(make_grid(tokenizer.decode(z), nrow=3))
+    out = pipe(5, None, seed=3, sampler=sampler, output_type="pt", progress=False)
+    *_, (_, _, tokens, taken) = live
+    assert torch.equal(tokens.cpu(), out.tokens) and torch.equal(taken.cpu(), out.steps)
     grid, text = seen[-1]
+    expected = tensor_to_image(make_grid(out.images, nrow=3))
     assert grid.size == (2 + 3 * 34, 2 + 2 * 34) and np.array_equal(np.asarray(grid), np.asarray(expected))
-    assert text.endswith(": " + ", ".join(str(t) for t in taken.tolist()))
-    with pytest.raises(gr.Error, match="outside the trained classes 0..9"):
-        list(actions.generate(12, 1, 5, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
-    with pytest.raises(gr.Error, match="Number of samples must be 1..8"):
-        list(actions.generate(0, 1, 9, 4, 12, 10, 3, 0.8, 0.8, 0.5, 0.5))
+    assert text.endswith(": " + ", ".join(str(t) for t in out.steps.tolist()))
+    labels = torch.arange(5)  # "all" cycles through the classes
+    z, _ = sample(lambda z, rows, step: net(z, labels[rows]), (5, 8, 8), V, sampler, generator=_seeded(3, 5))
+    assert torch.equal(z, out.tokens)  # independently: the network, the sampler, generators seeded 3 + i
+    for values, message in (((12, 1, 5, 4, 3), "outside the trained classes 0..9"),
+                            ((0, 1, 9, 4, 3), "Number of samples must be 1..8"),
+                            ((0, 1, 2, 4, -1), r"Seed must lie in 0\.\.")):
+        with pytest.raises(gr.Error, match=message):
+            list(actions.generate(*values, *demo.sampler_values(sampler)))
 
 
 def _elem_ids(app: gr.Blocks) -> set[str]:
     return {block.elem_id for block in app.blocks.values() if block.elem_id}
 
 
-def test_each_generator_gets_its_own_conditioning_inputs(nets, text_net):
+def test_each_generator_gets_its_own_conditioning_inputs(nets, text_pipe):
     """Classes: a class box and a guidance scale; text: a prompt box and a guidance scale; unconditional:
     neither (there is no condition to guide by), in both tabs."""
     unconditional = Hourglass(dataclasses.replace(HOURGLASS_PRESETS["tiny"], num_classes=0)).eval()
-    cases = ((nets[0], {"grid": [8, 8]}, {"class", "guidance"}),
-             (text_net, TEXT_META, {"prompt", "guidance"}),
-             (unconditional, {"grid": [8, 8]}, set()))
-    for net, meta, inputs in cases:
-        ids = _elem_ids(demo.build_app(net, nets[1], meta))
+    cases = ((SundaePipeline(nets[0], nets[1], GRID), {"class", "guidance"}),
+             (text_pipe, {"prompt", "guidance"}),
+             (SundaePipeline(unconditional, nets[1], GRID), set()))
+    for pipe, inputs in cases:
+        ids = _elem_ids(demo.build_app(pipe))
         assert {"gen-run", "inp-run"} <= ids
         for tab in ("gen", "inp"):
             assert {name for name in ("class", "prompt", "guidance") if f"{tab}-{name}" in ids} == inputs, (tab, ids)
 
 
+def test_sampler_widgets_show_the_pipelines_sampler(nets):
+    """One widget per SamplerConfig input in each tab, holding the pipeline's sampler (a bundle's own)."""
+    sampler = SamplerConfig(steps=40, temperature=(1.0, 0.7), update_proportion=0.6, min_steps=3, early_stop=False)
+    app = demo.build_app(SundaePipeline(*nets, GRID, sampler=sampler))
+    values = {block.elem_id: block.value for block in app.blocks.values() if block.elem_id}
+    for tab in ("gen", "inp"):
+        shown = [values[f"{tab}-{label.replace(' ', '-')}"] for _, label in demo.SAMPLER_INPUTS]
+        assert shown == [40, 1.0, 0.7, 0.6, 0.6, 3, False]
+
+
 def test_unconditional_generator_needs_no_class(nets):
     net = Hourglass(dataclasses.replace(HOURGLASS_PRESETS["tiny"], num_classes=0)).eval()
-    assert isinstance(demo.build_app(net, nets[1], {"grid": [8, 8]}), gr.Blocks)
-    actions = demo.Actions(net, nets[1], {"grid": [8, 8]})
-    *_, (grid, text) = actions.generate(3, 5, 4, 2, 0, 0.8, 0.8, 0.5, 0.5)  # no class value
+    pipe = SundaePipeline(net, nets[1])  # no meta: the tokenizer's 32x32 training size, 8x8 tokens
+    assert isinstance(demo.build_app(pipe), gr.Blocks)
+    # no class value: 3 samples, redraw every 5 steps, seed 0, T = 4, min steps 2
+    *_, (grid, text) = demo.Actions(pipe).generate(3, 5, 0, *_inputs(steps=4, min_steps=2))
     assert grid.size == (2 + 2 * 34, 2 + 2 * 34) and text.startswith("Done: 3 samples of 32x32 pixels")
-    with pytest.raises(ValueError, match="no token grid"):
-        demo.Actions(net, nets[1], {})
 
 
 def test_load_action_reads_uploads_by_the_library_policy(nets, tmp_path):
-    actions = demo.Actions(*nets, {"grid": [8, 8]}, max_pixels=40 * 30)
+    actions = demo.Actions(SundaePipeline(*nets, GRID), max_pixels=40 * 30)
     rgba = Image.new("RGBA", (40, 30), (10, 20, 30, 255))
     rgba.putpixel((3, 2), (10, 20, 30, 0))  # transparent: onto white, as `sundae inpaint` reads it
     rgba.save(tmp_path / "a.png")
@@ -215,16 +275,19 @@ def test_load_action_reads_uploads_by_the_library_policy(nets, tmp_path):
     assert str(tmp_path) not in str(err.value)
 
 
-def test_inpaint_action_regenerates_exactly_the_painted_cells(nets):
+def test_inpaint_action_regenerates_exactly_the_painted_cells(nets, monkeypatch):
     net, tokenizer = nets
-    actions = demo.Actions(net, tokenizer, {"grid": [8, 8]})
+    pipe = SundaePipeline(net, tokenizer, GRID)
+    actions = demo.Actions(pipe)
+    calls = _recorded(monkeypatch, pipe, "inpaint")
     pixels = np.random.default_rng(1).integers(0, 200, (32, 32, 3), dtype=np.uint8)
     background = Image.fromarray(pixels).convert("RGBA")
     layer = Image.new("RGBA", (32, 32))
     layer.paste((255, 0, 255, 150), (10, 10, 14, 14))  # pixels 10..13: token cells 2..3 (f = 4)
-    # class 0, guidance 1, 3 completions, no growing, T = 6, min steps 2, seed 0, tau 1.0, p 0.9
-    cells, completions, text = actions.inpaint({"background": background, "layers": [layer]}, 0, 1, 3, 0, 6, 2,
-                                               0, 1.0, 1.0, 0.9, 0.9)
+    sampler = SamplerConfig(steps=6, min_steps=2, temperature=1.0, update_proportion=0.9)
+    # class 0, guidance 1, 3 completions, no growing, seed 0
+    cells, completions, text = actions.inpaint({"background": background, "layers": [layer]}, 0, 1, 3, 0, 0,
+                                               *demo.sampler_values(sampler))
     regenerated = np.zeros((32, 32), dtype=bool)
     regenerated[8:16, 8:16] = True
     shown = np.asarray(cells)
@@ -233,9 +296,16 @@ def test_inpaint_action_regenerates_exactly_the_painted_cells(nets):
     for out in map(np.asarray, completions):
         assert out.shape == (32, 32, 3) and (out[~regenerated] == pixels[~regenerated]).all()
     assert (np.asarray(completions[0])[regenerated] != np.asarray(completions[1])[regenerated]).any()
+    # The tab's completions and tokens are the pipeline's for that image, mask, class, sampler and seed.
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 10:14, 10:14] = 1
+    monkeypatch.undo()
+    expected = pipe.inpaint(Image.fromarray(pixels), mask, 3, 0, sampler=sampler, seed=0)
+    assert torch.equal(calls[-1].tokens, expected.tokens)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(completions, expected.images, strict=True))
     # Grown by one cell: cells 1..4, pixels 4..19.
-    cells, completions, text = actions.inpaint({"background": background, "layers": [layer]}, 0, 1, 1, 1, 6, 2,
-                                               0, 1.0, 1.0, 0.9, 0.9)
+    cells, completions, text = actions.inpaint({"background": background, "layers": [layer]}, 0, 1, 1, 1, 0,
+                                               *demo.sampler_values(sampler))
     regenerated[:] = False
     regenerated[4:20, 4:20] = True
     assert (np.asarray(cells)[regenerated] == demo.REGENERATED).all() and "16 of 64 token cells" in text
@@ -244,44 +314,46 @@ def test_inpaint_action_regenerates_exactly_the_painted_cells(nets):
 
 # ---- text prompts and classifier-free guidance ------------------------------------------------------
 
-def test_condition_values_prompts_per_line_and_guidance_checks(nets, text_net):
-    cpu = torch.device("cpu")
-    labels, prompts, scale = demo._condition(text_net, ["red apple\n\nrocket", 2.5], 4, 10, cpu)
-    assert labels is None and prompts == ("red apple", "", "rocket") and scale == 2.5  # a blank line: ""
-    assert demo._condition(text_net, ["", 1], 4, 10, cpu)[1:] == (("",), 1.0)  # an empty box: the empty caption
-    assert demo._condition(text_net, [None, 1], 4, 10, cpu)[1] == ("",)
+def test_condition_values_prompts_per_line_and_guidance_checks(nets, text_pipe):
+    label, prompts, scale = demo._condition(text_pipe, ["red apple\n\nrocket", 2.5])
+    assert label is None and prompts == ("red apple", "", "rocket") and scale == 2.5  # a blank line: ""
+    assert demo._condition(text_pipe, ["", 1]) == (None, ("",), 1.0)  # an empty box: the empty caption
+    assert demo._condition(text_pipe, [None, 1])[1] == ("",)
     # Any finite scale, as `sundae sample --guidance-scale` takes it: 0 is unconditional, below 0 pushes away.
-    assert demo._condition(text_net, ["x", -1.5], 4, 10, cpu)[2] == -1.5
-    labels, prompts, scale = demo._condition(nets[0], [3, 4.0], 2, 10, cpu)
-    assert labels.tolist() == [3, 3] and prompts is None and scale == 4.0
+    assert demo._condition(text_pipe, ["x", -1.5])[2] == -1.5
+    pipe = SundaePipeline(*nets, GRID)
+    assert demo._condition(pipe, [3, 4.0]) == (3, None, 4.0)
+    assert demo._condition(pipe, [demo.ALL_CLASSES, 1]) == (None, None, 1.0)  # the pipeline cycles the classes
     for value, message in ((None, "Guidance scale is empty"), (float("inf"), "Guidance scale inf: expected finite"),
                            (float("nan"), "Guidance scale nan: expected finite"), (1e39, "too large for the float32")):
         with pytest.raises(gr.Error, match=message):
-            demo._condition(nets[0], [3, value], 2, 10, cpu)
+            demo._condition(pipe, [3, value])
+    for value, message in ((None, "Choose a class"), (10, "Class 10 is outside the trained classes 0..9")):
+        with pytest.raises(gr.Error, match=message):
+            demo._condition(pipe, [value, 1])
     with pytest.raises(gr.Error, match=r"Prompt line 2: not valid text \(surrogates not allowed"):
-        demo._condition(text_net, ["fine\ncaf\udce9", 1], 2, 10, cpu)
+        demo._condition(text_pipe, ["fine\ncaf\udce9", 1])
 
 
-def test_generate_with_prompts_samples_the_network_on_their_encoding(nets, text_net):
+def test_generate_with_prompts_samples_the_network_on_their_encoding(nets, text_net, text_pipe):
     """The page's prompts (one per line, cycled over the samples) reach the network as the encoder's features
     of each sample's prompt: the grid equals the sampler's over the network given those features directly.
     Guidance 1 is that same conditional sampling; guidance 3 is the library's guided sampling and differs."""
     tokenizer = nets[1]
-    actions = demo.Actions(text_net, tokenizer, TEXT_META)
+    actions = demo.Actions(text_pipe)
     encoder = load_text_encoder(MINILM, "cpu")
     text = encoder.encode(["red apple", "rocket", "red apple"])  # 2 prompts cycled over 3 samples
-    kwargs = dict(steps=6, min_steps=6, temperature=(0.8, 0.8), update_proportion=(0.5, 0.5))
+    sampler = SamplerConfig(steps=6, min_steps=6, temperature=0.8, update_proportion=0.5)
 
-    def page(prompt, scale):  # 3 samples, redraw every 10 steps, T = 6, min steps 6, seed 5, tau 0.8, p 0.5
-        *_, (grid, status) = actions.generate(prompt, scale, 3, 10, 6, 6, 5, 0.8, 0.8, 0.5, 0.5)
+    def page(prompt, scale):  # 3 samples, redraw every 10 steps, seed 5
+        *_, (grid, status) = actions.generate(prompt, scale, 3, 10, 5, *demo.sampler_values(sampler))
         assert status.startswith("Done: 3 samples")
         return np.asarray(grid)
 
-    with torch.inference_mode():
-        z, _ = sample(lambda z, rows, step: text_net(z, text=tuple(t[rows] for t in text)), (3, 8, 8), V,
-                      generator=torch.Generator().manual_seed(5), **kwargs)
-        guided, _ = sample(class_logits_fn(text_net, None, guidance_scale=3.0, steps=6, text=text), (3, 8, 8), V,
-                           generator=torch.Generator().manual_seed(5), **kwargs)
+    z, _ = sample(lambda z, rows, step: text_net(z, text=tuple(t[rows] for t in text)), (3, 8, 8), V, sampler,
+                  generator=_seeded(5, 3))
+    guided, _ = sample(class_logits_fn(text_net, None, guidance_scale=3.0, steps=6, text=text), (3, 8, 8), V,
+                       sampler, generator=_seeded(5, 3))
     plain = page("red apple\nrocket", 1)
     assert np.array_equal(plain, _decoded_grid(tokenizer, z))
     assert not torch.equal(guided, z)
@@ -290,27 +362,27 @@ def test_generate_with_prompts_samples_the_network_on_their_encoding(nets, text_
     assert not np.array_equal(page("", 1), plain)  # the empty caption is valid, and a condition of its own
 
 
-def test_inpaint_with_a_prompt_and_guidance(nets, text_net):
+def test_inpaint_with_a_prompt_and_guidance(nets, text_net, text_pipe):
     """Inpainting takes the prompts and the scale too: the completions are `inpaint_images`' for the prompt's
     features and that scale, the unpainted cells are the input's, and guidance changes the painted ones."""
     tokenizer = nets[1]
-    actions = demo.Actions(text_net, tokenizer, TEXT_META)
+    actions = demo.Actions(text_pipe)
     pixels = np.random.default_rng(2).integers(0, 200, (32, 32, 3), dtype=np.uint8)
     layer = Image.new("RGBA", (32, 32))
     layer.paste((255, 0, 255, 150), (0, 0, 16, 32))  # the left half: token columns 0..3
     editor = {"background": Image.fromarray(pixels).convert("RGBA"), "layers": [layer]}
+    sampler = SamplerConfig(steps=5, min_steps=5, temperature=1.0, update_proportion=0.8)
 
-    def completions(scale):  # prompt, scale, 2 completions, no growing, T = 5, min steps 5, seed 1, tau 1, p 0.8
-        _, images, text = actions.inpaint(editor, "rocket", scale, 2, 0, 5, 5, 1, 1.0, 1.0, 0.8, 0.8)
+    def completions(scale):  # prompt, scale, 2 completions, no growing, seed 1
+        _, images, text = actions.inpaint(editor, "rocket", scale, 2, 0, 1, *demo.sampler_values(sampler))
         assert "32 of 64 token cells" in text
         return np.stack([np.asarray(image) for image in images])
 
     guided = completions(3.0)
     image, mask = demo._editor_image_and_mask(editor, 3, 32 * 32)
     with torch.inference_mode():
-        expected, *_ = inpaint_images(text_net, tokenizer, image, mask, 2, None, torch.Generator().manual_seed(1),
-                                      guidance_scale=3.0, text=load_text_encoder(MINILM, "cpu").encode(["rocket"] * 2),
-                                      steps=5, min_steps=5, temperature=(1.0, 1.0), update_proportion=(0.8, 0.8))
+        expected, *_ = inpaint_images(text_net, tokenizer, image, mask, 2, None, _seeded(1, 2), guidance_scale=3.0,
+                                      text=load_text_encoder(MINILM, "cpu").encode(["rocket"] * 2), sampler=sampler)
     assert np.array_equal(guided, np.stack([np.asarray(tensor_to_image(x)) for x in expected]))
     assert (guided[:, :, 16:] == pixels[:, 16:]).all()
     assert not np.array_equal(completions(1.0)[:, :, :16], guided[:, :, :16])
@@ -327,7 +399,7 @@ def test_text_encoder_problems_are_one_line_errors_at_start(nets, tmp_path):
                           (TEXT_META, "text encoder all-MiniLM-L6-v2 gives 384-wide features, the generator "
                            "expects text_dim 12")):
         with pytest.raises(ValueError, match=message) as err:
-            demo.build_app(net12, nets[1], meta)
+            demo.build_app(SundaePipeline(net12, nets[1], meta))
         assert len(str(err.value).splitlines()) == 1
 
 
@@ -338,7 +410,7 @@ def test_demo_verb_help_and_one_line_errors(tmp_path, capsys):
     assert result.returncode == 0 and "--run" in result.stdout and "127.0.0.1" in result.stdout
     for argv, expected in ((["demo"], "pass --generator"),
                            (["demo", "--run", tmp_path, "--generator", tmp_path / "g.pt"], "not both"),
-                           (["demo", "--run", tmp_path], str(tmp_path / "generator" / "generator.pt"))):
+                           (["demo", "--run", tmp_path], str(tmp_path))):  # an empty folder: named
         with pytest.raises(SystemExit) as exit_:
             main([str(a) for a in argv] + ["--device", "cpu"])
         assert exit_.value.code == 2
@@ -348,8 +420,9 @@ def test_demo_verb_help_and_one_line_errors(tmp_path, capsys):
 
 def test_demo_verb_loads_a_quickstart_folder(nets, tmp_path, monkeypatch, capsys):
     net, tokenizer = nets
-    save_checkpoint(tmp_path / "generator" / "generator.pt", "generator", net.cfg, net, meta={"grid": [8, 8]})
     save_checkpoint(tmp_path / "tokenizer" / "tokenizer.pt", "tokenizer", tokenizer.cfg, tokenizer)
+    save_checkpoint(tmp_path / "generator" / "generator.pt", "generator", net.cfg, net,
+                    meta={**GRID, "tokenizer": str(tmp_path / "tokenizer" / "tokenizer.pt")})
     served = {}
     monkeypatch.setattr(demo, "serve", lambda app, *args: served.update(app=app, args=args))
     main(["demo", "--run", str(tmp_path), "--port", "7999", "--device", "cpu"])
@@ -417,7 +490,7 @@ def page(browser, nets):
     """The class-conditional app, open in headless Chromium."""
     net, tokenizer = nets
     names = [f"class{i}" for i in range(10)]
-    app = demo.build_app(net, tokenizer, {"grid": [8, 8], "class_names": names}, "cpu", max_pixels=64 * 64,
+    app = demo.build_app(SundaePipeline(net, tokenizer, {**GRID, "class_names": names}), max_pixels=64 * 64,
                          max_samples=16)
     with _opened(browser, app, 64 * 64) as page:
         yield page
@@ -514,11 +587,10 @@ def test_inpaint_without_an_image_says_so_in_the_page(page):
     assert "Traceback" not in page.content()
 
 
-def test_a_typed_prompt_and_guidance_scale_reach_the_sampler(browser, nets, text_net):
+def test_a_typed_prompt_and_guidance_scale_reach_the_sampler(browser, text_pipe):
     """On a text-conditional generator's page: two prompts typed on two lines, guidance 3; the grid served is
     the one `Actions.generate` gives for those values (the page's defaults for the rest)."""
-    tokenizer = nets[1]
-    with _opened(browser, demo.build_app(text_net, tokenizer, TEXT_META, "cpu", max_samples=8), 64 * 64) as page:
+    with _opened(browser, demo.build_app(text_pipe, max_samples=8), 64 * 64) as page:
         assert page.locator("#gen-class").count() == 0
         page.locator("#gen-prompt textarea").fill("red apple\nrocket")
         _set(page, "gen-guidance", 3)
@@ -528,10 +600,9 @@ def test_a_typed_prompt_and_guidance_scale_reach_the_sampler(browser, nets, text
         page.wait_for_function("document.querySelector('#gen-status').innerText.startsWith('Done')",
                                timeout=30_000)
         (grid,) = _fetch(page, "#grid img")
-    # prompts, guidance 3, 3 samples, redraw every 5, T = 6, min steps 10, seed 0, tau 0.8, p 0.5 (defaults)
-    *_, (expected, _) = demo.Actions(text_net, tokenizer, TEXT_META).generate("red apple\nrocket", 3, 3, 5, 6, 10,
-                                                                              0, 0.8, 0.8, 0.5, 0.5)
+    # prompts, guidance 3, 3 samples, redraw every 5, seed 0, T = 6, the pipeline's sampler for the rest
+    sampler = demo.sampler_values(dataclasses.replace(text_pipe.sampler, steps=6))
+    *_, (expected, _) = demo.Actions(text_pipe).generate("red apple\nrocket", 3, 3, 5, 0, *sampler)
     assert grid.shape == (2 + 2 * 34, 2 + 2 * 34, 3) and np.array_equal(grid, np.asarray(expected))
-    *_, (unguided, _) = demo.Actions(text_net, tokenizer, TEXT_META).generate("red apple\nrocket", 1, 3, 5, 6, 10,
-                                                                              0, 0.8, 0.8, 0.5, 0.5)
+    *_, (unguided, _) = demo.Actions(text_pipe).generate("red apple\nrocket", 1, 3, 5, 0, *sampler)
     assert not np.array_equal(grid, np.asarray(unguided))  # the scale typed in the page was used
