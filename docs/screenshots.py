@@ -21,9 +21,9 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from sundae.apps.demo import build_app, serve
-from sundae.checkpoint import load_generator, load_tokenizer
 from sundae.data import FASHION_MNIST_DIR, open_images
 from sundae.images import save_image
+from sundae.pipeline import SundaePipeline
 
 DOCS = Path(__file__).resolve().parent
 
@@ -42,9 +42,7 @@ def _save(page, path: Path) -> None:
 
 def _serve(run: Path):
     """Serve the demo of the quickstart folder `run` on a free local port: (app, url)."""
-    net, meta = load_generator(run / "generator" / "generator.pt")
-    tokenizer = load_tokenizer(run / "tokenizer" / "tokenizer.pt")
-    app = build_app(net, tokenizer, meta, "cpu")
+    app = build_app(SundaePipeline.from_pretrained(run, "cpu"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
