@@ -49,9 +49,8 @@ REGENERATED = (255, 0, 255)  # the brush's colour: the Inpaint tab shows the reg
 CSS = ("#grid img, #cells img, #upload img { width: 100%; height: 100%; object-fit: contain; }\n"
        "#grid img, #cells img, #upload img, #completions img { image-rendering: pixelated; }")
 # The page's inputs for `SamplerConfig`, in its field order: (field, label); a (start, end) schedule is two.
-SAMPLER_INPUTS = [(f.name, label) for f in dataclasses.fields(SamplerConfig) for label in (
-    [f"{f.name} start".replace("_", " "), f"{f.name} end".replace("_", " ")] if isinstance(f.default, tuple)
-    else [f.name.replace("_", " ")])]
+SAMPLER_INPUTS = [(f.name, f.name.replace("_", " ") + part) for f in dataclasses.fields(SamplerConfig)
+                  for part in ((" start", " end") if isinstance(f.default, tuple) else ("",))]
 LABELS = {"steps": "Steps T", "min steps": "Min steps before early stop"}  # widget labels beyond capitalising
 
 
@@ -136,11 +135,8 @@ def _fail(message: str) -> gr.Error:
 
 def sampler_values(sampler: SamplerConfig) -> list[Any]:
     """A `SamplerConfig` as the page's sampler inputs (`SAMPLER_INPUTS`: a schedule's start and end apart)."""
-    return [v for f in dataclasses.fields(sampler) for v in _as_list(getattr(sampler, f.name))]
-
-
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, tuple) else [value]
+    values = (getattr(sampler, f.name) for f in dataclasses.fields(sampler))
+    return [x for value in values for x in (value if isinstance(value, tuple) else (value,))]
 
 
 def _sampler(values: list[Any]) -> SamplerConfig:
