@@ -29,11 +29,10 @@ import torch.nn.functional as F
 
 from common import RESULTS, device_name, print_table, write_json  # noqa: E402  (puts src/ on the path)
 
-from sundae.checkpoint import load_generator, load_tokenizer
-from sundae.pipeline import class_logits_fn, encode_prompts
 from sundae.data import ImageFolder
 from sundae.images import save_grid
-from sundae.sundae import sample
+from sundae.pipeline import SundaePipeline
+from sundae.sundae import SamplerConfig
 
 
 def _features(images: torch.Tensor) -> torch.Tensor:
@@ -59,8 +58,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device, run = torch.device(args.device), Path(args.run)
-    net, meta = load_generator(run / "generator" / "generator.pt", device)
-    tokenizer = load_tokenizer(run / "tokenizer" / "tokenizer.pt", device)
+    pipe = SundaePipeline.from_pretrained(run, device)
+    tokenizer = pipe.tokenizer
     folder = ImageFolder(run / "emoji", tokenizer.cfg.resolution, tokenizer.cfg.in_channels)
     real = torch.stack([folder[i][0] for i in range(len(folder))])
     n = len(real)
@@ -71,21 +70,12 @@ def main() -> None:
         recon = torch.cat([tokenizer.decode(tokenizer.encode(real[i:i + 256].to(device))).cpu()
                            for i in range(0, n, 256)])
     ceiling = {k: retrieval(recon[picked], picked, real, k) for k in (1, 5)}
-    text = encode_prompts(captions, len(captions), meta["text_encoder"], device)
     rows = []
     for scale_text in args.scales.split(","):
         scale = float(scale_text)
         t = time.time()
-        gen = torch.Generator(device).manual_seed(args.seed)
-        images = []
-        with torch.inference_mode():
-            for i in range(0, len(captions), 200):
-                part = tuple(x[i:i + 200] for x in text)
-                fn = class_logits_fn(net, None, guidance_scale=scale, steps=args.steps, text=part)
-                z, _ = sample(fn, (len(part[0]), *meta["grid"]), net.cfg.vocab_size, steps=args.steps,
-                              generator=gen, device=device)
-                images.append(tokenizer.decode(z).cpu())
-        images = torch.cat(images)
+        images = pipe(len(captions), prompt=captions, guidance_scale=scale, sampler=SamplerConfig(steps=args.steps),
+                      seed=args.seed, batch_size=200, output_type="pt").images
         rows.append({"guidance_scale": scale, "top1": retrieval(images, targets, real, 1),
                      "top5": retrieval(images, targets, real, 5), "seconds": time.time() - t})
         save_grid(images[:80], run / f"agreement_samples_scale_{scale_text}.png", nrow=args.per_caption * 8)

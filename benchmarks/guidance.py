@@ -25,12 +25,12 @@ import torch
 from common import RESULTS, device_name, print_table, write_json  # noqa: E402  (puts src/ on the path)
 
 from sundae.apps.quickstart import QUICKSTART_PRESETS
-from sundae.checkpoint import load_generator, load_tokenizer
-from sundae.pipeline import class_logits_fn
+from sundae.checkpoint import load_tokenizer
 from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxImages
 from sundae.eval.classifier import accuracy, train_classifier
 from sundae.images import save_grid
-from sundae.sundae import sample
+from sundae.pipeline import SundaePipeline
+from sundae.sundae import SamplerConfig
 from sundae.tokens import TokenDataset, tokenize
 from sundae.train import train_generator, train_vqgan
 
@@ -85,25 +85,18 @@ def main() -> None:
     t = time.time()
     gen_path = train_generator(hg_cfg, gen_cfg, tokens, out / "generator", meta, tokenizer, device, resume=True)
     train_seconds = time.time() - t
-    net, meta = load_generator(gen_path, device)
+    pipe = SundaePipeline.from_pretrained(gen_path, device)
 
-    labels = torch.arange(10, device=device).repeat_interleave(args.per_class)
+    labels = torch.arange(10).repeat_interleave(args.per_class)
     rows = []
     for text in args.scales.split(","):
         scale = _scale(text)
-        images, t = [], time.time()
-        gen = torch.Generator(device).manual_seed(args.seed)
-        with torch.inference_mode():
-            for i in range(0, len(labels), 250):
-                lab = labels[i:i + 250]
-                fn = class_logits_fn(net, lab, guidance_scale=scale, steps=args.steps)
-                z, _ = sample(fn, (len(lab), *meta["grid"]), net.cfg.vocab_size, steps=args.steps,
-                              generator=gen, device=device)
-                images.append(tokenizer.decode(z).cpu())
-        images = torch.cat(images)
-        acc = accuracy(judge, images, labels.cpu())
+        t = time.time()
+        images = pipe(len(labels), labels, guidance_scale=scale, sampler=SamplerConfig(steps=args.steps),
+                      seed=args.seed, batch_size=250, output_type="pt").images
+        acc = accuracy(judge, images, labels)
         per_class = [accuracy(judge, images[c * args.per_class:(c + 1) * args.per_class],
-                              labels[c * args.per_class:(c + 1) * args.per_class].cpu()) for c in range(10)]
+                              labels[c * args.per_class:(c + 1) * args.per_class]) for c in range(10)]
         rows.append({"guidance_scale": list(scale), "class_accuracy": acc, "min_class_accuracy": min(per_class),
                      "per_class_accuracy": per_class, "seconds_sampling": time.time() - t})
         print(f"scale {text}: class accuracy {acc:.4f}")

@@ -63,6 +63,35 @@ def test_sample(pipeline, tmp_path):
     assert len(list((tmp_path / "c" / "samples").iterdir())) == 5
 
 
+def test_sample_image_i_redrawn_alone_and_every_verb_takes_a_run_folder_or_bundle(pipeline, image_folder, tmp_path,
+                                                                                   capsys):
+    common = ("--steps", 4, "--class", "0,1", "--device", "cpu")
+    run("sample", "--generator", pipeline / "gen", "--out", tmp_path / "all", "--num", 5, "--batch-size", 2,
+        "--seed", 10, *common)
+    records = [json.loads(line) for line in (tmp_path / "all" / "samples.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in records] == [10, 11, 12, 13, 14] and [r["class"] for r in records] == [0, 1, 0, 1, 0]
+    run("sample", "--generator", pipeline / "gen", "--out", tmp_path / "one", "--num", 1, "--seed", 13,
+        "--steps", 4, "--class", "1", "--device", "cpu")
+    assert ((tmp_path / "one" / "samples" / "00000.png").read_bytes()
+            == (tmp_path / "all" / "samples" / "00003.png").read_bytes())
+    # A bundle copied elsewhere, the original tokenizer run out of reach: sample and inpaint take it.
+    run("export", pipeline / "gen", tmp_path / "bundle")
+    shutil.copytree(tmp_path / "bundle", tmp_path / "copy" / "model")
+    assert "trained for 6 steps" in (tmp_path / "copy" / "model" / "README.md").read_text()
+    run("sample", "--generator", tmp_path / "copy" / "model", "--out", tmp_path / "from_bundle", "--num", 1,
+        "--seed", 13, "--steps", 4, "--class", "1", "--device", "cpu")
+    assert ((tmp_path / "from_bundle" / "samples" / "00000.png").read_bytes()
+            == (tmp_path / "one" / "samples" / "00000.png").read_bytes())
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:16] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    for generator in (pipeline / "gen", tmp_path / "copy" / "model"):
+        run("inpaint", "--generator", generator, "--image", image_folder / "circles" / "00.png", "--mask",
+            tmp_path / "mask.png", "--out", tmp_path / "inpaint", "--num", 2, "--overwrite", *common)
+        assert len(list((tmp_path / "inpaint").glob("completion_*.png"))) == 2
+    assert "already holds an export: pass --overwrite" in fails(capsys, "export", pipeline / "gen", tmp_path / "bundle")
+
+
 def test_inpaint_keeps_pixels_outside_the_mask(pipeline, image_folder, tmp_path):
     image = image_folder / "circles" / "00.png"
     mask = np.zeros((32, 32), dtype=np.uint8)

@@ -248,13 +248,15 @@ def test_fresh_user_mistakes(models, picture, tmp_path, capsys):
     err = fails(capsys, "export", both, tmp_path / "x")
     assert err == f"sundae export: error: {both} holds both generator.pt and tokenizer.pt: pass the one to export"
     assert not (tmp_path / "x").exists()
-    # A run folder or a quickstart folder where a checkpoint belongs: the error names the file to pass.
+    # A run folder or a quickstart folder where a checkpoint belongs: it means the generator inside it.
     quick = tmp_path / "quick"
     (quick / "generator").mkdir(parents=True)
     (quick / "generator" / "generator.pt").write_bytes((models / "gen.pt").read_bytes())
-    for folder, inner in ((both, both / "generator.pt"), (quick, quick / "generator" / "generator.pt")):
-        err = fails(capsys, "sample", "--generator", folder, "--out", tmp_path / "s", "--device", "cpu")
-        assert err.endswith(f": did you mean {inner}?")
+    grids = []
+    for i, folder in enumerate((models / "gen.pt", both, quick)):
+        run("sample", "--generator", folder, "--out", tmp_path / f"s{i}", "--num", 2, "--steps", 2, "--device", "cpu")
+        grids.append((tmp_path / f"s{i}" / "grid.png").read_bytes())
+    assert grids[1] == grids[0] and grids[2] == grids[0]
     err = fails(capsys, "inpaint", "--generator", models / "gen.pt", "--image", tmp_path / "nothere.png", "--mask",
                 path, "--out", tmp_path / "o", "--class", 0, "--device", "cpu")
     assert f"image {tmp_path / 'nothere.png'} does not exist" in err
@@ -294,14 +296,16 @@ def test_broken_token_folders_and_run_folders(models, image_folder, tmp_path, ca
     assert f"cannot read the token files in {tmp_path / 'tokens'} (truncated?" in fails(capsys, *train)
     (tmp_path / "tokens" / "meta.json").write_text('{"grid": [8, 8], "n_codes": "many"}')
     assert "'n_codes' a positive integer" in fails(capsys, *train)
-    # A run folder where a checkpoint file belongs.
-    gen_dir = tmp_path / "run"
-    gen_dir.mkdir()
-    (gen_dir / "generator.pt").write_bytes((models / "gen.pt").read_bytes())
-    err = fails(capsys, "sample", "--generator", gen_dir, "--out", tmp_path / "s", "--device", "cpu")
-    expected = (f"{gen_dir} is a folder, expected a generator checkpoint file or an exported model folder: "
-                f"did you mean {gen_dir / 'generator.pt'}?")
-    assert expected in err
+    # Run folders where a checkpoint file belongs: their checkpoints are meant.
+    gen_dir, tok_dir = tmp_path / "run", tmp_path / "tok_run"
+    for folder, name, kind in ((gen_dir, "gen.pt", "generator"), (tok_dir, "tok_a.pt", "tokenizer")):
+        folder.mkdir()
+        (folder / f"{kind}.pt").write_bytes((models / name).read_bytes())
+    run("sample", "--generator", gen_dir, "--tokenizer", tok_dir, "--out", tmp_path / "s", "--num", 2, "--steps", 2,
+        "--device", "cpu")
+    assert len(list((tmp_path / "s" / "samples").glob("*.png"))) == 2
+    err = fails(capsys, "sample", "--generator", tmp_path, "--out", tmp_path / "s2", "--device", "cpu")
+    assert f"{tmp_path / 'config.json'} is missing: an exported model folder holds config.json" in err
 
 
 def test_incomplete_checkpoint(models, tmp_path, capsys):

@@ -54,19 +54,28 @@ def save_checkpoint(path: str | Path, kind: str, config: Any, model: nn.Module |
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+def resolve_checkpoint(path: str | Path, kind: str | None) -> Path:
+    """The checkpoint file a folder stands for: a run folder -> its `KIND.pt`, a quickstart output folder ->
+    its `KIND/KIND.pt`. Files, export folders (config.json) and anything else come back unchanged."""
+    path = Path(path)
+    if kind is not None and path.is_dir() and not (path / "config.json").is_file():
+        for inner in (path / f"{kind}.pt", path / kind / f"{kind}.pt"):
+            if inner.is_file():
+                return inner
+    return path
+
+
 def load_checkpoint(path: str | Path, kind: str | None) -> dict[str, Any]:
-    """Read a checkpoint of `kind` (None: either) with weights_only=True, or an `export` folder (which holds
-    only `kind`, `config`, `model` and `meta`).
+    """Read a checkpoint of `kind` (None: either) with weights_only=True, an `export` folder (which holds
+    only `kind`, `config`, `model` and `meta`), or the checkpoint of a run or quickstart folder
+    (`resolve_checkpoint`).
 
     Raises FileNotFoundError, or ValueError naming the file when it is truncated, not a sundae checkpoint,
     or of the other kind.
     """
-    path = Path(path)
+    path = resolve_checkpoint(path, kind)
     if path.is_dir():
-        if (path / "config.json").is_file() or not (path / f"{kind}.pt").is_file():
-            return _load_export(path, kind)  # names the missing file of an export folder
-        raise FileNotFoundError(f"{path} is a folder, expected a {kind} checkpoint file or an exported model "
-                                f"folder: did you mean {path / f'{kind}.pt'}?")
+        return _load_export(path, kind)  # names the missing file of an export folder
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -138,10 +147,8 @@ def _load_export(path: Path, kind: str) -> dict[str, Any]:
 
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
-            inner = path / kind / f"{kind}.pt"  # a quickstart output folder holds its runs one level down
-            hint = f": did you mean {inner}?" if inner.is_file() else ""
             raise FileNotFoundError(f"{path / name} is missing: an exported model folder holds config.json and "
-                                    f"model.safetensors (`sundae export`){hint}")
+                                    f"model.safetensors (`sundae export`), a run folder its {kind}.pt")
     try:
         info = json.loads((path / "config.json").read_text())
         state = load_file(path / "model.safetensors")

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sundae.checkpoint import export, load_checkpoint, load_generator, load_tokenizer
+from sundae.checkpoint import export, load_checkpoint, load_generator, load_tokenizer, resolve_checkpoint
 from sundae.hourglass import Hourglass
 from sundae.images import tensor_to_image
 from sundae.io import atomic_write, file_digest
@@ -128,15 +128,9 @@ def inpaint_images(net, tokenizer: VQGAN, image: Tensor, pixel_mask: Tensor, num
 # ---- finding a generator's files, and bundles ------------------------------------------------------------------------
 
 def resolve_generator(path: str | Path) -> Path:
-    """The generator that `path` names: a `.pt` checkpoint as is; an export or bundle folder (config.json) as
-    is; a run folder of `sundae train` -> its `generator.pt`; a quickstart output folder -> its
-    `generator/generator.pt`. Anything else is returned unchanged, for `load_checkpoint` to name the problem."""
-    path = Path(path)
-    if path.is_dir() and not (path / "config.json").is_file():
-        for inner in (path / "generator.pt", path / "generator" / "generator.pt"):
-            if inner.is_file():
-                return inner
-    return path
+    """The generator that `path` names: a `.pt` checkpoint or an export or bundle folder as is; a run folder of
+    `sundae train` -> its `generator.pt`; a quickstart output folder -> its `generator/generator.pt`."""
+    return resolve_checkpoint(path, "generator")
 
 
 def bundle_info(path: str | Path) -> dict[str, Any]:
@@ -236,7 +230,7 @@ def resolve_tokenizer(generator: str | Path, meta: dict[str, Any], tokenizer: st
     the generator's as a quickstart lays them out), accepted only if its sha256 is the recorded one.
     Raises ValueError when the generator names none or none of these exists."""
     if tokenizer is not None:
-        return Path(tokenizer)
+        return resolve_checkpoint(tokenizer, "tokenizer")
     generator = Path(generator)
     bundled = bundle_info(generator).get("bundle", {}).get("tokenizer")
     if bundled:

@@ -366,7 +366,8 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     `dataset` items are (`h w` int64 tokens, int label), plus (text features `n e`, mask `n`, pooled `e`)
     for a text model (`model_cfg.text_dim` > 0, `sundae.data.TokenDataset` of a captioned folder); labels are
     used when `model_cfg.num_classes` > 0.
-    `meta` (token grid, tokenizer path, class names) is stored in the checkpoint for `sundae sample`.
+    `meta` (token grid, tokenizer path, class names) is stored in the checkpoint for `sundae sample`, with the
+    tokenizer's path relative to `out` added.
     `tokenizer`, if given, decodes the sample grids written every `sample_every` steps (EMA weights).
     Conditional models train each sample with the null condition with probability `cfg.cond_dropout`
     (classifier-free guidance, Ho & Salimans 2022); that draw, the corruption and the unroll noise of
@@ -379,6 +380,8 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     ctx = dist.setup(device)
     device, out = ctx.device, Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if meta.get("tokenizer"):  # lets `SundaePipeline.from_pretrained` find it again if both folders move together
+        meta = {**meta, "tokenizer_relpath": os.path.relpath(Path(meta["tokenizer"]).resolve(), out.resolve())}
     micro = _micro_batches(cfg, ctx)
     torch.manual_seed(cfg.seed)
     model = Hourglass(model_cfg).to(device)

@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from sundae.checkpoint import load_generator, load_tokenizer
-from sundae.cli import class_logits_fn, inpaint_images
+from sundae.checkpoint import load_tokenizer
 from sundae.data import FASHION_MNIST_CLASSES, IdxImages, ImageFolder
 from sundae.eval.classifier import accuracy, train_classifier
 from sundae.eval.metrics import codebook_usage, psnr
@@ -27,7 +25,8 @@ from sundae.hourglass import HourglassConfig
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.images import save_grid
 from sundae.io import atomic_write, write_json
-from sundae.sundae import sample
+from sundae.pipeline import SundaePipeline, inpaint_images
+from sundae.sundae import SamplerConfig
 from sundae.tokens import TokenDataset, encode_dataset, tokenize
 from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, GeneratorTrainConfig, VQGANTrainConfig,
                           train_generator, train_vqgan)
@@ -48,10 +47,7 @@ class QuickstartConfig:
     classifier_epochs: int = 2
     samples_per_class: int = 100
     sample_batch_size: int = 250
-    steps: int = 32
-    temperature: tuple[float, float] = (0.8, 0.8)
-    update_proportion: tuple[float, float] = (0.5, 0.5)
-    min_steps: int = 10
+    sampler: SamplerConfig = SamplerConfig(steps=32)
     inpaint_images: int = 4
     inpaint_completions: int = 4
     seed: int = 0
@@ -66,7 +62,7 @@ QUICKSTART_PRESETS: dict[str, QuickstartConfig] = {
         hourglass=HOURGLASS_PRESETS["tiny"],
         generator_train=GENERATOR_TRAIN_PRESETS["tiny"],
         train_limit=256, test_limit=128, classifier_epochs=1, samples_per_class=2, sample_batch_size=10,
-        steps=4, min_steps=2, inpaint_images=2, inpaint_completions=3),
+        sampler=SamplerConfig(steps=4, min_steps=2), inpaint_images=2, inpaint_completions=3),
 }
 
 
@@ -116,31 +112,22 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
     meta = {k: tokens.meta[k] for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names")}
     gen_path = train_generator(hg_cfg, cfg.generator_train, tokens, out / "generator", meta, tokenizer, device,
                                resume=True)
-    net, meta = load_generator(gen_path, device)
+    pipe = SundaePipeline.from_pretrained(gen_path, device)
+    net = pipe.generator
     seconds["generator"] = time.time() - t
 
     # Class-conditional samples, judged by the classifier.
-    h, w = meta["grid"]
-    labels = torch.arange(num_classes, device=device).repeat_interleave(cfg.samples_per_class)
-    gen = torch.Generator(device).manual_seed(cfg.seed)
-    schedule = {"steps": cfg.steps, "temperature": cfg.temperature, "update_proportion": cfg.update_proportion,
-                "min_steps": cfg.min_steps}
-    images, taken = [], []
+    h, w = pipe.grid
+    labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
     t = time.time()
-    with torch.inference_mode():
-        for i in tqdm(range(0, len(labels), cfg.sample_batch_size), desc="sample", dynamic_ncols=True):
-            lab = labels[i:i + cfg.sample_batch_size]
-            z, steps = sample(class_logits_fn(net, lab), (len(lab), h, w), net.cfg.vocab_size, generator=gen,
-                              device=device, **schedule)
-            images.append(tokenizer.decode(z).cpu())
-            taken.append(steps.cpu())
+    images, taken, _ = pipe(len(labels), labels, sampler=cfg.sampler, seed=cfg.seed,
+                            batch_size=cfg.sample_batch_size, output_type="pt")
     sample_seconds = time.time() - t
-    images, taken = torch.cat(images), torch.cat(taken)
     per_class = min(10, cfg.samples_per_class)
     by_class = torch.cat([images[c * cfg.samples_per_class:c * cfg.samples_per_class + per_class]
                           for c in range(num_classes)])
     save_grid(by_class, out / "samples_by_class.png", nrow=per_class)
-    sample_acc = accuracy(judge, images, labels.cpu())
+    sample_acc = accuracy(judge, images, labels)
 
     # Inpainting: a centre square of test images regenerated, several completions each.
     f = cfg.vqgan.f
@@ -152,9 +139,9 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
         for i in range(cfg.inpaint_images):
             image, label = test[i * 7]
             lab = torch.full((cfg.inpaint_completions,), label, device=device)
-            completions, z, keep, init = inpaint_images(net, tokenizer, image, mask, cfg.inpaint_completions, lab,
-                                                        torch.Generator(device).manual_seed(cfg.seed + i),
-                                                        **schedule)
+            gens = [torch.Generator(device).manual_seed(s) for s in pipe.seeds(cfg.seed + 100 * i, len(lab))]
+            completions, z, keep, init = inpaint_images(net, tokenizer, image, mask, len(lab), lab, gens,
+                                                        sampler=cfg.sampler)
             kept_exactly &= bool((z[keep] == init[keep]).all())
             inside = mask.bool().expand_as(completions[0]).to(device)
             flat = completions[:, inside]
@@ -172,7 +159,7 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
                       "train_steps": cfg.generator_train.steps, "unroll_steps": cfg.generator_train.unroll_steps},
         "samples": {"count": len(images), "class_accuracy": sample_acc,
                     "seconds_per_image": sample_seconds / len(images), "mean_steps": taken.float().mean().item(),
-                    **{k: list(v) if isinstance(v, tuple) else v for k, v in schedule.items()}},
+                    **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg.sampler).items()}},
         "inpainting": {"images": cfg.inpaint_images, "completions": cfg.inpaint_completions,
                        "known_tokens_kept": kept_exactly, "mean_pairwise_l2_inside_mask": sum(diffs) / len(diffs)},
         "seconds": {**seconds, "sampling": sample_seconds},
@@ -204,10 +191,7 @@ class EmojiQuickstartConfig:
     prompts: tuple[str, ...] = EMOJI_PROMPTS
     samples_per_prompt: int = 6
     guidance_scale: tuple[float, float] = (3.0, 3.0)
-    steps: int = 32
-    temperature: tuple[float, float] = (0.8, 0.8)
-    update_proportion: tuple[float, float] = (0.5, 0.5)
-    min_steps: int = 10
+    sampler: SamplerConfig = SamplerConfig(steps=32)
     seed: int = 0
 
 
@@ -217,7 +201,7 @@ EMOJI_PRESETS: dict[str, EmojiQuickstartConfig] = {
         vqgan=VQGAN_PRESETS["tiny"], vqgan_train=dataclasses.replace(VQGAN_TRAIN_PRESETS["tiny"], steps=2),
         hourglass=dataclasses.replace(HOURGLASS_PRESETS["tiny"], num_classes=0),
         generator_train=dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=2, batch_size=8),
-        limit=24, prompts=("grinning face", "rocket"), samples_per_prompt=2, steps=4, min_steps=2),
+        limit=24, prompts=("grinning face", "rocket"), samples_per_prompt=2, sampler=SamplerConfig(steps=4, min_steps=2)),
 }
 
 
@@ -231,7 +215,6 @@ def quickstart_emoji(cfg: EmojiQuickstartConfig, out: str | Path, device: torch.
     and `out/metrics.json`; returns the metrics. Raises FileNotFoundError when the font is missing,
     ImportError when the text encoder's packages are.
     """
-    from sundae.cli import class_logits_fn, encode_prompts
     from sundae.emoji import FONT, write_emoji_folder
     out = Path(out)
     t_start, seconds = time.time(), {}
@@ -257,28 +240,20 @@ def quickstart_emoji(cfg: EmojiQuickstartConfig, out: str | Path, device: torch.
                                             "text_encoder")}
     gen_path = train_generator(hg_cfg, cfg.generator_train, tokens, out / "generator", meta, tokenizer, device,
                                resume=True)
-    net, meta = load_generator(gen_path, device)
+    pipe = SundaePipeline.from_pretrained(gen_path, device)
+    net, meta = pipe.generator, pipe.meta
     seconds["generator"] = time.time() - t
 
     t = time.time()
     n, k = len(cfg.prompts), cfg.samples_per_prompt
-    text = encode_prompts(cfg.prompts, n * k, meta["text_encoder"], device)
-    order = torch.arange(n * k).view(k, n).T.flatten()  # prompts cycle over the images: regroup per prompt
-    text = tuple(x[order] for x in text)
-    schedule = {"steps": cfg.steps, "temperature": cfg.temperature, "update_proportion": cfg.update_proportion,
-                "min_steps": cfg.min_steps}
+    prompts = [p for p in cfg.prompts for _ in range(k)]  # k samples of each prompt in a row
     real = {caption: images[i][0] for i, caption in enumerate(images.captions)}
     blank = torch.ones(cfg.vqgan.in_channels, cfg.vqgan.resolution, cfg.vqgan.resolution)
-    grids = {}
     for name, scale in (("prompts", cfg.guidance_scale), ("prompts_unguided", (1.0, 1.0))):
-        with torch.inference_mode():
-            fn = class_logits_fn(net, None, guidance_scale=scale, steps=cfg.steps, text=text)
-            z, _ = sample(fn, (n * k, *meta["grid"]), net.cfg.vocab_size,
-                          generator=torch.Generator(device).manual_seed(cfg.seed), device=device, **schedule)
-            samples = tokenizer.decode(z).cpu().view(n, k, *blank.shape)
+        samples = pipe(n * k, prompt=prompts, guidance_scale=scale, sampler=cfg.sampler, seed=cfg.seed,
+                       output_type="pt").images.view(n, k, *blank.shape)
         rows = [torch.cat([real.get(p, blank)[None], samples[i]]) for i, p in enumerate(cfg.prompts)]
         save_grid(torch.cat(rows), out / f"{name}.png", nrow=k + 1)
-        grids[name] = samples
     atomic_write(out / "prompts.txt", lambda tmp: Path(tmp).write_text("\n".join(cfg.prompts) + "\n"))
     seconds["sampling"] = time.time() - t
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +129,6 @@ def cmd_train(args: argparse.Namespace) -> None:
                              f"{tokenizer_path} (sha256 differs): pass the tokenizer that made them")
     meta = {k: dataset.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names",
                                               "image_size", "text_encoder")}
-    if meta["tokenizer"]:  # found again relative to the run if both folders move together
-        meta["tokenizer_relpath"] = os.path.relpath(Path(meta["tokenizer"]).resolve(), Path(args.out).resolve())
     path = train_generator(model_cfg, train_cfg, dataset, args.out, meta, tokenizer, args.device, args.resume,
                            overwrite=args.overwrite)
     if rank() == 0:
