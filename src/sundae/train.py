@@ -363,7 +363,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     """Train the hourglass denoiser with the unrolled SUNDAE loss; returns `out/generator.pt`.
 
     `dataset` items are (`h w` int64 tokens, int label), plus (text features `n e`, mask `n`, pooled `e`)
-    for a text model (`model_cfg.text_dim` > 0, `sundae.data.TokenDataset` of a captioned folder); labels are
+    for a text model (`model_cfg.text_dim` > 0, `sundae.tokens.TokenDataset` of a captioned folder); labels are
     used when `model_cfg.num_classes` > 0.
     `meta` (token grid, tokenizer path, class names) is stored in the checkpoint for `sundae sample`.
     `tokenizer`, if given, decodes the sample grids written every `sample_every` steps (EMA weights).

@@ -368,7 +368,7 @@ class Actions:
             raise _fail(str(err)) from None
 
     def load(self, path: str | None) -> dict[str, Any] | None:
-        """The uploaded file -> the editor's value: the image as the tokenizer will see it (`sundae.data.
+        """The uploaded file -> the editor's value: the image as the tokenizer will see it (`sundae.images.
         read_image`: EXIF orientation, transparency onto white, grayscale or RGB) as the background, nothing
         painted; None clears. gr.Error for an unreadable file or more than `max_pixels` pixels."""
         if path is None:
