@@ -192,5 +192,3 @@ def open_images(path: str | Path, size: int, channels: int, split: str = "train"
     if is_idx_dataset(path):
         return IdxImages(path, split, size, channels)
     return ImageFolder(path, size, channels, strict)
-
-

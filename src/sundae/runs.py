@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sundae import distributed as dist
+from sundae import distributed
 from sundae.checkpoint import load_checkpoint, save_checkpoint
 from sundae.io import atomic_write
 
@@ -88,7 +88,7 @@ class StopOnSignal:
 
 
 def restore(out: Path, kind: str, parts: dict[str, Any], ema: nn.Module, resume: bool,
-            ctx: dist.Dist, overwrite: bool = False) -> tuple[int, Any, dict[str, Any]]:
+            ctx: distributed.Dist, overwrite: bool = False) -> tuple[int, Any, dict[str, Any]]:
     """Load the run's last checkpoint `out/<kind>.pt` into `parts` (key -> object with load_state_dict) and
     the EMA. Returns (step, RNG state, the checkpoint), or (0, None, {}) when there is no checkpoint yet.
     Every rank reads the file (the run folder must be on storage all nodes see). Rank 0 drops log records
@@ -189,7 +189,7 @@ def load_state(obj: Any, state: dict[str, Any], model: nn.Module) -> None:
 
 
 def save(out: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str, Any], ema: nn.Module,
-         step: int, ctx: dist.Dist, **extra: Any) -> Path:
+         step: int, ctx: distributed.Dist, **extra: Any) -> Path:
     """Write everything `restore` needs, plus `extra` keys, atomically to the resumable `out/<kind>.pt` and
     to a numbered copy `out/checkpoints/step_NNNNNNN.pt` (rank 0 writes; all ranks must call). The weights are
     the unwrapped module's, so a checkpoint from N processes loads in one and the reverse. Returns the former.
@@ -206,5 +206,5 @@ def save(out: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str, 
             save_checkpoint(path, kind, model_cfg, states["model"], ema=ema_state, step=step, rng=rng_state(),
                             data=data, world=ctx.world, train=dataclasses.asdict(train_cfg),
                             **{k: v for k, v in states.items() if k != "model"}, **extra)
-    dist.barrier(ctx)
+    distributed.barrier(ctx)
     return last

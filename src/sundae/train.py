@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from sundae import distributed as dist
+from sundae import distributed
 from sundae import runs
 from sundae.distributed import EpochBatchSampler
 from sundae.hourglass import Hourglass, HourglassConfig
@@ -166,7 +166,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def _loader(dataset: Dataset, cfg: Any, start_step: int, ctx: dist.Dist, rng: Any = None) -> Iterator:
+def _loader(dataset: Dataset, cfg: Any, start_step: int, ctx: distributed.Dist, rng: Any = None) -> Iterator:
     """Endless (this rank's share of the global batch) from `start_step` on; a resumed run's RNG state `rng`
     is set after the loader is built, since building it draws from the global RNG."""
     sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, ctx.rank, ctx.world)
@@ -176,7 +176,7 @@ def _loader(dataset: Dataset, cfg: Any, start_step: int, ctx: dist.Dist, rng: An
     return loader
 
 
-def _micro_batches(cfg: Any, ctx: dist.Dist) -> int:
+def _micro_batches(cfg: Any, ctx: distributed.Dist) -> int:
     """Micro-batch size per process; raises ValueError when the global batch does not split evenly."""
     if cfg.batch_size % (ctx.world * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of processes x grad_accum "
@@ -209,7 +209,7 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
-def _quiet(progress: bool, ctx: dist.Dist) -> bool:
+def _quiet(progress: bool, ctx: distributed.Dist) -> bool:
     """True when the progress bar should be hidden: not rank 0, asked for, or TQDM_DISABLE set."""
     return not ctx.main or not progress or bool(os.environ.get("TQDM_DISABLE"))
 
@@ -239,7 +239,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     Raises FloatingPointError naming the step when the loss is not finite
     (nothing is saved for that step), Interrupted after saving when SIGTERM/SIGINT arrive.
     """
-    ctx = dist.setup(device)
+    ctx = distributed.setup(device)
     device, out = ctx.device, Path(out)
     out.mkdir(parents=True, exist_ok=True)
     micro = _micro_batches(cfg, ctx)
@@ -257,7 +257,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     runs.set_hparams([opt, opt_d], None, cfg, step)
     if "usage" in ckpt:
         usage.copy_(ckpt["usage"])
-    net, net_d = dist.parallel(model, ctx), dist.parallel(disc, ctx)
+    net, net_d = distributed.parallel(model, ctx), distributed.parallel(disc, ctx)
 
     def save() -> Path:
         return runs.save(out, "tokenizer", model_cfg, cfg, parts, ema, step, ctx, usage=usage.cpu())
@@ -294,7 +294,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
                 usage += torch.bincount(tokens.flatten(), minlength=model_cfg.n_codes)
                 log_usage += torch.bincount(tokens.flatten(), minlength=model_cfg.n_codes)
                 grid_tokens = tokens[0].numel()
-            sums = dist.mean(sums, ctx)
+            sums = distributed.mean(sums, ctx)
             _check_finite(sums[0], step, out / "tokenizer.pt")
             scaler.step(opt)
             _ema_update(ema, model, cfg.ema_decay)
@@ -315,20 +315,20 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
             bar.update(1)
 
             if cfg.restart_dead_codes and step % cfg.restart_dead_codes == 0:
-                dead = (dist.total(usage, ctx) == 0).nonzero().flatten()
+                dead = (distributed.total(usage, ctx) == 0).nonzero().flatten()
                 if len(dead):
                     with torch.no_grad():
                         z = model.encoder(batch).permute(0, 2, 3, 1).flatten(0, 2)
                         pick = torch.randint(0, len(z), (len(dead),), device=device)
                         codebook = model.quantizer.codebook.weight
                         codebook[dead] = z[pick].to(codebook.dtype)
-                        dist.broadcast(codebook, ctx)  # every replica restarts with rank 0's choice
+                        distributed.broadcast(codebook, ctx)  # every replica restarts with rank 0's choice
                 usage.zero_()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 x_hat = torch.cat(recons).float().clamp(-1, 1)
-                mse = dist.mean(F.mse_loss(x_hat, batch).detach(), ctx).item()
-                d_loss = dist.mean(d_loss, ctx)
-                used = (dist.total(log_usage, ctx) > 0).sum().item()
+                mse = distributed.mean(F.mse_loss(x_hat, batch).detach(), ctx).item()
+                d_loss = distributed.mean(d_loss, ctx)
+                used = (distributed.total(log_usage, ctx) > 0).sum().item()
                 seconds = time.time() - t0
                 record = {"step": step, "loss": sums[0].item(), "rec_loss": sums[1].item(),
                           "vq_loss": sums[2].item(), "g_loss": sums[3].item(), "d_loss": d_loss.item(),
@@ -345,7 +345,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
                 with torch.no_grad():
                     recon = ema.decode(ema.encode(fixed))
                 save_grid(torch.cat([fixed, recon]), out / "samples" / f"step_{step:07d}.png", nrow=len(fixed))
-            signum = dist.largest(stop.signum, ctx)  # a signal on any rank stops all
+            signum = distributed.largest(stop.signum, ctx)  # a signal on any rank stops all
             if signum and step < cfg.steps:
                 path = save()
                 bar.close()
@@ -364,7 +364,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     """Train the hourglass denoiser with the unrolled SUNDAE loss; returns `out/generator.pt`.
 
     `dataset` items are (`h w` int64 tokens, int label), plus (text features `n e`, mask `n`, pooled `e`)
-    for a text model (`model_cfg.text_dim` > 0, `sundae.data.TokenDataset` of a captioned folder); labels are
+    for a text model (`model_cfg.text_dim` > 0, `sundae.tokens.TokenDataset` of a captioned folder); labels are
     used when `model_cfg.num_classes` > 0.
     `meta` (token grid, tokenizer path, class names) is stored in the checkpoint for `sundae sample`, with the
     tokenizer's path relative to `out` added.
@@ -377,7 +377,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     Raises FloatingPointError naming the step when the loss is not finite
     (nothing is saved for that step), Interrupted after saving when SIGTERM/SIGINT arrive.
     """
-    ctx = dist.setup(device)
+    ctx = distributed.setup(device)
     device, out = ctx.device, Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if meta.get("tokenizer"):  # lets `SundaePipeline.from_pretrained` find it again if both folders move together
@@ -389,7 +389,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     sharded = ctx.active and cfg.sharding == "fsdp"
     if sharded:  # every block, then the root; parameters become sharded DTensors in place
         for module in (model, ema):
-            dist.parallel(module, ctx, shard=[*module.pre, *module.valley, *module.post])
+            distributed.parallel(module, ctx, shard=[*module.pre, *module.valley, *module.post])
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
@@ -400,7 +400,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
     step, rng, _ = runs.restore(out, "generator", parts, ema, resume, ctx, overwrite)
     runs.set_hparams([opt], sched, cfg, step)
-    net = model if sharded else dist.parallel(model, ctx)
+    net = model if sharded else distributed.parallel(model, ctx)
 
     def save() -> Path:
         return runs.save(out, "generator", model_cfg, cfg, parts, ema, step, ctx, meta=meta)
@@ -436,10 +436,11 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                                                    model_cfg.vocab_size, cfg.unroll_steps, generator=gens)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 sums += torch.stack([loss, *per_step]).detach().float() / cfg.grad_accum
-            sums = dist.mean(sums, ctx)
+            sums = distributed.mean(sums, ctx)
             _check_finite(sums[0], step, out / "generator.pt")
             scaler.unscale_(opt)
-            grad_norm = dist.local(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+            grad_norm = distributed.local(
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -469,7 +470,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                     ema.reshard()  # a forward without backward leaves the root's parameters gathered
                 if ctx.main:
                     save_grid(images.float(), out / "samples" / f"step_{step:07d}.png", nrow=8)
-            signum = dist.largest(stop.signum, ctx)  # a signal on any rank stops all
+            signum = distributed.largest(stop.signum, ctx)  # a signal on any rank stops all
             if signum and step < cfg.steps:
                 path = save()
                 bar.close()

@@ -116,7 +116,7 @@ def load_reference(spec: str, size: int, channels: int, limit: int = 0, classifi
         images, labels = _stack(ds, limit)
         train_images, train_labels = _stack(ds, classifier_limit)
         resizing = (f"image files: shorter side resized (bicubic) to {size}, centre crop {size}x{size}, "
-                    f"{'grayscale' if channels == 1 else 'RGB'} by sundae.data.read_image")
+                    f"{'grayscale' if channels == 1 else 'RGB'} by sundae.images.read_image")
         classes, split, trained_on = list(getattr(ds, "classes", [])), "all", "the reference images themselves"
     num_classes = int(getattr(ds, "num_classes", 0))
     info = {"source": source, "path": str(root.resolve()), "split": split, "count": len(images),
