@@ -177,3 +177,24 @@ def test_the_public_api_is_importable_from_the_package():
     for name in ("SundaePipeline", "SamplerConfig", "SAMPLER_PRESETS", "VQGAN", "VQGANConfig", "Hourglass",
                  "HourglassConfig", "sample", "unrolled_loss", "corrupt", "HOURGLASS_PRESETS", "VQGAN_PRESETS"):
         assert hasattr(sundae, name), name
+
+
+def test_a_bundle_loads_with_huggingface_hub_conventions(run, tmp_path):
+    """Each component folder is config.json + model.safetensors: huggingface_hub's PyTorchModelHubMixin loads
+    it into our classes with a constructor that reads the stored config."""
+    hub = pytest.importorskip("huggingface_hub")
+    from sundae.checkpoint import config_from_dict
+    from sundae.hourglass import HourglassConfig
+    from sundae.vqgan import VQGANConfig
+
+    export_bundle(run, tmp_path / "bundle")
+    pipe = SundaePipeline.from_pretrained(tmp_path / "bundle")
+    for base, cfg_cls, folder, ours in ((Hourglass, HourglassConfig, tmp_path / "bundle", pipe.generator),
+                                        (VQGAN, VQGANConfig, tmp_path / "bundle" / "tokenizer", pipe.tokenizer)):
+        class HubModel(base, hub.PyTorchModelHubMixin):
+            def __init__(self, config: dict, **stored):
+                super().__init__(config_from_dict(cfg_cls, config))
+
+        loaded = HubModel.from_pretrained(str(folder))
+        assert loaded.state_dict().keys() == ours.state_dict().keys()
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.state_dict().items())
