@@ -47,10 +47,10 @@ class MaskGIT(nn.Module):
 
     def __init__(self, cfg: HourglassConfig):
         super().__init__()
-        self.vocab_size = cfg.vocab_size
-        self.mask_id = cfg.vocab_size
-        self.net = Hourglass(dataclasses.replace(cfg, vocab_size=cfg.vocab_size + 1))
-        self.net.to_logits = nn.Linear(cfg.dim, cfg.vocab_size)  # [MASK] is an input only, never predicted
+        self.codebook_size = cfg.codebook_size
+        self.mask_id = cfg.codebook_size
+        self.net = Hourglass(dataclasses.replace(cfg, codebook_size=cfg.codebook_size + 1))
+        self.net.to_logits = nn.Linear(cfg.dim, cfg.codebook_size)  # [MASK] is an input only, never predicted
         Hourglass._init(self.net.to_logits)
 
     def forward(self, tokens: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -87,13 +87,13 @@ def mask_schedule(n_tokens: int, steps: int) -> list[int]:
             for t in range(steps)]
 
 
-def maskgit_sample(logits_fn: Callable[[Tensor], Tensor], shape: tuple[int, int, int], vocab_size: int,
+def maskgit_sample(logits_fn: Callable[[Tensor], Tensor], shape: tuple[int, int, int], codebook_size: int,
                    steps: int = 8, temperature: float = 1.0, choice_temperature: float = 4.5,
                    generator: torch.Generator | None = None,
                    device: torch.device | str = "cpu") -> tuple[Tensor, int]:
     """Confidence-based parallel decoding (Chang et al. section 3.2, "iterative decoding").
 
-    Start with every token [MASK] (id `vocab_size`). At step t: predict every masked token,
+    Start with every token [MASK] (id `codebook_size`). At step t: predict every masked token,
     z' ~ Categorical(logits / temperature); its confidence is log p(z') plus Gumbel noise scaled by
     choice_temperature * (1 - (t+1)/T) (the annealed randomness of the paper's released sampler); of the
     still-masked positions, the `mask_schedule` count with the lowest confidence stay masked and the rest
@@ -103,7 +103,7 @@ def maskgit_sample(logits_fn: Callable[[Tensor], Tensor], shape: tuple[int, int,
     """
     b, h, w = shape
     n = h * w
-    z = torch.full((b, n), vocab_size, dtype=torch.long, device=device)
+    z = torch.full((b, n), codebook_size, dtype=torch.long, device=device)
     masked = torch.ones(b, n, dtype=torch.bool, device=device)
     remaining, calls = n, 0
     for t, target in enumerate(mask_schedule(n, steps)):
@@ -160,19 +160,19 @@ class Autoregressive(nn.Module):
     order (and the label). Input i is [start(label), z_0, ..., z_{n-2}][i] plus the position embedding of
     raster position i; its rotary angles are those of grid cell i (the cell it predicts).
 
-    `cfg` gives width, heads, head_dim, mlp_ratio, vocab_size, num_classes (its depth and shortening are
+    `cfg` gives width, heads, head_dim, mlp_ratio, codebook_size, num_classes (its depth and shortening are
     unused); `layers` blocks; `grid` (h, w) fixed at construction (the position embedding).
     """
 
     def __init__(self, cfg: HourglassConfig, layers: int, grid: tuple[int, int]):
         super().__init__()
         self.cfg, self.grid = cfg, grid
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.token_embedding = nn.Embedding(cfg.codebook_size, cfg.dim)
         self.start_embedding = nn.Embedding(cfg.num_classes + 1, cfg.dim)  # index num_classes: no label
         self.position_embedding = nn.Parameter(torch.zeros(grid[0] * grid[1], cfg.dim))
         self.blocks = nn.ModuleList(CausalBlock(cfg) for _ in range(layers))
         self.norm = nn.LayerNorm(cfg.dim)
-        self.to_logits = nn.Linear(cfg.dim, cfg.vocab_size)
+        self.to_logits = nn.Linear(cfg.dim, cfg.codebook_size)
         self.apply(Hourglass._init)
         nn.init.normal_(self.position_embedding, std=0.02)
         self.register_buffer("angles", rotary_angles(*grid, cfg.head_dim, cfg.rotary_base), persistent=False)

@@ -80,8 +80,9 @@ def main() -> None:
     tokenizer = load_tokenizer(tok_path, device)
     tokens = TokenDataset(tokens_dir)
     gen_cfg = dataclasses.replace(cfg.generator_train, steps=args.gen_steps, cond_dropout=args.cond_dropout)
-    hg_cfg = dataclasses.replace(cfg.hourglass, vocab_size=tokenizer.cfg.n_codes, num_classes=10)
-    meta = {k: tokens.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names")}
+    hg_cfg = dataclasses.replace(cfg.hourglass, codebook_size=tokenizer.cfg.codebook_size, num_classes=10)
+    meta = {k: tokens.meta.get(k)
+            for k in ("grid", "codebook_size", "f", "tokenizer", "tokenizer_sha256", "class_names")}
     t = time.time()
     gen_path = train_generator(hg_cfg, gen_cfg, tokens, out / "generator", meta, tokenizer, device, resume=True)
     train_seconds = time.time() - t

@@ -45,10 +45,10 @@ class FlatTransformer(nn.Module):
     def __init__(self, cfg: HourglassConfig):
         super().__init__()
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.token_embedding = nn.Embedding(cfg.codebook_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(sum(cfg.depth)))
         self.norm = nn.LayerNorm(cfg.dim)
-        self.to_logits = nn.Linear(cfg.dim, cfg.vocab_size)
+        self.to_logits = nn.Linear(cfg.dim, cfg.codebook_size)
 
     def forward(self, tokens: Tensor) -> Tensor:
         _, h, w = tokens.shape
@@ -63,7 +63,7 @@ def flat_flops(cfg: HourglassConfig, h: int, w: int, batch: int) -> int:
     """Matmul FLOPs of one `FlatTransformer` forward (same counting as `forward_flops`)."""
     d, inner, hidden, n = cfg.dim, cfg.heads * cfg.head_dim, cfg.mlp_ratio * cfg.dim, h * w
     block = 8 * n * d * inner + 4 * n * n * inner + 4 * n * d * hidden
-    return batch * (sum(cfg.depth) * block + 2 * n * d * cfg.vocab_size)
+    return batch * (sum(cfg.depth) * block + 2 * n * d * cfg.codebook_size)
 
 
 def measure(models: dict, tokens: Tensor, device: torch.device, precision: str, repeats: int,
@@ -136,7 +136,7 @@ def main() -> None:
           f"{env['device']}")
     rows = []
     for side in (int(g) for g in args.grids.split(",")):
-        tokens = torch.randint(0, cfg.vocab_size, (args.batch, side, side), device=device)
+        tokens = torch.randint(0, cfg.codebook_size, (args.batch, side, side), device=device)
         models = {"flat": flat, **{s: hg for s, hg in hourglasses.items() if side % s == 0}}
         measured = measure(models, tokens, device, args.precision, args.repeats, args.train_repeats)
         base = measured.pop("flat")

@@ -140,12 +140,12 @@ def train_for(net: nn.Module, loss_fn: Callable[[nn.Module, Tensor, Tensor, torc
                         "params": sum(p.numel() for p in net.parameters())}
 
 
-def sundae_loss(unroll: int, vocab: int):
-    return lambda net, z, y, g: unrolled_loss(lambda x: net(x, y), z, vocab, unroll, g)[0]
+def sundae_loss(unroll: int, codebook_size: int):
+    return lambda net, z, y, g: unrolled_loss(lambda x: net(x, y), z, codebook_size, unroll, g)[0]
 
 
-def maskgit_loss(vocab: int):
-    return lambda net, z, y, g: masked_token_loss(lambda x: net(x, y), z, vocab, g)
+def maskgit_loss(codebook_size: int):
+    return lambda net, z, y, g: masked_token_loss(lambda x: net(x, y), z, codebook_size, g)
 
 
 def ar_loss(net, z, y, g):
@@ -156,7 +156,7 @@ def ar_loss(net, z, y, g):
 
 def sundae_sampler(steps: int, update: tuple[float, float], early_stop: bool = True):
     def run(net, labels, gen, grid):
-        z, taken = sample(class_logits_fn(net, labels), (len(labels), *grid), net.cfg.vocab_size, steps=steps,
+        z, taken = sample(class_logits_fn(net, labels), (len(labels), *grid), net.cfg.codebook_size, steps=steps,
                           temperature=(0.8, 0.8), update_proportion=update,
                           min_steps=10 if early_stop else steps, generator=gen)
         return z, taken.float().sum().item()
@@ -165,7 +165,7 @@ def sundae_sampler(steps: int, update: tuple[float, float], early_stop: bool = T
 
 def maskgit_sampler(steps: int):
     def run(net, labels, gen, grid):
-        z, calls = maskgit_sample(lambda x: net(x, labels), (len(labels), *grid), net.vocab_size, steps,
+        z, calls = maskgit_sample(lambda x: net(x, labels), (len(labels), *grid), net.codebook_size, steps,
                                   generator=gen)
         return z, float(calls * len(labels))
     return run
@@ -289,7 +289,7 @@ def main() -> None:
         tokens_np, labels_np = encode_dataset(tokenizer, train, 500, device, progress=False)
     tokens, labels = torch.from_numpy(tokens_np.astype("int64")), torch.from_numpy(labels_np)
     grid = tuple(tokens.shape[1:])
-    vocab = tokenizer.cfg.n_codes
+    codebook_size = tokenizer.cfg.codebook_size
     stage("tokenizer", t)
 
     # Reference rows: the same number of real training images, and the tokenizer's reconstructions of them.
@@ -302,14 +302,14 @@ def main() -> None:
         {"method": "tokenizer reconstructions", "group": "reference", **judge_row(recon.clamp(-1, 1), labels[ref_idx],
                                                                                    judge, real_feats)}]
 
-    base = dataclasses.replace(HOURGLASS_PRESETS["fashion"], vocab_size=vocab, num_classes=NUM_CLASSES)
+    base = dataclasses.replace(HOURGLASS_PRESETS["fashion"], codebook_size=codebook_size, num_classes=NUM_CLASSES)
     ar_layers = matching_layers(base, grid)
     models: dict[str, tuple[Callable[[], nn.Module], Callable]] = {
-        "sundae": (lambda: Hourglass(base), sundae_loss(2, vocab)),
-        "sundae_u1": (lambda: Hourglass(base), sundae_loss(1, vocab)),
-        "sundae_u3": (lambda: Hourglass(base), sundae_loss(3, vocab)),
-        "sundae_1d": (lambda: Hourglass(dataclasses.replace(base, shorten_mode="1d")), sundae_loss(2, vocab)),
-        "maskgit": (lambda: MaskGIT(base), maskgit_loss(vocab)),
+        "sundae": (lambda: Hourglass(base), sundae_loss(2, codebook_size)),
+        "sundae_u1": (lambda: Hourglass(base), sundae_loss(1, codebook_size)),
+        "sundae_u3": (lambda: Hourglass(base), sundae_loss(3, codebook_size)),
+        "sundae_1d": (lambda: Hourglass(dataclasses.replace(base, shorten_mode="1d")), sundae_loss(2, codebook_size)),
+        "maskgit": (lambda: MaskGIT(base), maskgit_loss(codebook_size)),
         "ar": (lambda: Autoregressive(base, ar_layers, grid), ar_loss),
     }
     settings = plan(s)
@@ -319,7 +319,7 @@ def main() -> None:
     cpu_per_wall = (time.process_time() - cpu_start) / elapsed
     with torch.inference_mode():
         probe = Hourglass(base).eval()
-        z = torch.randint(0, vocab, (s.sample_batch, *grid))
+        z = torch.randint(0, codebook_size, (s.sample_batch, *grid))
         y = torch.arange(s.sample_batch) % NUM_CLASSES
         probe(z, y)
         t0 = time.perf_counter()
@@ -384,7 +384,8 @@ def main() -> None:
             "sundae_sampler": "temperature 0.8, update proportion as named, early stop after 10 steps unless named",
             "maskgit_sampler": "temperature 1.0, choice temperature 4.5 annealed linearly to 0, cosine schedule",
             "ar_sampler": "temperature 1.0, one token per step with a KV cache",
-            "ar_layers": ar_layers, "tokenizer": str(tok_path), "tokenizer_grid": list(grid), "n_codes": vocab,
+            "ar_layers": ar_layers, "tokenizer": str(tok_path), "tokenizer_grid": list(grid),
+            "codebook_size": codebook_size,
             "train": {**dataclasses.asdict(s), "cpu_seconds_per_model": cpu_budget,
                       "optimizer": "AdamW wd 0.01, clip 1.0", "budget_minutes": args.budget_minutes},
             "smoke": args.smoke,

@@ -106,7 +106,7 @@ def main() -> None:
         print(f"{name}: {row['params_m']:.1f}M parameters, {row['gflops_per_step']:.1f} GFLOP per step at batch 1")
 
         def run(batch: int, steps: int, min_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return sample(logits_fn, (batch, *grid), net.cfg.vocab_size, steps=steps, min_steps=min_steps,
+            return sample(logits_fn, (batch, *grid), net.cfg.codebook_size, steps=steps, min_steps=min_steps,
                           temperature=(1.0, 0.7), generator=gen, device=device)
 
         for b in map(int, args.step_batches.split(",")):

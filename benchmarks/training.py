@@ -52,12 +52,12 @@ def measure_preset(name: str, device: torch.device, precision: str, steps: int) 
     net = Hourglass(cfg).to(device)
     ema = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.AdamW(net.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, side, side), device=device)
+    tokens = torch.randint(0, cfg.codebook_size, (batch, side, side), device=device)
     labels = torch.randint(0, max(cfg.num_classes, 1), (batch,), device=device) if cfg.num_classes else None
 
     def step() -> None:
         with autocast(device, precision):
-            loss, _ = unrolled_loss(lambda z: net(z, labels), tokens, cfg.vocab_size, train.unroll_steps)
+            loss, _ = unrolled_loss(lambda z: net(z, labels), tokens, cfg.codebook_size, train.unroll_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -66,7 +66,7 @@ def measure_preset(name: str, device: torch.device, precision: str, steps: int) 
 
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         with autocast(device, precision):
-            loss, _ = unrolled_loss(lambda z: net(z, labels), tokens, cfg.vocab_size, train.unroll_steps)
+            loss, _ = unrolled_loss(lambda z: net(z, labels), tokens, cfg.codebook_size, train.unroll_steps)
         loss.backward()
     flops = counter.get_total_flops()
     if device.type == "cuda":
@@ -97,7 +97,7 @@ def measure_processes(world: int, threads: int, device: torch.device, steps: int
         rng = np.random.default_rng(0)
         np.save(tokens / "tokens.npy", rng.integers(0, 64, (4 * batch, 8, 8)).astype(np.uint16))
         np.save(tokens / "labels.npy", rng.integers(0, 10, 4 * batch).astype(np.int64))
-        (tokens / "meta.json").write_text(json.dumps({"grid": [8, 8], "n_codes": 64, "num_classes": 10}))
+        (tokens / "meta.json").write_text(json.dumps({"grid": [8, 8], "codebook_size": 64, "num_classes": 10}))
     out = workdir / f"run_{world}x{threads}"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads)}
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={world}", "-m",

@@ -41,12 +41,12 @@ def test_maskgit_unmasks_the_scheduled_count_per_step_and_ends_unmasked(steps):
         return net(z)
 
     with torch.no_grad():
-        z, calls = maskgit_sample(logits_fn, (3, h, w), TINY.vocab_size, steps,
+        z, calls = maskgit_sample(logits_fn, (3, h, w), TINY.codebook_size, steps,
                                   generator=torch.Generator().manual_seed(0))
     schedule = mask_schedule(h * w, steps)
     changes = [c for prev, c in zip([h * w] + schedule, schedule) if c < prev]
     assert calls == len(seen) == len(changes)  # steps that unmask nothing skip the network (T = 100 > 16)
-    mask_id = TINY.vocab_size
+    mask_id = TINY.codebook_size
     # Each call sees exactly the count the schedule left masked before it, in every sample.
     before = [h * w] + changes[:-1]
     for inputs, count in zip(seen, before):
@@ -55,7 +55,7 @@ def test_maskgit_unmasks_the_scheduled_count_per_step_and_ends_unmasked(steps):
     for a, b in zip(seen, seen[1:] + [z]):
         decided = a != mask_id
         assert torch.equal(a[decided], b[decided])
-    assert z.shape == (3, h, w) and (z < TINY.vocab_size).all() and (z >= 0).all()
+    assert z.shape == (3, h, w) and (z < TINY.codebook_size).all() and (z >= 0).all()
 
 
 def test_maskgit_unmasks_the_most_confident_first_without_noise():
@@ -79,18 +79,18 @@ def test_maskgit_unmasks_the_most_confident_first_without_noise():
 
 def test_masked_token_loss_counts_only_masked_positions():
     torch.manual_seed(0)
-    tokens = torch.randint(0, TINY.vocab_size, (64, 4, 4))
+    tokens = torch.randint(0, TINY.codebook_size, (64, 4, 4))
     inputs = []
     # A "network" that is certain of the right token wherever it sees a clean one and uniform at [MASK]:
     # the loss over masked positions alone is exactly ln(v).
     def logits_fn(z):
         inputs.append(z)
-        return torch.where((z == TINY.vocab_size)[..., None], torch.zeros(*z.shape, TINY.vocab_size),
-                           torch.nn.functional.one_hot(tokens, TINY.vocab_size).float() * 1e4)
+        return torch.where((z == TINY.codebook_size)[..., None], torch.zeros(*z.shape, TINY.codebook_size),
+                           torch.nn.functional.one_hot(tokens, TINY.codebook_size).float() * 1e4)
 
-    loss = masked_token_loss(logits_fn, tokens, TINY.vocab_size, torch.Generator().manual_seed(0))
-    assert loss.item() == pytest.approx(math.log(TINY.vocab_size), rel=1e-5)
-    counts = (inputs[0] == TINY.vocab_size).flatten(1).sum(1)
+    loss = masked_token_loss(logits_fn, tokens, TINY.codebook_size, torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(math.log(TINY.codebook_size), rel=1e-5)
+    counts = (inputs[0] == TINY.codebook_size).flatten(1).sum(1)
     assert counts.min() >= 1 and counts.max() <= 16 and counts.float().std() > 0  # ratios vary per sample
 
 
@@ -99,8 +99,8 @@ def test_maskgit_network_takes_the_mask_id_and_predicts_only_real_tokens():
     net = MaskGIT(TINY)
     hourglass = sum(p.numel() for p in Hourglass(TINY).parameters())
     assert sum(p.numel() for p in net.parameters()) == hourglass + TINY.dim  # one extra embedding row
-    logits = net(torch.full((2, 4, 4), TINY.vocab_size), torch.tensor([0, 1]))
-    assert logits.shape == (2, 4, 4, TINY.vocab_size)
+    logits = net(torch.full((2, 4, 4), TINY.codebook_size), torch.tensor([0, 1]))
+    assert logits.shape == (2, 4, 4, TINY.codebook_size)
 
 
 def _ar(seed=0):
@@ -110,12 +110,12 @@ def _ar(seed=0):
 
 def test_autoregressive_is_causal_in_raster_order():
     net = _ar()
-    tokens = torch.randint(0, TINY.vocab_size, (1, 4, 4), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, TINY.codebook_size, (1, 4, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = net(tokens, torch.tensor([2])).flatten(1, 2)
         for j in (0, 5, 15):
             changed = tokens.clone().flatten(1)
-            changed[0, j] = (changed[0, j] + 1) % TINY.vocab_size
+            changed[0, j] = (changed[0, j] + 1) % TINY.codebook_size
             diff = (net(changed.view(1, 4, 4), torch.tensor([2])).flatten(1, 2) - ref).abs().amax(-1)[0]
             # Logits at positions <= j predict tokens <= j: they may not see token j.
             assert diff[:j + 1].max() == 0
@@ -127,7 +127,7 @@ def test_autoregressive_is_causal_in_raster_order():
 
 def test_kv_cached_decoding_gives_the_full_forward_logits():
     net = _ar()
-    tokens = torch.randint(0, TINY.vocab_size, (2, 4, 4), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, TINY.codebook_size, (2, 4, 4), generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([1, 7])
     with torch.no_grad():
         full = net(tokens, labels).flatten(1, 2)
@@ -161,9 +161,9 @@ def test_autoregressive_sampler_draws_from_the_cached_logits():
 
 def test_autoregressive_loss_starts_near_uniform_and_params_match_the_hourglass():
     net = _ar()
-    tokens = torch.randint(0, TINY.vocab_size, (8, 4, 4))
+    tokens = torch.randint(0, TINY.codebook_size, (8, 4, 4))
     loss = autoregressive_loss(net, tokens, torch.zeros(8, dtype=torch.long))
-    assert loss.item() == pytest.approx(math.log(TINY.vocab_size), abs=0.1)  # small init: near-uniform logits
+    assert loss.item() == pytest.approx(math.log(TINY.codebook_size), abs=0.1)  # small init: near-uniform logits
     fashion = PRESETS["fashion"]
     layers = matching_layers(fashion, (8, 8))
     ar = sum(p.numel() for p in Autoregressive(fashion, layers, (8, 8)).parameters())

@@ -1,11 +1,14 @@
 import dataclasses
+import re
 
 import pytest
 import torch
 
-from sundae.checkpoint import config_from_dict, load_checkpoint, load_generator, load_tokenizer, save_checkpoint
+from sundae.checkpoint import (config_from_dict, export, load_checkpoint, load_generator, load_tokenizer,
+                               save_checkpoint)
 from sundae.hourglass import PRESETS as HG
 from sundae.hourglass import Hourglass, HourglassConfig
+from sundae.sundae import sample
 from sundae.vqgan import PRESETS as VQ
 from sundae.vqgan import VQGAN
 
@@ -19,7 +22,7 @@ def test_save_load_gives_identical_outputs(tmp_path):
     raw = torch.load(path, weights_only=True)
     assert raw["kind"] == "generator" and raw["config"]["depth"] == (1, 1, 1)
     loaded, meta = load_generator(path)
-    tokens = torch.randint(0, net.cfg.vocab_size, (2, 4, 4))
+    tokens = torch.randint(0, net.cfg.codebook_size, (2, 4, 4))
     labels = torch.tensor([1, 2])
     with torch.no_grad():
         assert torch.equal(net(tokens, labels), loaded(tokens, labels))
@@ -49,7 +52,7 @@ def test_wrong_kind_truncated_and_mismatched(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt", "tokenizer")
     other = tmp_path / "other.pt"
-    wrong_cfg = dataclasses.replace(model.cfg, n_codes=32)
+    wrong_cfg = dataclasses.replace(model.cfg, codebook_size=32)
     save_checkpoint(other, "tokenizer", wrong_cfg, model)
     with pytest.raises(ValueError, match="do not match"):
         load_tokenizer(other)
@@ -67,3 +70,30 @@ def test_config_from_dict_rejects_unknown_keys():
     assert cfg.depth == (1, 2, 1)
     with pytest.raises(ValueError, match="widht"):
         config_from_dict(HourglassConfig, {"widht": 3})
+
+
+def test_configs_stored_under_the_old_names_load(tmp_path):
+    """Checkpoints and exports written before the codebook size had one name store it as `vocab_size`
+    (generator) and `n_codes` (tokenizer, and the generator's meta): they load and sample as before."""
+    torch.manual_seed(0)
+    net, tok = Hourglass(HG["tiny"]).eval(), VQGAN(VQ["tiny"]).eval()
+    for model, old_key, kind in ((net, "vocab_size", "generator"), (tok, "n_codes", "tokenizer")):
+        config = {(old_key if k == "codebook_size" else k): v for k, v in dataclasses.asdict(model.cfg).items()}
+        torch.save({"format": "sundae", "version": 1, "kind": kind, "config": config, "model": model.state_dict(),
+                    "meta": {"grid": [4, 4], "n_codes": 64}}, tmp_path / f"{kind}.pt")
+        export(tmp_path / f"{kind}.pt", tmp_path / f"{kind}_export")
+        both = tmp_path / f"both_{kind}.pt"
+        torch.save({"format": "sundae", "version": 1, "kind": kind, "config": {**config, "codebook_size": 64},
+                    "model": model.state_dict()}, both)
+        with pytest.raises(ValueError, match=re.escape(f"{both}: ") + f".* both 'codebook_size' and its old name "
+                                             f"'{old_key}'"):
+            (load_generator if kind == "generator" else load_tokenizer)(both)
+    for source in (tmp_path / "tokenizer.pt", tmp_path / "tokenizer_export"):
+        assert load_tokenizer(source).cfg == tok.cfg
+    labels = torch.tensor([1, 2])
+    for source in (tmp_path / "generator.pt", tmp_path / "generator_export"):
+        loaded, meta = load_generator(source)
+        assert loaded.cfg == net.cfg and meta == {"grid": [4, 4], "n_codes": 64}
+        runs = [sample(lambda z, rows, step: m(z, labels[rows]), (2, 4, 4), m.cfg.codebook_size, steps=4,
+                       generator=torch.Generator().manual_seed(0))[0] for m in (net, loaded)]
+        assert torch.equal(runs[0], runs[1])

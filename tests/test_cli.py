@@ -35,7 +35,7 @@ def test_tokenize_writes_memmap_and_meta(pipeline, image_folder):
     labels = np.load(pipeline / "tokens" / "labels.npy")
     assert labels.tolist() == [0] * 12 + [1] * 12
     meta = json.loads((pipeline / "tokens" / "meta.json").read_text())
-    assert meta["n_codes"] == 64 and meta["grid"] == [8, 8] and meta["f"] == 4 and meta["num_classes"] == 2
+    assert meta["codebook_size"] == 64 and meta["grid"] == [8, 8] and meta["f"] == 4 and meta["num_classes"] == 2
     assert meta["class_names"] == ["circles", "squares"]
     assert Path(meta["tokenizer"]) == (pipeline / "tok" / "tokenizer.pt").resolve()
     assert len(meta["tokenizer_sha256"]) == 64
@@ -43,7 +43,7 @@ def test_tokenize_writes_memmap_and_meta(pipeline, image_folder):
 
 def test_train_writes_generator_and_sample_grids(pipeline):
     ckpt = torch.load(pipeline / "gen" / "generator.pt", weights_only=True)
-    assert ckpt["kind"] == "generator" and ckpt["config"]["num_classes"] == 2 and ckpt["config"]["vocab_size"] == 64
+    assert ckpt["kind"] == "generator" and ckpt["config"]["num_classes"] == 2 and ckpt["config"]["codebook_size"] == 64
     assert sorted(p.name for p in (pipeline / "gen" / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
 
 

@@ -294,8 +294,8 @@ def test_broken_token_folders_and_run_folders(models, image_folder, tmp_path, ca
     raw = (tmp_path / "tokens" / "tokens.npy").read_bytes()
     (tmp_path / "tokens" / "tokens.npy").write_bytes(raw[:100])
     assert f"cannot read the token files in {tmp_path / 'tokens'} (truncated?" in fails(capsys, *train)
-    (tmp_path / "tokens" / "meta.json").write_text('{"grid": [8, 8], "n_codes": "many"}')
-    assert "'n_codes' a positive integer" in fails(capsys, *train)
+    (tmp_path / "tokens" / "meta.json").write_text('{"grid": [8, 8], "codebook_size": "many"}')
+    assert "'codebook_size' a positive integer" in fails(capsys, *train)
     # Run folders where a checkpoint file belongs: their checkpoints are meant.
     gen_dir, tok_dir = tmp_path / "run", tmp_path / "tok_run"
     for folder, name, kind in ((gen_dir, "gen.pt", "generator"), (tok_dir, "tok_a.pt", "tokenizer")):
@@ -327,17 +327,35 @@ def test_second_fresh_user_trial(models, picture, image_folder, tmp_path, capsys
     assert "already holds the outputs of an earlier run" in err and "--overwrite" in err
     train = ("train", "--tokens", tokens, "--out", tmp_path / "gen", "--device", "cpu", "--set", "batch_size=4",
              "--set", "sample_every=100")
-    # The token folder decides vocab_size and num_classes: a conflicting --set is an error, not ignored.
-    assert "the token folder" in fails(capsys, *train, "--preset", "tiny", "--set", "vocab_size=32")
+    # The token folder decides codebook_size and num_classes: a conflicting --set is an error, not ignored.
+    assert "the token folder" in fails(capsys, *train, "--preset", "tiny", "--set", "codebook_size=32")
+    # Its old name is no --set key (stored configs that use it still load).
+    err = fails(capsys, *train, "--preset", "tiny", "--set", "vocab_size=32")
+    assert "--set vocab_size: unknown key" in err and "codebook_size" in err
     # Tuples in the format the error message shows, and in Python's.
     run(*train, "--preset", "tiny", "--set", "steps=2", "--set", "depth=(1, 2, 1)")
     assert list(torch.load(tmp_path / "gen" / "generator.pt", weights_only=True)["config"]["depth"]) == [1, 2, 1]
     # Resuming: an architecture change is named; --preset is ignored with a warning; nothing left to train says so.
     err = fails(capsys, *train, "--resume", "--set", "dim=64")
     assert "dim: 32 in the run, 64 asked" in err
+    # A run and a token folder written before the codebook size had one name (`vocab_size` in the stored
+    # config, `n_codes` in the checkpoint's meta and in meta.json) resume as they are.
+    ckpt = torch.load(tmp_path / "gen" / "generator.pt", weights_only=True)
+    ckpt["config"]["vocab_size"] = ckpt["config"].pop("codebook_size")
+    ckpt["meta"]["n_codes"] = ckpt["meta"].pop("codebook_size")
+    torch.save(ckpt, tmp_path / "gen" / "generator.pt")
+    meta = json.loads((tokens / "meta.json").read_text())
+    meta["n_codes"] = meta.pop("codebook_size")
+    (tokens / "meta.json").write_text(json.dumps(meta))
     run(*train, "--resume", "--preset", "fashion", "--set", "steps=2")
     err = capsys.readouterr().err
     assert "--preset fashion ignored" in err and "nothing to train" in err
+    ckpt["meta"]["n_codes"] = 32  # the old key is read: another codebook size is noticed
+    torch.save(ckpt, tmp_path / "gen" / "generator.pt")
+    err = fails(capsys, *train, "--resume", "--set", "steps=3")
+    assert "token grids of 32 codes" in err and "resume with the same token folder" in err
+    ckpt["meta"]["n_codes"] = 64
+    torch.save(ckpt, tmp_path / "gen" / "generator.pt")
     # A run that fails before writing anything leaves no run folder (nor the parents it created) behind.
     err = fails(capsys, *train, "--preset", "tiny", "--set", "lr=1e30", "--out", tmp_path / "nan" / "run")
     assert "nothing was saved for this step, the run has no checkpoint yet" in err

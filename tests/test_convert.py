@@ -150,7 +150,7 @@ def test_small_parity_from_a_lightning_checkpoint(tmp_path, lightning_key):
     m = taming_vqmodel(SMALL, 64, 8, seed=0)
     ckpt, cfg = write_taming(tmp_path, m, SMALL, 64, 8, callback_key=lightning_key)
     ours = load_tokenizer(convert_taming(ckpt, cfg, tmp_path / "out"))
-    assert ours.cfg.f == 4 and ours.cfg.n_codes == 64
+    assert ours.cfg.f == 4 and ours.cfg.codebook_size == 64
     x = torch.rand(3, 3, 32, 48) * 2 - 1  # non-square: the attention grid is not square either
     assert_parity(ours, m, x, 4)
     assert_parity_in_float64(ours, m, 4, (32, 48))
@@ -176,7 +176,7 @@ def test_f16_1024_parity_at_256(tmp_path):
     m = taming_vqmodel(F16, 1024, 256, seed=1)
     ckpt, cfg = write_taming(tmp_path, m, F16, 1024, 256)
     ours = load_tokenizer(convert_taming(ckpt, cfg, tmp_path / "out"))
-    assert ours.cfg.f == 16 and ours.cfg.n_codes == 1024 and ours.cfg.resolution == 256
+    assert ours.cfg.f == 16 and ours.cfg.codebook_size == 1024 and ours.cfg.resolution == 256
     tokens, decoded = assert_parity(ours, m, torch.rand(1, 3, 256, 256) * 2 - 1, 16, F16_FP32_TOLERANCE)
     assert tokens.shape == (1, 16, 16)
     m.double()

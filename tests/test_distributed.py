@@ -79,7 +79,7 @@ def tokens(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     np.save(root / "tokens.npy", rng.integers(0, 64, (21, 4, 4)).astype(np.uint16))
     np.save(root / "labels.npy", rng.integers(0, 10, 21).astype(np.int64))
-    (root / "meta.json").write_text(json.dumps({"grid": [4, 4], "n_codes": 64, "num_classes": 10}))
+    (root / "meta.json").write_text(json.dumps({"grid": [4, 4], "codebook_size": 64, "num_classes": 10}))
     return root
 
 

@@ -98,7 +98,7 @@ def _tokens(root, labels):
     root.mkdir()
     np.save(root / "tokens.npy", np.random.default_rng(0).integers(0, 64, (16, 4, 4)).astype(np.uint16))
     np.save(root / "labels.npy", np.asarray(labels, dtype=np.int64))
-    (root / "meta.json").write_text(json.dumps({"grid": [4, 4], "n_codes": 64, "num_classes": 10}))
+    (root / "meta.json").write_text(json.dumps({"grid": [4, 4], "codebook_size": 64, "num_classes": 10}))
     return TokenDataset(root)
 
 

@@ -18,9 +18,9 @@ def _model(cfg=TINY, seed=0):
 
 def test_logits_shape_and_dtype():
     model = _model()
-    tokens = torch.randint(0, TINY.vocab_size, (3, 6, 8))
+    tokens = torch.randint(0, TINY.codebook_size, (3, 6, 8))
     logits = model(tokens, torch.tensor([0, 1, 9]))
-    assert logits.shape == (3, 6, 8, TINY.vocab_size) and logits.dtype == torch.float32
+    assert logits.shape == (3, 6, 8, TINY.codebook_size) and logits.dtype == torch.float32
 
 
 @pytest.mark.parametrize("name,expected", [("ffhq256", 178e6), ("ffhq1024", 671e6), ("imagenet256", 200e6)])
@@ -38,9 +38,9 @@ def _analytic_parameters(cfg: HourglassConfig) -> int:
     mlp = d * m + m + m * d + d
     block = 2 * 2 * d + attention + mlp  # two LayerNorms
     resample = 3 * 2 * d + attention + mlp  # norms of queries, keys/values and before the MLP
-    embeddings = cfg.vocab_size * d + ((cfg.num_classes + 1) * d if cfg.num_classes else 0)  # + null class
+    embeddings = cfg.codebook_size * d + ((cfg.num_classes + 1) * d if cfg.num_classes else 0)  # + null class
     resampling = (k * d * d + d) + (d * k * d + k * d) + 2 * resample
-    return embeddings + sum(cfg.depth) * block + resampling + 2 * d + d * cfg.vocab_size + cfg.vocab_size
+    return embeddings + sum(cfg.depth) * block + resampling + 2 * d + d * cfg.codebook_size + cfg.codebook_size
 
 
 @pytest.mark.parametrize("name", ["tiny", "ffhq256", "ffhq1024", "imagenet256"])
@@ -51,7 +51,7 @@ def test_parameter_count_matches_the_analytic_count(name):
 
 
 def test_forward_flops_match_a_counted_forward_pass():
-    cfg = HourglassConfig(vocab_size=64, dim=64, heads=2, head_dim=16, depth=(1, 2, 1))
+    cfg = HourglassConfig(codebook_size=64, dim=64, heads=2, head_dim=16, depth=(1, 2, 1))
     tokens = torch.randint(0, 64, (2, 8, 12))
     # The math attention backend is plain matmuls, which FlopCounterMode counts.
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -61,7 +61,7 @@ def test_forward_flops_match_a_counted_forward_pass():
 
 def test_bf16_autocast_logits_are_fp32_and_close():
     model = _model()
-    tokens = torch.randint(0, TINY.vocab_size, (2, 4, 4))
+    tokens = torch.randint(0, TINY.codebook_size, (2, 4, 4))
     with torch.no_grad():
         ref = model(tokens)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -72,15 +72,15 @@ def test_bf16_autocast_logits_are_fp32_and_close():
 
 def test_paper_presets_have_paper_shapes():
     assert PRESETS["ffhq1024"].dim == 2048 and PRESETS["ffhq1024"].depth == (2, 10, 2)
-    assert PRESETS["ffhq1024"].vocab_size == 8192 and PRESETS["ffhq256"].heads == 8
+    assert PRESETS["ffhq1024"].codebook_size == 8192 and PRESETS["ffhq256"].heads == 8
     assert PRESETS["imagenet256"].depth == (2, 12, 2) and PRESETS["imagenet256"].num_classes == 1000
 
 
 def test_non_causal():
     model = _model()
-    tokens = torch.randint(0, TINY.vocab_size, (1, 4, 4))
+    tokens = torch.randint(0, TINY.codebook_size, (1, 4, 4))
     changed = tokens.clone()
-    changed[0, 3, 3] = (changed[0, 3, 3] + 1) % TINY.vocab_size
+    changed[0, 3, 3] = (changed[0, 3, 3] + 1) % TINY.codebook_size
     with torch.no_grad():
         # The first position sees a change at the last one.
         assert not torch.allclose(model(tokens)[0, 0, 0], model(changed)[0, 0, 0])
@@ -143,7 +143,7 @@ def test_1d_shortening_merges_four_consecutive_tokens_of_one_row():
 def test_1d_and_2d_shortening_have_the_same_weights_but_different_logits():
     two_d, one_d = _model(), _model(ONE_D)
     one_d.load_state_dict(two_d.state_dict())  # raises unless the parameter shapes match: k = 4 either way
-    tokens = torch.randint(0, TINY.vocab_size, (2, 4, 4), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, TINY.codebook_size, (2, 4, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert not torch.allclose(one_d(tokens), two_d(tokens), atol=1e-4)
 
@@ -151,17 +151,17 @@ def test_1d_and_2d_shortening_have_the_same_weights_but_different_logits():
 def test_1d_shortening_pads_the_width_to_whole_runs_invisibly():
     model = _model(ONE_D)
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, TINY.vocab_size, (2, 3, 5), generator=g)
+    tokens = torch.randint(0, TINY.codebook_size, (2, 3, 5), generator=g)
     with torch.no_grad():
         ref = model(tokens)
-        assert ref.shape == (2, 3, 5, TINY.vocab_size) and torch.isfinite(ref).all()
-        big = torch.randint(0, TINY.vocab_size, (2, 4, 13), generator=g)  # 13: whole padded runs too
+        assert ref.shape == (2, 3, 5, TINY.codebook_size) and torch.isfinite(ref).all()
+        big = torch.randint(0, TINY.codebook_size, (2, 4, 13), generator=g)  # 13: whole padded runs too
         big[:, :3, :5] = tokens
         torch.testing.assert_close(model(big, grid=(3, 5)), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_rotary_reaches_every_head():
-    cfg = HourglassConfig(vocab_size=8, dim=64, heads=4, head_dim=16, depth=(1, 1, 1))
+    cfg = HourglassConfig(codebook_size=8, dim=64, heads=4, head_dim=16, depth=(1, 1, 1))
     angles = rotary_angles(4, 4, cfg.head_dim, cfg.rotary_base)
     q = torch.randn(1, 1, 1, cfg.head_dim).expand(1, cfg.heads, 16, cfg.head_dim)
     rotated = apply_rotary(q, angles)
@@ -198,12 +198,12 @@ def test_rotary_is_used_inside_attention():
 
 def test_class_embedding_changes_logits_and_checks_input():
     model = _model()
-    tokens = torch.randint(0, TINY.vocab_size, (2, 4, 4))
+    tokens = torch.randint(0, TINY.codebook_size, (2, 4, 4))
     with torch.no_grad():
         a = model(tokens, torch.tensor([0, 0]))
         b = model(tokens, torch.tensor([3, 3]))
     assert not torch.allclose(a, b)
-    unconditional = _model(HourglassConfig(vocab_size=8, dim=32, heads=2, head_dim=16, depth=(1, 1, 1)))
+    unconditional = _model(HourglassConfig(codebook_size=8, dim=32, heads=2, head_dim=16, depth=(1, 1, 1)))
     with pytest.raises(ValueError, match="unconditional"):
         unconditional(torch.zeros(1, 2, 2, dtype=torch.long), torch.tensor([1]))
 
@@ -212,15 +212,15 @@ def test_class_embedding_changes_logits_and_checks_input():
 def test_any_grid_padding_never_changes_real_logits(h, w):
     model = _model()
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, TINY.vocab_size, (2, h, w), generator=g)
+    tokens = torch.randint(0, TINY.codebook_size, (2, h, w), generator=g)
     labels = torch.tensor([0, 3])
     with torch.no_grad():
         ref = model(tokens, labels)
-        assert ref.shape == (2, h, w, TINY.vocab_size) and torch.isfinite(ref).all()
+        assert ref.shape == (2, h, w, TINY.codebook_size) and torch.isfinite(ref).all()
         # Padding of any content and any amount (also whole padded patches) leaves the real logits alone.
         for extra_h, extra_w in [(1, 0), (0, 1), (1, 1), (3, 5), (4, 4)]:
             for _ in range(2):
-                big = torch.randint(0, TINY.vocab_size, (2, h + extra_h, w + extra_w), generator=g)
+                big = torch.randint(0, TINY.codebook_size, (2, h + extra_h, w + extra_w), generator=g)
                 big[:, :h, :w] = tokens
                 torch.testing.assert_close(model(big, labels, grid=(h, w)), ref, rtol=1e-5, atol=1e-5)
         # The same extra tokens counted as real do change the logits: the masking is what hides them.

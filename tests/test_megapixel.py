@@ -24,9 +24,9 @@ SMALL_NET = dataclasses.replace(HOURGLASS_PRESETS["ffhq1024"], dim=32, heads=2, 
 
 def test_scaled_copy_keeps_the_megapixel_geometry():
     full = VQGAN_PRESETS["ffhq1024"]
-    assert SMALL_VQ.f == full.f == 32 and SMALL_VQ.n_codes == full.n_codes == 8192
+    assert SMALL_VQ.f == full.f == 32 and SMALL_VQ.codebook_size == full.codebook_size == 8192
     assert full.resolution // full.f == 32  # 1024 pixels -> 32x32 tokens
-    assert SMALL_NET.vocab_size == 8192 and SMALL_NET.depth == (2, 10, 2)
+    assert SMALL_NET.codebook_size == 8192 and SMALL_NET.depth == (2, 10, 2)
 
 
 def test_round_trip_of_any_size_at_f32():

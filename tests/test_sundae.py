@@ -41,10 +41,10 @@ def test_loss_at_init_is_log_vocab():
     torch.manual_seed(0)
     cfg = PRESETS["tiny"]
     net = Hourglass(cfg)
-    tokens = torch.randint(0, cfg.vocab_size, (8, 8, 8))
-    loss, per_step = unrolled_loss(lambda z: net(z, None), tokens, cfg.vocab_size, unroll_steps=2)
+    tokens = torch.randint(0, cfg.codebook_size, (8, 8, 8))
+    loss, per_step = unrolled_loss(lambda z: net(z, None), tokens, cfg.codebook_size, unroll_steps=2)
     assert len(per_step) == 2
-    assert loss.item() == pytest.approx(math.log(cfg.vocab_size), rel=0.05)
+    assert loss.item() == pytest.approx(math.log(cfg.codebook_size), rel=0.05)
 
 
 def test_unrolled_loss_averages_each_step_and_feeds_samples_forward():
@@ -73,19 +73,19 @@ def test_overfit_one_batch():
     torch.manual_seed(0)
     cfg = PRESETS["tiny"]
     net = Hourglass(cfg)
-    tokens = torch.randint(0, cfg.vocab_size, (4, 4, 4))
+    tokens = torch.randint(0, cfg.codebook_size, (4, 4, 4))
     labels = torch.arange(4)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(300):
-        loss, _ = unrolled_loss(lambda z: net(z, labels), tokens, cfg.vocab_size, 2, gen)
+        loss, _ = unrolled_loss(lambda z: net(z, labels), tokens, cfg.codebook_size, 2, gen)
         opt.zero_grad()
         loss.backward()
         opt.step()
     # From ln(64) = 4.16 at init to memorised: the class label alone identifies each grid.
     assert loss.item() < 0.5
     with torch.no_grad():
-        z, _ = sample(lambda z, rows, step: net(z, labels[rows]), (4, 4, 4), cfg.vocab_size, steps=30, min_steps=30,
+        z, _ = sample(lambda z, rows, step: net(z, labels[rows]), (4, 4, 4), cfg.codebook_size, steps=30, min_steps=30,
                       temperature=(0.5, 0.5), generator=torch.Generator().manual_seed(0))
     assert (z == tokens).float().mean() > 0.9
 
@@ -185,13 +185,13 @@ def test_keep_mask_tokens_never_change_and_same_seed_same_sample():
     torch.manual_seed(0)
     cfg = PRESETS["tiny"]
     net = Hourglass(cfg).eval()
-    init = torch.randint(0, cfg.vocab_size, (4, 6, 6))
+    init = torch.randint(0, cfg.codebook_size, (4, 6, 6))
     keep = torch.rand(4, 6, 6) < 0.5
     labels = torch.tensor([1, 2, 3, 4])
 
     def run(seed):
         with torch.no_grad():
-            return sample(lambda z, rows, step: net(z, labels[rows]), (4, 6, 6), cfg.vocab_size, steps=20, init=init,
+            return sample(lambda z, rows, step: net(z, labels[rows]), (4, 6, 6), cfg.codebook_size, steps=20, init=init,
                           keep=keep, generator=torch.Generator().manual_seed(seed))[0]
 
     a, b, c = run(0), run(0), run(1)

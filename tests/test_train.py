@@ -45,7 +45,7 @@ def token_dir(tmp_path):
     (tmp_path / "tokens").mkdir()
     np.save(tmp_path / "tokens" / "tokens.npy", rng.integers(0, 64, (20, 4, 4)).astype(np.uint16))
     np.save(tmp_path / "tokens" / "labels.npy", rng.integers(0, 10, 20).astype(np.int64))
-    (tmp_path / "tokens" / "meta.json").write_text(json.dumps({"grid": [4, 4], "n_codes": 64, "num_classes": 10}))
+    (tmp_path / "tokens" / "meta.json").write_text(json.dumps({"grid": [4, 4], "codebook_size": 64, "num_classes": 10}))
     return tmp_path / "tokens"
 
 
@@ -135,3 +135,16 @@ def test_fp16_training_resumes_with_its_gradient_scaler(token_dir, tmp_path):
     assert sa["scaler"]["scale"] == sb["scaler"]["scale"] == 2.0 ** 16
     for key in sa["model"]:
         torch.testing.assert_close(sa["model"][key], sb["model"][key], rtol=0, atol=0)
+
+
+def test_token_folder_with_the_old_codebook_key(token_dir):
+    """Token folders written before the codebook size had one name say "n_codes" in meta.json: they load."""
+    (token_dir / "meta.json").write_text(json.dumps({"grid": [4, 4], "n_codes": 64, "num_classes": 10}))
+    ds = TokenDataset(token_dir)
+    assert ds.meta["codebook_size"] == 64 and "n_codes" not in ds.meta and len(ds) == 20 and ds.num_classes == 10
+    (token_dir / "meta.json").write_text(json.dumps({"grid": [4, 4], "n_codes": 8}))
+    with pytest.raises(ValueError, match="but meta.json says codebook_size=8"):
+        TokenDataset(token_dir)
+    (token_dir / "meta.json").write_text(json.dumps({"grid": [4, 4], "n_codes": 64, "codebook_size": 64}))
+    with pytest.raises(ValueError, match="meta.json has both 'codebook_size' and its old name 'n_codes'"):
+        TokenDataset(token_dir)

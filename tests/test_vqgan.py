@@ -30,8 +30,8 @@ def test_non_square_grid():
 
 
 def test_downsampling_factor_of_presets():
-    assert PRESETS["ffhq256"].f == 16 and PRESETS["ffhq256"].n_codes == 1024
-    assert PRESETS["ffhq1024"].f == 32 and PRESETS["ffhq1024"].n_codes == 8192
+    assert PRESETS["ffhq256"].f == 16 and PRESETS["ffhq256"].codebook_size == 1024
+    assert PRESETS["ffhq1024"].f == 32 and PRESETS["ffhq1024"].codebook_size == 8192
     assert PRESETS["ffhq1024"].resolution // PRESETS["ffhq1024"].f == 32
 
 

@@ -30,10 +30,23 @@ FORMAT, VERSION = "sundae", 1
 C = TypeVar("C")
 
 
-def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
-    """Build the frozen dataclass `cls` from a dict (lists become tuples).
+# Keys that configs stored before the codebook size had one name use (checkpoints, exports): old -> new.
+LEGACY_KEYS: dict[type, dict[str, str]] = {HourglassConfig: {"vocab_size": "codebook_size"},
+                                           VQGANConfig: {"n_codes": "codebook_size"}}
 
-    Raises ValueError naming `source` for unknown keys or values of the wrong type."""
+
+def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+    """Build the frozen dataclass `cls` from a dict (lists become tuples). A stored config may use a field's
+    old name (`LEGACY_KEYS`: `vocab_size` of HourglassConfig, `n_codes` of VQGANConfig, both now
+    `codebook_size`).
+
+    Raises ValueError naming `source` for unknown keys, a field given under both its old and its new name, or
+    values of the wrong type."""
+    for old, new in LEGACY_KEYS.get(cls, {}).items():
+        if old in values:
+            if new in values:
+                raise ValueError(f"{source}: {cls.__name__} has both {new!r} and its old name {old!r}: keep one")
+            values = {(new if k == old else k): v for k, v in values.items()}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:

@@ -158,7 +158,7 @@ def read_taming_config(path: str | Path) -> VQGANConfig:
             in_channels=int(dd["in_channels"]), ch=int(dd["ch"]), ch_mult=tuple(int(m) for m in dd["ch_mult"]),
             num_res_blocks=int(dd["num_res_blocks"]), attn_resolutions=tuple(int(r) for r in dd["attn_resolutions"]),
             resolution=int(dd["resolution"]), z_channels=int(dd["z_channels"]), embed_dim=int(params["embed_dim"]),
-            n_codes=int(params["n_embed"]), beta=0.25, norm_groups=32)  # taming: beta 0.25, GroupNorm(32)
+            codebook_size=int(params["n_embed"]), beta=0.25, norm_groups=32)  # taming: beta 0.25, GroupNorm(32)
     except KeyError as err:
         raise ValueError(f"{path}: missing field {err.args[0]!r} under {where}params") from None
     except TypeError as err:

@@ -33,7 +33,7 @@ from sundae.conditioning import ClassEmbedding, TextConditioning
 class HourglassConfig:
     """Architecture of the denoiser; defaults are the paper's FFHQ256 model (about 178M parameters)."""
 
-    vocab_size: int = 1024
+    codebook_size: int = 1024
     dim: int = 1024
     heads: int = 8
     head_dim: int = 64
@@ -48,8 +48,8 @@ class HourglassConfig:
     def __post_init__(self) -> None:
         if len(self.depth) != 3 or min(self.depth) < 0:
             raise ValueError(f"depth must be three block counts (pre, valley, post), got {self.depth}")
-        if min(self.vocab_size, self.dim, self.heads, self.head_dim, self.shorten_factor) < 1:
-            raise ValueError("vocab_size, dim, heads, head_dim and shorten_factor must be positive")
+        if min(self.codebook_size, self.dim, self.heads, self.head_dim, self.shorten_factor) < 1:
+            raise ValueError("codebook_size, dim, heads, head_dim and shorten_factor must be positive")
         if self.num_classes < 0 or self.text_dim < 0:
             raise ValueError("num_classes and text_dim must be >= 0")
         if self.shorten_mode not in ("2d", "1d"):
@@ -164,7 +164,7 @@ class Hourglass(nn.Module):
         super().__init__()
         self.cfg = cfg
         s2 = cfg.shorten_factor**2
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.token_embedding = nn.Embedding(cfg.codebook_size, cfg.dim)
         self.class_embedding = ClassEmbedding(cfg.num_classes, cfg.dim) if cfg.num_classes else None
         self.text_embedding = TextConditioning(cfg.text_dim, cfg.dim) if cfg.text_dim else None
         self.pre = nn.ModuleList(Block(cfg) for _ in range(cfg.depth[0]))
@@ -175,7 +175,7 @@ class Hourglass(nn.Module):
         self.up_resample = ResampleBlock(cfg)
         self.post = nn.ModuleList(Block(cfg) for _ in range(cfg.depth[2]))
         self.norm = nn.LayerNorm(cfg.dim)
-        self.to_logits = nn.Linear(cfg.dim, cfg.vocab_size)
+        self.to_logits = nn.Linear(cfg.dim, cfg.codebook_size)
         self.apply(self._init)
 
     @staticmethod
@@ -318,7 +318,7 @@ def forward_flops(cfg: HourglassConfig, h: int, w: int, batch: int = 1, text_len
     runs on (multiples of the shorten factor). `text_len`: the text tokens n of a text model (its context
     holds n + 2 keys: a kept register and the null text). Units: FLOPs (not FLOP/s).
     """
-    d, inner, hidden, v = cfg.dim, cfg.heads * cfg.head_dim, cfg.mlp_ratio * cfg.dim, cfg.vocab_size
+    d, inner, hidden, v = cfg.dim, cfg.heads * cfg.head_dim, cfg.mlp_ratio * cfg.dim, cfg.codebook_size
     k = cfg.shorten_factor**2
     n, n_c = h * w, h * w // k  # full-resolution and valley tokens
 
@@ -343,10 +343,10 @@ def forward_flops(cfg: HourglassConfig, h: int, w: int, batch: int = 1, text_len
 
 
 PRESETS: dict[str, HourglassConfig] = {
-    "tiny": HourglassConfig(vocab_size=64, dim=32, heads=2, head_dim=16, depth=(1, 1, 1), num_classes=10),
+    "tiny": HourglassConfig(codebook_size=64, dim=32, heads=2, head_dim=16, depth=(1, 1, 1), num_classes=10),
     # Quickstart: class-conditional over the `fashion` tokenizer's 8x8 grid of 256 codes.
-    "fashion": HourglassConfig(vocab_size=256, dim=128, heads=4, head_dim=32, depth=(1, 2, 1), num_classes=10),
+    "fashion": HourglassConfig(codebook_size=256, dim=128, heads=4, head_dim=32, depth=(1, 2, 1), num_classes=10),
     "ffhq256": HourglassConfig(),
-    "ffhq1024": HourglassConfig(vocab_size=8192, dim=2048),
+    "ffhq1024": HourglassConfig(codebook_size=8192, dim=2048),
     "imagenet256": HourglassConfig(depth=(2, 12, 2), num_classes=1000),
 }

@@ -116,7 +116,7 @@ def inpaint_images(net, tokenizer: VQGAN, image: Tensor, pixel_mask: Tensor, num
     keep = token_keep_mask(pixel_mask[None].to(device), f, dilate).expand(num, -1, -1)
     init = tokenizer.encode(x).expand(num, -1, -1)
     fn = class_logits_fn(net, labels, precision, compile, guidance_scale, sampler.steps, text)
-    z, _ = sample(fn, tuple(init.shape), net.cfg.vocab_size, sampler, init=init, keep=keep, generator=generator,
+    z, _ = sample(fn, tuple(init.shape), net.cfg.codebook_size, sampler, init=init, keep=keep, generator=generator,
                   device=device)
     # One completion at a time, so that a completion does not depend on how many were asked for (batched
     # convolutions round differently by batch size).
@@ -209,7 +209,7 @@ def _model_card(net: Hourglass, meta: dict[str, Any], sampler: SamplerConfig, st
              'pipe = SundaePipeline.from_pretrained("THIS_FOLDER")',
              "images = pipe(num=8, seed=0).images   # PIL images", "```", "",
              "## Model", "",
-             f"- generator: {params:.1f}M parameters, {condition}, codebook of {cfg.vocab_size} codes, "
+             f"- generator: {params:.1f}M parameters, {condition}, codebook of {cfg.codebook_size} codes, "
              f"token grid {'x'.join(map(str, meta.get('grid', [])))}, images {'x'.join(map(str, size))} pixels",
              f"- trained for {step} steps" if step is not None else "- training steps: unknown",
              f"- tokenizer: `tokenizer/` (sha256 of its source checkpoint {meta.get('tokenizer_sha256', 'unknown')})",
@@ -259,9 +259,9 @@ def check_pair(net: Hourglass, meta: dict[str, Any], tokenizer: VQGAN, generator
     if digest and file_digest(tokenizer_path) != digest:
         raise ValueError(f"{tokenizer_path} is not the tokenizer {generator} was trained with (its sha256 "
                          f"differs from the one recorded at training time)")
-    if tokenizer.cfg.n_codes != net.cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.n_codes} codes, "
-                         f"generator {generator} expects {net.cfg.vocab_size}")
+    if tokenizer.cfg.codebook_size != net.cfg.codebook_size:
+        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.codebook_size} codes, "
+                         f"generator {generator} expects {net.cfg.codebook_size}")
 
 
 # ---- the pipeline ---------------------------------------------------------------------------------------
@@ -418,7 +418,7 @@ class SundaePipeline:
                                     None if text is None else tuple(t[part] for t in text), guidance_scale,
                                     sampler.steps)
                 gens = [torch.Generator(device).manual_seed(s) for s in seeds[part]]
-                z, taken = sample(fn, (len(gens), *self.grid), self.generator.cfg.vocab_size, sampler,
+                z, taken = sample(fn, (len(gens), *self.grid), self.generator.cfg.codebook_size, sampler,
                                   generator=gens, device=device)
                 # One image at a time: batched convolutions round differently by batch size (about 1e-5 on
                 # the CPU), which would make an image depend on its batchmates.

@@ -39,7 +39,7 @@ def _draw(fn: Callable[..., Tensor], shape: Sequence[int], device: torch.device,
     return torch.cat([fn(*args, (1, *shape[1:]), device=device, generator=g) for g in generator])
 
 
-def corrupt(tokens: Tensor, vocab_size: int, generator: Generators = None) -> Tensor:
+def corrupt(tokens: Tensor, codebook_size: int, generator: Generators = None) -> Tensor:
     """q(z0 | z): per sample a rate a ~ U(0, 1); each token independently becomes, with probability a,
     a token drawn uniformly from the codebook (Savinov et al. section 3, eq. 4). No mask token.
 
@@ -47,7 +47,7 @@ def corrupt(tokens: Tensor, vocab_size: int, generator: Generators = None) -> Te
     """
     rate = _draw(torch.rand, (tokens.shape[0], 1, 1), tokens.device, generator)
     replace = _draw(torch.rand, tokens.shape, tokens.device, generator) < rate
-    noise = _draw(torch.randint, tokens.shape, tokens.device, generator, 0, vocab_size)
+    noise = _draw(torch.randint, tokens.shape, tokens.device, generator, 0, codebook_size)
     return torch.where(replace, noise, tokens)
 
 
@@ -67,7 +67,7 @@ def sample_logits(logits: Tensor, temperature: float | Tensor = 1.0, generator: 
     return (logits.float() / temperature - torch.log(-torch.log(u))).argmax(-1)
 
 
-def unrolled_loss(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, vocab_size: int,
+def unrolled_loss(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, codebook_size: int,
                   unroll_steps: int = 2, generator: Generators = None) -> tuple[Tensor, list[Tensor]]:
     """Step-unrolled denoising loss (Savinov et al. section 3.1, eq. 6).
 
@@ -77,7 +77,7 @@ def unrolled_loss(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, vocab_s
     """
     if unroll_steps < 1:
         raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
-    z = corrupt(tokens, vocab_size, generator)
+    z = corrupt(tokens, codebook_size, generator)
     losses = []
     for t in range(unroll_steps):
         logits = logits_fn(z)
@@ -171,7 +171,7 @@ def check_schedule(steps: int, temperature: tuple[float, float], update_proporti
     SamplerConfig(steps=steps, temperature=temperature, update_proportion=update_proportion, min_steps=0)
 
 
-def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: int, sampler: SamplerConfig | None = None,
+def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size: int, sampler: SamplerConfig | None = None,
            *, init: Tensor | None = None, keep: Tensor | None = None, generator: Generators = None,
            device: torch.device | str | None = None, progress: Callable[[int, int], None] | None = None,
            compact_every: int = 10, **overrides: Any) -> tuple[Tensor, Tensor]:
@@ -206,11 +206,11 @@ def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: int, sa
     if keep is not None and (init is None or keep.shape != init.shape or tuple(keep.shape) != tuple(shape)):
         raise ValueError(f"keep needs an init of the same shape {shape}")
     with torch.inference_mode():
-        return _sample_loop(logits_fn, shape, vocab_size, sampler, init, keep, generator, device, progress,
+        return _sample_loop(logits_fn, shape, codebook_size, sampler, init, keep, generator, device, progress,
                             compact_every)
 
 
-def _sample_loop(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: int, sampler: SamplerConfig,
+def _sample_loop(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size: int, sampler: SamplerConfig,
                  init: Tensor | None, keep: Tensor | None, generator: Generators,
                  device: torch.device | str | None, progress: Callable[[int, int], None] | None,
                  compact_every: int) -> tuple[Tensor, Tensor]:
@@ -219,7 +219,7 @@ def _sample_loop(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: i
     if device is None:
         device = init.device if init is not None else "cpu"
     per_sample = generator is not None and not isinstance(generator, torch.Generator)
-    z = _draw(torch.randint, shape, device, generator, 0, vocab_size)
+    z = _draw(torch.randint, shape, device, generator, 0, codebook_size)
     if keep is not None:
         z = torch.where(keep.to(device), init.to(device), z)
     taus, props = sampler.temperatures(), sampler.update_proportions()  # host floats: no device reads in the loop
@@ -234,10 +234,10 @@ def _sample_loop(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: i
     for n in range(steps):
         if per_sample:  # only the rows still in the batch draw, each from its own generator
             gens = [generator[i] for i in row_list]
-            uniform = _draw(torch.rand, (active, *shape[1:], vocab_size), device, gens)
+            uniform = _draw(torch.rand, (active, *shape[1:], codebook_size), device, gens)
             flip = _draw(torch.rand, (active, *shape[1:]), device, gens)
         else:
-            uniform = torch.rand((b, *shape[1:], vocab_size), device=device, generator=generator)
+            uniform = torch.rand((b, *shape[1:], codebook_size), device=device, generator=generator)
             flip = torch.rand(shape, device=device, generator=generator)
             if active < b:
                 uniform, flip = uniform[rows], flip[rows]

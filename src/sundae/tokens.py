@@ -25,6 +25,11 @@ from sundae.io import atomic_write, file_digest, write_json
 from sundae.vqgan import VQGAN
 
 
+# The key under which token folders (meta.json) and generator checkpoints (`meta`) written before the codebook
+# size had one name store it; readers accept it, writers write `codebook_size`.
+LEGACY_CODEBOOK_KEY = "n_codes"
+
+
 class TokenDataset(Dataset):
     """A `sundae tokenize` folder: items are (`h w` int64 tokens, int label), and for a folder with text
     features (meta.json `text_dim` > 0) also the caption's (features `n e` float32, mask `n` bool, pooled
@@ -42,13 +47,18 @@ class TokenDataset(Dataset):
             self.meta = json.loads((root / "meta.json").read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{root / 'meta.json'} is not valid JSON: {err}") from None
-        if not isinstance(self.meta, dict) or not {"grid", "n_codes"} <= set(self.meta):
-            raise ValueError(f"{root / 'meta.json'} must be an object with at least 'grid' and 'n_codes'")
-        grid, n_codes = self.meta["grid"], self.meta["n_codes"]
+        if isinstance(self.meta, dict) and LEGACY_CODEBOOK_KEY in self.meta:  # a folder written before the rename
+            if "codebook_size" in self.meta:
+                raise ValueError(f"{root / 'meta.json'} has both 'codebook_size' and its old name "
+                                 f"{LEGACY_CODEBOOK_KEY!r}: keep one")
+            self.meta = {("codebook_size" if k == LEGACY_CODEBOOK_KEY else k): v for k, v in self.meta.items()}
+        if not isinstance(self.meta, dict) or not {"grid", "codebook_size"} <= set(self.meta):
+            raise ValueError(f"{root / 'meta.json'} must be an object with at least 'grid' and 'codebook_size'")
+        grid, codebook_size = self.meta["grid"], self.meta["codebook_size"]
         if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)
-                and isinstance(n_codes, int) and n_codes > 0):
-            raise ValueError(f"{root / 'meta.json'}: 'grid' must be two positive integers and 'n_codes' a positive "
-                             f"integer, got grid={grid!r}, n_codes={n_codes!r}")
+                and isinstance(codebook_size, int) and codebook_size > 0):
+            raise ValueError(f"{root / 'meta.json'}: 'grid' must be two positive integers and 'codebook_size' a "
+                             f"positive integer, got grid={grid!r}, codebook_size={codebook_size!r}")
         try:
             self.tokens = np.load(root / "tokens.npy", mmap_mode="r")
             self.labels = np.load(root / "labels.npy")
@@ -60,8 +70,8 @@ class TokenDataset(Dataset):
         if list(self.tokens.shape[1:]) != list(self.meta["grid"]):
             raise ValueError(f"{root}: tokens grid {self.tokens.shape[1:]} but meta.json says {self.meta['grid']}")
         top = int(self.tokens.max()) if len(self.tokens) else 0
-        if top >= int(self.meta["n_codes"]):
-            raise ValueError(f"{root}: token id {top} but meta.json says n_codes={self.meta['n_codes']}")
+        if top >= int(self.meta["codebook_size"]):
+            raise ValueError(f"{root}: token id {top} but meta.json says codebook_size={self.meta['codebook_size']}")
         n = self.num_classes
         if n and len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < n:
             raise ValueError(f"{root}: labels outside 0..{n - 1} (meta.json num_classes)")
@@ -202,12 +212,13 @@ def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out:
     """
     ctx = setup(device)
     tokenizer = load_tokenizer(tokenizer_path, ctx.device)
-    if tokenizer.cfg.n_codes > 65536:
-        raise ValueError(f"{tokenizer_path}: {tokenizer.cfg.n_codes} codes do not fit the uint16 token file")
+    if tokenizer.cfg.codebook_size > 65536:
+        raise ValueError(f"{tokenizer_path}: {tokenizer.cfg.codebook_size} codes do not fit the uint16 token file")
     train_rows, eval_rows = split_rows(len(dataset), eval_fraction, split_seed, flip)
     num_classes = int(getattr(dataset, "num_classes", 0))
     image_size = list(dataset[0][0].shape[-2:]) if len(dataset) else None  # pixels, before the tokenizer's padding
-    meta = {"n_codes": tokenizer.cfg.n_codes, "f": tokenizer.cfg.f, "tokenizer": str(Path(tokenizer_path).resolve()),
+    meta = {"codebook_size": tokenizer.cfg.codebook_size, "f": tokenizer.cfg.f,
+            "tokenizer": str(Path(tokenizer_path).resolve()),
             "tokenizer_sha256": file_digest(tokenizer_path), "num_classes": num_classes,
             "class_names": list(class_names or getattr(dataset, "classes", []) or []),
             "channels": tokenizer.cfg.in_channels, "image_size": image_size, "flip": flip,

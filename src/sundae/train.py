@@ -251,7 +251,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     ema = _ema_copy(model)
-    usage = torch.zeros(model_cfg.n_codes, dtype=torch.long, device=device)  # since the last dead-code check
+    usage = torch.zeros(model_cfg.codebook_size, dtype=torch.long, device=device)  # since the last dead-code check
     parts = {"model": model, "disc": disc, "optimizer": opt, "optimizer_disc": opt_d, "scaler": scaler}
     step, rng, ckpt = runs.restore(out, "tokenizer", parts, ema, resume, ctx, overwrite)
     runs.set_hparams([opt, opt_d], None, cfg, step)
@@ -291,8 +291,8 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
                     scaler.scale(loss / cfg.grad_accum).backward()
                 sums += torch.stack([loss, rec_loss, vq_loss, g_loss, lam]).detach().float() / cfg.grad_accum
                 recons.append(x_hat.detach())
-                usage += torch.bincount(tokens.flatten(), minlength=model_cfg.n_codes)
-                log_usage += torch.bincount(tokens.flatten(), minlength=model_cfg.n_codes)
+                usage += torch.bincount(tokens.flatten(), minlength=model_cfg.codebook_size)
+                log_usage += torch.bincount(tokens.flatten(), minlength=model_cfg.codebook_size)
                 grid_tokens = tokens[0].numel()
             sums = distributed.mean(sums, ctx)
             _check_finite(sums[0], step, out / "tokenizer.pt")
@@ -333,7 +333,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
                 record = {"step": step, "loss": sums[0].item(), "rec_loss": sums[1].item(),
                           "vq_loss": sums[2].item(), "g_loss": sums[3].item(), "d_loss": d_loss.item(),
                           "adaptive_weight": sums[4].item(), "psnr": 10 * math.log10(4.0 / max(mse, 1e-12)),
-                          "codebook_usage": used / model_cfg.n_codes, "lr": cfg.lr,
+                          "codebook_usage": used / model_cfg.codebook_size, "lr": cfg.lr,
                           "images_per_s": images_seen / seconds, "tokens_per_s": images_seen * grid_tokens / seconds}
                 log_usage.zero_()
                 if ctx.main:
@@ -433,7 +433,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                     kwargs["drop"] = condition_dropout(micro, cfg.cond_dropout, device, gens)
                 with _no_sync(net, m == cfg.grad_accum - 1), autocast(device, cfg.precision):
                     loss, per_step = unrolled_loss(lambda z: net(z, lab, **kwargs), tokens[rows],
-                                                   model_cfg.vocab_size, cfg.unroll_steps, generator=gens)
+                                                   model_cfg.codebook_size, cfg.unroll_steps, generator=gens)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 sums += torch.stack([loss, *per_step]).detach().float() / cfg.grad_accum
             sums = distributed.mean(sums, ctx)

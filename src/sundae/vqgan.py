@@ -9,7 +9,7 @@ nearest upsampling), so their weights load by renaming alone (`sundae.convert`; 
 checks the outputs against the reference code). Only the quantizer loss's beta placement differs (see
 `VectorQuantizer`), which matters for training, not for encoding or decoding.
 
-Shapes: images `b c H W` float in [-1, 1]; latents `b d h w`; tokens `b h w` int64 in [0, n_codes).
+Shapes: images `b c H W` float in [-1, 1]; latents `b d h w`; tokens `b h w` int64 in [0, codebook_size).
 The downsampling factor is f = 2 ** (len(ch_mult) - 1), so h = H / f and w = W / f.
 """
 
@@ -39,12 +39,13 @@ class VQGANConfig:
     resolution: int = 256
     z_channels: int = 256
     embed_dim: int = 256
-    n_codes: int = 1024
+    codebook_size: int = 1024
     beta: float = 0.25  # commitment weight, on the encoder side only (van den Oord et al. eq. 3)
     norm_groups: int = 32
 
     def __post_init__(self) -> None:
-        if not self.ch_mult or min(self.ch_mult) < 1 or min(self.ch, self.n_codes, self.embed_dim, self.z_channels) < 1:
+        if (not self.ch_mult or min(self.ch_mult) < 1
+                or min(self.ch, self.codebook_size, self.embed_dim, self.z_channels) < 1):
             raise ValueError(f"VQGANConfig needs a non-empty ch_mult and positive widths, got {self}")
 
     @property
@@ -179,11 +180,11 @@ class VectorQuantizer(nn.Module):
     weights; we follow the paper.
     """
 
-    def __init__(self, n_codes: int, dim: int, beta: float):
+    def __init__(self, codebook_size: int, dim: int, beta: float):
         super().__init__()
         self.beta = beta
-        self.codebook = nn.Embedding(n_codes, dim)
-        nn.init.uniform_(self.codebook.weight, -1.0 / n_codes, 1.0 / n_codes)
+        self.codebook = nn.Embedding(codebook_size, dim)
+        nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
 
     def lookup(self, z: Tensor) -> Tensor:
         """`b d h w` float latents -> `b h w` int64 indices of the nearest code by L2 distance."""
@@ -243,7 +244,7 @@ class VQGAN(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.quantizer = VectorQuantizer(cfg.n_codes, cfg.embed_dim, cfg.beta)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.embed_dim, cfg.beta)
         self.decoder = Decoder(cfg)
 
     def _check(self, x: Tensor, multiple: bool = True) -> None:
@@ -274,15 +275,16 @@ class VQGAN(nn.Module):
         """`b h w` int64 tokens -> `b c H W` float images clamped to [-1, 1].
 
         H, W = `size` (pixels; the image size given to `encode`, cropped from the top left) or h*f, w*f.
-        Raises ValueError for ids outside [0, n_codes) or a `size` that does not fit the token grid.
+        Raises ValueError for ids outside [0, codebook_size) or a `size` that does not fit the token grid.
         """
         if size is not None and token_grid(*size, self.cfg.f) != tuple(tokens.shape[-2:]):
             raise ValueError(f"image size {size[0]}x{size[1]} does not match a {tokens.shape[-2]}x{tokens.shape[-1]} "
                              f"token grid at f={self.cfg.f}")
         if tokens.ndim != 3:
             raise ValueError(f"expected tokens of shape (b, h, w), got {tuple(tokens.shape)}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.n_codes):
-            raise ValueError(f"token ids must lie in [0, {self.cfg.n_codes}), got [{tokens.min()}, {tokens.max()}]")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.codebook_size):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.codebook_size}), "
+                             f"got [{tokens.min()}, {tokens.max()}]")
         images = self.decoder(self.quantizer.embed(tokens)).clamp(-1, 1)
         return images if size is None else images[..., :size[0], :size[1]]
 
@@ -295,12 +297,12 @@ class VQGAN(nn.Module):
 PRESETS: dict[str, VQGANConfig] = {
     # For tests: f=4, a few thousand parameters.
     "tiny": VQGANConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=32,
-                        z_channels=16, embed_dim=16, n_codes=64, norm_groups=8),
+                        z_channels=16, embed_dim=16, codebook_size=64, norm_groups=8),
     # Quickstart on Fashion-MNIST (28x28 padded to 32x32, grayscale): f=4, 8x8 tokens.
     "fashion": VQGANConfig(in_channels=1, ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(),
-                           resolution=32, z_channels=32, embed_dim=32, n_codes=256, norm_groups=8),
+                           resolution=32, z_channels=32, embed_dim=32, codebook_size=256, norm_groups=8),
     "ffhq256": VQGANConfig(),
     # The paper's megapixel tokenizer: f=32, 8192 codes, 32x32 tokens.
     "ffhq1024": VQGANConfig(ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=1, attn_resolutions=(64,),
-                            resolution=1024, n_codes=8192),
+                            resolution=1024, codebook_size=8192),
 }

@@ -58,7 +58,7 @@ class _Stopped(Exception):
     """Raised inside the sampler's thread when the page went away or the user pressed Stop."""
 
 
-def sample_live(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: int, every: int,
+def sample_live(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size: int, every: int,
                 sampler: SamplerConfig | None = None,
                 **sample_kwargs: Any) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
     """Run `sundae.sundae.sample` in a thread and yield its tokens while it runs.
@@ -66,7 +66,7 @@ def sample_live(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: in
     Yields (step, active, tokens `b h w` int64, None) after step 0 (the uniform start) and every `every`
     steps, then once (steps run, 0, final tokens `b h w`, steps taken `b` int64). `active` is the number of
     samples still in the batch. A sample that has left the batch shows its final tokens. The final tokens
-    and steps are those of `sample(logits_fn, shape, vocab_size, sampler, **sample_kwargs)` (generator=,
+    and steps are those of `sample(logits_fn, shape, codebook_size, sampler, **sample_kwargs)` (generator=,
     device=, overrides such as steps=): watching draws no random numbers. Closing the iterator early stops
     the sampler at its next step. Raises what `sample` raises (ValueError for a bad schedule).
     """
@@ -98,7 +98,7 @@ def sample_live(logits_fn: LogitsFn, shape: tuple[int, int, int], vocab_size: in
 
     def work() -> None:
         try:
-            tokens, taken = sample(watched, shape, vocab_size, sampler, **sample_kwargs)
+            tokens, taken = sample(watched, shape, codebook_size, sampler, **sample_kwargs)
             put(("done", seen["steps"], 0, tokens, taken))
         except _Stopped:
             pass
@@ -334,8 +334,9 @@ class Actions:
         start = time.time()
         try:
             logits_fn = pipe.logits_fn(pipe.labels(label, num), pipe.text(prompts, num), scale, sampler.steps)
-            for step, active, tokens, taken in sample_live(logits_fn, (num, *pipe.grid), pipe.generator.cfg.vocab_size,
-                                                           every, sampler, generator=gens, device=pipe.device):
+            shape = (num, *pipe.grid)
+            for step, active, tokens, taken in sample_live(logits_fn, shape, pipe.generator.cfg.codebook_size, every,
+                                                           sampler, generator=gens, device=pipe.device):
                 grid = _grid(self._decode(tokens))
                 if taken is None:
                     yield grid, f"Step {step} of {sampler.steps}: {active} of {num} samples still in the batch"
@@ -401,7 +402,7 @@ def build_app(pipe: SundaePipeline, max_pixels: int = 2048 * 2048, max_samples: 
         conditions = ([f"{cfg.num_classes} classes"] if cfg.num_classes else []) + (
             [f"text prompts ({pipe.meta.get('text_encoder')})"] if cfg.text_dim else [])
         gr.Markdown(f"## SUNDAE: step-unrolled denoising over VQ-GAN tokens\n"
-                    f"{h}x{w} tokens of {f}x{f} pixels, {cfg.vocab_size} codes, "
+                    f"{h}x{w} tokens of {f}x{f} pixels, {cfg.codebook_size} codes, "
                     + (" and ".join(conditions) or "unconditional"))
         with gr.Tab("Generate", id="generate"):
             with gr.Row():

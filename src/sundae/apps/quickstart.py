@@ -98,7 +98,7 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
                            for i in range(0, len(test_tokens), 500)])
     save_grid(torch.cat([test.images[:16], recon[:16]]), out / "reconstructions.png", nrow=16)
     tokenizer_metrics = {"psnr_db": psnr(recon, test.images), "codebook_usage": codebook_usage(
-        torch.from_numpy(test_tokens.astype("int64")), cfg.vqgan.n_codes),
+        torch.from_numpy(test_tokens.astype("int64")), cfg.vqgan.codebook_size),
         "classifier_accuracy_on_reconstructions": accuracy(judge, recon, test.labels)}
     seconds["tokenizer"] = time.time() - t
 
@@ -108,8 +108,9 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
 
     t = time.time()
     tokens = TokenDataset(tokens_dir)
-    hg_cfg = dataclasses.replace(cfg.hourglass, vocab_size=cfg.vqgan.n_codes, num_classes=num_classes)
-    meta = {k: tokens.meta[k] for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names")}
+    hg_cfg = dataclasses.replace(cfg.hourglass, codebook_size=cfg.vqgan.codebook_size, num_classes=num_classes)
+    meta = {k: tokens.meta[k]
+            for k in ("grid", "codebook_size", "f", "tokenizer", "tokenizer_sha256", "class_names")}
     gen_path = train_generator(hg_cfg, cfg.generator_train, tokens, out / "generator", meta, tokenizer, device,
                                resume=True)
     pipe = SundaePipeline.from_pretrained(gen_path, device)
@@ -153,7 +154,7 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
         "dataset": {"name": "Fashion-MNIST", "path": str(data_dir), "train_images": len(train),
                     "test_images": len(test), "image_size": cfg.image_size},
         "classifier": {"test_accuracy": judge_acc, "epochs": cfg.classifier_epochs},
-        "tokenizer": {**tokenizer_metrics, "n_codes": cfg.vqgan.n_codes, "f": f, "grid": [h, w],
+        "tokenizer": {**tokenizer_metrics, "codebook_size": cfg.vqgan.codebook_size, "f": f, "grid": [h, w],
                       "parameters": sum(p.numel() for p in tokenizer.parameters())},
         "generator": {"parameters": sum(p.numel() for p in net.parameters()),
                       "train_steps": cfg.generator_train.steps, "unroll_steps": cfg.generator_train.unroll_steps},
@@ -235,9 +236,10 @@ def quickstart_emoji(cfg: EmojiQuickstartConfig, out: str | Path, device: torch.
     seconds["tokenize"] = time.time() - t
 
     t = time.time()
-    hg_cfg = dataclasses.replace(cfg.hourglass, vocab_size=cfg.vqgan.n_codes, num_classes=0, text_dim=tokens.text_dim)
-    meta = {k: tokens.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "image_size",
-                                            "text_encoder")}
+    hg_cfg = dataclasses.replace(cfg.hourglass, codebook_size=cfg.vqgan.codebook_size, num_classes=0,
+                                 text_dim=tokens.text_dim)
+    meta = {k: tokens.meta.get(k) for k in ("grid", "codebook_size", "f", "tokenizer", "tokenizer_sha256",
+                                            "image_size", "text_encoder")}
     gen_path = train_generator(hg_cfg, cfg.generator_train, tokens, out / "generator", meta, tokenizer, device,
                                resume=True)
     pipe = SundaePipeline.from_pretrained(gen_path, device)

@@ -18,7 +18,7 @@ from sundae.eval.metrics import codebook_usage, psnr
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.images import load_image, save_grid
 from sundae.io import file_digest, log
-from sundae.tokens import TokenDataset, tokenize
+from sundae.tokens import LEGACY_CODEBOOK_KEY, TokenDataset, tokenize
 from sundae.train import GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, train_generator, train_vqgan
 from sundae.vqgan import PRESETS as VQGAN_PRESETS
 
@@ -27,7 +27,7 @@ def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_t
                  data_fields: tuple[str, ...] = ()) -> tuple[Any, Any, dict[str, Any]]:
     """The (model config, training config, stored meta) of a run: the preset's, or with --resume the ones
     stored in the run's last checkpoint; then the --set overrides on top. `data_fields` are the model config
-    fields that the training data sets (the generator's vocab_size, num_classes, text_dim): a resumed run
+    fields that the training data sets (the generator's codebook_size, num_classes, text_dim): a resumed run
     differing from --preset only there was trained with that preset.
 
     Raises UsageError for --resume with --overwrite, or --set values that change the architecture of the
@@ -99,36 +99,38 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise UsageError(f"--tokens {args.tokens} is a file: expected a token folder from `sundae tokenize`")
     dataset = TokenDataset(args.tokens)
     model_cfg, train_cfg, stored = _run_configs(args, "generator", HOURGLASS_PRESETS, GENERATOR_TRAIN_PRESETS,
-                                                ("vocab_size", "num_classes", "text_dim"))
+                                                ("codebook_size", "num_classes", "text_dim"))
     num_classes = dataset.num_classes if model_cfg.num_classes else 0
     asked = {pair.partition("=")[0] for pair in args.set}
     # A token folder with text features trains a text-conditional model unless --set text_dim=0 says not to.
     text_dim = 0 if "text_dim" in asked and model_cfg.text_dim == 0 else dataset.text_dim
-    for key, value in (("vocab_size", dataset.meta["n_codes"]), ("num_classes", num_classes),
+    for key, value in (("codebook_size", dataset.meta["codebook_size"]), ("num_classes", num_classes),
                        ("text_dim", text_dim)):
         if key in asked and getattr(model_cfg, key) != value:
             raise UsageError(f"--set {key}={getattr(model_cfg, key)}: the token folder {args.tokens} decides it "
                              f"({key} = {value}); drop the --set" + (" (num_classes=0 trains unconditionally)"
                                                                      if key == "num_classes" else ""))
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=dataset.meta["n_codes"], num_classes=num_classes,
+    model_cfg = dataclasses.replace(model_cfg, codebook_size=dataset.meta["codebook_size"], num_classes=num_classes,
                                     text_dim=text_dim)
-    if any(stored.get(k) is not None and stored.get(k) != dataset.meta.get(k) for k in ("grid", "n_codes")):
+    # a run started before the rename stores the codebook size as LEGACY_CODEBOOK_KEY
+    stored = {**stored, "codebook_size": stored.get("codebook_size", stored.get(LEGACY_CODEBOOK_KEY))}
+    if any(stored.get(k) is not None and stored.get(k) != dataset.meta.get(k) for k in ("grid", "codebook_size")):
         raise UsageError(f"the run in {args.out} was trained on {stored.get('grid')} token grids of "
-                         f"{stored.get('n_codes')} codes, {args.tokens} holds {dataset.meta.get('grid')} grids of "
-                         f"{dataset.meta['n_codes']}: resume with the same token folder")
+                         f"{stored.get('codebook_size')} codes, {args.tokens} holds {dataset.meta.get('grid')} "
+                         f"grids of {dataset.meta['codebook_size']}: resume with the same token folder")
     tokenizer = None  # only for the sample grids: without one, training goes on without grids
     tokenizer_path = args.tokenizer or dataset.meta.get("tokenizer")
     if args.tokenizer or (tokenizer_path and Path(tokenizer_path).is_file()):
         tokenizer = load_tokenizer(tokenizer_path, args.device)
-        if tokenizer.cfg.n_codes != dataset.meta["n_codes"]:
-            raise UsageError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.n_codes} codes, the tokens in "
-                             f"{args.tokens} have {dataset.meta['n_codes']}")
+        if tokenizer.cfg.codebook_size != dataset.meta["codebook_size"]:
+            raise UsageError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.codebook_size} codes, the tokens in "
+                             f"{args.tokens} have {dataset.meta['codebook_size']}")
         digest = dataset.meta.get("tokenizer_sha256")
         if digest and file_digest(tokenizer_path) != digest:
             raise UsageError(f"the tokens in {args.tokens} were made by {dataset.meta.get('tokenizer')}, not by "
                              f"{tokenizer_path} (sha256 differs): pass the tokenizer that made them")
-    meta = {k: dataset.meta.get(k) for k in ("grid", "n_codes", "f", "tokenizer", "tokenizer_sha256", "class_names",
-                                              "image_size", "text_encoder")}
+    meta = {k: dataset.meta.get(k) for k in ("grid", "codebook_size", "f", "tokenizer", "tokenizer_sha256",
+                                              "class_names", "image_size", "text_encoder")}
     path = train_generator(model_cfg, train_cfg, dataset, args.out, meta, tokenizer, args.device, args.resume,
                            overwrite=args.overwrite)
     if rank() == 0:
@@ -155,7 +157,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         tokens = tokenizer.encode(x)
         recon = tokenizer.decode(tokens, size=tuple(x.shape[-2:]))
     save_grid(torch.cat([x, recon]).cpu(), args.out, nrow=len(x))
-    print(f"PSNR {psnr(recon, x):.2f} dB, codebook usage {codebook_usage(tokens, tokenizer.cfg.n_codes):.3f} "
+    print(f"PSNR {psnr(recon, x):.2f} dB, codebook usage {codebook_usage(tokens, tokenizer.cfg.codebook_size):.3f} "
           f"on {len(x)} images; grid written to {args.out}")
 
 
@@ -163,7 +165,7 @@ def cmd_convert_taming(args: argparse.Namespace) -> None:
     from sundae.convert import convert_taming, read_taming_config
     path = convert_taming(args.checkpoint, args.config, args.out)
     cfg = read_taming_config(args.config)
-    print(f"tokenizer written to {path} (f={cfg.f}, {cfg.n_codes} codes, {cfg.resolution}x{cfg.resolution} "
+    print(f"tokenizer written to {path} (f={cfg.f}, {cfg.codebook_size} codes, {cfg.resolution}x{cfg.resolution} "
           f"images -> {cfg.resolution // cfg.f}x{cfg.resolution // cfg.f} tokens)")
 
 

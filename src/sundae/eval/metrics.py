@@ -161,6 +161,6 @@ def ssim(x: Tensor, y: Tensor) -> float:
                                                      data_range=2.0))
 
 
-def codebook_usage(tokens: Tensor, n_codes: int) -> float:
-    """Fraction of the `n_codes` codebook entries that occur at least once in `tokens` (any shape)."""
-    return torch.unique(tokens).numel() / n_codes
+def codebook_usage(tokens: Tensor, codebook_size: int) -> float:
+    """Fraction of the `codebook_size` codebook entries that occur at least once in `tokens` (any shape)."""
+    return torch.unique(tokens).numel() / codebook_size

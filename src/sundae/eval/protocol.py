@@ -238,7 +238,7 @@ def evaluate(pipe, ref: Reference, samplers: Sequence[SamplerConfig], num: int, 
 
     recon, tokens = reconstruct(tokenizer, ref.images, batch_size, pipe.device)
     tok = {"psnr_db": psnr(recon, ref.images), "ssim": ssim(recon, ref.images),
-           "codebook_usage": codebook_usage(tokens, tokenizer.cfg.n_codes), "images": len(ref.images)}
+           "codebook_usage": codebook_usage(tokens, tokenizer.cfg.codebook_size), "images": len(ref.images)}
     for name, fn in extractors.items():
         tok[f"rfid_{name}"] = frechet_distance(ref_feats[name], fn(recon))
     if classifier is not None:
