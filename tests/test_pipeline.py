@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from sundae import SamplerConfig, SundaePipeline
-from sundae.checkpoint import save_checkpoint
+from sundae.checkpoint import export_bundle, save_checkpoint
 from sundae.hourglass import PRESETS as HG
 from sundae.hourglass import Hourglass
 from sundae.io import file_digest
-from sundae.pipeline import export_bundle
 from sundae.sundae import SAMPLER_PRESETS, guided_logits_fn, sample
 from sundae.vqgan import PRESETS as VQ
 from sundae.vqgan import VQGAN

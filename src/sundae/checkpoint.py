@@ -9,7 +9,9 @@ checkpoint written by N processes loads in one. Writes are atomic: a temporary f
 a rename.
 
 For sharing, `export` writes a folder with `config.json` (kind, model config, meta) and `model.safetensors`
-(the EMA weights); every loader here also accepts such a folder.
+(the EMA weights); every loader here also accepts such a folder, and a run folder (its last checkpoint).
+`export_bundle` writes a generator with its tokenizer and a model card; `resolve_tokenizer` and
+`check_pair` find and check the tokenizer a generator was trained with.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 from torch import nn
 
 from sundae.hourglass import Hourglass, HourglassConfig
-from sundae.io import atomic_write, write_json
+from sundae.io import atomic_write, file_digest, write_json
+from sundae.sundae import SamplerConfig
 from sundae.vqgan import VQGAN, VQGANConfig
 
 FORMAT, VERSION = "sundae", 1
@@ -172,3 +175,137 @@ def _load_export(path: Path, kind: str) -> dict[str, Any]:
     if info.get("kind") != kind:
         raise ValueError(f"{path} holds a {info.get('kind')}, but a {kind} was expected")
     return {"format": FORMAT, "kind": kind, "config": info["config"], "model": state, "meta": info.get("meta", {})}
+
+
+# ---- a generator's tokenizer, and bundles --------------------------------------------------------
+
+
+def bundle_info(path: str | Path) -> dict[str, Any]:
+    """The `config.json` of an export or bundle folder as a dict ({} for anything else: a checkpoint file, a
+    run folder, or an unreadable file, which the loaders then name)."""
+    try:
+        info = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def export_bundle(generator: str | Path, out: str | Path, tokenizer: str | Path | None = None, ema: bool = True,
+                  sampler: SamplerConfig | None = None) -> Path:
+    """Write a generator and the tokenizer it was trained with into one folder that works wherever it is
+    moved or copied: `out/config.json` + `out/model.safetensors` (the generator, `sundae.checkpoint.export`),
+    `out/tokenizer/config.json` + `out/tokenizer/model.safetensors`, each component in the
+    `config.json` + `model.safetensors` layout of huggingface_hub's `PyTorchModelHubMixin`; the generator's
+    config.json names its tokenizer by the relative path "tokenizer" (key "bundle") and holds the default
+    `sampler` settings; `out/README.md` is a model card (training data, steps, sampler, metrics if a
+    `metrics.json` or `evaluation.json` lies beside the run).
+
+    `generator`: a run folder, a checkpoint or a quickstart folder; `tokenizer`: default the one the
+    generator was trained with (`resolve_tokenizer`). EMA weights by default. Returns `out`.
+    Raises FileNotFoundError or ValueError as `SundaePipeline.from_pretrained` does.
+    """
+    source = resolve_checkpoint(generator, "generator")
+    if not source.is_file():
+        raise FileNotFoundError(f"{generator}: expected a generator checkpoint (.pt) or its run folder")
+    net, meta = load_generator(source)
+    tokenizer_path = resolve_tokenizer(source, meta, tokenizer)
+    check_pair(net, meta, load_tokenizer(tokenizer_path), source, tokenizer_path)
+    if Path(tokenizer_path).is_dir():
+        raise ValueError(f"{tokenizer_path} is an exported folder: pass the tokenizer's .pt checkpoint to bundle it")
+    out = Path(out)
+    sampler = sampler or SamplerConfig()
+    export(tokenizer_path, out / "tokenizer", ema=ema)
+    export(source, out, ema=ema, extra={"bundle": {"tokenizer": "tokenizer"},
+                                        "sampler": dataclasses.asdict(sampler)})
+    ckpt_step = load_checkpoint(source, "generator").get("step")
+    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(
+        _model_card(net, meta, sampler, ckpt_step, _run_metrics(source))))
+    return out
+
+
+def _run_metrics(checkpoint: Path) -> dict[str, float]:
+    """Numbers measured on a run, if its folder or the quickstart folder above it holds them (metrics.json of
+    `sundae quickstart`, evaluation.json of `sundae evaluate`): flat `name: value` pairs."""
+    found: dict[str, float] = {}
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        for name in ("metrics.json", "evaluation.json"):
+            try:
+                data = json.loads((folder / name).read_text())
+            except (OSError, ValueError):
+                continue
+            for key, value in data.items() if isinstance(data, dict) else ():
+                inner = value.items() if isinstance(value, dict) else [("", value)]
+                for sub, number in inner:
+                    if isinstance(number, (int, float)) and not isinstance(number, bool):
+                        found[f"{key}.{sub}" if sub else key] = number
+    return found
+
+
+def _model_card(net: Hourglass, meta: dict[str, Any], sampler: SamplerConfig, step: int | None,
+                metrics: dict[str, float]) -> str:
+    cfg = net.cfg
+    params = sum(p.numel() for p in net.parameters()) / 1e6
+    condition = (f"class-conditional ({cfg.num_classes} classes: {', '.join(meta.get('class_names') or [])})"
+                 if cfg.num_classes else f"text-conditional ({meta.get('text_encoder')})" if cfg.text_dim
+                 else "unconditional")
+    size = meta.get("image_size") or [g * int(meta.get("f") or 1) for g in meta.get("grid", [])]
+    lines = ["# SUNDAE image generator", "",
+             "A Step-Unrolled Denoising Autoencoder (SUNDAE) over VQ-GAN tokens with a 2D hourglass transformer "
+             "(McKinney & Willcocks, arXiv 2206.12351), made with `sundae`.", "",
+             "```python", "from sundae import SundaePipeline",
+             'pipe = SundaePipeline.from_pretrained("THIS_FOLDER")',
+             "images = pipe(num=8, seed=0).images   # PIL images", "```", "",
+             "## Model", "",
+             f"- generator: {params:.1f}M parameters, {condition}, codebook of {cfg.codebook_size} codes, "
+             f"token grid {'x'.join(map(str, meta.get('grid', [])))}, images {'x'.join(map(str, size))} pixels",
+             f"- trained for {step} steps" if step is not None else "- training steps: unknown",
+             f"- tokenizer: `tokenizer/` (sha256 of its source checkpoint {meta.get('tokenizer_sha256', 'unknown')})",
+             "", "## Sampler defaults", "",
+             f"steps {sampler.steps}, temperature {sampler.temperature[0]} -> {sampler.temperature[1]}, update "
+             f"proportion {sampler.update_proportion[0]} -> {sampler.update_proportion[1]}, min steps "
+             f"{sampler.min_steps}, early stop {'on' if sampler.early_stop else 'off'}", "",
+             "## Metrics", ""]
+    lines += [f"- {k}: {v:.4g}" for k, v in metrics.items()] or ["Not measured (see `sundae evaluate`)."]
+    return "\n".join(lines) + "\n"
+
+
+def resolve_tokenizer(generator: str | Path, meta: dict[str, Any], tokenizer: str | Path | None = None) -> Path:
+    """The tokenizer a generator was trained with. `tokenizer`, when given, is used as is (and checked by
+    `check_pair`). Otherwise, in order: the tokenizer folder a bundle names (`config.json`'s "bundle"), the
+    path recorded at training time, then the same file found relative to the generator (the run folder moved
+    or copied along with its tokenizer: the recorded relative path, or the `tokenizer/` run folder beside
+    the generator's as a quickstart lays them out), accepted only if its sha256 is the recorded one.
+    Raises ValueError when the generator names none or none of these exists."""
+    if tokenizer is not None:
+        return resolve_checkpoint(tokenizer, "tokenizer")
+    generator = Path(generator)
+    bundled = bundle_info(generator).get("bundle", {}).get("tokenizer")
+    if bundled:
+        return generator / bundled
+    recorded = meta.get("tokenizer")
+    if not recorded:
+        raise ValueError(f"{generator} names no tokenizer: pass --tokenizer")
+    if Path(recorded).exists():
+        return Path(recorded)
+    here = generator if generator.is_dir() else generator.parent
+    candidates = [here / meta["tokenizer_relpath"]] if meta.get("tokenizer_relpath") else []
+    candidates += [here.parent / "tokenizer" / "tokenizer.pt", here / "tokenizer.pt"]
+    digest = meta.get("tokenizer_sha256")
+    for candidate in candidates:
+        if candidate.is_file() and digest and file_digest(candidate) == digest:
+            return candidate
+    raise ValueError(f"the tokenizer {generator} was trained with, {recorded}, does not exist (moved?): "
+                     f"pass --tokenizer PATH")
+
+
+def check_pair(net: Hourglass, meta: dict[str, Any], tokenizer: VQGAN, generator: str | Path,
+               tokenizer_path: str | Path) -> None:
+    """Raise ValueError unless `tokenizer` (read from `tokenizer_path`) is the one the generator was trained
+    with: the sha256 recorded at training time, and the codebook size."""
+    digest = meta.get("tokenizer_sha256")
+    if digest and file_digest(tokenizer_path) != digest:
+        raise ValueError(f"{tokenizer_path} is not the tokenizer {generator} was trained with (its sha256 "
+                         f"differs from the one recorded at training time)")
+    if tokenizer.cfg.codebook_size != net.cfg.codebook_size:
+        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.codebook_size} codes, "
+                         f"generator {generator} expects {net.cfg.codebook_size}")

@@ -15,7 +15,6 @@ evaluation protocol, the training loop's sample grids and the benchmarks.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
@@ -25,10 +24,10 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sundae.checkpoint import export, load_checkpoint, load_generator, load_tokenizer, resolve_checkpoint
+from sundae.checkpoint import (bundle_info, check_pair, load_generator, load_tokenizer, resolve_checkpoint,
+                               resolve_tokenizer)
 from sundae.hourglass import Hourglass
 from sundae.images import tensor_to_image
-from sundae.io import atomic_write, file_digest
 from sundae.sundae import (GuidanceScale, LogitsFn, SamplerConfig, guidance_scales, guided_logits_fn, sample,
                            token_keep_mask)
 from sundae.vqgan import VQGAN
@@ -82,16 +81,6 @@ def class_logits_fn(net: torch.nn.Module, labels: Tensor | None, precision: str 
     return guided_logits_fn(conditioned_fn, guidance_scale, steps) if guided else logits_fn
 
 
-def encode_prompts(prompts: Sequence[str], num: int, encoder_name: str | None, device: torch.device | str) -> Text:
-    """`prompts` cycled over `num` images, encoded by the text encoder the generator was trained with:
-    (features `num n e`, mask `num n` bool, pooled `num e`). Raises ValueError when the generator names none."""
-    if not encoder_name:
-        raise ValueError("this text-conditional generator names no text encoder in its checkpoint")
-    from sundae.text import load_text_encoder
-    encoder = load_text_encoder(encoder_name, str(device))
-    return encoder.encode([prompts[i % len(prompts)] for i in range(num)])
-
-
 def inpaint_images(net, tokenizer: VQGAN, image: Tensor, pixel_mask: Tensor, num: int, labels: Tensor | None,
                    generator: torch.Generator | Sequence[torch.Generator], dilate: int = 0, precision: str = "fp32",
                    compile: bool = False, guidance_scale: GuidanceScale = 1.0, text: Text | None = None,
@@ -123,145 +112,6 @@ def inpaint_images(net, tokenizer: VQGAN, image: Tensor, pixel_mask: Tensor, num
     decoded = torch.cat([tokenizer.decode(z[i:i + 1], size=(height, width)) for i in range(num)])
     keep_px = keep.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, None, :height, :width]
     return torch.where(keep_px, x, decoded), z, keep, init
-
-
-# ---- finding a generator's files, and bundles ------------------------------------------------------------------------
-
-def resolve_generator(path: str | Path) -> Path:
-    """The generator that `path` names: a `.pt` checkpoint or an export or bundle folder as is; a run folder of
-    `sundae train` -> its `generator.pt`; a quickstart output folder -> its `generator/generator.pt`."""
-    return resolve_checkpoint(path, "generator")
-
-
-def bundle_info(path: str | Path) -> dict[str, Any]:
-    """The `config.json` of an export or bundle folder as a dict ({} for anything else: a checkpoint file, a
-    run folder, or an unreadable file, which the loaders then name)."""
-    try:
-        info = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def export_bundle(generator: str | Path, out: str | Path, tokenizer: str | Path | None = None, ema: bool = True,
-                  sampler: SamplerConfig | None = None) -> Path:
-    """Write a generator and the tokenizer it was trained with into one folder that works wherever it is
-    moved or copied: `out/config.json` + `out/model.safetensors` (the generator, `sundae.checkpoint.export`),
-    `out/tokenizer/config.json` + `out/tokenizer/model.safetensors`, each component in the
-    `config.json` + `model.safetensors` layout of huggingface_hub's `PyTorchModelHubMixin`; the generator's
-    config.json names its tokenizer by the relative path "tokenizer" (key "bundle") and holds the default
-    `sampler` settings; `out/README.md` is a model card (training data, steps, sampler, metrics if a
-    `metrics.json` or `evaluation.json` lies beside the run).
-
-    `generator`: a run folder, a checkpoint or a quickstart folder; `tokenizer`: default the one the
-    generator was trained with (`resolve_tokenizer`). EMA weights by default. Returns `out`.
-    Raises FileNotFoundError or ValueError as `SundaePipeline.from_pretrained` does.
-    """
-    source = resolve_generator(generator)
-    if not source.is_file():
-        raise FileNotFoundError(f"{generator}: expected a generator checkpoint (.pt) or its run folder")
-    net, meta = load_generator(source)
-    tokenizer_path = resolve_tokenizer(source, meta, tokenizer)
-    check_pair(net, meta, load_tokenizer(tokenizer_path), source, tokenizer_path)
-    if Path(tokenizer_path).is_dir():
-        raise ValueError(f"{tokenizer_path} is an exported folder: pass the tokenizer's .pt checkpoint to bundle it")
-    out = Path(out)
-    sampler = sampler or SamplerConfig()
-    export(tokenizer_path, out / "tokenizer", ema=ema)
-    export(source, out, ema=ema, extra={"bundle": {"tokenizer": "tokenizer"},
-                                        "sampler": dataclasses.asdict(sampler)})
-    ckpt_step = load_checkpoint(source, "generator").get("step")
-    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(
-        _model_card(net, meta, sampler, ckpt_step, _run_metrics(source))))
-    return out
-
-
-def _run_metrics(checkpoint: Path) -> dict[str, float]:
-    """Numbers measured on a run, if its folder or the quickstart folder above it holds them (metrics.json of
-    `sundae quickstart`, evaluation.json of `sundae evaluate`): flat `name: value` pairs."""
-    found: dict[str, float] = {}
-    for folder in (checkpoint.parent, checkpoint.parent.parent):
-        for name in ("metrics.json", "evaluation.json"):
-            try:
-                data = json.loads((folder / name).read_text())
-            except (OSError, ValueError):
-                continue
-            for key, value in data.items() if isinstance(data, dict) else ():
-                inner = value.items() if isinstance(value, dict) else [("", value)]
-                for sub, number in inner:
-                    if isinstance(number, (int, float)) and not isinstance(number, bool):
-                        found[f"{key}.{sub}" if sub else key] = number
-    return found
-
-
-def _model_card(net: Hourglass, meta: dict[str, Any], sampler: SamplerConfig, step: int | None,
-                metrics: dict[str, float]) -> str:
-    cfg = net.cfg
-    params = sum(p.numel() for p in net.parameters()) / 1e6
-    condition = (f"class-conditional ({cfg.num_classes} classes: {', '.join(meta.get('class_names') or [])})"
-                 if cfg.num_classes else f"text-conditional ({meta.get('text_encoder')})" if cfg.text_dim
-                 else "unconditional")
-    size = meta.get("image_size") or [g * int(meta.get("f") or 1) for g in meta.get("grid", [])]
-    lines = ["# SUNDAE image generator", "",
-             "A Step-Unrolled Denoising Autoencoder (SUNDAE) over VQ-GAN tokens with a 2D hourglass transformer "
-             "(McKinney & Willcocks, arXiv 2206.12351), made with `sundae`.", "",
-             "```python", "from sundae import SundaePipeline",
-             'pipe = SundaePipeline.from_pretrained("THIS_FOLDER")',
-             "images = pipe(num=8, seed=0).images   # PIL images", "```", "",
-             "## Model", "",
-             f"- generator: {params:.1f}M parameters, {condition}, codebook of {cfg.codebook_size} codes, "
-             f"token grid {'x'.join(map(str, meta.get('grid', [])))}, images {'x'.join(map(str, size))} pixels",
-             f"- trained for {step} steps" if step is not None else "- training steps: unknown",
-             f"- tokenizer: `tokenizer/` (sha256 of its source checkpoint {meta.get('tokenizer_sha256', 'unknown')})",
-             "", "## Sampler defaults", "",
-             f"steps {sampler.steps}, temperature {sampler.temperature[0]} -> {sampler.temperature[1]}, update "
-             f"proportion {sampler.update_proportion[0]} -> {sampler.update_proportion[1]}, min steps "
-             f"{sampler.min_steps}, early stop {'on' if sampler.early_stop else 'off'}", "",
-             "## Metrics", ""]
-    lines += [f"- {k}: {v:.4g}" for k, v in metrics.items()] or ["Not measured (see `sundae evaluate`)."]
-    return "\n".join(lines) + "\n"
-
-
-def resolve_tokenizer(generator: str | Path, meta: dict[str, Any], tokenizer: str | Path | None = None) -> Path:
-    """The tokenizer a generator was trained with. `tokenizer`, when given, is used as is (and checked by
-    `check_pair`). Otherwise, in order: the tokenizer folder a bundle names (`config.json`'s "bundle"), the
-    path recorded at training time, then the same file found relative to the generator (the run folder moved
-    or copied along with its tokenizer: the recorded relative path, or the `tokenizer/` run folder beside
-    the generator's as a quickstart lays them out), accepted only if its sha256 is the recorded one.
-    Raises ValueError when the generator names none or none of these exists."""
-    if tokenizer is not None:
-        return resolve_checkpoint(tokenizer, "tokenizer")
-    generator = Path(generator)
-    bundled = bundle_info(generator).get("bundle", {}).get("tokenizer")
-    if bundled:
-        return generator / bundled
-    recorded = meta.get("tokenizer")
-    if not recorded:
-        raise ValueError(f"{generator} names no tokenizer: pass --tokenizer")
-    if Path(recorded).exists():
-        return Path(recorded)
-    here = generator if generator.is_dir() else generator.parent
-    candidates = [here / meta["tokenizer_relpath"]] if meta.get("tokenizer_relpath") else []
-    candidates += [here.parent / "tokenizer" / "tokenizer.pt", here / "tokenizer.pt"]
-    digest = meta.get("tokenizer_sha256")
-    for candidate in candidates:
-        if candidate.is_file() and digest and file_digest(candidate) == digest:
-            return candidate
-    raise ValueError(f"the tokenizer {generator} was trained with, {recorded}, does not exist (moved?): "
-                     f"pass --tokenizer PATH")
-
-
-def check_pair(net: Hourglass, meta: dict[str, Any], tokenizer: VQGAN, generator: str | Path,
-               tokenizer_path: str | Path) -> None:
-    """Raise ValueError unless `tokenizer` (read from `tokenizer_path`) is the one the generator was trained
-    with: the sha256 recorded at training time, and the codebook size."""
-    digest = meta.get("tokenizer_sha256")
-    if digest and file_digest(tokenizer_path) != digest:
-        raise ValueError(f"{tokenizer_path} is not the tokenizer {generator} was trained with (its sha256 "
-                         f"differs from the one recorded at training time)")
-    if tokenizer.cfg.codebook_size != net.cfg.codebook_size:
-        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.cfg.codebook_size} codes, "
-                         f"generator {generator} expects {net.cfg.codebook_size}")
 
 
 # ---- the pipeline ---------------------------------------------------------------------------------------
@@ -300,7 +150,7 @@ class SundaePipeline:
         `tokenizer` overrides the one the generator names. EMA weights by default, eval mode, on `device`.
         Raises FileNotFoundError or ValueError naming the file: not a generator, a tokenizer that cannot be
         found, or one other than the generator was trained with (sha256 or codebook size)."""
-        path = resolve_generator(path)
+        path = resolve_checkpoint(path, "generator")
         net, meta = load_generator(path, device, ema)
         tokenizer_path = resolve_tokenizer(path, meta, tokenizer)
         vq = load_tokenizer(tokenizer_path, device, ema)  # first: a wrong kind of file says so

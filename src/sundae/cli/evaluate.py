@@ -47,8 +47,7 @@ def _inception(args: argparse.Namespace, has_classes: bool, skipped: dict[str, s
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from sundae.eval.classifier import load_or_train_classifier
-    from sundae.eval.protocol import evaluate, load_reference, plot_curves, tool_versions
+    from sundae.eval.protocol import evaluate, load_or_train_classifier, load_reference, plot_curves, tool_versions
 
     out = Path(args.out)
     old = claim_outputs(out, ["evaluation.json", "samples.png", "curves.png"], args.overwrite)

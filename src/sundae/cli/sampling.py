@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sundae.checkpoint import export, load_checkpoint
+from sundae.checkpoint import export, export_bundle, load_checkpoint, resolve_checkpoint
 from sundae.cli.args import (GENERATOR_HELP, UsageError, add_common, add_debug, add_guidance, add_precision,
                              add_sampler, check_guidance, pixels, port, positive, sampler_from_args)
 from sundae.cli.outputs import claim_outputs, clear_outputs
 from sundae.images import check_text, load_image, load_mask, save_grid, save_image
 from sundae.io import atomic_write, log
-from sundae.pipeline import SundaePipeline, export_bundle, resolve_generator
+from sundae.pipeline import SundaePipeline
 from sundae.vqgan import token_grid
 
 
@@ -140,7 +140,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         found = [source / f"{kind}.pt" for kind in ("generator", "tokenizer") if (source / f"{kind}.pt").is_file()]
         if len(found) == 2:
             raise UsageError(f"{source} holds both generator.pt and tokenizer.pt: pass the one to export")
-        found = found or [p for p in (resolve_generator(source),) if p.is_file()]  # a quickstart folder
+        found = found or [p for p in (resolve_checkpoint(source, "generator"),) if p.is_file()]  # a quickstart folder
         if not found:
             raise UsageError(f"{source} holds no generator.pt or tokenizer.pt: pass a run folder of `sundae "
                              f"train` or `sundae train-vqgan`, or the checkpoint file")

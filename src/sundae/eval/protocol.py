@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxImages, is_idx_dataset, open_images
-from sundae.eval.classifier import SmallClassifier, predict
+from sundae.eval.classifier import CLASSIFIER_FORMAT, SmallClassifier, predict, train_classifier
 from sundae.eval.metrics import classifier_features, codebook_usage, frechet_distance, precision_recall, psnr, ssim
 from sundae.io import atomic_write
 from sundae.sundae import SamplerConfig
@@ -127,6 +127,46 @@ def load_reference(spec: str, size: int, channels: int, limit: int = 0, classifi
     if num_classes:
         info["class_counts"] = torch.bincount(labels, minlength=num_classes).tolist()
     return Reference(images, labels, num_classes, info, train_images, train_labels, classes)
+
+
+def load_or_train_classifier(path: Path, ref: Reference, epochs: int, seed: int,
+                             progress: bool = True) -> tuple[SmallClassifier, dict[str, Any]]:
+    """The classifier of classifier-FID for `ref`: read from `path` when it exists (it must have been trained
+    for the same data, size and channels), else trained (`train_classifier`) and written there atomically.
+    Returns (model in eval mode, its record: what it was trained on, epochs, seed, accuracy on the
+    reference images). Raises ValueError when `path` holds another kind of file or another dataset's classifier.
+    """
+    key = {k: ref.info[k] for k in ("source", "image_size", "channels", "num_classes", "classifier_trained_on")}
+    key["train_images"] = len(ref.train_images)
+    if path.is_file():
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise ValueError(f"--classifier {path} is not a readable classifier file") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CLASSIFIER_FORMAT:
+            raise ValueError(f"--classifier {path} is not a classifier written by `sundae evaluate`")
+        if ckpt["data"] != key:
+            diff = ", ".join(f"{k}: {ckpt['data'].get(k)!r} stored, {v!r} needed" for k, v in key.items()
+                             if ckpt["data"].get(k) != v)
+            raise ValueError(f"--classifier {path} was trained for other data ({diff}): pass another --classifier "
+                             f"path (it is trained there) or delete the file")
+        model = SmallClassifier(key["channels"], key["num_classes"], key["image_size"][0])
+        model.load_state_dict(ckpt["model"])
+        record = {**ckpt["record"], "path": str(path), "loaded": True}
+    else:
+        t = time.time()
+        batch_size = min(128, len(ref.train_images))  # small image folders: still one step per epoch
+        model = train_classifier(ref.train_images, ref.train_labels, ref.num_classes, epochs, batch_size, seed=seed,
+                                 progress=progress)
+        record = {"epochs": epochs, "seed": seed, "batch_size": batch_size, "train_images": len(ref.train_images),
+                  "trained_on": ref.info["classifier_trained_on"], "seconds": time.time() - t,
+                  "class_counts": torch.bincount(ref.train_labels, minlength=ref.num_classes).tolist()}
+        payload = {"format": CLASSIFIER_FORMAT, "data": key, "record": record, "model": model.state_dict()}
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        record = {**record, "path": str(path), "loaded": False}
+    model.eval()
+    record["accuracy_on_reference"] = (predict(model, ref.images) == ref.labels).float().mean().item()
+    return model, record
 
 
 def generate(pipe, labels: Tensor | None, num: int, batch_size: int, sampler: SamplerConfig, seed: int,
