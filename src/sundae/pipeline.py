@@ -120,10 +120,12 @@ class SundaePipeline:
     """A generator (`Hourglass`) with its tokenizer (`VQGAN`): sample, inpaint, encode, decode.
 
     `meta` is the generator checkpoint's: `grid` (h, w tokens), `image_size` (H, W pixels, when the
-    tokenizer padded the training images), `class_names`, `text_encoder`. `precision` ("fp32" or "bf16":
-    the network under bf16 autocast, sampling in float32) and `compile` (`torch.compile` the network)
-    apply to every call; `sampler` is the calls' default `SamplerConfig` (a bundle stores one; else the
-    paper's FFHQ256 setting). `source` and `tokenizer_path` name the files, for messages. Build one with `from_pretrained`, or from modules you hold (the training loop does).
+    tokenizer padded the training images), `class_names`, `text_encoder`. `precision` ("fp32", or "bf16" /
+    "fp16": the network under that autocast, sampling in float32) and `compile` (`torch.compile` the
+    network) apply to every call; `sampler` is the calls' default `SamplerConfig` (a bundle stores one; else
+    the paper's FFHQ256 setting). `source` and `tokenizer_path` name the files, for messages. Build one with
+    `from_pretrained`, or from modules you hold (the training loop does). Raises ValueError for an unknown
+    precision.
     """
 
     def __init__(self, generator: Hourglass, tokenizer: VQGAN, meta: dict[str, Any] | None = None,
@@ -247,7 +249,8 @@ class SundaePipeline:
     def generate(self, num: int = 1, class_labels: Any = None, prompt: str | Sequence[str] | None = None,
                  guidance_scale: GuidanceScale = 1.0, sampler: SamplerConfig | None = None,
                  seed: int | Sequence[int] = 0, batch_size: int = 64, progress: bool = True,
-                 desc: str = "sample", text_features: Text | None = None) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+                 desc: str = "sample",
+                 text_features: Text | None = None) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
         """The batched sample -> decode loop, one batch at a time: yields (index of the batch's first sample,
         images `b c H W` float in [-1, 1] on the CPU, steps taken `b` int64, tokens `b h w` int64 on the CPU).
         Arguments as for `__call__`; `text_features` (a text encoder's output for the `num` samples) can stand

@@ -202,7 +202,8 @@ EMOJI_PRESETS: dict[str, EmojiQuickstartConfig] = {
         vqgan=VQGAN_PRESETS["tiny"], vqgan_train=dataclasses.replace(VQGAN_TRAIN_PRESETS["tiny"], steps=2),
         hourglass=dataclasses.replace(HOURGLASS_PRESETS["tiny"], num_classes=0),
         generator_train=dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=2, batch_size=8),
-        limit=24, prompts=("grinning face", "rocket"), samples_per_prompt=2, sampler=SamplerConfig(steps=4, min_steps=2)),
+        limit=24, prompts=("grinning face", "rocket"), samples_per_prompt=2,
+        sampler=SamplerConfig(steps=4, min_steps=2)),
 }
 
 

@@ -95,7 +95,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         images.append(batch)
         taken.append(steps)
     images = torch.cat(images)
-    atomic_write(out / "samples.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+    lines = "".join(json.dumps(record) + "\n" for record in records)
+    atomic_write(out / "samples.jsonl", lambda tmp: Path(tmp).write_text(lines))
     save_grid(images, out / "grid.png", nrow=args.nrow or int(np.ceil(np.sqrt(len(images)))))
     print(f"{len(images)} samples in {time.time() - t0:.1f} s (mean {torch.cat(taken).float().mean():.1f} steps) "
           f"written to {out}")
