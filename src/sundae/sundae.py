@@ -165,12 +165,6 @@ SAMPLER_PRESETS: dict[str, SamplerConfig] = {
 }
 
 
-def check_schedule(steps: int, temperature: tuple[float, float], update_proportion: tuple[float, float]) -> None:
-    """Raise ValueError unless steps >= 1, temperatures are finite and > 0 and update proportions lie in (0, 1]
-    (`SamplerConfig`'s checks)."""
-    SamplerConfig(steps=steps, temperature=temperature, update_proportion=update_proportion, min_steps=0)
-
-
 def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size: int, sampler: SamplerConfig | None = None,
            *, init: Tensor | None = None, keep: Tensor | None = None, generator: Generators = None,
            device: torch.device | str | None = None, progress: Callable[[int, int], None] | None = None,
