@@ -197,3 +197,13 @@ def test_a_bundle_loads_with_huggingface_hub_conventions(run, tmp_path):
         loaded = HubModel.from_pretrained(str(folder))
         assert loaded.state_dict().keys() == ours.state_dict().keys()
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.state_dict().items())
+
+
+def test_wrong_folders_say_what_they_hold(run, tmp_path):
+    from sundae.checkpoint import load_checkpoint
+    with pytest.raises(ValueError, match="holds a tokenizer.pt, but a generator was expected"):
+        SundaePipeline.from_pretrained(run / "tokenizer")  # a tokenizer's run folder as the generator
+    export_bundle(run, tmp_path / "bundle")
+    assert load_checkpoint(tmp_path / "bundle", None)["kind"] == "generator"  # either kind asked: it says which
+    with pytest.raises(FileNotFoundError, match="already shareable"):
+        export_bundle(tmp_path / "bundle", tmp_path / "again")

@@ -163,8 +163,11 @@ def _load_export(path: Path, kind: str) -> dict[str, Any]:
 
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
+            other = [p.name for p in (path / "tokenizer.pt", path / "generator.pt") if p.is_file()]
+            if kind is not None and other:
+                raise ValueError(f"{path} holds a {other[0]}, but a {kind} was expected")
             raise FileNotFoundError(f"{path / name} is missing: an exported model folder holds config.json and "
-                                    f"model.safetensors (`sundae export`), a run folder its {kind}.pt")
+                                    f"model.safetensors (`sundae export`), a run folder its {kind or 'model'}.pt")
     try:
         info = json.loads((path / "config.json").read_text())
         state = load_file(path / "model.safetensors")
@@ -172,9 +175,10 @@ def _load_export(path: Path, kind: str) -> dict[str, Any]:
         raise ValueError(f"{path} is not a readable exported model: {err}") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise ValueError(f"{path / 'config.json'} is not a sundae export")
-    if info.get("kind") != kind:
+    if kind is not None and info.get("kind") != kind:
         raise ValueError(f"{path} holds a {info.get('kind')}, but a {kind} was expected")
-    return {"format": FORMAT, "kind": kind, "config": info["config"], "model": state, "meta": info.get("meta", {})}
+    return {"format": FORMAT, "kind": info.get("kind"), "config": info["config"], "model": state,
+            "meta": info.get("meta", {})}
 
 
 # ---- a generator's tokenizer, and bundles --------------------------------------------------------
@@ -206,7 +210,8 @@ def export_bundle(generator: str | Path, out: str | Path, tokenizer: str | Path 
     """
     source = resolve_checkpoint(generator, "generator")
     if not source.is_file():
-        raise FileNotFoundError(f"{generator}: expected a generator checkpoint (.pt) or its run folder")
+        raise FileNotFoundError(f"{generator}: expected a generator checkpoint (.pt) or its run folder (an export "
+                                f"or bundle is already shareable: copy it)")
     net, meta = load_generator(source)
     tokenizer_path = resolve_tokenizer(source, meta, tokenizer)
     check_pair(net, meta, load_tokenizer(tokenizer_path), source, tokenizer_path)

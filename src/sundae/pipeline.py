@@ -7,8 +7,8 @@
 Generation is the sampler of `sundae.sundae` (McKinney & Willcocks section 3.4) over a logits function built
 here from the network and its condition (class labels, text features, classifier-free guidance), then the
 tokenizer's decoder; inpainting is the same sampler with a keep-mask (section 3.5). Every sample draws its
-noise from its own generator seeded `seed + i`, so sample i is the same whether it is drawn alone or in any
-batch, and the batched sample -> decode loop lives here once for the CLI, the demo, the quickstart, the
+noise from its own generator seeded `seed + i`, so sample i is the same whether it is drawn alone (with its
+seed and its condition) or in any batch, and the batched sample -> decode loop lives here once for the CLI, the demo, the quickstart, the
 evaluation protocol, the training loop's sample grids and the benchmarks.
 """
 

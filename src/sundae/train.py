@@ -147,7 +147,7 @@ class Interrupted(Exception):
     def __init__(self, signum: int, step: int, path: Path):
         self.signum, self.step, self.path = signum, step, path
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {path} written, "
-                         f"continue with --resume")
+                         f"continue with --resume (`sundae quickstart`: the same command again)")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
