@@ -203,7 +203,7 @@ class SundaePipeline:
             try:
                 value = int(value)
             except ValueError:
-                raise ValueError(f"class {value!r} is not one of the trained classes "
+                raise ValueError(f"class {value!r}: class labels are integers or the names of the trained classes "
                                  f"({', '.join(self.class_names)})") from None
         if isinstance(value, bool) or int(value) != value or not 0 <= value < self.num_classes:
             raise ValueError(f"class {value} is outside the trained classes 0..{self.num_classes - 1}")

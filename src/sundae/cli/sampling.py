@@ -32,9 +32,9 @@ def load_pipeline(args: argparse.Namespace) -> SundaePipeline:
     return pipe
 
 
-def class_values(text: str | None, pipe: SundaePipeline) -> list[int] | None:
-    """--class "1,3" or "Trouser,Bag" -> the labels to cycle over (None: every class), checked against the
-    generator; raises UsageError in the command line's words."""
+def class_values(text: str | None, pipe: SundaePipeline) -> list[str] | None:
+    """--class "1,3" or "Trouser,Bag" -> the labels to cycle over (None: every class), checked by the pipeline
+    (`SundaePipeline.labels`); raises UsageError in the command line's words."""
     cfg = pipe.generator.cfg
     if cfg.num_classes == 0:
         if text is not None and cfg.text_dim:
@@ -44,19 +44,11 @@ def class_values(text: str | None, pipe: SundaePipeline) -> list[int] | None:
         return None
     if text is None:
         return None
-    values = []
-    for item in text.split(","):
-        if item.strip() in pipe.class_names:
-            values.append(pipe.class_names.index(item.strip()))
-            continue
-        try:
-            values.append(int(item))
-        except ValueError:
-            raise UsageError(f"--class expects integers or class names ({', '.join(pipe.class_names)}) separated "
-                             f"by commas, got {text!r}") from None
-    bad = [v for v in values if not 0 <= v < cfg.num_classes]
-    if bad:
-        raise UsageError(f"--class {bad[0]} is outside the trained classes 0..{cfg.num_classes - 1}")
+    values = [item.strip() for item in text.split(",")]
+    try:
+        pipe.labels(values, len(values))
+    except ValueError as err:  # "class 7 is outside ..." -> "--class 7 is outside ..."
+        raise UsageError(f"--{err}") from None
     return values
 
 
