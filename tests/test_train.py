@@ -148,3 +148,34 @@ def test_token_folder_with_the_old_codebook_key(token_dir):
     (token_dir / "meta.json").write_text(json.dumps({"grid": [4, 4], "n_codes": 64, "codebook_size": 64}))
     with pytest.raises(ValueError, match="meta.json has both 'codebook_size' and its old name 'n_codes'"):
         TokenDataset(token_dir)
+
+
+def test_ema_warm_up_leaves_the_initialisation_after_one_step(token_dir, tmp_path):
+    # ema_decay 0.999 without a warm-up would keep 99.9% of the random initialisation after step 1.
+    from sundae.train import ema_decay_at
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.99, 890) == pytest.approx(0.99) and ema_decay_at(0.99, 100) < 0.99
+    ds = TokenDataset(token_dir)
+    cfg = dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=1, batch_size=4, ema_decay=0.999,
+                              sample_every=100)
+    init = torch.load(train_generator(HG["tiny"], dataclasses.replace(cfg, steps=0), ds, tmp_path / "a",
+                                      {"grid": [4, 4]}, progress=False), weights_only=True)["model"]
+    one = torch.load(train_generator(HG["tiny"], cfg, ds, tmp_path / "b", {"grid": [4, 4]}, progress=False),
+                     weights_only=True)
+    moved = [((one["ema"][k] - init[k]).norm() / (one["model"][k] - init[k]).norm()).item()
+             for k in init if init[k].is_floating_point() and (one["model"][k] - init[k]).norm() > 0]
+    assert len(moved) > 5 and min(moved) >= 0.9 - 1e-4, moved
+
+
+def test_dead_code_restart_reaches_the_ema_codebook(image_folder, tmp_path):
+    from sundae.checkpoint import load_tokenizer
+    ds = ImageFolder(image_folder, 32, 3)
+    # Two steps, a restart check after the second: the codes no batch used restart, in both codebooks.
+    cfg = dataclasses.replace(VQGAN_TRAIN_PRESETS["tiny"], steps=2, batch_size=4, restart_dead_codes=2,
+                              ema_decay=0.999)
+    path = train_vqgan(VQ["tiny"], cfg, ds, tmp_path / "tok", progress=False)
+    raw = torch.load(path, weights_only=True)["model"]["quantizer.codebook.weight"]
+    ema = load_tokenizer(path).quantizer.codebook.weight.detach()
+    restarted = (raw.abs().amax(1) > 2.0 / VQ["tiny"].codebook_size)  # init is U(-1/v, 1/v); encoder outputs are larger
+    assert 0 < restarted.sum() < len(raw)
+    torch.testing.assert_close(ema[restarted], raw[restarted], rtol=0, atol=0)

@@ -10,7 +10,9 @@ batch, rank 0 writes every file and logs losses averaged over ranks. `batch_size
 is split over the processes and `grad_accum` micro-batches, and the generator's noise is drawn per sample
 (seeded by step and position in the global batch), so 1 process, N processes and accumulation give the
 same update up to float rounding. SIGTERM/SIGINT stop a run at the next step boundary after a checkpoint.
-EMA weights start as a copy of the model and follow ema <- d * ema + (1 - d) * weights after every step.
+EMA weights start as a copy of the model and follow ema <- d_t * ema + (1 - d_t) * weights after step t
+(0-based), with the warm-up d_t = min(decay, (1 + t) / (10 + t)) (`ema_decay_at`): without it a fraction
+decay^t of the EMA is still the random initialisation after t steps (0.99^300 = 5%), which penalises short runs.
 """
 
 from __future__ import annotations
@@ -200,9 +202,20 @@ def _ema_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).requires_grad_(False)
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The EMA decay used after training step `step` (0-based): min(decay, (1 + step) / (10 + step)).
+
+    A warm-up, so that the EMA forgets its random initialisation: after the first step it sits 90% of the way
+    to the weights, and the decay reaches 0.99 at step 890 and 0.999 at step 8990 (the schedule of
+    tensorflow's ExponentialMovingAverage with num_updates, also used by taming-transformers' LitEma).
+    """
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 @torch.no_grad()
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied."""
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * model for parameters, d = ema_decay_at(decay, step); buffers are copied."""
+    decay = ema_decay_at(decay, step)
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
@@ -297,7 +310,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
             sums = distributed.mean(sums, ctx)
             _check_finite(sums[0], step, out / "tokenizer.pt")
             scaler.step(opt)
-            _ema_update(ema, model, cfg.ema_decay)
+            _ema_update(ema, model, cfg.ema_decay, step)
             # Discriminator update, hinge loss on real vs detached reconstructions.
             d_loss = torch.zeros((), device=device)
             if gan_on:
@@ -323,6 +336,9 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
                         codebook = model.quantizer.codebook.weight
                         codebook[dead] = z[pick].to(codebook.dtype)
                         distributed.broadcast(codebook, ctx)  # every replica restarts with rank 0's choice
+                        # The EMA codebook (what load_tokenizer returns) restarts too: averaging a restarted
+                        # code with its dead old value would leave it where no encoder output lands.
+                        ema.quantizer.codebook.weight[dead] = codebook[dead]
                 usage.zero_()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 x_hat = torch.cat(recons).float().clamp(-1, 1)
@@ -444,7 +460,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
             scaler.step(opt)
             scaler.update()
             sched.step()
-            _ema_update(ema, model, cfg.ema_decay)
+            _ema_update(ema, model, cfg.ema_decay, step)
             step += 1
             tokens_seen += tokens.numel() * ctx.world
             bar.update(1)
