@@ -234,3 +234,51 @@ def test_token_keep_mask_any_size_and_dilation():
     assert (~token_keep_mask(centre, 4, dilate=2)).sum() == 16
     with pytest.raises(ValueError, match="dilate"):
         token_keep_mask(centre, 4, dilate=-1)
+
+
+def test_cosine_corruption_weights_heavy_rates():
+    from sundae.sundae import corruption_rate
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    a = corruption_rate(u, "cosine")
+    assert a.min() >= 0 and a.max() <= 1
+    assert a.mean().item() == pytest.approx(2 / math.pi, abs=0.005)
+    assert (a > 0.9).float().mean().item() == pytest.approx(2 / math.pi * math.acos(0.9), abs=0.005)
+    assert (corruption_rate(u, "uniform") > 0.9).float().mean().item() == pytest.approx(0.1, abs=0.005)
+    # The share of replaced tokens follows the rate: a fully random start is seen ~3x as often.
+    tokens = torch.zeros(4000, 8, 8, dtype=torch.long)
+    z = corrupt(tokens, 1_000_000, torch.Generator().manual_seed(1), corruption="cosine")
+    changed = (z != 0).float().mean((1, 2))
+    assert changed.mean().item() == pytest.approx(2 / math.pi, abs=0.02)
+    with pytest.raises(ValueError, match="corruption must be one of"):
+        corruption_rate(u, "linear")
+
+
+def test_unroll_share_runs_later_steps_on_a_share_and_adds_up_over_micro_batches():
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    net = Hourglass(cfg).eval()
+    tokens = torch.randint(0, cfg.codebook_size, (12, 4, 4))
+    labels = torch.arange(12) % 10
+    calls = []
+
+    def fn(z, rows=None):
+        calls.append(len(z))
+        return net(z, labels if rows is None else labels[rows])
+
+    def gens():
+        return [torch.Generator().manual_seed(100 + i) for i in range(12)]
+    full, _ = unrolled_loss(lambda z: net(z, labels), tokens, cfg.codebook_size, 2, gens())
+    same, _ = unrolled_loss(fn, tokens, cfg.codebook_size, 2, gens(), unroll_share=1.0)
+    assert same.item() == full.item() and calls == [12, 12]
+    calls.clear()
+    loss, steps = unrolled_loss(fn, tokens, cfg.codebook_size, 3, gens(), unroll_share=0.5)
+    assert calls[0] == 12 and 0 < calls[1] < 12 and calls[1] == calls[2]
+    # Micro-batches of 4 with their own samples' generators: the per-step losses add up to the whole batch's.
+    g = gens()
+    parts = [unrolled_loss(lambda z, rows=None, s=s: net(z, labels[s] if rows is None else labels[s][rows]),
+                           tokens[s], cfg.codebook_size, 3, g[s], unroll_share=0.5)[1]
+             for s in (slice(0, 4), slice(4, 8), slice(8, 12))]
+    for t in range(3):
+        torch.testing.assert_close(sum(p[t] for p in parts) / 3, steps[t], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unroll_share"):
+        unrolled_loss(fn, tokens, cfg.codebook_size, 2, unroll_share=0.0)

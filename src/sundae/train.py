@@ -23,7 +23,6 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,103 +43,8 @@ from sundae.pipeline import SundaePipeline
 from sundae.sundae import SamplerConfig, condition_dropout, unrolled_loss
 from sundae.vqgan import VQGAN, VQGANConfig
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class VQGANTrainConfig:
-    """Stage-1 training; defaults follow Esser et al. and the paper's FFHQ1024 config."""
-
-    steps: int = 100_000
-    batch_size: int = 8  # global: split over processes and grad_accum micro-batches
-    grad_accum: int = 1
-    lr: float = 3.6e-5  # taming's 4.5e-6 per image x batch 8
-    betas: tuple[float, float] = (0.5, 0.9)
-    l1_weight: float = 1.0
-    perceptual_weight: float = 1.0
-    codebook_weight: float = 1.0
-    disc_weight: float = 0.5
-    disc_start: int = 15_000
-    disc_layers: int = 3
-    disc_filters: int = 64
-    vgg16_path: str = ""  # "" = $SUNDAE_HOME/vgg16.pth
-    restart_dead_codes: int = 0  # every N steps, codes unused since the last check restart at encoder outputs
-    ema_decay: float = 0.999
-    precision: str = "fp32"  # "bf16" (autocast) or "fp16" (autocast + gradient scaler)
-    seed: int = 0
-    log_every: int = 50
-    sample_every: int = 1000
-    save_every: int = 5000
-
-    def __post_init__(self) -> None:
-        _check_train_config(self)
-
-
-def _check_train_config(cfg: Any) -> None:
-    if len(cfg.betas) != 2:
-        raise ValueError(f"betas must be two numbers, got {cfg.betas}")
-    if cfg.batch_size < 1 or cfg.steps < 0 or min(cfg.log_every, cfg.sample_every, cfg.save_every) < 1:
-        raise ValueError("batch_size and the *_every intervals must be >= 1, steps >= 0")
-    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
-        raise ValueError(f"grad_accum must be >= 1 and divide batch_size {cfg.batch_size}, got {cfg.grad_accum}")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-
-
-@dataclass(frozen=True)
-class GeneratorTrainConfig:
-    """Stage-2 training; defaults are the paper's FFHQ settings (Savinov et al. section 4, appendix)."""
-
-    steps: int = 1_000_000
-    batch_size: int = 64  # global: split over processes and grad_accum micro-batches
-    grad_accum: int = 1
-    lr: float = 3e-5
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    grad_clip: float = 0.0  # 0 = off
-    unroll_steps: int = 2
-    ema_decay: float = 0.999
-    precision: str = "fp32"
-    sharding: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 fully_shard, for big models)
-    seed: int = 0
-    log_every: int = 50
-    sample_every: int = 1000
-    save_every: int = 5000
-    sample_steps: int = 50  # sampling steps for the grids written during training
-    # Conditional models: share of samples trained with the null condition, so that the same network also
-    # gives unconditional logits for classifier-free guidance (Ho & Salimans 2022, p_uncond 0.1-0.2).
-    cond_dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        _check_train_config(self)
-        if self.unroll_steps < 1 or self.sample_steps < 1:
-            raise ValueError("unroll_steps and sample_steps must be >= 1")
-        if not 0 <= self.cond_dropout <= 1:
-            raise ValueError(f"cond_dropout must lie in [0, 1], got {self.cond_dropout}")
-        if self.sharding not in ("ddp", "fsdp"):
-            raise ValueError(f"sharding must be 'ddp' or 'fsdp', got {self.sharding!r}")
-
-
-VQGAN_TRAIN_PRESETS: dict[str, VQGANTrainConfig] = {
-    "tiny": VQGANTrainConfig(steps=20, batch_size=8, lr=1e-3, perceptual_weight=0.0, disc_start=10,
-                             disc_filters=8, log_every=5, sample_every=10, save_every=10),
-    "fashion": VQGANTrainConfig(steps=2000, batch_size=16, lr=1e-3, perceptual_weight=0.0, disc_start=1600,
-                                disc_weight=0.1, disc_filters=32, restart_dead_codes=100, ema_decay=0.99,
-                                sample_every=500, save_every=500),
-    "ffhq256": VQGANTrainConfig(disc_start=30_000),
-    "ffhq1024": VQGANTrainConfig(batch_size=4, lr=1.8e-5),
-}
-
-GENERATOR_TRAIN_PRESETS: dict[str, GeneratorTrainConfig] = {
-    "tiny": GeneratorTrainConfig(steps=20, batch_size=16, lr=1e-3, log_every=5, sample_every=10, save_every=10,
-                                 sample_steps=4),
-    "fashion": GeneratorTrainConfig(steps=900, batch_size=64, lr=1e-3, warmup_steps=50, grad_clip=1.0,
-                                    ema_decay=0.99, sample_every=300, save_every=300, sample_steps=16),
-    "ffhq256": GeneratorTrainConfig(),
-    "ffhq1024": GeneratorTrainConfig(batch_size=16),
-    "imagenet256": GeneratorTrainConfig(batch_size=192, lr=1e-6, unroll_steps=3),
-}
+from sundae.train_config import (GENERATOR_TRAIN_PRESETS, PRECISIONS, VQGAN_TRAIN_PRESETS,  # noqa: F401
+                                 GeneratorTrainConfig, VQGANTrainConfig)
 
 
 class Interrupted(Exception):
@@ -196,6 +100,16 @@ def _sample_generators(cfg: Any, step: int, first: int, count: int, device: torc
     does not depend on which process or micro-batch it lands in."""
     base = (cfg.seed * 1_000_003 + step) * cfg.batch_size
     return [torch.Generator(device).manual_seed(base + first + i) for i in range(count)]
+
+
+def _rows_fn(net: nn.Module, labels: Tensor | None, kwargs: dict) -> Any:
+    """The logits function `unrolled_loss` calls: fn(z) for the whole micro-batch, fn(z, rows) for some rows."""
+    def fn(z: Tensor, rows: Tensor | None = None) -> Tensor:
+        if rows is None:
+            return net(z, labels, **kwargs)
+        part = {k: tuple(t[rows] for t in v) if isinstance(v, tuple) else v[rows] for k, v in kwargs.items()}
+        return net(z, None if labels is None else labels[rows], **part)
+    return fn
 
 
 def _ema_copy(model: nn.Module) -> nn.Module:
@@ -448,8 +362,9 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
                 if conditional and cfg.cond_dropout > 0:  # drawn first from each sample's own generator
                     kwargs["drop"] = condition_dropout(micro, cfg.cond_dropout, device, gens)
                 with _no_sync(net, m == cfg.grad_accum - 1), autocast(device, cfg.precision):
-                    loss, per_step = unrolled_loss(lambda z: net(z, lab, **kwargs), tokens[rows],
-                                                   model_cfg.codebook_size, cfg.unroll_steps, generator=gens)
+                    loss, per_step = unrolled_loss(_rows_fn(net, lab, kwargs), tokens[rows], model_cfg.codebook_size,
+                                                   cfg.unroll_steps, gens, unroll_share=cfg.unroll_share,
+                                                   corruption=cfg.corruption)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 sums += torch.stack([loss, *per_step]).detach().float() / cfg.grad_accum
             sums = distributed.mean(sums, ctx)
