@@ -179,3 +179,23 @@ def test_dead_code_restart_reaches_the_ema_codebook(image_folder, tmp_path):
     restarted = (raw.abs().amax(1) > 2.0 / VQ["tiny"].codebook_size)  # init is U(-1/v, 1/v); encoder outputs are larger
     assert 0 < restarted.sum() < len(raw)
     torch.testing.assert_close(ema[restarted], raw[restarted], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("field,value", [("ema_decay", 1.5), ("ema_decay", float("nan")), ("warmup_steps", -1),
+                                         ("grad_clip", -1.0), ("lr", 0.0), ("weight_decay", float("inf")),
+                                         ("betas", (0.9, 1.0))])
+def test_settings_that_would_ruin_a_run_are_refused(field, value):
+    from sundae.train_config import GeneratorTrainConfig, VQGANTrainConfig
+    for config in (GeneratorTrainConfig, VQGANTrainConfig):
+        if field not in {f.name for f in dataclasses.fields(config)}:
+            continue
+        with pytest.raises(ValueError, match=field):
+            config(**{field: value})
+
+
+def test_patches_larger_than_the_token_grid_are_refused(token_dir, tmp_path):
+    cfg = dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=1, batch_size=4)
+    with pytest.raises(ValueError, match="shorten_factor 8 makes 8x8 patches, larger than the 4x4 token grid"):
+        train_generator(dataclasses.replace(HG["tiny"], shorten_factor=8), cfg, TokenDataset(token_dir),
+                        tmp_path / "g", {"grid": [4, 4]}, progress=False)
+    assert not (tmp_path / "g" / "generator.pt").exists()

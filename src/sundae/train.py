@@ -163,7 +163,8 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     never called. The adaptive weight compares this rank's gradients (per-rank, as in taming's DDP runs).
     `resume` continues from `out/tokenizer.pt` exactly (model, EMA, discriminator, optimizers, scaler, data
     position, RNG, dead-code counts); `overwrite` starts over in a folder holding a run (`runs.restore`).
-    Raises FloatingPointError naming the step when the loss is not finite
+    Raises ValueError when the model's patches are larger than the token grid, FloatingPointError naming the
+    step when the loss is not finite
     (nothing is saved for that step), Interrupted after saving when SIGTERM/SIGINT arrive.
     """
     ctx = distributed.setup(device)
@@ -304,7 +305,8 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     sample j of step s come from a generator seeded by (seed, s, j), so
     the update does not depend on the number of processes or `grad_accum`. `resume` continues from
     `out/generator.pt` exactly; `overwrite` starts over in a folder holding a run (`runs.restore`).
-    Raises FloatingPointError naming the step when the loss is not finite
+    Raises ValueError when the model's patches are larger than the token grid, FloatingPointError naming the
+    step when the loss is not finite
     (nothing is saved for that step), Interrupted after saving when SIGTERM/SIGINT arrive.
     """
     ctx = distributed.setup(device)
@@ -313,6 +315,10 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     if meta.get("tokenizer"):  # lets `SundaePipeline.from_pretrained` find it again if both folders move together
         meta = {**meta, "tokenizer_relpath": os.path.relpath(Path(meta["tokenizer"]).resolve(), out.resolve())}
     micro = _micro_batches(cfg, ctx)
+    patch = model_cfg.patch
+    if any(p > g for p, g in zip(patch, meta["grid"])):
+        raise ValueError(f"shorten_factor {model_cfg.shorten_factor} makes {patch[0]}x{patch[1]} patches, larger "
+                         f"than the {meta['grid'][0]}x{meta['grid'][1]} token grid: use a smaller shorten_factor")
     torch.manual_seed(cfg.seed)
     model = Hourglass(model_cfg).to(device)
     ema = _ema_copy(model)

@@ -5,6 +5,7 @@ Validated at construction: a bad value raises ValueError naming the field. `sund
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +45,28 @@ class VQGANTrainConfig:
         _check_train_config(self)
 
 
+INF = float("inf")
+# field: (low, high, low inclusive); values must also be finite (NaN and inf fail). Fields a config lacks are skipped.
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "lr": (0.0, INF, False), "ema_decay": (0.0, 1.0, True), "weight_decay": (0.0, INF, True),
+    "warmup_steps": (0, INF, True), "grad_clip": (0.0, INF, True), "l1_weight": (0.0, INF, True),
+    "perceptual_weight": (0.0, INF, True), "codebook_weight": (0.0, INF, True), "disc_weight": (0.0, INF, True),
+    "disc_start": (0, INF, True), "disc_layers": (1, INF, True), "disc_filters": (1, INF, True),
+    "restart_dead_codes": (0, INF, True), "seed": (0, 2**63 - 1, True),
+}
+
+
 def _check_train_config(cfg: Any) -> None:
-    if len(cfg.betas) != 2:
-        raise ValueError(f"betas must be two numbers, got {cfg.betas}")
+    for name, (low, high, closed) in RANGES.items():
+        value = getattr(cfg, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or not ((low <= value) if closed else (low < value)) or value > high:
+            span = f"{'[' if closed else '('}{low}, {high}]".replace("inf]", "inf)")
+            raise ValueError(f"{name} must be a number in {span}, got {value!r}")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {cfg.betas}")
     if cfg.batch_size < 1 or cfg.steps < 0 or min(cfg.log_every, cfg.sample_every, cfg.save_every) < 1:
         raise ValueError("batch_size and the *_every intervals must be >= 1, steps >= 0")
     if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
