@@ -326,3 +326,23 @@ def test_folders_and_sundae_checkpoints_are_named(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"tokenizer.pt is a sundae generator checkpoint, not a taming"):
         read_lightning_checkpoint(tok)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("payload, name", [(Namespace(lr=4.5e-6), "argparse.Namespace"),
+                                           ("runs code", "io.open")])
+def test_every_loader_names_what_it_refused_and_never_suggests_the_unsafe_load(tmp_path, capsys, payload, name):
+    from sundae.checkpoint import load_checkpoint
+    from sundae.losses import _load_tensors
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "hostile.pt"
+    torch.save({"format": 1, "kind": "generator", "x": RunsCode(marker) if payload == "runs code" else payload},
+               path)
+    for load in (lambda: load_checkpoint(path, "generator"), lambda: _load_tensors(path, "VGG16 weights")):
+        with pytest.raises(ValueError, match="refused") as err:
+            load()
+        message = str(err.value)
+        assert name in message and str(path) in message and "weights_only" not in message, message
+    for verb in (["sample", "--generator", path, "--out", tmp_path / "s"], ["export", path, tmp_path / "e"]):
+        err = fails(capsys, *verb)
+        assert name in err and "truncated" not in err and "weights_only" not in err, err
+    assert not marker.exists()

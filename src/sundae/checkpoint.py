@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from sundae.hourglass import Hourglass, HourglassConfig
-from sundae.io import atomic_write, file_digest, write_json
+from sundae.io import atomic_write, file_digest, refused_globals, write_json
 from sundae.sundae import SamplerConfig
 from sundae.vqgan import VQGAN, VQGANConfig
 
@@ -98,9 +99,11 @@ def load_checkpoint(path: str | Path, kind: str | None) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         # torch's own text suggests weights_only=False (running the file's pickled code): never repeat that.
-        if "Unsupported global" in str(err) or "This file can still be loaded" in str(err):
-            raise ValueError(f"{path} holds pickled Python objects beyond tensors and plain data, which a safe "
-                             f"load refuses: it is not a sundae checkpoint") from None
+        refused = refused_globals(path, err) if isinstance(err, pickle.UnpicklingError) else []
+        if refused or "Unsupported global" in str(err):
+            raise ValueError(f"{path}: refused: it holds pickled objects beyond tensors and plain data "
+                             f"({', '.join(refused) or 'unnamed'}), and loading those could run code: it is not "
+                             f"a sundae checkpoint") from None
         raise ValueError(f"{path} is not a readable checkpoint (truncated, corrupt or not a checkpoint file)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a sundae checkpoint")

@@ -22,7 +22,6 @@ PatchGAN discriminator, training only) are ignored. Loading never runs pickled c
 from __future__ import annotations
 
 import pickle
-import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import yaml
 from torch import Tensor
 
 from sundae.checkpoint import FORMAT, save_checkpoint
+from sundae.io import refused_globals
 from sundae.vqgan import VQGAN, VQGANConfig
 
 TAMING_VQMODEL = "taming.models.vqgan.VQModel"
@@ -59,7 +59,7 @@ def read_lightning_checkpoint(path: str | Path) -> dict[str, Tensor]:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            refused = _refused_globals(path, err) if isinstance(err, pickle.UnpicklingError) else []
+            refused = refused_globals(path, err) if isinstance(err, pickle.UnpicklingError) else []
             if refused:
                 raise ValueError(f"{path}: refused: it holds pickled objects beyond tensors and plain containers "
                                  f"({', '.join(refused)}), and loading those could run code; re-save its "
@@ -91,16 +91,6 @@ def _existing_file(path: str | Path, what: str, expected: str, pattern: str) -> 
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     return path
-
-
-def _refused_globals(path: Path, err: Exception) -> list[str]:
-    """Names of the pickle globals that are not allowed, found without unpickling (zip format) or parsed from
-    torch's error message (legacy format); empty when the error is something else (a truncated file)."""
-    try:
-        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:
-        names = []
-    return names or re.findall(r"GLOBAL (\S+) was not", str(err))
 
 
 def _listing(names: list[str], limit: int = 20) -> str:

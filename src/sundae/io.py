@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -62,3 +63,17 @@ def error_line(err: BaseException) -> str:
     command line and the demo show an error in one line."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def refused_globals(path: str | Path, err: Exception) -> list[str]:
+    """Names of the pickled globals a `torch.load(weights_only=True)` of `path` refused, found without
+    unpickling (zip format) or parsed from torch's error `err` (legacy format); empty when the error is
+    something else (a truncated file). Callers name these instead of repeating torch's advice to load with
+    weights_only=False, which would run the file's code."""
+    import torch
+
+    try:
+        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:
+        names = []
+    return names or re.findall(r"GLOBAL (\S+) was not", str(err))

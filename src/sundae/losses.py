@@ -8,6 +8,7 @@ checkpoint.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -23,7 +24,14 @@ def _load_tensors(path: Path, expected: str) -> dict[str, Tensor]:
     """A state dict of tensors from `path`; ValueError naming the file and `expected` for anything else."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, KeyError on text files, EOFError, RuntimeError on zip damage, ...
+    except pickle.UnpicklingError:  # torch's text advises weights_only=False, which would run the file's code
+        try:
+            refused = ", ".join(sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))) or "unnamed"
+        except Exception:
+            refused = "unnamed"
+        raise ValueError(f"{path}: refused: it holds pickled objects beyond tensors ({refused}), and loading "
+                         f"those could run code: expected {expected}") from None
+    except Exception as err:  # KeyError on text files, EOFError, RuntimeError on zip damage, ...
         raise ValueError(f"{path} is not a readable PyTorch weights file ({type(err).__name__}: {err}): "
                          f"expected {expected}") from None
     if not isinstance(state, dict):
