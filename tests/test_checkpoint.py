@@ -97,3 +97,22 @@ def test_configs_stored_under_the_old_names_load(tmp_path):
         runs = [sample(lambda z, rows, step: m(z, labels[rows]), (2, 4, 4), m.cfg.codebook_size, steps=4,
                        generator=torch.Generator().manual_seed(0))[0] for m in (net, loaded)]
         assert torch.equal(runs[0], runs[1])
+
+
+def test_non_finite_weights_are_refused_when_loading(tmp_path):
+    torch.manual_seed(0)
+    model = Hourglass(HG["tiny"])
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    ema["to_logits.weight"][0, 0] = float("nan")
+    path = tmp_path / "g.pt"
+    save_checkpoint(path, "generator", model.cfg, model, ema=ema)
+    with pytest.raises(ValueError, match=r"g\.pt: the EMA weights hold NaN or infinite values \(to_logits.weight\)"):
+        load_generator(path)
+    assert load_generator(path, ema=False)[0].to_logits.weight.isfinite().all()  # the raw weights are fine
+    out = export(path, tmp_path / "export", ema=False)
+    state = torch.load(path, weights_only=True)
+    state["model"]["to_logits.bias"][:] = float("inf")
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"the weights hold NaN or infinite values \(to_logits.bias\)"):
+        load_generator(path, ema=False)
+    assert load_generator(out)[0] is not None  # the export made before the damage still loads

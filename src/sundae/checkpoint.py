@@ -117,6 +117,13 @@ def _build(ckpt: dict[str, Any], path: Path, cls: type[nn.Module], cfg_cls: type
         raise ValueError(f"{path} lacks a 'config' or 'model' entry: not a complete sundae checkpoint")
     model = cls(config_from_dict(cfg_cls, ckpt["config"], str(path)))
     state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not torch.isfinite(v).all()]
+    if bad:  # a run that diverged: sampling from it would draw pictures from NaN logits without a word
+        which = "EMA weights" if state is ckpt.get("ema") else "weights"
+        raise ValueError(f"{path}: the {which} hold NaN or infinite values ({', '.join(bad[:3])}"
+                         f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): the run diverged; use an "
+                         f"earlier checkpoint from its checkpoints/ folder")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
