@@ -282,3 +282,20 @@ def test_unroll_share_runs_later_steps_on_a_share_and_adds_up_over_micro_batches
         torch.testing.assert_close(sum(p[t] for p in parts) / 3, steps[t], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unroll_share"):
         unrolled_loss(fn, tokens, cfg.codebook_size, 2, unroll_share=0.0)
+
+
+def test_a_temperature_that_overflows_float32_draws_greedily():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -4.0, -6.0]])
+    for tau in (1e-38, 1e-45):
+        assert sample_logits(logits, tau, torch.Generator().manual_seed(0)).tolist() == [1, 1]
+    # Still a draw where nothing overflows: tau 1 on flat logits gives more than one value.
+    draws = sample_logits(torch.zeros(1000, 3), 1.0, torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {0, 1, 2}
+
+
+def test_seeds_outside_the_generator_range_are_refused():
+    from sundae.pipeline import SundaePipeline
+    assert SundaePipeline.seeds(2**64 - 3, 3) == [2**64 - 3, 2**64 - 2, 2**64 - 1]
+    for seed, num in ((-1, 1), (2**64 - 2, 3), ([0, -5], 2), ([2**64], 1)):
+        with pytest.raises(ValueError, match=r"seeds must lie in \[0, 2\*\*64 - 1\]"):
+            SundaePipeline.seeds(seed, num)

@@ -116,6 +116,9 @@ def inpaint_images(net, tokenizer: VQGAN, image: Tensor, pixel_mask: Tensor, num
 
 # ---- the pipeline ---------------------------------------------------------------------------------------
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+
+
 class SundaePipeline:
     """A generator (`Hourglass`) with its tokenizer (`VQGAN`): sample, inpaint, encode, decode.
 
@@ -238,12 +241,20 @@ class SundaePipeline:
 
     @staticmethod
     def seeds(seed: int | Sequence[int], num: int) -> list[int]:
-        """Per-sample seeds: `seed + i` for an int, or the list itself (its length must be `num`)."""
+        """Per-sample seeds: `seed + i` for an int, or the list itself (its length must be `num`).
+
+        Raises ValueError for a wrong count, or a seed outside [0, 2**64 - 1], the range a torch.Generator
+        takes (it would wrap -1 onto 2**64 - 1 and refuse larger values with an overflow).
+        """
         if isinstance(seed, (int,)) and not isinstance(seed, bool):
-            return [seed + i for i in range(num)]
-        seeds = [int(s) for s in seed]
-        if len(seeds) != num:
-            raise ValueError(f"{len(seeds)} seeds for {num} samples")
+            seeds = [seed + i for i in range(num)]
+        else:
+            seeds = [int(s) for s in seed]
+            if len(seeds) != num:
+                raise ValueError(f"{len(seeds)} seeds for {num} samples")
+        if seeds and not 0 <= min(seeds) <= max(seeds) <= MAX_SEED:
+            raise ValueError(f"seeds must lie in [0, 2**64 - 1], got {min(seeds) if min(seeds) < 0 else max(seeds)}"
+                             + (f" (seed + i for {num} samples)" if isinstance(seed, int) and num > 1 else ""))
         return seeds
 
     def generate(self, num: int = 1, class_labels: Any = None, prompt: str | Sequence[str] | None = None,

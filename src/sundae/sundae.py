@@ -78,13 +78,18 @@ def sample_logits(logits: Tensor, temperature: float | Tensor = 1.0, generator: 
     `... v` float -> `...` int64. `temperature` is a float or a tensor broadcastable to `...` (per sample).
     `generator`: one, or a sequence of `b` (one per sample, `b` the first dimension).
     `uniform`: optional U(0, 1) draws of the shape of `logits` to use instead of drawing from `generator`.
+    Where `logits / temperature` overflows float32 (tau near 0) the draw is the argmax, the tau -> 0 limit.
     """
     if isinstance(temperature, Tensor):
         temperature = temperature[..., None]
     if uniform is None:
         uniform = _draw(torch.rand, logits.shape, logits.device, generator)
     u = uniform.clamp(1e-20, 1.0 - 1e-7)
-    return (logits.float() / temperature - torch.log(-torch.log(u))).argmax(-1)
+    scaled = logits.float() / temperature
+    drawn = (scaled - torch.log(-torch.log(u))).argmax(-1)
+    overflow = (scaled.isinf() & logits.isfinite()).any(-1)
+    # A temperature so small that logits / tau overflows float32 takes the tau -> 0 limit: the argmax (greedy).
+    return torch.where(overflow, logits.argmax(-1), drawn) if overflow.any() else drawn
 
 
 def unrolled_loss(logits_fn: Callable[..., Tensor], tokens: Tensor, codebook_size: int, unroll_steps: int = 2,
