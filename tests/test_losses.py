@@ -123,3 +123,32 @@ def test_lpips_loads_torchvision_layout(tmp_path):
     gray = torch.rand(2, 1, 32, 32)
     assert lpips(gray, gray * 0.5).shape == (2,)
     assert not any(p.requires_grad for p in lpips.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lpips_finite_under_half_precision_autocast(tmp_path, dtype):
+    weights = tmp_path / "vgg16.pth"
+    torch.save(_torchvision_vgg16_state(), weights)
+    lpips = LPIPS(weights)
+    torch.manual_seed(0)
+    real = torch.rand(2, 3, 32, 32) * 2 - 1
+    for x, y in ((real, real.clone()), (torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 32, 32)),
+                 (real, torch.zeros(2, 3, 32, 32))):
+        y = y.requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype):
+            d = lpips(x, y)
+        d.sum().backward()
+        assert d.dtype == torch.float32 and d.isfinite().all() and y.grad.isfinite().all(), (d, dtype)
+        if torch.equal(x, y.detach()):
+            assert d.abs().max().item() < 1e-3
+
+
+def test_lpips_refuses_images_outside_minus_one_to_one(tmp_path):
+    weights = tmp_path / "vgg16.pth"
+    torch.save(_torchvision_vgg16_state(), weights)
+    lpips = LPIPS(weights)
+    x = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="float images in \\[-1, 1\\], got x of dtype torch.uint8"):
+        lpips(x.to(torch.uint8), x)
+    with pytest.raises(ValueError, match=r"real images x in \[-1, 1\], got values in \[0, 255\]"):
+        lpips(x + 255 * (torch.arange(32) % 2).float(), x)

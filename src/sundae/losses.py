@@ -124,14 +124,28 @@ class LPIPS(nn.Module):
         return out
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """`b c H W` images in [-1, 1] (c = 1 or 3) -> `b` float distances, 0 for identical inputs."""
+        """`b c H W` float images (c = 1 or 3) -> `b` float32 distances, 0 for identical inputs.
+
+        `x` is the real image and must lie in [-1, 1] (uint8 or [0, 255] input raises ValueError; [0, 1]
+        floats cannot be told apart and give other numbers); `y`, a reconstruction, may leave the range.
+        Features are unit-normalised per position in float32 with x * rsqrt(|x|^2 + 1e-20), which stays
+        finite, with a finite gradient, for all-zero feature vectors and under fp16/bf16 autocast (an eps
+        of 1e-10 added to the norm rounds to 0 in fp16 and gave NaN).
+        """
+        for name, t in (("x", x), ("y", y)):
+            if not t.is_floating_point():
+                raise ValueError(f"LPIPS expects float images in [-1, 1], got {name} of dtype {t.dtype}")
+        lo, hi = x.min().item(), x.max().item()
+        if lo < -1.001 or hi > 1.001:
+            raise ValueError(f"LPIPS expects the real images x in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
         if x.shape[1] == 1:
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
-        dist = x.new_zeros(x.shape[0])
+        dist = x.new_zeros(x.shape[0], dtype=torch.float32)
         for i, (fx, fy) in enumerate(zip(self._taps(x), self._taps(y))):
-            fx = fx / (fx.norm(dim=1, keepdim=True) + 1e-10)
-            fy = fy / (fy.norm(dim=1, keepdim=True) + 1e-10)
-            dist = dist + ((fx - fy) ** 2 * getattr(self, f"lin{i}")).sum(1).mean((1, 2))
+            fx, fy = fx.float(), fy.float()
+            fx = fx * torch.rsqrt(fx.square().sum(1, keepdim=True) + 1e-20)
+            fy = fy * torch.rsqrt(fy.square().sum(1, keepdim=True) + 1e-20)
+            dist = dist + ((fx - fy) ** 2 * getattr(self, f"lin{i}").float()).sum(1).mean((1, 2))
         return dist
 
 
