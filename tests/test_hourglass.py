@@ -230,3 +230,13 @@ def test_any_grid_padding_never_changes_real_logits(h, w):
 def test_grid_must_fit_the_tokens():
     with pytest.raises(ValueError, match="does not fit"):
         _model()(torch.zeros(1, 4, 4, dtype=torch.long), grid=(5, 4))
+
+
+def test_labels_outside_the_classes_are_refused_by_the_network():
+    net = Hourglass(PRESETS["tiny"]).eval()  # 10 classes; index 10 is the null class
+    z = torch.zeros(2, 4, 4, dtype=torch.long)
+    null = net(z, None)
+    assert torch.equal(net(z, torch.tensor([3, 3]), drop=torch.tensor([True, True])), null)
+    for bad in ([0, 10], [-1, 2]):
+        with pytest.raises(ValueError, match=r"class labels must lie in \[0, 10\)"):
+            net(z, torch.tensor(bad))

@@ -16,6 +16,8 @@ class ClassEmbedding(nn.Module):
 
     Savinov et al. section 4.2: the class embedding is added to each token embedding. `drop` (`b` bool):
     True rows get the null class, for condition dropout and classifier-free guidance (Ho & Salimans 2022).
+    Raises ValueError for a label outside [0, num_classes): index num_classes is the null class, reached only
+    through `labels=None` or `drop`, so an off-by-one label never silently samples unconditionally.
     """
 
     def __init__(self, num_classes: int, dim: int):
@@ -26,6 +28,9 @@ class ClassEmbedding(nn.Module):
     def forward(self, labels: Tensor | None, batch: int, drop: Tensor | None = None) -> Tensor:
         if labels is None:
             labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=self.embedding.weight.device)
+        elif labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+            raise ValueError(f"class labels must lie in [0, {self.num_classes}) (index {self.num_classes} is the "
+                             f"null class: pass labels=None), got {labels.min().item()}..{labels.max().item()}")
         if drop is not None:
             labels = labels.masked_fill(drop, self.num_classes)
         return self.embedding(labels)
