@@ -80,17 +80,21 @@ def test_vqgan_resume_matches_uninterrupted_run(image_folder, tmp_path):
 
 def test_non_finite_loss_stops_with_the_step(token_dir, tmp_path):
     ds = TokenDataset(token_dir)
-    cfg = dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=3, batch_size=4, lr=float("inf"))
+    def diverging(steps):  # the config refuses lr=inf; set behind its back to force a divergence
+        cfg = dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=steps, batch_size=4)
+        object.__setattr__(cfg, "lr", float("inf"))
+        return cfg
+    cfg = diverging(3)
     # With an infinite lr the run stops at its first step.
     with pytest.raises(FloatingPointError, match="at step 1; .* the run has no checkpoint yet"):
         train_generator(HG["tiny"], cfg, ds, tmp_path / "x", {"grid": [4, 4]}, progress=False)
     assert not (tmp_path / "x" / "generator.pt").exists()
     # A run with a checkpoint keeps it, and the message says --resume continues from it.
-    good = dataclasses.replace(cfg, steps=2, lr=GENERATOR_TRAIN_PRESETS["tiny"].lr)
+    good = dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=2, batch_size=4)
     saved = train_generator(HG["tiny"], good, ds, tmp_path / "y", {"grid": [4, 4]}, progress=False)
     before = saved.read_bytes()
     with pytest.raises(FloatingPointError, match="at step 3; .* the last good checkpoint is kept"):
-        train_generator(HG["tiny"], dataclasses.replace(cfg, steps=5), ds, tmp_path / "y", {"grid": [4, 4]},
+        train_generator(HG["tiny"], diverging(5), ds, tmp_path / "y", {"grid": [4, 4]},
                         resume=True, progress=False)
     assert saved.read_bytes() == before
 
@@ -199,3 +203,26 @@ def test_patches_larger_than_the_token_grid_are_refused(token_dir, tmp_path):
         train_generator(dataclasses.replace(HG["tiny"], shorten_factor=8), cfg, TokenDataset(token_dir),
                         tmp_path / "g", {"grid": [4, 4]}, progress=False)
     assert not (tmp_path / "g" / "generator.pt").exists()
+
+
+def test_dead_codes_restart_onto_distinct_vectors_and_are_counted(tmp_path):
+    from PIL import Image
+    # Four copies of one image: the encoder yields few distinct vectors, far fewer than the dead codes.
+    root = tmp_path / "same" / "a"
+    root.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(root / f"{i}.png")
+    cfg = dataclasses.replace(VQGAN_TRAIN_PRESETS["tiny"], steps=2, batch_size=4, restart_dead_codes=1,
+                              log_every=1, disc_start=100)
+    path = train_vqgan(VQ["tiny"], cfg, ImageFolder(tmp_path / "same", 32, 3), tmp_path / "tok", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "tok" / "log.jsonl").read_text().splitlines()]
+    codebook = torch.load(path, weights_only=True)["model"]["quantizer.codebook.weight"]
+    distinct_rows = len(codebook.unique(dim=0))
+    # Each check restarts at most one code per distinct encoder output (one image: at most 64 vectors for
+    # 4 x 64 positions), so no two restarted codes share a vector: every row of the codebook differs.
+    assert records[0]["codes_restarted"] > 0 and all("codes_restarted" in r for r in records)
+    assert distinct_rows == len(codebook)
+
+
+def test_every_tokenizer_preset_has_a_collapse_remedy():
+    assert all(cfg.restart_dead_codes > 0 for cfg in VQGAN_TRAIN_PRESETS.values()), VQGAN_TRAIN_PRESETS

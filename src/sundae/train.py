@@ -36,8 +36,10 @@ from tqdm.auto import tqdm
 from sundae import distributed
 from sundae import runs
 from sundae.distributed import EpochBatchSampler
+from sundae.eval.metrics import LOW_CODEBOOK_USAGE
 from sundae.hourglass import Hourglass, HourglassConfig
 from sundae.images import save_grid
+from sundae.io import log
 from sundae.losses import LPIPS, PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
 from sundae.pipeline import SundaePipeline
 from sundae.sundae import SamplerConfig, condition_dropout, unrolled_loss
@@ -195,6 +197,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     log_usage = torch.zeros_like(usage)
     bar = tqdm(total=cfg.steps, initial=step, desc="train-vqgan", disable=_quiet(progress, ctx), dynamic_ncols=True)
     t0, images_seen, grid_tokens = time.time(), 0, 0
+    restarted, warned = 0, False  # codes restarted since the last log record; low-usage warning given
     with runs.StopOnSignal() as stop:
         while step < cfg.steps:
             batch = next(data)[0].to(device)
@@ -246,14 +249,18 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
                 dead = (distributed.total(usage, ctx) == 0).nonzero().flatten()
                 if len(dead):
                     with torch.no_grad():
-                        z = model.encoder(batch).permute(0, 2, 3, 1).flatten(0, 2)
-                        pick = torch.randint(0, len(z), (len(dead),), device=device)
+                        # Distinct encoder outputs only, drawn without replacement: several codes restarted
+                        # onto one vector leave all but one of them dead again at the next check.
+                        z = model.encoder(batch).permute(0, 2, 3, 1).flatten(0, 2).unique(dim=0)
+                        n = min(len(dead), len(z))
+                        chosen = dead[torch.randperm(len(dead), device=device)[:n]]
                         codebook = model.quantizer.codebook.weight
-                        codebook[dead] = z[pick].to(codebook.dtype)
+                        codebook[chosen] = z[torch.randperm(len(z), device=device)[:n]].to(codebook.dtype)
                         distributed.broadcast(codebook, ctx)  # every replica restarts with rank 0's choice
                         # The EMA codebook (what load_tokenizer returns) restarts too: averaging a restarted
                         # code with its dead old value would leave it where no encoder output lands.
                         ema.quantizer.codebook.weight[dead] = codebook[dead]
+                    restarted += n
                 usage.zero_()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 x_hat = torch.cat(recons).float().clamp(-1, 1)
@@ -264,11 +271,18 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
                 record = {"step": step, "loss": sums[0].item(), "rec_loss": sums[1].item(),
                           "vq_loss": sums[2].item(), "g_loss": sums[3].item(), "d_loss": d_loss.item(),
                           "adaptive_weight": sums[4].item(), "psnr": 10 * math.log10(4.0 / max(mse, 1e-12)),
-                          "codebook_usage": used / model_cfg.codebook_size, "lr": cfg.lr,
+                          "codebook_usage": used / model_cfg.codebook_size, "codes_restarted": restarted,
+                          "lr": cfg.lr,
                           "images_per_s": images_seen / seconds, "tokens_per_s": images_seen * grid_tokens / seconds}
                 log_usage.zero_()
+                restarted = 0
                 if ctx.main:
                     runs.log_record(out / "log.jsonl", record)
+                    if step >= 1000 and record["codebook_usage"] < LOW_CODEBOOK_USAGE and not warned:
+                        warned = True  # once a run; by step 1000 a healthy codebook is in use
+                        log.warning(f"step {step}: {record['codebook_usage']:.0%} of the codebook in use in the "
+                                    f"last {cfg.log_every} steps: it is collapsing"
+                                    + ("" if cfg.restart_dead_codes else " (set restart_dead_codes, e.g. 1000)"))
                 bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.1f}")
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save()

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxImages, is_idx_dataset, open_images
 from sundae.eval.classifier import CLASSIFIER_FORMAT, SmallClassifier, predict, train_classifier
-from sundae.eval.metrics import classifier_features, codebook_usage, frechet_distance, precision_recall, psnr, ssim
-from sundae.io import atomic_write
+from sundae.eval.metrics import LOW_CODEBOOK_USAGE, classifier_features, codebook_usage, frechet_distance, precision_recall, psnr, ssim
+from sundae.io import atomic_write, log
 from sundae.sundae import SamplerConfig
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -279,6 +279,10 @@ def evaluate(pipe, ref: Reference, samplers: Sequence[SamplerConfig], num: int, 
     recon, tokens = reconstruct(tokenizer, ref.images, batch_size, pipe.device)
     tok = {"psnr_db": psnr(recon, ref.images), "ssim": ssim(recon, ref.images),
            "codebook_usage": codebook_usage(tokens, tokenizer.cfg.codebook_size), "images": len(ref.images)}
+    if tok["codebook_usage"] < LOW_CODEBOOK_USAGE and tokens.numel() >= 4 * tokenizer.cfg.codebook_size:
+        log.warning(f"the tokenizer uses {tok['codebook_usage']:.0%} of its {tokenizer.cfg.codebook_size} codes on "
+                    f"{len(ref.images)} reference images: its codebook has collapsed (retrain it with "
+                    f"restart_dead_codes, e.g. --set restart_dead_codes=1000)")
     for name, fn in extractors.items():
         tok[f"rfid_{name}"] = frechet_distance(ref_feats[name], fn(recon))
     if classifier is not None:
