@@ -193,6 +193,11 @@ def test_quickstart_tiny_console_script(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "quickstart" / "metrics.json").read_text())
     assert metrics["samples"]["count"] == 20
+    # With the progress bars off, stdout still says what runs, and ends with the key figures.
+    lines = result.stdout.splitlines()
+    assert [line[:5] for line in lines if line.startswith("[")] == ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"]
+    assert f"samples judged their class {metrics['samples']['class_accuracy']:.3f}" in result.stdout
+    assert lines[-1].startswith("quickstart done in")
     assert 0.0 <= metrics["samples"]["class_accuracy"] <= 1.0
     assert metrics["inpainting"]["known_tokens_kept"] is True
     assert metrics["inpainting"]["mean_pairwise_l2_inside_mask"] > 0

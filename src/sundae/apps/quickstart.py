@@ -66,6 +66,11 @@ QUICKSTART_PRESETS: dict[str, QuickstartConfig] = {
 }
 
 
+def stage(number: int, what: str, of: int = 5) -> None:
+    """Print the stage heading `[i/n] what` to stdout (the progress bars go to stderr and may be off)."""
+    print(f"[{number}/{of}] {what}", flush=True)
+
+
 def _subset(ds: IdxImages, limit: int) -> IdxImages:
     if limit:
         ds.images, ds.labels = ds.images[:limit], ds.labels[:limit]
@@ -84,11 +89,13 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
     seconds: dict[str, float] = {}
 
     t = time.time()
+    stage(1, "judge classifier on the real training images")
     judge = train_classifier(train.images, train.labels, num_classes, cfg.classifier_epochs, seed=cfg.seed)
     judge_acc = accuracy(judge, test.images, test.labels)
     seconds["classifier"] = time.time() - t
 
     t = time.time()
+    stage(2, f"tokenizer ({cfg.vqgan_train.steps} steps), then its reconstructions of the test images")
     # resume=True: a rerun into the same folder continues (or reuses) the runs instead of starting over.
     tok_path = train_vqgan(cfg.vqgan, cfg.vqgan_train, train, out / "tokenizer", device, resume=True)
     tokenizer = load_tokenizer(tok_path, device)
@@ -103,10 +110,12 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
     seconds["tokenizer"] = time.time() - t
 
     t = time.time()
+    stage(3, f"tokenize the {len(train)} training images")
     tokens_dir = tokenize(tok_path, train, out / "tokens", device, class_names=FASHION_MNIST_CLASSES)
     seconds["tokenize"] = time.time() - t
 
     t = time.time()
+    stage(4, f"class-conditional generator ({cfg.generator_train.steps} steps)")
     tokens = TokenDataset(tokens_dir)
     hg_cfg = dataclasses.replace(cfg.hourglass, codebook_size=cfg.vqgan.codebook_size, num_classes=num_classes)
     meta = {k: tokens.meta[k]
@@ -121,6 +130,7 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
     h, w = pipe.grid
     labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
     t = time.time()
+    stage(5, f"sample {cfg.samples_per_class} images per class (T={cfg.sampler.steps}), judge them, inpaint")
     images, taken, _ = pipe(len(labels), labels, sampler=cfg.sampler, seed=cfg.seed,
                             batch_size=cfg.sample_batch_size, output_type="pt")
     sample_seconds = time.time() - t

@@ -138,7 +138,12 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
         return
     cfg = preset(QUICKSTART_PRESETS, args.preset or "fashion", "quickstart")
     metrics = quickstart(cfg, args.data or str(FASHION_MNIST_DIR), args.out, args.device)
-    print(f"quickstart done in {metrics['seconds_total']:.0f} s; results in {args.out}")
+    tok, samples = metrics["tokenizer"], metrics["samples"]
+    print(f"judge accuracy on the test images {metrics['classifier']['test_accuracy']:.3f}; tokenizer PSNR "
+          f"{tok['psnr_db']:.1f} dB, codebook usage {tok['codebook_usage']:.0%}; samples judged their class "
+          f"{samples['class_accuracy']:.3f}, {samples['seconds_per_image']:.3f} s/image")
+    print(f"quickstart done in {metrics['seconds_total']:.0f} s; results in {args.out} (metrics.json, "
+          f"samples_by_class.png, inpainting.png)")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
