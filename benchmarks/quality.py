@@ -21,8 +21,9 @@ Protocol:
    (the hourglass preset `fashion`, ~1.4M): `sundae` (unroll 2), `sundae_u1`, `sundae_u3`, `maskgit`
    (the same hourglass + a [MASK] id), `ar` (a flat causal stack, its depth matched by parameters; see
    `baselines.py`), and lever ablations at unroll 2: `sundae_share` (unroll_share 0.25), `sundae_cosine`
-   (corruption "cosine"), `sundae_s1` (shorten_factor 1: no hourglass valley). The 1D-shortening model of the
-   earlier equal-CPU-time benchmark is dropped: it tied with 2D shortening there.
+   (corruption "cosine"), `sundae_s1` (shorten_factor 1: no hourglass valley). The default leaves out
+   `sundae_u3` to fit the time (`--methods` takes it). The 1D-shortening model of the earlier equal-CPU-time
+   benchmark is dropped: it tied with 2D shortening there.
    Each trains once per seed to `--budget` steps (1000); `--seeds` (3) seeds for `--seeded` (sundae,
    sundae_u1, maskgit), one for the others. Checkpoints at budget/8, /4, /2 and budget keep the cumulative
    training CPU (`time.process_time`) and wall seconds, so one set of rows gives FID against steps and
@@ -30,15 +31,16 @@ Protocol:
    an update rather than what a model learns.
 4. Sampler tuning, on validation only: at the final checkpoint of seed 0, EMA weights, each method's grid is
    scored by classifier-FID against the validation split and the best setting is used for every test figure
-   of that method. SUNDAE: temperature {0.6, 0.7, 0.8, 1.0} x update proportion {0.5, 1.0 -> 0.5, 0.8} at
-   T = 16 (early stop after 10 steps); MaskGIT: temperature {0.6, 0.8, 1.0} x choice temperature {2.0, 4.5}
+   of that method. SUNDAE: temperature {0.6, 0.8, 1.0} x update proportion {0.5, 1.0 -> 0.5, 0.8} at T = 16
+   (early stop after 10 steps; temperature 0.7 was planned too and is left out for time); MaskGIT: temperature {0.6, 0.8, 1.0} x choice temperature {2.0, 4.5}
    at T = 16; AR: temperature {0.8, 0.9, 1.0}. The JSON keeps the whole grid.
 5. Test metrics per (method, seed, checkpoint, EMA | raw weights): classifier-FID against the whole test
    split, class accuracy, k-NN precision and recall, from `--samples` (500) class-balanced samples. Figures
    of seeded methods are mean +- std over seeds (per-seed values kept); two methods are called a tie when
-   their means differ by less than sqrt(std_a^2 + std_b^2). At the final checkpoint (seed 0, EMA, tuned
-   sampler) a sweep over T in {4, 8, 16, 32, 64} (MaskGIT's T at most the 64 tokens; AR: its fixed 64 calls)
-   gives network calls and wall/CPU seconds per image (sampling only, the shared decode excluded).
+   their means differ by less than sqrt(std_a^2 + std_b^2) (a one-seed method adds no spread). At the final
+   checkpoint (seed 0, EMA, tuned sampler) the seeded methods and AR get a sweep over T in {4, 8, 16, 32, 64}
+   (MaskGIT's T at most the 64 tokens; AR: its fixed 64 calls) with network calls and wall/CPU seconds per
+   image (sampling only, the shared decode excluded); the lever ablations cost the same per call as `sundae`.
    Reference rows: `--samples` real validation images and the tokenizer's reconstructions of them (the
    floor a generator over these tokens can reach), both against the test split.
 
@@ -48,11 +50,14 @@ and each run's state at each checkpoint (about 22 MB each; ~1.2 GB for the defau
 what the JSON already holds and continues training from the last saved state. Given the seed and the thread
 count, a resumed run gives the same numbers as an uninterrupted one.
 
-Time on 2 idle cores (measured step costs: unroll-2 0.40 s, unroll-1 0.19 s, MaskGIT/AR ~0.2 s; a batch-250
-forward 0.24 s): tokenizer, encoding and judge ~10 min (~4 with --tokenizer), training ~72 min, sampling
-and judging ~25 min: about 105 minutes for the default, over the 90 the run was meant to fit. The start of
-the run prints its own estimate, scaled by a forward pass timed there. To fit 90 minutes, leave out
-`sundae_u3` (its 1000 unroll-3 steps cost ~10 min; `--methods` without it) or run `--seeds 2`.
+Time on 2 idle cores, from measured costs (a training step at batch 64: unroll-2 0.40 s, unroll-1 0.19 s,
+MaskGIT/AR ~0.2 s; a batch-250 forward 0.24 s, so a 500-sample set at T = 16 ~8 s): judge, tokenizer and
+encoding ~10 min (~4 with --tokenizer), training ~62 min, sampling and judging at most ~24 min (149 sample
+sets and the sweeps; SUNDAE's early stop makes it less): at most ~97 minutes, about 90 expected. The full
+plan (all 8 methods, the 12-point SUNDAE grid, every sweep) came to ~115 minutes, so the default leaves out `sundae_u3` (10 min of training:
+`--methods` adds it back), SUNDAE temperature 0.7 and the T sweep of the lever ablations. The run prints its
+own estimate at the start, scaled by a forward pass timed there (on a loaded machine everything is slower),
+and each stage's time as it goes. `--smoke` takes about a minute.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ from sundae.vqgan import PRESETS as VQGAN_PRESETS
 
 NUM_CLASSES = 10
 SEEDED = ("sundae", "sundae_u1", "maskgit")
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "sundae_u3")  # unroll 3: ~10 more minutes; --methods adds it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +121,10 @@ SMOKE = Settings(pool_images=1000, val_images=200, test_images=200, classifier_e
 
 # Seconds on 2 idle cores, measured: a training step at batch 64 (sundae: per unrolled forward and backward),
 # one batch-250 forward, and the fixed stages (the tokenizer per 2000 steps, encoding 60k, the judge per epoch).
+# An AR sample set (64 single-token steps with the KV cache) costs about 24 batch forwards; decoding and
+# judging about 1 ms per sample (both measured against a timed forward on a loaded machine).
 COST = {"step": 0.19, "unroll": 0.21, "shorten1": 1.3, "forward": 0.24, "tokenizer": 360.0, "encode": 90.0,
-        "judge_epoch": 75.0, "judge_per_sample": 0.004}
+        "judge_epoch": 75.0, "judge_per_sample": 0.001, "ar_forwards": 24}
 
 
 def step_cost(name: str) -> float:
@@ -130,19 +138,25 @@ def step_cost(name: str) -> float:
 def estimate(s: Settings, methods: list[str], seeds: dict[str, int], tokenizer_given: bool, scale: float,
              n_train: int, smoke: bool) -> dict[str, float]:
     """Seconds per stage on this machine: COST times `scale` (a forward timed now over the measured one).
-    Sampling counts T forwards per sample set (an upper bound: SUNDAE stops early) and an AR set as 16."""
+    Sampling counts T forwards per sample set (an upper bound: SUNDAE stops early)."""
     batches = math.ceil(s.samples / s.sample_batch) * s.sample_batch / 250  # in batch-250 forwards
 
     def one_set(name: str, steps: int) -> float:
-        calls = 16 if METHODS[name].kind == "ar" else steps
+        calls = COST["ar_forwards"] if METHODS[name].kind == "ar" else steps
         return calls * batches * COST["forward"] + COST["judge_per_sample"] * s.samples
     sampling = sum((8 * seeds[m] + len(sampler_grid(METHODS[m].kind, smoke))) * one_set(m, s.tune_steps)
                    + (one_set(m, 64) if METHODS[m].kind == "ar" else sum(one_set(m, t) for t in s.sweep_steps))
-                   for m in methods)
+                   * swept(m, seeds) for m in methods)
     fixed = (0 if tokenizer_given else COST["tokenizer"] * s.tokenizer_steps / 2000) + \
         COST["encode"] * n_train / 60000 + COST["judge_epoch"] * s.classifier_epochs * n_train / 55000
     training = sum(seeds[m] * s.budget * step_cost(m) * s.optim.batch_size / 64 for m in methods)
     return {"fixed": fixed * scale, "training": training * scale, "sampling": sampling * scale}
+
+
+def swept(name: str, seeds: dict[str, int]) -> bool:
+    """Whether the method gets the sampling-steps sweep: the seeded methods and AR (the lever ablations
+    sample with the same network cost per call as `sundae`; their T = 16 figures are in the curves)."""
+    return seeds[name] > 1 or METHODS[name].kind == "ar"
 
 
 def subset(ds: IdxImages, idx: torch.Tensor | None) -> IdxImages:
@@ -165,7 +179,7 @@ def main() -> None:
     p.add_argument("--budget", type=int, help="training steps per model (default 1000; smoke 8)")
     p.add_argument("--seeds", type=int, help="seeds for the --seeded methods (default 3; smoke 2)")
     p.add_argument("--seeded", default=",".join(SEEDED), help=f"methods run with --seeds seeds ({','.join(SEEDED)})")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    p.add_argument("--methods", help=f"some of {','.join(METHODS)} (default: all but sundae_u3; smoke: all)")
     p.add_argument("--samples", type=int, help="class-balanced samples per evaluation (default 500; smoke 20)")
     p.add_argument("--val-images", type=int, help="training images held out for validation (default 5000)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: runs everything in about a minute")
@@ -185,7 +199,7 @@ def main() -> None:
         raise SystemExit(f"--samples must be a positive multiple of {NUM_CLASSES}, got {s.samples}")
     if s.budget < 8 or s.budget % 8:
         raise SystemExit(f"--budget must be a positive multiple of 8 (checkpoints at 1/8, 1/4, 1/2), got {s.budget}")
-    methods = args.methods.split(",")
+    methods = (args.methods or ",".join(METHODS if args.smoke else DEFAULT_METHODS)).split(",")
     unknown = [m for m in methods + args.seeded.split(",") if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
@@ -201,6 +215,7 @@ def main() -> None:
 
     protocol = {
         "dataset": "Fashion-MNIST, zero-padded to 32x32", "data": str(args.data), "seed": args.seed,
+        "tokenizer_given": args.tokenizer,
         "settings": dataclasses.asdict(s), "methods": {m: dataclasses.asdict(METHODS[m]) for m in methods},
         "seeds": seeds, "checkpoints": checkpoints, "smoke": args.smoke,
         "optimizer": "AdamW (weight decay, clip, lr with linear warm-up as in settings.optim); EMA decay "
@@ -305,7 +320,7 @@ def main() -> None:
         probe(z, y)
         scale = max(1.0, (time.perf_counter() - t0) / COST["forward"])
     plan = estimate(s, methods, seeds, bool(args.tokenizer), scale, len(train), args.smoke)
-    print(f"estimate on this machine (a forward {scale:.1f}x the idle-2-core one): "
+    print(f"estimate for the whole run on this machine (a forward {scale:.1f}x the idle-2-core one): "
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in plan.items()) + f"; total {sum(plan.values()) / 60:.0f} min",
           flush=True)
     protocol["ar_layers"], protocol["grid"], protocol["codebook_size"] = ar_layers, list(grid), codebook_size
@@ -359,7 +374,7 @@ def main() -> None:
                       f"raw {rows_at(payload, name, seed, step, 'raw'):.2f}", flush=True)
             stage("sampling and judging", t)
         t = time.perf_counter()
-        if not any(r["method"] == name for r in payload["sweep"]):
+        if swept(name, seeds) and not any(r["method"] == name for r in payload["sweep"]):
             net, _ = load_checkpoint(net, work / "runs" / f"{name}_seed0", s.budget, "ema")
             steps_list = sorted({tuned_steps(name, T) for T in s.sweep_steps})
             chosen = payload["tuning"][name]["chosen"]
