@@ -80,11 +80,18 @@ def masked_token_loss(logits_fn: Callable[[Tensor], Tensor], tokens: Tensor, mas
 
 def mask_schedule(n_tokens: int, steps: int) -> list[int]:
     """How many of `n_tokens` stay masked after each of `steps` decoding steps: floor(n * gamma((t+1)/T)),
-    0 after the last (Chang et al. section 3.2). Non-increasing; with T > n some steps unmask nothing."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    return [math.floor(n_tokens * float(cosine_mask_ratio((t + 1) / steps))) if t + 1 < steps else 0
-            for t in range(steps)]
+    0 after the last (Chang et al. section 3.2), clamped so that every step decides at least one token and
+    leaves at least one for each later step: T steps are T network calls, as in the paper's released sampler
+    (which clamps the masked count to [1, still masked - 1]). Strictly decreasing, ends at 0.
+    Raises ValueError unless 1 <= steps <= n_tokens."""
+    if not 1 <= steps <= n_tokens:
+        raise ValueError(f"steps must lie in [1, {n_tokens}] (one decided token per step at least), got {steps}")
+    counts, masked = [], n_tokens
+    for t in range(steps):
+        target = math.floor(n_tokens * float(cosine_mask_ratio((t + 1) / steps))) if t + 1 < steps else 0
+        masked = min(max(target, steps - 1 - t), masked - 1)
+        counts.append(masked)
+    return counts
 
 
 def maskgit_sample(logits_fn: Callable[[Tensor], Tensor], shape: tuple[int, int, int], codebook_size: int,
@@ -97,18 +104,17 @@ def maskgit_sample(logits_fn: Callable[[Tensor], Tensor], shape: tuple[int, int,
     z' ~ Categorical(logits / temperature); its confidence is log p(z') plus Gumbel noise scaled by
     choice_temperature * (1 - (t+1)/T) (the annealed randomness of the paper's released sampler); of the
     still-masked positions, the `mask_schedule` count with the lowest confidence stay masked and the rest
-    take z' for good. A step that unmasks nothing (T > n) skips the network.
+    take z' for good. Every step decides at least one token, so there are exactly T network calls.
 
-    `logits_fn(b h w ids) -> b h w v`. Returns (tokens `b h w` int64 in [0, v), network calls made).
+    `logits_fn(b h w ids) -> b h w v`. Returns (tokens `b h w` int64 in [0, v), network calls made = T).
+    Raises ValueError unless 1 <= steps <= h * w (`mask_schedule`).
     """
     b, h, w = shape
     n = h * w
     z = torch.full((b, n), codebook_size, dtype=torch.long, device=device)
     masked = torch.ones(b, n, dtype=torch.bool, device=device)
-    remaining, calls = n, 0
+    calls = 0
     for t, target in enumerate(mask_schedule(n, steps)):
-        if target == remaining:
-            continue
         logits = logits_fn(z.view(b, h, w)).flatten(1, 2).float()
         proposal = sample_logits(logits, temperature, generator)
         confidence = logits.log_softmax(-1).gather(-1, proposal[..., None])[..., 0]
@@ -119,7 +125,7 @@ def maskgit_sample(logits_fn: Callable[[Tensor], Tensor], shape: tuple[int, int,
         confidence = confidence.masked_fill(~masked, float("inf"))  # decided tokens are never re-masked
         stay = confidence.argsort(1).argsort(1) < target
         z = torch.where(masked & ~stay, proposal, z)
-        masked, remaining, calls = stay, target, calls + 1
+        masked, calls = stay, calls + 1
     return z.view(b, h, w), calls
 
 

@@ -22,15 +22,24 @@ def test_mask_schedule_follows_the_cosine():
     assert mask_schedule(64, 4) == [59, 45, 24, 0]
     assert mask_schedule(64, 1) == [0]
     assert float(cosine_mask_ratio(0.0)) == 1.0 and abs(float(cosine_mask_ratio(1.0))) < 1e-12
-    long = mask_schedule(64, 100)
-    assert all(a >= b for a, b in zip(long, long[1:])) and long[-1] == 0
-    assert long[49] == math.floor(64 * math.cos(math.pi / 4))  # half way: 45
-    with pytest.raises(ValueError, match="steps"):
-        mask_schedule(64, 0)
+    # T = n: the cosine would decide nothing at the first steps (floor(64 cos(pi/128)) = 63, then 63 again);
+    # the clamp decides exactly one token per step.
+    assert mask_schedule(64, 64) == list(range(63, -1, -1))
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match="steps"):
+            mask_schedule(64, bad)
 
 
-@pytest.mark.parametrize("steps", [4, 7, 100])
-def test_maskgit_unmasks_the_scheduled_count_per_step_and_ends_unmasked(steps):
+@pytest.mark.parametrize("n", [16, 64])
+def test_mask_schedule_decides_at_least_one_token_every_step(n):
+    for steps in range(1, n + 1):
+        schedule = mask_schedule(n, steps)
+        assert len(schedule) == steps and schedule[-1] == 0
+        assert all(a > b for a, b in zip([n] + schedule, schedule)), (steps, schedule)
+
+
+@pytest.mark.parametrize("steps", range(1, 17))
+def test_maskgit_makes_one_call_per_step_and_unmasks_the_scheduled_count(steps):
     torch.manual_seed(0)
     net = MaskGIT(TINY).eval()
     h = w = 4
@@ -44,18 +53,21 @@ def test_maskgit_unmasks_the_scheduled_count_per_step_and_ends_unmasked(steps):
         z, calls = maskgit_sample(logits_fn, (3, h, w), TINY.codebook_size, steps,
                                   generator=torch.Generator().manual_seed(0))
     schedule = mask_schedule(h * w, steps)
-    changes = [c for prev, c in zip([h * w] + schedule, schedule) if c < prev]
-    assert calls == len(seen) == len(changes)  # steps that unmask nothing skip the network (T = 100 > 16)
+    assert calls == len(seen) == steps  # T steps are T network calls, also at T = n = 16
     mask_id = TINY.codebook_size
     # Each call sees exactly the count the schedule left masked before it, in every sample.
-    before = [h * w] + changes[:-1]
-    for inputs, count in zip(seen, before):
+    for inputs, count in zip(seen, [h * w] + schedule[:-1]):
         assert ((inputs == mask_id).flatten(1).sum(1) == count).all()
     # Decided tokens never change afterwards.
     for a, b in zip(seen, seen[1:] + [z]):
         decided = a != mask_id
         assert torch.equal(a[decided], b[decided])
     assert z.shape == (3, h, w) and (z < TINY.codebook_size).all() and (z >= 0).all()
+
+
+def test_maskgit_refuses_more_steps_than_tokens():
+    with pytest.raises(ValueError, match="steps"):
+        maskgit_sample(lambda z: torch.zeros(*z.shape, TINY.codebook_size), (1, 4, 4), TINY.codebook_size, 17)
 
 
 def test_maskgit_unmasks_the_most_confident_first_without_noise():

@@ -8,7 +8,8 @@ import scipy.linalg
 import torch
 
 from sundae.eval.classifier import SmallClassifier
-from sundae.eval.metrics import classifier_features, frechet_distance, frechet_distance_gaussians, precision_recall
+from sundae.eval.metrics import (classifier_features, frechet_distance, frechet_distance_gaussians, knn_radii,
+                                 precision_recall)
 
 
 def _random_cov(d: int, gen: torch.Generator) -> torch.Tensor:
@@ -102,6 +103,17 @@ def test_precision_recall_of_samples_covering_half_the_data():
     p, r = precision_recall(real, fake, k=5)
     assert p > 0.95  # a sample may fall just outside the real balls at the cluster's edge
     assert 0.4 < r <= 0.5
+
+
+def test_precomputed_real_radii_give_the_same_precision_recall():
+    # Radii of points on a line at 0, 1, 3, 6, 10: the k = 1 neighbour distances are 1, 1, 2, 3, 4.
+    line = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0]])
+    assert knn_radii(line, k=1).tolist() == [1.0, 1.0, 2.0, 3.0, 4.0]
+    gen = torch.Generator().manual_seed(3)
+    real, fake = torch.randn(200, 4, generator=gen), torch.randn(50, 4, generator=gen) + 0.5
+    assert precision_recall(real, fake, real_radii=knn_radii(real)) == precision_recall(real, fake)
+    with pytest.raises(ValueError, match="one per real vector"):
+        precision_recall(real, fake, real_radii=knn_radii(real[:100]))
 
 
 def test_metric_errors_are_clear():

@@ -109,7 +109,18 @@ def _coverage(points: Tensor, centres: Tensor, radii: Tensor, chunk: int) -> flo
     return torch.cat(inside).double().mean().item()
 
 
-def precision_recall(real_feats: Tensor, fake_feats: Tensor, k: int = 3, chunk: int = 1024) -> tuple[float, float]:
+def knn_radii(feats: Tensor, k: int = 3, chunk: int = 1024) -> Tensor:
+    """Distance from each feature vector (`n d`, n > k) to its k-th nearest other one: `n` float64. The real
+    manifold's radii of `precision_recall`, computed once for a reference set that many sample sets are
+    compared against (the n x n distances dominate the cost for a large reference)."""
+    x = _as_features(feats, "features")
+    if k < 1 or len(x) <= k:
+        raise ValueError(f"need k >= 1 and more than k vectors, got k={k} and {len(x)} vectors")
+    return _kth_neighbour_radii(x, k, chunk)
+
+
+def precision_recall(real_feats: Tensor, fake_feats: Tensor, k: int = 3, chunk: int = 1024,
+                     real_radii: Tensor | None = None) -> tuple[float, float]:
     """Improved precision and recall of generated samples (Kynkaanniemi et al. 2019, Sec. 2).
 
     The real manifold is the union of balls around each real feature vector with radius the distance to its
@@ -117,7 +128,9 @@ def precision_recall(real_feats: Tensor, fake_feats: Tensor, k: int = 3, chunk: 
     real manifold (how many samples look real); recall = fraction of real vectors inside the fake manifold (how
     much of the data the samples cover). `real_feats` `n d`, `fake_feats` `m d`, n and m > k; distances
     Euclidean in float64, computed `chunk` rows at a time. Returns (precision, recall), each in [0, 1]. Both
-    are 1 for identical sets. Raises ValueError for k < 1, sets of at most k rows, or different widths.
+    are 1 for identical sets. `real_radii`: `knn_radii(real_feats, k)` computed beforehand (same result,
+    without the n x n distances). Raises ValueError for k < 1, sets of at most k rows, different widths, or
+    radii of another length.
     """
     real, fake = _as_features(real_feats, "real features"), _as_features(fake_feats, "fake features")
     if k < 1:
@@ -126,7 +139,12 @@ def precision_recall(real_feats: Tensor, fake_feats: Tensor, k: int = 3, chunk: 
         raise ValueError(f"feature widths differ: {real.shape[1]} real vs {fake.shape[1]} fake")
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"need more than k={k} vectors in each set, got {len(real)} real and {len(fake)} fake")
-    real_radii, fake_radii = _kth_neighbour_radii(real, k, chunk), _kth_neighbour_radii(fake, k, chunk)
+    if real_radii is None:
+        real_radii = _kth_neighbour_radii(real, k, chunk)
+    elif real_radii.shape != (len(real),):
+        raise ValueError(f"real_radii: expected {len(real)} radii, one per real vector, got {tuple(real_radii.shape)}")
+    real_radii = real_radii.to("cpu", torch.float64)
+    fake_radii = _kth_neighbour_radii(fake, k, chunk)
     return _coverage(fake, real, real_radii, chunk), _coverage(real, fake, fake_radii, chunk)
 
 
