@@ -47,6 +47,19 @@ def test_train_writes_generator_and_sample_grids(pipeline):
     assert sorted(p.name for p in (pipeline / "gen" / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
 
 
+def test_sample_grid_previews_a_bounded_number_of_samples(pipeline, tmp_path, monkeypatch, capsys):
+    import sundae.cli.sampling as sampling
+    monkeypatch.setattr(sampling, "GRID_MAX", 3)
+    run("sample", "--generator", pipeline / "gen", "--out", tmp_path / "a", "--num", 5, "--steps", 2,
+        "--class", "1", "--batch-size", 2, "--nrow", 3, "--device", "cpu")
+    assert len(list((tmp_path / "a" / "samples").iterdir())) == 5
+    assert len((tmp_path / "a" / "samples.jsonl").read_text().splitlines()) == 5
+    # Three 32x32 images in one row of three, 2-pixel padding: the grid holds the first GRID_MAX only.
+    assert Image.open(tmp_path / "a" / "grid.png").size == (2 + 3 * 34, 2 + 34)
+    out = capsys.readouterr().out
+    assert "5 samples in" in out and "grid.png shows the first 3" in out
+
+
 def test_sample(pipeline, tmp_path):
     gen = pipeline / "gen" / "generator.pt"
     run("sample", "--generator", gen, "--out", tmp_path / "a", "--num", 5, "--steps", 4, "--class", "1",

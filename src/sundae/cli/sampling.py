@@ -66,13 +66,16 @@ def prompts(args: argparse.Namespace, pipe: SundaePipeline) -> list[str] | None:
     return list(args.prompt)
 
 
+GRID_MAX = 256  # images in `sample`'s grid.png: every sample is in samples/, the grid only previews them
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     old = claim_outputs(args.out, ["grid.png", "samples", "samples.jsonl"], args.overwrite)
     pipe = load_pipeline(args)
     labels, texts, sampler = class_values(args.class_, pipe), prompts(args, pipe), sampler_from_args(args)
     clear_outputs(old)
     out, t0 = Path(args.out), time.time()
-    images, taken, records = [], [], []
+    images, taken, records = [], [], []  # images: only the first GRID_MAX, for grid.png; memory stays bounded
     conditions = pipe.labels(labels, args.num)
     seeds = pipe.seeds(args.seed, args.num)
     for start, batch, steps, _ in pipe.generate(args.num, labels, texts, tuple(args.guidance_scale), sampler,
@@ -84,14 +87,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
                             "guidance_scale": list(args.guidance_scale),
                             **({"class": int(conditions[i])} if conditions is not None else {}),
                             **({"prompt": texts[i % len(texts)]} if texts else {})})
-        images.append(batch)
+        images.append(batch[:max(0, GRID_MAX - start)])
         taken.append(steps)
     images = torch.cat(images)
     lines = "".join(json.dumps(record) + "\n" for record in records)
     atomic_write(out / "samples.jsonl", lambda tmp: Path(tmp).write_text(lines))
     save_grid(images, out / "grid.png", nrow=args.nrow or int(np.ceil(np.sqrt(len(images)))))
-    print(f"{len(images)} samples in {time.time() - t0:.1f} s (mean {torch.cat(taken).float().mean():.1f} steps) "
-          f"written to {out}")
+    shown = "" if args.num <= GRID_MAX else f"; grid.png shows the first {GRID_MAX}"
+    print(f"{args.num} sample{'s' if args.num != 1 else ''} in {time.time() - t0:.1f} s (mean "
+          f"{torch.cat(taken).float().mean():.1f} steps) written to {out}{shown}")
 
 
 def cmd_inpaint(args: argparse.Namespace) -> None:
