@@ -137,3 +137,17 @@ def test_classifier_features_are_the_input_of_the_last_layer():
         torch.testing.assert_close(model.net[-1](feats), model(images), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"\(b, 1, 32, 32\)"):
         classifier_features(model, torch.zeros(2, 3, 32, 32))
+
+
+def test_ssim_averages_wang_et_al_valid_region_as_scikit_image():
+    from skimage.metrics import structural_similarity
+
+    from sundae.eval.metrics import ssim
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    for y in (x + 0.3 * torch.randn_like(x), 0.2 + 0.05 * torch.randn_like(x)):
+        y = y.clamp(-1, 1)
+        expected = np.mean([structural_similarity(x[i].numpy(), y[i].numpy(), data_range=2.0, channel_axis=0,
+                                                  gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+                            for i in range(3)])
+        assert ssim(x, y) == pytest.approx(expected, abs=1e-5)
