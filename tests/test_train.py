@@ -171,18 +171,27 @@ def test_ema_warm_up_leaves_the_initialisation_after_one_step(token_dir, tmp_pat
     assert len(moved) > 5 and min(moved) >= 0.9 - 1e-4, moved
 
 
-def test_dead_code_restart_reaches_the_ema_codebook(image_folder, tmp_path):
-    from sundae.checkpoint import load_tokenizer
-    ds = ImageFolder(image_folder, 32, 3)
-    # Two steps, a restart check after the second: the codes no batch used restart, in both codebooks.
-    cfg = dataclasses.replace(VQGAN_TRAIN_PRESETS["tiny"], steps=2, batch_size=4, restart_dead_codes=2,
-                              ema_decay=0.999)
-    path = train_vqgan(VQ["tiny"], cfg, ds, tmp_path / "tok", progress=False)
-    raw = torch.load(path, weights_only=True)["model"]["quantizer.codebook.weight"]
-    ema = load_tokenizer(path).quantizer.codebook.weight.detach()
-    restarted = (raw.abs().amax(1) > 2.0 / VQ["tiny"].codebook_size)  # init is U(-1/v, 1/v); encoder outputs are larger
-    assert 0 < restarted.sum() < len(raw)
-    torch.testing.assert_close(ema[restarted], raw[restarted], rtol=0, atol=0)
+def test_dead_code_restart_reaches_the_ema_codebook_and_uses_distinct_vectors():
+    import copy
+
+    from sundae.distributed import setup
+    from sundae.train import restart_dead_codes
+    from sundae.vqgan import VQGAN
+    torch.manual_seed(0)
+    model = VQGAN(VQ["tiny"])
+    ema = copy.deepcopy(model)
+    before = model.quantizer.codebook.weight.detach().clone()
+    # One flat image repeated: its 8x8 encoder outputs hold at most 64 distinct vectors (edges differ).
+    batch = torch.full((4, 3, 32, 32), 0.3)
+    distinct = len(model.encoder(batch).permute(0, 2, 3, 1).flatten(0, 2).unique(dim=0))
+    usage = torch.zeros(64, dtype=torch.long)
+    usage[:5] = 1  # 59 dead codes
+    n = restart_dead_codes(model, ema, batch, usage, setup("cpu"))
+    raw, avg = model.quantizer.codebook.weight.detach(), ema.quantizer.codebook.weight.detach()
+    changed = (raw != before).any(1)
+    assert n == min(59, distinct) == changed.sum() and not changed[:5].any()
+    torch.testing.assert_close(avg[5:], raw[5:], rtol=0, atol=0)  # the EMA codebook restarted too
+    assert len(raw[changed].unique(dim=0)) == n  # no two codes restarted onto one vector
 
 
 @pytest.mark.parametrize("field,value", [("ema_decay", 1.5), ("ema_decay", float("nan")), ("warmup_steps", -1),
@@ -205,23 +214,15 @@ def test_patches_larger_than_the_token_grid_are_refused(token_dir, tmp_path):
     assert not (tmp_path / "g" / "generator.pt").exists()
 
 
-def test_dead_codes_restart_onto_distinct_vectors_and_are_counted(tmp_path):
-    from PIL import Image
-    # Four copies of one image: the encoder yields few distinct vectors, far fewer than the dead codes.
-    root = tmp_path / "same" / "a"
-    root.mkdir(parents=True)
-    for i in range(4):
-        Image.new("RGB", (32, 32), (200, 30, 30)).save(root / f"{i}.png")
-    cfg = dataclasses.replace(VQGAN_TRAIN_PRESETS["tiny"], steps=2, batch_size=4, restart_dead_codes=1,
+def test_dead_code_restarts_are_counted_and_never_at_the_last_step(image_folder, tmp_path):
+    # Restart checks after every step of 3: at the starts of steps 2 and 3, none after the last.
+    cfg = dataclasses.replace(VQGAN_TRAIN_PRESETS["tiny"], steps=3, batch_size=4, restart_dead_codes=1,
                               log_every=1, disc_start=100)
-    path = train_vqgan(VQ["tiny"], cfg, ImageFolder(tmp_path / "same", 32, 3), tmp_path / "tok", progress=False)
+    path = train_vqgan(VQ["tiny"], cfg, ImageFolder(image_folder, 32, 3), tmp_path / "tok", progress=False)
     records = [json.loads(line) for line in (tmp_path / "tok" / "log.jsonl").read_text().splitlines()]
-    codebook = torch.load(path, weights_only=True)["model"]["quantizer.codebook.weight"]
-    distinct_rows = len(codebook.unique(dim=0))
-    # Each check restarts at most one code per distinct encoder output (one image: at most 64 vectors for
-    # 4 x 64 positions), so no two restarted codes share a vector: every row of the codebook differs.
-    assert records[0]["codes_restarted"] > 0 and all("codes_restarted" in r for r in records)
-    assert distinct_rows == len(codebook)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0]["codes_restarted"] == 0 and records[1]["codes_restarted"] > 0
+    assert torch.load(path, weights_only=True)["step"] == 3
 
 
 def test_every_tokenizer_preset_has_a_collapse_remedy():

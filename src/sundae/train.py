@@ -138,6 +138,30 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> No
         e.copy_(b)
 
 
+@torch.no_grad()
+def restart_dead_codes(model: VQGAN, ema: VQGAN, batch: Tensor, usage: Tensor, ctx: distributed.Dist) -> int:
+    """Restart the codes with `usage` 0 (`codebook_size` counts since the last check) at encoder outputs of
+    `batch` (`b c H W` in [-1, 1]), in the codebook and in the EMA codebook; returns how many restarted.
+
+    Only distinct encoder outputs are candidates, drawn without replacement, so at most as many codes
+    restart as there are distinct vectors: several codes restarted onto one vector would leave all but one
+    dead again at the next check. Under torchrun rank 0's choice is broadcast. The EMA codebook (what
+    `load_tokenizer` returns) takes the restarted rows too: averaging a restarted code with its dead old value
+    would leave it where no encoder output lands.
+    """
+    dead = (usage == 0).nonzero().flatten()
+    if not len(dead):
+        return 0
+    z = model.encoder(batch).permute(0, 2, 3, 1).flatten(0, 2).unique(dim=0)
+    n = min(len(dead), len(z))
+    chosen = dead[torch.randperm(len(dead), device=dead.device)[:n]]
+    codebook = model.quantizer.codebook.weight
+    codebook[chosen] = z[torch.randperm(len(z), device=z.device)[:n]].to(codebook.dtype)
+    distributed.broadcast(codebook, ctx)
+    ema.quantizer.codebook.weight[dead] = codebook[dead]
+    return n
+
+
 def _quiet(progress: bool, ctx: distributed.Dist) -> bool:
     """True when the progress bar should be hidden: not rank 0, asked for, or TQDM_DISABLE set."""
     return not ctx.main or not progress or bool(os.environ.get("TQDM_DISABLE"))
@@ -201,6 +225,12 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     with runs.StopOnSignal() as stop:
         while step < cfg.steps:
             batch = next(data)[0].to(device)
+            # Dead codes restart at the start of the step after every restart_dead_codes-th, never after the
+            # last one (a code restarted then would be used with a decoder that never saw it); a resumed run
+            # does it first, from the saved counts, as the uninterrupted run would have.
+            if cfg.restart_dead_codes and step and step % cfg.restart_dead_codes == 0:
+                restarted += restart_dead_codes(model, ema, batch, distributed.total(usage, ctx), ctx)
+                usage.zero_()
             gan_on = step >= cfg.disc_start and cfg.disc_weight > 0
             # Generator (tokenizer) update, accumulated over micro-batches.
             disc.requires_grad_(False)
@@ -245,23 +275,6 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
             images_seen += len(batch) * ctx.world
             bar.update(1)
 
-            if cfg.restart_dead_codes and step % cfg.restart_dead_codes == 0:
-                dead = (distributed.total(usage, ctx) == 0).nonzero().flatten()
-                if len(dead):
-                    with torch.no_grad():
-                        # Distinct encoder outputs only, drawn without replacement: several codes restarted
-                        # onto one vector leave all but one of them dead again at the next check.
-                        z = model.encoder(batch).permute(0, 2, 3, 1).flatten(0, 2).unique(dim=0)
-                        n = min(len(dead), len(z))
-                        chosen = dead[torch.randperm(len(dead), device=device)[:n]]
-                        codebook = model.quantizer.codebook.weight
-                        codebook[chosen] = z[torch.randperm(len(z), device=device)[:n]].to(codebook.dtype)
-                        distributed.broadcast(codebook, ctx)  # every replica restarts with rank 0's choice
-                        # The EMA codebook (what load_tokenizer returns) restarts too: averaging a restarted
-                        # code with its dead old value would leave it where no encoder output lands.
-                        ema.quantizer.codebook.weight[dead] = codebook[dead]
-                    restarted += n
-                usage.zero_()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 x_hat = torch.cat(recons).float().clamp(-1, 1)
                 mse = distributed.mean(F.mse_loss(x_hat, batch).detach(), ctx).item()
