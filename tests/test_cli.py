@@ -1,5 +1,6 @@
 """End-to-end: every verb of the `sundae` command on the tiny presets, and its one-line errors."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -295,3 +296,23 @@ def test_export_folders_load_and_sample_like_the_checkpoints(pipeline, tmp_path,
     (tmp_path / "gen" / "model.safetensors").unlink()
     assert "model.safetensors is missing" in fails(capsys, "sample", "--generator", tmp_path / "gen", "--out",
                                                    tmp_path / "c")
+
+
+def test_the_models_recorded_sampler_is_the_default_of_every_verb(pipeline, tmp_path, capsys):
+    from sundae.checkpoint import bundle_info
+    from sundae.pipeline import SundaePipeline
+    from sundae.sundae import SamplerConfig
+    ckpt = torch.load(pipeline / "gen" / "generator.pt", weights_only=True)
+    recorded = SamplerConfig(steps=3, temperature=(1.0, 0.9), update_proportion=0.7, min_steps=0, early_stop=False)
+    ckpt["meta"]["sampler"] = dataclasses.asdict(recorded)
+    (tmp_path / "run").mkdir()
+    torch.save(ckpt, tmp_path / "run" / "generator.pt")
+    assert SundaePipeline.from_pretrained(tmp_path / "run").sampler == recorded
+    capsys.readouterr()
+    run("sample", "--generator", tmp_path / "run", "--out", tmp_path / "a", "--num", 2, "--class", "1")
+    assert "(mean 3.0 steps)" in capsys.readouterr().out  # no early stop, T=3: the recorded sampler
+    run("sample", "--generator", tmp_path / "run", "--out", tmp_path / "b", "--num", 2, "--class", "1", "--steps", 2)
+    assert "(mean 2.0 steps)" in capsys.readouterr().out  # a flag given wins
+    run("export", tmp_path / "run", tmp_path / "bundle")
+    assert SamplerConfig(**bundle_info(tmp_path / "bundle")["sampler"]) == recorded
+    assert SundaePipeline.from_pretrained(tmp_path / "bundle").sampler == recorded

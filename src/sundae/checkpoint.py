@@ -194,6 +194,13 @@ def _load_export(path: Path, kind: str) -> dict[str, Any]:
 # ---- a generator's tokenizer, and bundles --------------------------------------------------------
 
 
+def stored_sampler(info: dict[str, Any]) -> SamplerConfig | None:
+    """The sampler a bundle's config.json or a checkpoint's meta recommends (key "sampler": the fields of
+    `SamplerConfig`), or None. Raises ValueError for settings `SamplerConfig` refuses."""
+    stored = info.get("sampler")
+    return SamplerConfig(**stored) if isinstance(stored, dict) else None
+
+
 def bundle_info(path: str | Path) -> dict[str, Any]:
     """The `config.json` of an export or bundle folder as a dict ({} for anything else: a checkpoint file, a
     run folder, or an unreadable file, which the loaders then name)."""
@@ -215,7 +222,8 @@ def export_bundle(generator: str | Path, out: str | Path, tokenizer: str | Path 
     `metrics.json` or `evaluation.json` lies beside the run).
 
     `generator`: a run folder, a checkpoint or a quickstart folder; `tokenizer`: default the one the
-    generator was trained with (`resolve_tokenizer`). EMA weights by default. Returns `out`.
+    generator was trained with (`resolve_tokenizer`); `sampler`: default the one its checkpoint recommends
+    (`stored_sampler`), else `SamplerConfig()`. EMA weights by default. Returns `out`.
     Raises FileNotFoundError or ValueError as `SundaePipeline.from_pretrained` does.
     """
     source = resolve_checkpoint(generator, "generator")
@@ -228,7 +236,7 @@ def export_bundle(generator: str | Path, out: str | Path, tokenizer: str | Path 
     if Path(tokenizer_path).is_dir():
         raise ValueError(f"{tokenizer_path} is an exported folder: pass the tokenizer's .pt checkpoint to bundle it")
     out = Path(out)
-    sampler = sampler or SamplerConfig()
+    sampler = sampler or stored_sampler(meta) or SamplerConfig()
     export(tokenizer_path, out / "tokenizer", ema=ema)
     export(source, out, ema=ema, extra={"bundle": {"tokenizer": "tokenizer"},
                                         "sampler": dataclasses.asdict(sampler)})

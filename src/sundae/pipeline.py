@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sundae.checkpoint import (bundle_info, check_pair, load_generator, load_tokenizer, resolve_checkpoint,
-                               resolve_tokenizer)
+                               resolve_tokenizer, stored_sampler)
 from sundae.hourglass import Hourglass
 from sundae.images import tensor_to_image
 from sundae.sundae import (GuidanceScale, LogitsFn, SamplerConfig, guidance_scales, guided_logits_fn, sample,
@@ -160,9 +160,10 @@ class SundaePipeline:
         tokenizer_path = resolve_tokenizer(path, meta, tokenizer)
         vq = load_tokenizer(tokenizer_path, device, ema)  # first: a wrong kind of file says so
         check_pair(net, meta, vq, path, tokenizer_path)
-        stored = bundle_info(path).get("sampler")
+        # The default sampler: a bundle's, else the one the run recorded (the quickstart's tuned settings).
+        sampler = stored_sampler(bundle_info(path)) or stored_sampler(meta)
         return cls(net, vq, meta, precision, compile, source=str(path), tokenizer_path=str(tokenizer_path),
-                   sampler=SamplerConfig(**stored) if stored else None)
+                   sampler=sampler)
 
     @property
     def device(self) -> torch.device:

@@ -193,27 +193,33 @@ _SAMPLER_FLAGS = {
 
 def add_sampler(p: argparse.ArgumentParser, steps_type: Any = None) -> None:
     """The `SamplerConfig` fields as flags (--steps, --temperature, --update-proportion, --min-steps,
-    --no-early-stop), defaults from `SamplerConfig()`. `steps_type` replaces --steps' type (a sweep)."""
+    --no-early-stop). Each defaults to None: `sampler_from_args` takes an unset flag from the model's own
+    sampler (a bundle's, or the one its run recorded), else from `SamplerConfig()`, whose values the help
+    shows. `steps_type` replaces --steps' type (a sweep)."""
     defaults = SamplerConfig()
     for field in dataclasses.fields(SamplerConfig):
         default = getattr(defaults, field.name)
         flag = "--" + field.name.replace("_", "-")
         if field.name == "early_stop":
-            p.add_argument("--no-early-stop", dest="early_stop", action="store_false",
+            p.add_argument("--no-early-stop", dest="early_stop", action="store_false", default=None,
                            help="run every sample for all T steps (default: a sample stops once a step changes "
                            "nothing)")
             continue
         kind, text = _SAMPLER_FLAGS[field.name]
         shown = default[0] if isinstance(default, tuple) and default[0] == default[1] else default
         if field.name == "steps" and steps_type is not None:
-            kind, default, text = steps_type, [default], text + ", or a comma-separated sweep such as 4,8,16,32"
-        p.add_argument(flag, type=kind, default=default, help=f"{text} (default {shown})")
+            kind, text = steps_type, text + ", or a comma-separated sweep such as 4,8,16,32"
+        p.add_argument(flag, type=kind, default=None, help=f"{text} (default: the model's own, else {shown})")
 
 
-def sampler_from_args(args: argparse.Namespace, steps: int | None = None) -> SamplerConfig:
-    """The `SamplerConfig` of the sampler flags (`steps` overrides --steps); its errors as UsageError, with
-    the flag's name where the message names a field."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerConfig)}
+def sampler_from_args(args: argparse.Namespace, steps: int | None = None,
+                      base: SamplerConfig | None = None) -> SamplerConfig:
+    """The `SamplerConfig` of the sampler flags (`steps` overrides --steps); a flag left unset takes the value
+    of `base` (the model's sampler, `SundaePipeline.sampler`), else of `SamplerConfig()`. Its errors as
+    UsageError, with the flag's name where the message names a field."""
+    base = base or SamplerConfig()
+    values = {f.name: getattr(base, f.name) if getattr(args, f.name) is None else getattr(args, f.name)
+              for f in dataclasses.fields(SamplerConfig)}
     if steps is not None:
         values["steps"] = steps
     try:

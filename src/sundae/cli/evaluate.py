@@ -56,7 +56,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if net.cfg.text_dim:
         raise UsageError(f"{args.generator} is text-conditional; evaluate measures unconditional and "
                          f"class-conditional generators (for text, see benchmarks/emoji_agreement.py)")
-    samplers = [sampler_from_args(args, steps) for steps in args.steps]
+    samplers = [sampler_from_args(args, steps, pipe.sampler) for steps in args.steps or [pipe.sampler.steps]]
     size = pipe.image_size
     if size[0] != size[1]:
         raise UsageError(f"{args.generator} makes {size[0]}x{size[1]} images; evaluate compares square images only")
@@ -89,7 +89,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     protocol = {
         "generator": str(Path(pipe.source).resolve()), "generator_sha256": file_digest(pipe.source),
         "tokenizer": str(Path(pipe.tokenizer_path).resolve()), "tokenizer_sha256": file_digest(pipe.tokenizer_path),
-        "samples": args.num, "steps": args.steps, **schedule,
+        "samples": args.num, "steps": [sampler.steps for sampler in samplers], **schedule,
         "labels": f"balanced: sample i has class i mod {net.cfg.num_classes}" if conditional else "unconditional",
         "guidance_scale": list(args.guidance_scale), "seed": args.seed,
         "seeds": "sample i is drawn from its own generator seeded seed + i", "batch_size": args.batch_size,
@@ -102,10 +102,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     write_json(out / "evaluation.json", result)
     nrow = net.cfg.num_classes if conditional else 8
     save_grid(images[:nrow * max(1, 64 // nrow)], out / "samples.png", nrow=nrow)
-    if len(args.steps) > 1:
+    if len(samplers) > 1:
         keys = [k for k in ("fid_classifier", "fid_inception", "class_accuracy", "precision_classifier",
                             "recall_classifier") if k in results["samples"][0]]
-        plot_curves(args.steps, {k: [row[k] for row in results["samples"]] for k in keys}, "sampling steps T",
+        plot_curves([sampler.steps for sampler in samplers], {k: [row[k] for row in results["samples"]] for k in keys}, "sampling steps T",
                     out / "curves.png", title=f"{args.num} samples vs {ref.info['count']} reference images")
     print(_evaluation_table(result))
     print(f"results written to {out / 'evaluation.json'}")

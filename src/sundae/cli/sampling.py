@@ -72,7 +72,8 @@ GRID_MAX = 256  # images in `sample`'s grid.png: every sample is in samples/, th
 def cmd_sample(args: argparse.Namespace) -> None:
     old = claim_outputs(args.out, ["grid.png", "samples", "samples.jsonl"], args.overwrite)
     pipe = load_pipeline(args)
-    labels, texts, sampler = class_values(args.class_, pipe), prompts(args, pipe), sampler_from_args(args)
+    labels, texts = class_values(args.class_, pipe), prompts(args, pipe)
+    sampler = sampler_from_args(args, base=pipe.sampler)
     clear_outputs(old)
     out, t0 = Path(args.out), time.time()
     images, taken, records = [], [], []  # images: only the first GRID_MAX, for grid.png; memory stays bounded
@@ -101,7 +102,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_inpaint(args: argparse.Namespace) -> None:
     old = claim_outputs(args.out, ["figure.png", "completion_*.png"], args.overwrite)
     pipe = load_pipeline(args)
-    sampler = sampler_from_args(args)
+    sampler = sampler_from_args(args, base=pipe.sampler)
     if pipe.num_classes and args.class_ is None:
         raise UsageError(f"{args.generator} is class-conditional: pass --class (0..{pipe.num_classes - 1})")
     labels = class_values(args.class_, pipe)
