@@ -28,7 +28,7 @@ class ClassEmbedding(nn.Module):
     def forward(self, labels: Tensor | None, batch: int, drop: Tensor | None = None) -> Tensor:
         if labels is None:
             labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=self.embedding.weight.device)
-        elif labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+        elif labels.numel() and bool(((labels < 0) | (labels >= self.num_classes)).any()):  # one device sync
             raise ValueError(f"class labels must lie in [0, {self.num_classes}) (index {self.num_classes} is the "
                              f"null class: pass labels=None), got {labels.min().item()}..{labels.max().item()}")
         if drop is not None:
