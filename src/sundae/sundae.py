@@ -89,7 +89,8 @@ def sample_logits(logits: Tensor, temperature: float | Tensor = 1.0, generator: 
     drawn = (scaled - torch.log(-torch.log(u))).argmax(-1)
     overflow = (scaled.isinf() & logits.isfinite()).any(-1)
     # A temperature so small that logits / tau overflows float32 takes the tau -> 0 limit: the argmax (greedy).
-    return torch.where(overflow, logits.argmax(-1), drawn) if overflow.any() else drawn
+    # No `overflow.any()` branch: that would be a device sync in every sampling and unrolled training step.
+    return torch.where(overflow, logits.argmax(-1), drawn)
 
 
 def unrolled_loss(logits_fn: Callable[..., Tensor], tokens: Tensor, codebook_size: int, unroll_steps: int = 2,
