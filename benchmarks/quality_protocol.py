@@ -24,7 +24,7 @@ from sundae.eval.metrics import classifier_features, frechet_distance, knn_radii
 from sundae.hourglass import Hourglass, HourglassConfig
 from sundae.pipeline import class_logits_fn
 from sundae.sundae import SamplerConfig, sample, unrolled_loss
-from sundae.train import ema_decay_at
+from sundae.train import ema_update
 
 # ---- the methods ----------------------------------------------------------------------------------------
 
@@ -130,10 +130,7 @@ def train_to_checkpoints(net: nn.Module, loss: Callable, tokens: Tensor, labels:
         value.backward()
         nn.utils.clip_grad_norm_(net.parameters(), opt_cfg.clip)
         opt.step()
-        with torch.no_grad():
-            decay = ema_decay_at(opt_cfg.ema_decay, step)
-            for e, p in zip(ema.parameters(), net.parameters()):
-                e.lerp_(p, 1 - decay)
+        ema_update(ema, net, opt_cfg.ema_decay, step)
         losses = (losses + [value.item()])[-20:]
         step += 1
         if step in todo:

@@ -129,7 +129,7 @@ def ema_decay_at(decay: float, step: int) -> float:
 
 
 @torch.no_grad()
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """ema <- d * ema + (1 - d) * model for parameters, d = ema_decay_at(decay, step); buffers are copied."""
     decay = ema_decay_at(decay, step)
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -258,7 +258,7 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
             sums = distributed.mean(sums, ctx)
             _check_finite(sums[0], step, out / "tokenizer.pt")
             scaler.step(opt)
-            _ema_update(ema, model, cfg.ema_decay, step)
+            ema_update(ema, model, cfg.ema_decay, step)
             # Discriminator update, hinge loss on real vs detached reconstructions.
             d_loss = torch.zeros((), device=device)
             if gan_on:
@@ -408,7 +408,7 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
             scaler.step(opt)
             scaler.update()
             sched.step()
-            _ema_update(ema, model, cfg.ema_decay, step)
+            ema_update(ema, model, cfg.ema_decay, step)
             step += 1
             tokens_seen += tokens.numel() * ctx.world
             bar.update(1)
