@@ -106,6 +106,24 @@ def test_sample_image_i_redrawn_alone_and_every_verb_takes_a_run_folder_or_bundl
     assert "already holds an export: pass --overwrite" in fails(capsys, "export", pipeline / "gen", tmp_path / "bundle")
 
 
+def test_inpaint_completions_know_nothing_of_the_masked_pixels(pipeline, image_folder, tmp_path):
+    """Issue 19: two images equal outside the mask give bit-identical completions for the same seed."""
+    original = np.asarray(Image.open(image_folder / "circles" / "00.png"))
+    hidden = original.copy()
+    hidden[8:24, 8:24] = 255 - hidden[8:24, 8:24]
+    Image.fromarray(hidden).save(tmp_path / "hidden.png")
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    outs = []
+    for name, image in (("a", image_folder / "circles" / "00.png"), ("b", tmp_path / "hidden.png")):
+        run("inpaint", "--generator", pipeline / "gen" / "generator.pt", "--image", image, "--mask",
+            tmp_path / "mask.png", "--out", tmp_path / name, "--num", 2, "--class", 0, "--steps", 5, "--seed", 4,
+            "--device", "cpu")
+        outs.append([np.asarray(Image.open(tmp_path / name / f"completion_{i:02d}.png")) for i in range(2)])
+    assert all(np.array_equal(a, b) for a, b in zip(*outs, strict=True))
+
+
 def test_inpaint_keeps_pixels_outside_the_mask(pipeline, image_folder, tmp_path):
     image = image_folder / "circles" / "00.png"
     mask = np.zeros((32, 32), dtype=np.uint8)

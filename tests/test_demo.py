@@ -312,6 +312,21 @@ def test_inpaint_action_regenerates_exactly_the_painted_cells(nets, monkeypatch)
     assert (np.asarray(completions[0])[~regenerated] == pixels[~regenerated]).all()
 
 
+def test_inpaint_action_knows_nothing_of_the_painted_pixels(nets):
+    """Issue 19: two uploads equal outside the painted area give the same completions for the same seed."""
+    net, tokenizer = nets
+    actions = demo.Actions(SundaePipeline(net, tokenizer, GRID))
+    pixels = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    hidden = pixels.copy()
+    hidden[6:22, 6:22] = 255 - hidden[6:22, 6:22]  # a different picture under the paint only
+    layer = Image.new("RGBA", (32, 32))
+    layer.paste((255, 0, 255, 255), (6, 6, 22, 22))
+    sampler = demo.sampler_values(SamplerConfig(steps=6, min_steps=2))
+    shown = [actions.inpaint({"background": Image.fromarray(x).convert("RGBA"), "layers": [layer]}, 0, 1, 2, 0, 3,
+                             *sampler)[1] for x in (pixels, hidden)]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*shown, strict=True))
+
+
 # ---- text prompts and classifier-free guidance ------------------------------------------------------
 
 def test_condition_values_prompts_per_line_and_guidance_checks(nets, text_pipe):

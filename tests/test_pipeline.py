@@ -12,7 +12,7 @@ from sundae.checkpoint import export_bundle, save_checkpoint
 from sundae.hourglass import PRESETS as HG
 from sundae.hourglass import Hourglass
 from sundae.io import file_digest
-from sundae.sundae import SAMPLER_PRESETS, guided_logits_fn, sample
+from sundae.sundae import SAMPLER_PRESETS, fill_masked, guided_logits_fn, sample
 from sundae.vqgan import PRESETS as VQ
 from sundae.vqgan import VQGAN
 
@@ -136,6 +136,24 @@ def test_inpaint_keeps_the_known_cells_and_reconstruct_round_trips(run):
         pipe.inpaint(image, mask[:, :20], num=1, class_labels=0, sampler=FAST)
     recon = pipe.reconstruct(image[None])
     assert recon.shape == (1, 3, 30, 17) and torch.equal(pipe.encode(recon), pipe.encode(recon))
+
+
+def test_inpainting_knows_nothing_of_the_masked_pixels(run):
+    """Issue 19: the kept tokens were encoded from the whole image, so the completions moved toward what the
+    mask hid. Two images equal outside the mask give bit-identical kept tokens and completions."""
+    pipe = SundaePipeline.from_pretrained(run)
+    torch.manual_seed(5)
+    image = torch.rand(3, 32, 32) * 2 - 1
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:24, 8:24] = 1
+    other = torch.where(mask.bool(), -image, image)
+    outs = [pipe.inpaint(x, mask, num=2, class_labels=0, sampler=FAST, seed=9, output_type="pt") for x in (image, other)]
+    assert torch.equal(outs[0].tokens, outs[1].tokens) and torch.equal(outs[0].images, outs[1].images)
+    keep = torch.ones(8, 8, dtype=torch.bool)
+    keep[2:6, 2:6] = False
+    assert torch.equal(outs[0].tokens[:, keep], pipe.encode(fill_masked(image[None], mask[None]))[0, keep].expand(2, -1))
+    # The old way, encoding the whole image, lets the hidden pixels change kept tokens of this very tokenizer.
+    assert not torch.equal(pipe.encode(image[None])[0, keep], pipe.encode(other[None])[0, keep])
 
 
 def test_sampler_config_is_validated_once_and_holds_the_papers_presets():

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from sundae.hourglass import PRESETS, Hourglass
-from sundae.sundae import corrupt, linear_schedule, sample, sample_logits, token_keep_mask, unrolled_loss
+from sundae.sundae import (corrupt, fill_masked, linear_schedule, sample, sample_logits, token_keep_mask,
+                           unrolled_loss)
 
 V = 16
 
@@ -299,3 +300,27 @@ def test_seeds_outside_the_generator_range_are_refused():
     for seed, num in ((-1, 1), (2**64 - 2, 3), ([0, -5], 2), ([2**64], 1)):
         with pytest.raises(ValueError, match=r"seeds must lie in \[0, 2\*\*64 - 1\]"):
             SundaePipeline.seeds(seed, num)
+
+
+def test_fill_masked_is_a_function_of_the_visible_pixels_only():
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 30, 17) * 2 - 1
+    mask = torch.zeros(2, 1, 30, 17)
+    mask[0, :, 5:20, 3:11] = 1
+    mask[1, :, :, 9:] = 1  # the whole right side
+    other = torch.where(mask.bool(), torch.rand_like(image) * 2 - 1, image)  # differs only under the mask
+    filled = fill_masked(image, mask)
+    assert torch.equal(filled, fill_masked(other, mask))  # bit-identical: nothing under the mask gets through
+    assert torch.equal(filled[~mask.bool().expand_as(image)], image[~mask.bool().expand_as(image)])
+    # A fill is made of averages of visible pixels: inside their range, and a constant stays that constant.
+    for b in range(2):
+        seen = image[b][:, ~mask[b, 0].bool()]
+        hole = filled[b][:, mask[b, 0].bool()]
+        assert (hole >= seen.amin(1, keepdim=True) - 1e-6).all() and (hole <= seen.amax(1, keepdim=True) + 1e-6).all()
+    flat = torch.full((1, 1, 9, 9), 0.25)
+    hole = torch.zeros(1, 1, 9, 9)
+    hole[..., 2:7, 1:8] = 1
+    assert torch.allclose(fill_masked(flat, hole), flat)
+    assert torch.equal(fill_masked(flat, torch.ones(1, 1, 9, 9)), torch.zeros(1, 1, 9, 9))  # nothing visible
+    with pytest.raises(ValueError, match="does not fit"):
+        fill_masked(image, mask[..., :10])

@@ -28,8 +28,8 @@ from sundae.checkpoint import (bundle_info, check_pair, load_generator, load_tok
                                resolve_tokenizer, stored_sampler)
 from sundae.hourglass import Hourglass
 from sundae.images import tensor_to_image
-from sundae.sundae import (GuidanceScale, LogitsFn, SamplerConfig, guidance_scales, guided_logits_fn, sample,
-                           token_keep_mask)
+from sundae.sundae import (GuidanceScale, LogitsFn, SamplerConfig, fill_masked, guidance_scales, guided_logits_fn,
+                           sample, token_keep_mask)
 from sundae.vqgan import VQGAN
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the network's autocast dtype
@@ -88,9 +88,11 @@ def inpaint_images(net, tokenizer: VQGAN, image: Tensor, pixel_mask: Tensor, num
     """`num` completions of one image (`c H W` in [-1, 1], any H, W) where `pixel_mask` (`1 H W`, 1 =
     regenerate) is set (McKinney & Willcocks section 3.5: inpainting is the sampler with a keep-mask).
 
-    The image is tokenized with the tokenizer's size policy (padded to multiples of f, `VQGAN.encode`).
-    Known tokens (`token_keep_mask`: no masked pixel in the cell, grown by `dilate` cells) are fixed; the
-    decoded images are cropped back to H x W and every pixel outside the regenerated cells is copied from
+    The masked pixels are replaced by a fill computed from the visible ones (`fill_masked`) before the image
+    is tokenized with the tokenizer's size policy (padded to multiples of f, `VQGAN.encode`), so the kept
+    tokens and the completions are a function of the unmasked pixels only: the encoder's receptive field
+    would otherwise carry what the mask hides into the kept tokens. Known tokens (`token_keep_mask`: no
+    masked pixel in the cell, grown by `dilate` cells) are fixed; the decoded images are cropped back to H x W and every pixel outside the regenerated cells is copied from
     the input. Completion i depends only on its own generator (with one per completion), not on `num`.
     `sampler` (default `SamplerConfig()`) with `overrides` (steps=, ...) sets the schedule;
     `generator` is one generator or one per completion. Returns (images `num c H W` in [-1, 1], tokens
@@ -102,8 +104,9 @@ def inpaint_images(net, tokenizer: VQGAN, image: Tensor, pixel_mask: Tensor, num
     height, width = image.shape[-2:]
     device = tokenizer.last_layer.device
     x = image[None].to(device)
-    keep = token_keep_mask(pixel_mask[None].to(device), f, dilate).expand(num, -1, -1)
-    init = tokenizer.encode(x).expand(num, -1, -1)
+    pixel_mask = pixel_mask[None].to(device)
+    keep = token_keep_mask(pixel_mask, f, dilate).expand(num, -1, -1)
+    init = tokenizer.encode(fill_masked(x, pixel_mask)).expand(num, -1, -1)
     fn = class_logits_fn(net, labels, precision, compile, guidance_scale, sampler.steps, text)
     z, _ = sample(fn, tuple(init.shape), net.cfg.codebook_size, sampler, init=init, keep=keep, generator=generator,
                   device=device)

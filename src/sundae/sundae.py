@@ -1,4 +1,5 @@
-"""The SUNDAE process as plain functions: corruption, unrolled denoising loss, sampler, keep-masks.
+"""The SUNDAE process as plain functions: corruption, unrolled denoising loss, sampler, keep-masks and
+the fill that keeps masked pixels out of an inpainting's encoding.
 
 Savinov et al., "Step-unrolled Denoising Autoencoders for Text Generation" (arXiv 2112.06749), as used for
 images by McKinney & Willcocks (arXiv 2206.12351). Nothing here owns a model or an optimizer: the loss and
@@ -334,6 +335,35 @@ def token_keep_mask(pixel_mask: Tensor, f: int, dilate: int = 0) -> Tensor:
     if dilate:
         masked = F.max_pool2d(masked, kernel_size=2 * dilate + 1, stride=1, padding=dilate)
     return masked[:, 0] == 0
+
+
+def fill_masked(image: Tensor, pixel_mask: Tensor) -> Tensor:
+    """Replace the masked pixels of `image` (`b c H W` float) by a smooth fill computed from the visible ones
+    only (`pixel_mask` `b 1 H W`, nonzero = masked), so that an encoding of the result, and everything sampled
+    from it, knows nothing of what the mask hides. Returns `b c H W`, equal to `image` where not masked.
+
+    Why: the tokenizer's receptive field (its mid-block attention is global) reaches from every kept cell into
+    the masked area, so encoding the whole image leaks the hidden content into the kept tokens, and from
+    them into the completions. The fill is a push-pull pyramid (the masked-average interpolation used for
+    scattered-data hole filling): visible pixels and their weights are average-pooled 2x2 down to 1 x 1; going
+    back up, a pixel with no visible pixel below it takes the bilinear upsampling of the coarser level. Pixels
+    under the mask contribute exactly zero, so two images equal outside the mask give bit-identical fills. A
+    wholly masked image fills with 0 (mid grey in [-1, 1]). Raises ValueError for a mask of another size.
+    """
+    if pixel_mask.shape[-2:] != image.shape[-2:] or pixel_mask.shape[0] not in (1, image.shape[0]):
+        raise ValueError(f"fill_masked: mask {tuple(pixel_mask.shape)} does not fit image {tuple(image.shape)}")
+    masked = (pixel_mask != 0).expand(image.shape[0], 1, -1, -1)
+    weight = (~masked).to(image.dtype)
+    levels = [(torch.where(masked, torch.zeros_like(image), image), weight)]
+    while max(levels[-1][1].shape[-2:]) > 1:
+        total, count = levels[-1]
+        levels.append((F.avg_pool2d(total, 2, ceil_mode=True), F.avg_pool2d(count, 2, ceil_mode=True)))
+    fill = torch.zeros_like(levels[-1][0])
+    for total, count in reversed(levels):
+        if fill.shape[-2:] != total.shape[-2:]:
+            fill = F.interpolate(fill, size=total.shape[-2:], mode="bilinear", align_corners=False)
+        fill = torch.where(count > 0, total / count.clamp_min(torch.finfo(count.dtype).tiny), fill)
+    return torch.where(masked, fill, image)
 
 
 # ---- classifier-free guidance (Ho & Salimans, "Classifier-Free Diffusion Guidance", arXiv 2207.12598) ----
