@@ -133,7 +133,7 @@ def test_bad_files_are_one_line_errors_saying_what_is_wrong(tmp_path):
         assert str(err.value) == f"cannot read image {tmp_path / name}: {reason}"
 
 
-def _count_decodes(monkeypatch) -> list:
+def count_decodes(monkeypatch) -> list:
     """Record the size of every image whose pixels Pillow starts to decode: `ImageFile.load_prepare`, where
     it allocates the pixel memory (the spy then goes on as Pillow does)."""
     calls, prepare = [], ImageFile.ImageFile.load_prepare
@@ -142,7 +142,7 @@ def _count_decodes(monkeypatch) -> list:
 
 
 def test_max_pixels_refuses_a_huge_canvas_from_its_header_before_decoding(tmp_path, monkeypatch):
-    decodes = _count_decodes(monkeypatch)
+    decodes = count_decodes(monkeypatch)
     png_declaring(tmp_path / "square.png", 64, 64, 64)  # exactly the limit: read
     png_declaring(tmp_path / "wide.png", 65, 64, 64)  # one column over
     png_declaring(tmp_path / "bomb.png", 9000, 9000, 9000)  # valid, under Pillow's limit of 89 megapixels
@@ -163,7 +163,7 @@ def test_max_pixels_refuses_a_huge_canvas_from_its_header_before_decoding(tmp_pa
 
 
 def test_a_canvas_over_pillows_limit_is_refused_as_a_bomb_before_decoding(tmp_path, monkeypatch):
-    decodes = _count_decodes(monkeypatch)
+    decodes = count_decodes(monkeypatch)
     png_declaring(tmp_path / "huge.png", 40000, 40000, 1)  # 1.6 gigapixels, over twice Pillow's limit
     for max_pixels in (None, 64 * 64, 2 * 10 ** 9):  # Pillow's check comes first, whatever our limit
         with pytest.raises(ImageError) as err:
