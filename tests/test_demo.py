@@ -30,6 +30,7 @@ from sundae.text import DEFAULT as MINILM  # noqa: E402
 from sundae.text import load_text_encoder  # noqa: E402
 from sundae.vqgan import PRESETS as VQGAN_PRESETS  # noqa: E402
 from sundae.vqgan import VQGAN  # noqa: E402
+from test_images import count_decodes, png_declaring  # noqa: E402  (tests/ is on the path, as for cli_helpers)
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -267,12 +268,46 @@ def test_load_action_reads_uploads_by_the_library_policy(nets, tmp_path):
     assert background[2, 3].tolist() == [255, 255, 255, 255] and background[0, 0].tolist() == [10, 20, 30, 255]
     assert actions.load(None) is None
     Image.new("RGB", (41, 30)).save(tmp_path / "b.png")
-    with pytest.raises(gr.Error, match="41x30 = 1230 pixels; this demo takes at most 1200"):
+    with pytest.raises(gr.Error, match="Image b.png declares 41x30 = 1230 pixels; the limit is 1200 pixels"):
         actions.load(str(tmp_path / "b.png"))
     (tmp_path / "c.png").write_bytes(b"not an image")
     with pytest.raises(gr.Error, match="Cannot read image c.png") as err:
         actions.load(str(tmp_path / "c.png"))
     assert str(tmp_path) not in str(err.value)
+
+
+def test_bad_uploads_are_one_line_messages_and_huge_canvases_are_never_decoded(nets, tmp_path, monkeypatch):
+    """The upload event hands `Actions.upload` Gradio's file data undecoded; every file that cannot be used is
+    one line for the page, naming the upload but no server folder, and an image declaring more than
+    `max_pixels` is refused from its header, its pixels never decoded."""
+    actions = demo.Actions(SundaePipeline(*nets, GRID), max_pixels=64 * 64)
+    decodes = count_decodes(monkeypatch)
+    (tmp_path / "notes.png").write_text("hello, not an image\n")
+    (tmp_path / "empty.png").write_bytes(b"")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "a.png").read_bytes()[:1500])
+    png_declaring(tmp_path / "bomb.png", 9000, 9000, 9000)  # about 10 kB of file, 243 MB of RGB pixels
+    png_declaring(tmp_path / "huge.png", 40000, 40000, 1)  # over twice Pillow's decompression-bomb limit
+    for name, message in (
+            ("notes.png", "Cannot read image notes.png: not an image Pillow can read, or its header is damaged (it "
+                          "starts with b'hello, not an im')"),
+            ("empty.png", "Cannot read image empty.png: empty file"),
+            ("cut.png", "Cannot read image cut.png: image file is truncated"),
+            ("bomb.png", "Image bomb.png declares 9000x9000 = 81000000 pixels; the limit is 4096 pixels"),
+            ("huge.png", "Image huge.png refused as a possible decompression bomb (Pillow's limit Image."
+                         f"MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): Image size (1600000000 pixels) exceeds limit "
+                         f"of {2 * Image.MAX_IMAGE_PIXELS} pixels, could be decompression bomb DOS attack.")):
+        with pytest.raises(gr.Error) as err:
+            actions.upload({"path": str(tmp_path / name), "orig_name": name, "url": None, "size": None})
+        assert err.value.message == message and not err.value.print_exception
+    assert decodes == [(32, 32)]  # the truncated file's; neither canvas was allocated
+    assert actions.upload(None) is None
+    upload = np.asarray(actions.upload({"path": str(tmp_path / "a.png"), "orig_name": "a.png"})["background"])
+    assert np.array_equal(upload, np.asarray(actions.load(str(tmp_path / "a.png"))["background"]))
+    app = demo.build_app(SundaePipeline(*nets, GRID))
+    (event,) = [fn for fn in app.fns.values() if [block.elem_id for block in fn.inputs] == ["upload"]]
+    assert event.fn.__name__ == "upload" and event.preprocess is False  # Gradio does not decode the file first
+    assert event.show_progress == "hidden"  # a refused file: the message alone, no "Error" badge on the editor
 
 
 def test_inpaint_action_regenerates_exactly_the_painted_cells(nets, monkeypatch):
@@ -580,17 +615,30 @@ def test_inpaint_completions_keep_the_unpainted_pixels(page, tmp_path):
     assert (completions[0][~keep] != completions[1][~keep]).any()  # diverse completions
 
 
-def test_uploads_over_the_limits_are_refused_in_the_page(page, tmp_path):
+def _error_badges(page) -> int:
+    """Gradio's "Error" badges showing on the page's components (a hidden status tracker has class "hide")."""
+    return page.locator("[data-testid=status-tracker]:not(.hide) .error").count()
+
+
+def test_uploads_over_the_limits_are_refused_in_the_page(page, tmp_path, capfd):
     # The fixture's app takes 64x64 = 4096 pixels, and files of 5 bytes per pixel: 20480 bytes.
     noise = np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "heavy.png")  # noise does not compress: about 30 kB
     assert (tmp_path / "heavy.png").stat().st_size > 20480
     _upload(page, tmp_path / "heavy.png")
     page.get_by_text("exceed the maximum allowed size").wait_for(timeout=10_000)
-    Image.new("RGB", (80, 80), (30, 60, 90)).save(tmp_path / "wide.png")  # a few hundred bytes, 6400 pixels
-    _upload(page, tmp_path / "wide.png")
-    page.get_by_text("The image is 80x80 = 6400 pixels; this demo takes at most 4096 pixels").wait_for(
+    png_declaring(tmp_path / "bomb.png", 9000, 9000, 9000)  # about 10 kB, 81 megapixels
+    _upload(page, tmp_path / "bomb.png")
+    page.get_by_text("Image bomb.png declares 9000x9000 = 81000000 pixels; the limit is 4096 pixels").wait_for(
         timeout=10_000)
+    assert _error_badges(page) == 0
+    # Gradio's own check (by the browser's file type) refuses a .txt; text named .png reaches the server.
+    (tmp_path / "notes.png").write_text("hello, not an image\n")
+    _upload(page, tmp_path / "notes.png")
+    page.get_by_text("Cannot read image notes.png: not an image Pillow can read, or its header is damaged "
+                     "(it starts with b'hello, not an im')").wait_for(timeout=10_000)
+    assert _error_badges(page) == 0
+    assert "Traceback" not in capfd.readouterr().err  # the server printed no traceback either
 
 
 def test_inpaint_without_an_image_says_so_in_the_page(page):

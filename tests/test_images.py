@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from sundae.checkpoint import save_checkpoint
 from sundae.cli import main
@@ -16,19 +16,30 @@ from sundae.vqgan import PRESETS as VQ
 from sundae.vqgan import VQGAN
 
 
+def _png(header: bytes, raw: bytes) -> bytes:
+    """A PNG file: the IHDR `header`, the rows `raw` (a filter byte before each) deflated, with correct CRCs."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
+            + chunk(b"IEND", b""))
+
+
 def write_png16(path, values: np.ndarray) -> None:
     """A 16-bit PNG written by hand (Pillow cannot write 16-bit RGB): `h w` gray or `h w 3` RGB uint16."""
     arr = np.asarray(values, dtype=">u2")
     h, w = arr.shape[:2]
     colour_type = 0 if arr.ndim == 2 else 2
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     raw = b"".join(b"\x00" + arr[r].tobytes() for r in range(h))  # filter type 0 on every row
-    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(_png(struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0), raw))
+
+
+def png_declaring(path, width: int, height: int, rows: int) -> None:
+    """A small PNG whose header declares a `width` x `height` 1-bit grayscale canvas, holding `rows` black
+    rows: all of them (`rows` = `height`) is a valid image and a decompression bomb (9000x9000 pixels are
+    about 10 kB of file, 81 MB in Pillow's memory and 243 MB as RGB); fewer is a truncated one."""
+    raw = (b"\x00" * (1 + -(-width // 8))) * rows  # filter byte 0, then width bits of 0 per row
+    path.write_bytes(_png(struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0), raw))
 
 
 SIXTEEN = np.array([[0, 2570, 30000, 65535]], dtype=np.uint16)
@@ -99,6 +110,69 @@ def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     for name in ("warn.png", "error.png"):
         with pytest.raises(ImageError, match=f"{name} refused as a possible decompression bomb.*MAX_IMAGE_PIXELS=100"):
             read_image(tmp_path / name, 3)
+
+
+def test_bad_files_are_one_line_errors_saying_what_is_wrong(tmp_path):
+    (tmp_path / "page.jpg").write_bytes(b"<!DOCTYPE html>\n<html><body>Not found</body></html>\n")
+    (tmp_path / "empty.png").write_bytes(b"")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "full.png")
+    full = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "half.png").write_bytes(full[: len(full) // 2])  # the header and half the pixel data
+    (tmp_path / "header.png").write_bytes(full[:20])  # cut inside the header
+    (tmp_path / "chunk.png").write_bytes(full[:40])  # cut after the header, inside the next chunk's name
+    expected = {"page.jpg": "not an image Pillow can read, or its header is damaged (it starts with "
+                            "b'<!DOCTYPE html>\\n')",
+                "empty.png": "empty file", "half.png": "image file is truncated",
+                "header.png": "Truncated File Read",
+                "chunk.png": "not an image Pillow can read, or its header is damaged (it starts with "
+                             "b'\\x89PNG\\r\\n\\x1a\\n\\x00\\x00\\x00\\rIHDR')"}
+    for name, reason in expected.items():
+        with pytest.raises(ImageError) as err:
+            read_image(tmp_path / name, 3, max_pixels=64 * 64)
+        assert str(err.value) == f"cannot read image {tmp_path / name}: {reason}"
+
+
+def count_decodes(monkeypatch) -> list:
+    """Record the size of every image whose pixels Pillow starts to decode: `ImageFile.load_prepare`, where
+    it allocates the pixel memory (the spy then goes on as Pillow does)."""
+    calls, prepare = [], ImageFile.ImageFile.load_prepare
+    monkeypatch.setattr(ImageFile.ImageFile, "load_prepare", lambda self: calls.append(self.size) or prepare(self))
+    return calls
+
+
+def test_max_pixels_refuses_a_huge_canvas_from_its_header_before_decoding(tmp_path, monkeypatch):
+    decodes = count_decodes(monkeypatch)
+    png_declaring(tmp_path / "square.png", 64, 64, 64)  # exactly the limit: read
+    png_declaring(tmp_path / "wide.png", 65, 64, 64)  # one column over
+    png_declaring(tmp_path / "bomb.png", 9000, 9000, 9000)  # valid, under Pillow's limit of 89 megapixels
+    png_declaring(tmp_path / "cut.png", 9000, 9000, 1)  # the header and one row
+    assert (tmp_path / "bomb.png").stat().st_size < 20_000
+    assert np.asarray(read_image(tmp_path / "square.png", 3, max_pixels=64 * 64)).shape == (64, 64, 3)
+    assert decodes == [(64, 64)]  # the spy sees decoding
+    for name, size in (("wide.png", "65x64 = 4160"), ("bomb.png", "9000x9000 = 81000000"),
+                       ("cut.png", "9000x9000 = 81000000")):
+        with pytest.raises(ImageError) as err:
+            read_image(tmp_path / name, 3, max_pixels=64 * 64)
+        assert str(err.value) == f"image {tmp_path / name} declares {size} pixels; the limit is 4096 pixels"
+    assert decodes == [(64, 64)]  # nothing refused was decoded
+    # Without a limit such a file is decoded whole: Pillow fills the rows the file lacks.
+    png_declaring(tmp_path / "cut500.png", 500, 500, 1)
+    assert np.asarray(read_image(tmp_path / "cut500.png", 3)).shape == (500, 500, 3)
+    assert decodes == [(64, 64), (500, 500)]
+
+
+def test_a_canvas_over_pillows_limit_is_refused_as_a_bomb_before_decoding(tmp_path, monkeypatch):
+    decodes = count_decodes(monkeypatch)
+    png_declaring(tmp_path / "huge.png", 40000, 40000, 1)  # 1.6 gigapixels, over twice Pillow's limit
+    for max_pixels in (None, 64 * 64, 2 * 10 ** 9):  # Pillow's check comes first, whatever our limit
+        with pytest.raises(ImageError) as err:
+            read_image(tmp_path / "huge.png", 3, max_pixels=max_pixels)
+        message = str(err.value)
+        assert message.startswith(f"image {tmp_path / 'huge.png'} refused as a possible decompression bomb "
+                                  f"(Pillow's limit Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): ")
+        assert "1600000000 pixels" in message and len(message.splitlines()) == 1
+    assert decodes == []
 
 
 @pytest.fixture(scope="module")

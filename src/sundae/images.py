@@ -5,8 +5,9 @@ Image files (`read_image`): any mode Pillow opens (L, LA, P with or without tran
 converted to what the tokenizer takes: 1 channel -> grayscale "L" (ITU-R 601 luma), 3 channels -> "RGB"
 (grayscale replicated). 16-bit samples are scaled to 8 bits by value (not clipped). Files that cannot be
 used raise `ImageError`. Images over Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) are
-refused. Tensors are `c H W` float in [-1, 1] (`image_to_tensor`, `tensor_to_image`); grids and PNGs are
-written atomically (`save_image`, `save_grid`).
+refused, and so are images over a caller's `max_pixels`, by the size their header declares, before any
+pixel is decoded. Tensors are `c H W` float in [-1, 1] (`image_to_tensor`, `tensor_to_image`); grids and
+PNGs are written atomically (`save_image`, `save_grid`).
 
 Masks (`load_mask`): 1 = regenerate, 0 = keep; transparent or white pixels are regenerated.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from sundae.io import atomic_write, log
@@ -38,31 +39,55 @@ class ImageError(ValueError):
     """A file that cannot be used as an image; the message names the file and why."""
 
 
-def open_image_file(path: str | Path) -> Image.Image:
+def open_image_file(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode an image file, EXIF orientation applied, in its own mode (no conversion).
 
-    Raises ImageError naming `path` for missing, empty, truncated, corrupt or non-image files and images over
-    Pillow's decompression-bomb limit `Image.MAX_IMAGE_PIXELS` (also between the limit and twice it, where
-    Pillow itself only warns).
+    `max_pixels` (None: no limit but Pillow's) bounds width * height as the file's header declares it,
+    checked before any pixel is decoded, so a small file declaring a huge canvas costs no memory.
+    Raises ImageError naming `path` for missing, empty, truncated, corrupt or non-image files, images over
+    `max_pixels`, and images over Pillow's decompression-bomb limit `Image.MAX_IMAGE_PIXELS` (also between
+    the limit and twice it, where Pillow itself only warns).
     """
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path) as img:  # reads the header only
+                width, height = img.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageError(f"image {path} declares {width}x{height} = {width * height} pixels; the "
+                                     f"limit is {max_pixels} pixels")
                 img.load()
                 return ImageOps.exif_transpose(img)
+    except ImageError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{path} refused as a possible decompression bomb (Pillow's limit "
+        raise ImageError(f"image {path} refused as a possible decompression bomb (Pillow's limit "
                          f"Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}): {err}") from None
     except FileNotFoundError:
         raise ImageError(f"image {path} does not exist") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot read image {path}: {_not_an_image(path)}") from None
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, zlib/struct errors on bad data
         reason = "empty file" if path.is_file() and path.stat().st_size == 0 else str(err) or type(err).__name__
         raise ImageError(f"cannot read image {path}: {reason}") from None
 
 
-def read_image(path: str | Path, channels: int, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
+def _not_an_image(path: Path) -> str:
+    """Why Pillow found no image format in `path`: empty, or not an image (or a damaged header), with its
+    first bytes (an HTML page or a text file saved under an image's name shows itself)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as err:
+        return str(err)
+    if not head:
+        return "empty file"
+    return f"not an image Pillow can read, or its header is damaged (it starts with {head!r})"
+
+
+def read_image(path: str | Path, channels: int, background: tuple[int, int, int] = BACKGROUND,
+               max_pixels: int | None = None) -> Image.Image:
     """Open an image file as a loaded PIL image of mode "L" (`channels` 1) or "RGB" (`channels` 3).
 
     EXIF orientation is applied (`ImageOps.exif_transpose`), so phone photos load upright. Transparency
@@ -70,12 +95,14 @@ def read_image(path: str | Path, channels: int, background: tuple[int, int, int]
     16-bit samples (modes I;16*, and I holding 0..65535) are scaled by 255/65535 and rounded; 16-bit RGB(A)
     PNGs are already 8-bit after Pillow's decoding. CMYK uses Pillow's conversion.
     Raises ImageError naming `path` for missing, empty, truncated, corrupt or non-image files, floating
-    point images (mode F), and images over Pillow's decompression-bomb limit `Image.MAX_IMAGE_PIXELS`.
+    point images (mode F), images whose header declares more than `max_pixels` pixels (checked before
+    decoding; None: no limit but Pillow's), and images over Pillow's decompression-bomb limit
+    `Image.MAX_IMAGE_PIXELS`.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     path = Path(path)
-    img = open_image_file(path)
+    img = open_image_file(path, max_pixels)
     if img.mode == "F":
         raise ImageError(f"{path} is a floating-point image (mode F): convert it to 8 or 16-bit integers")
     if img.mode in _SIXTEEN_BIT:

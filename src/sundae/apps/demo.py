@@ -353,15 +353,20 @@ class Actions:
     def load(self, path: str | None) -> dict[str, Any] | None:
         """The uploaded file -> the editor's value: the image as the tokenizer will see it (`sundae.images.
         read_image`: EXIF orientation, transparency onto white, grayscale or RGB) as the background, nothing
-        painted; None clears. gr.Error for an unreadable file or more than `max_pixels` pixels."""
+        painted; None clears. gr.Error (one line) for an empty, truncated, corrupt or non-image file, a
+        decompression bomb, or a header declaring more than `max_pixels` pixels (refused before decoding)."""
         if path is None:
             return None
         try:
-            image = read_image(path, self.pipe.tokenizer.cfg.in_channels)
+            image = read_image(path, self.pipe.tokenizer.cfg.in_channels, max_pixels=self.max_pixels)
         except ImageError as err:
             raise _fail(str(err).replace(str(Path(path).parent) + "/", "")) from None  # no server paths
-        _check_pixels(image, self.max_pixels)
         return {"background": image.convert("RGBA"), "layers": [], "composite": None}
+
+    def upload(self, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The upload box's raw value (Gradio's file data, its "path" the saved upload; the event skips
+        Gradio's preprocessing, which would decode the file before our checks) -> `load` of that file."""
+        return self.load(None if value is None else value["path"])
 
     def inpaint(self, editor: dict[str, Any] | None, *values) -> tuple[Image.Image, list[Image.Image], str]:
         """(editor value {background, layers}, *conditioning, completions, grow by N cells, seed, *sampler
@@ -425,7 +430,8 @@ def build_app(pipe: SundaePipeline, max_pixels: int = 2048 * 2048, max_samples: 
                         "of its pixels is painted; every other pixel stays as uploaded.")
             with gr.Row():
                 # Uploads go through an image box, which reports files over the size limit in the page
-                # (the editor's own upload does not), then into the editor.
+                # (the editor's own upload does not), then into the editor. Its event skips Gradio's
+                # preprocessing (PIL decoding, with tracebacks for bad files): `Actions.load` checks the file.
                 upload = gr.Image(type="filepath", sources=["upload", "clipboard"], format="png",
                                   label="1. Upload an image", elem_id="upload", scale=1, height=300)
                 brush = gr.Brush(default_size=max(2, f), colors=[("#%02x%02x%02x" % REGENERATED, 0.6)],
@@ -447,7 +453,8 @@ def build_app(pipe: SundaePipeline, max_pixels: int = 2048 * 2048, max_samples: 
                                  elem_id="cells", scale=1, height=240)
                 gallery = gr.Gallery(label="Completions", format="png", type="pil", columns=4, elem_id="completions",
                                      scale=3, interactive=False, height=240)
-            upload.change(actions.load, upload, editor)  # an upload, a paste, or clearing the box
+            upload.change(actions.upload, upload, editor, preprocess=False,  # an upload, a paste, or clearing
+                          show_progress="hidden")  # a refused file: the message alone, no "Error" on the editor
             irun.click(actions.inpaint, [editor, *icond, inum, dilate, iseed, *isampler], [cells, gallery, istatus],
                        concurrency_id="network")
     return app
