@@ -106,6 +106,8 @@ def test_mask_and_image_errors(models, picture, tmp_path, capsys):
     assert "mask: cannot read image" in err
     err = fails(capsys, "inpaint", *common, "--image", path, "--mask", path, "--dilate", -1)
     assert "--dilate must be >= 0" in err
+    assert "--passes must be >= 1, got 0" in fails(capsys, "inpaint", *common, "--image", path, "--mask", path,
+                                                   "--passes", 0)
 
 
 def test_checkpoint_errors(models, picture, tmp_path, capsys, image_folder):

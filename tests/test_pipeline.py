@@ -147,11 +147,22 @@ def test_inpainting_knows_nothing_of_the_masked_pixels(run):
     mask = torch.zeros(1, 32, 32)
     mask[:, 8:24, 8:24] = 1
     other = torch.where(mask.bool(), -image, image)
-    outs = [pipe.inpaint(x, mask, num=2, class_labels=0, sampler=FAST, seed=9, output_type="pt") for x in (image, other)]
-    assert torch.equal(outs[0].tokens, outs[1].tokens) and torch.equal(outs[0].images, outs[1].images)
     keep = torch.ones(8, 8, dtype=torch.bool)
     keep[2:6, 2:6] = False
-    assert torch.equal(outs[0].tokens[:, keep], pipe.encode(fill_masked(image[None], mask[None]))[0, keep].expand(2, -1))
+    for passes in (1, 2):
+        outs = [pipe.inpaint(x, mask, num=2, class_labels=0, sampler=FAST, seed=9, output_type="pt", passes=passes)
+                for x in (image, other)]
+        assert torch.equal(outs[0].tokens, outs[1].tokens) and torch.equal(outs[0].images, outs[1].images)
+        if passes == 1:  # the kept tokens are the fill's
+            one = outs[0]
+            assert torch.equal(one.tokens[:, keep], pipe.encode(fill_masked(image[None], mask[None]))[0, keep].expand(2, -1))
+    # A second pass keeps the tokens of the first pass's completion (encoded one at a time), and samples the
+    # regenerated cells again: the first pass is the same draw, so its completions are `one`'s.
+    again = pipe.encode(one.images[0:1])[0], pipe.encode(one.images[1:2])[0]
+    assert all(torch.equal(outs[0].tokens[i, keep], again[i][keep]) for i in range(2))
+    assert outs[0].steps.tolist() == [2 * FAST.steps] * 2
+    with pytest.raises(ValueError, match="passes must be >= 1"):
+        pipe.inpaint(image, mask, num=1, class_labels=0, sampler=FAST, passes=0)
     # The old way, encoding the whole image, lets the hidden pixels change kept tokens of this very tokenizer.
     assert not torch.equal(pipe.encode(image[None])[0, keep], pipe.encode(other[None])[0, keep])
 

@@ -17,7 +17,7 @@ from sundae.cli.args import (GENERATOR_HELP, UsageError, add_common, add_debug, 
 from sundae.cli.outputs import claim_outputs, clear_outputs
 from sundae.images import check_text, load_image, load_mask, save_grid, save_image
 from sundae.io import atomic_write, log
-from sundae.pipeline import SundaePipeline
+from sundae.pipeline import INPAINT_PASSES, SundaePipeline
 from sundae.vqgan import token_grid
 
 
@@ -108,6 +108,8 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     labels = class_values(args.class_, pipe)
     if args.dilate < 0:
         raise UsageError(f"--dilate must be >= 0 token cells, got {args.dilate}")
+    if args.passes < 1:
+        raise UsageError(f"--passes must be >= 1, got {args.passes}")
     image = load_image(args.image, pipe.tokenizer.cfg.in_channels)
     mask = load_mask(args.mask, tuple(image.shape[1:]))
     if not mask.any():
@@ -123,7 +125,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     texts = prompts(args, pipe)
     clear_outputs(old)
     result = pipe.inpaint(image, mask, args.num, labels, texts, tuple(args.guidance_scale), sampler, args.seed,
-                          args.dilate, output_type="pt")
+                          args.dilate, output_type="pt", passes=args.passes)
     out = Path(args.out)
     for i, img in enumerate(result.images):
         save_image(img, out / f"completion_{i:02d}.png")
@@ -208,6 +210,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask", required=True, help="same size as the image; white (or transparent) = regenerate")
     p.add_argument("--dilate", type=int, default=0, help="grow the regenerated token cells by this many cells "
                    "(8-neighbourhood: a 3x3 square of cells per step; default 0)")
+    p.add_argument("--passes", type=int, default=INPAINT_PASSES, help="sampling passes: each one after the first "
+                   f"re-encodes the last completion and samples the masked cells again (default {INPAINT_PASSES})")
     p.add_argument("--out", required=True, help="folder: completion_NN.png and figure.png")
     p.add_argument("--overwrite", action="store_true", help="replace the completions of an earlier run in OUT")
     p.set_defaults(func=cmd_inpaint)
