@@ -1,5 +1,5 @@
 """Writes that fail (a full disk): every writer names its file, leaves the previous file as it was and no
-temporary file behind. Injected (`full_disk`) and on a real tmpfs."""
+temporary file behind; log.jsonl never keeps half a line. Injected (`full_disk`) and on a real tmpfs."""
 
 import errno
 import json
@@ -13,6 +13,7 @@ from sundae.checkpoint import export, load_generator, save_checkpoint
 from sundae.hourglass import PRESETS as HG
 from sundae.hourglass import Hourglass
 from sundae.io import atomic_write, save_torch
+from sundae.runs import log_record
 from sundae.tokens import write_token_folder
 
 FULL = "No space left on device"
@@ -70,6 +71,21 @@ def test_export_on_a_full_disk_names_the_safetensors_file(tmp_path, monkeypatch)
     assert err.value.errno == errno.ENOSPC and list(out.iterdir()) == []
 
 
+def test_a_failed_log_append_leaves_no_half_line(tmp_path, full_disk):
+    log = tmp_path / "log.jsonl"
+    log_record(log, {"step": 1, "loss": 4.0})
+    log_record(log, {"step": 2, "loss": 3.5})
+    before = log.read_bytes()
+    full_disk(10)  # the write is cut after 10 bytes, then the disk is full
+    with pytest.raises(OSError) as err:
+        log_record(log, {"step": 3, "loss": 3.25})
+    assert str(err.value) == f"cannot write {log}: {FULL}" and err.value.errno == errno.ENOSPC
+    assert log.read_bytes() == before  # truncated back: the 10 bytes written are gone
+    full_disk(None)
+    log_record(log, {"step": 4, "loss": 3.0})
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 4]
+
+
 def test_other_errors_of_a_writer_pass_through_unchanged(tmp_path):
     with pytest.raises(ValueError, match="^not a full disk$"):
         atomic_write(tmp_path / "a.txt", lambda tmp: (_ for _ in ()).throw(ValueError("not a full disk")))
@@ -83,15 +99,17 @@ def test_every_writer_on_a_real_full_disk(small_tmpfs):
     SafetensorError, numpy: OSError without errno) all become "cannot write PATH: No space left on device"."""
     root, net, other = small_tmpfs.path, _net(0), _net(1)
     save_checkpoint(root / "g.pt", "generator", net.cfg, net, ema=net.state_dict(), step=1)
+    log_record(root / "log.jsonl", {"step": 1})
     filler = small_tmpfs.fill()
     writes = {root / "g.pt": lambda: save_checkpoint(root / "g.pt", "generator", other.cfg, other, step=2),
               root / "e" / "model.safetensors": lambda: export(root / "g.pt", root / "e"),
               root / "t" / "tokens.npy": lambda: write_token_folder(root / "t", np.zeros((64, 8, 8)), np.arange(64),
-                                                                    {})}
+                                                                    {}),
+              root / "log.jsonl": lambda: log_record(root / "log.jsonl", {"step": 2, "pad": "x" * 8192})}
     for path, write in writes.items():
         with pytest.raises(OSError) as err:
             write()
         assert err.value.errno == errno.ENOSPC and str(err.value).startswith(f"cannot write {path}: {FULL}")
     filler.unlink()
-    assert _same_weights(root / "g.pt", net)
-    assert sorted(p.name for p in root.rglob("*") if p.is_file()) == ["g.pt"]
+    assert _same_weights(root / "g.pt", net) and (root / "log.jsonl").read_text() == '{"step": 1}\n'
+    assert sorted(p.name for p in root.rglob("*") if p.is_file()) == ["g.pt", "log.jsonl"]

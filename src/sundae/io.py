@@ -119,6 +119,26 @@ def save_npy(path: str | Path, array) -> None:
     atomic_write(path, lambda tmp: _dump(tmp, lambda fh: np.save(fh, array)))
 
 
+def append_line(path: str | Path, line: str) -> None:
+    """Append `line` (one line of text, without its newline) and a newline to `path`, creating it. A failed
+    append (a full disk) leaves the file as it was, never with a half-written line that would break the next
+    reader or swallow the next line. Raises OSError "cannot write PATH: REASON" (errno ENOSPC for a full disk).
+    """
+    data = (line + "\n").encode()
+    try:
+        with open(path, "ab", buffering=0) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            try:
+                written = 0
+                while written < len(data):  # a raw write may be short (a nearly full disk): write the rest
+                    written += fh.write(data[written:])
+            except OSError:
+                os.ftruncate(fh.fileno(), size)
+                raise
+    except OSError as err:
+        raise write_error(path, err, err.errno) from err
+
+
 def write_json(path: str | Path, obj) -> None:
     """Write `obj` as indented JSON, atomically."""
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"

@@ -20,13 +20,13 @@ from torch import nn
 
 from sundae import distributed
 from sundae.checkpoint import load_checkpoint, save_checkpoint
-from sundae.io import atomic_write
+from sundae.io import append_line, atomic_write
 
 
 def log_record(path: Path, record: dict[str, Any]) -> None:
-    """Append `record` as one JSON line to `path` (log.jsonl)."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    """Append `record` as one JSON line to `path` (log.jsonl). Raises OSError "cannot write PATH: ..." (errno
+    ENOSPC for a full disk), leaving the log as it was (no half-written line)."""
+    append_line(path, json.dumps(record))
 
 
 def trim_log(path: Path, step: int) -> None:
