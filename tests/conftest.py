@@ -1,3 +1,8 @@
+import errno
+import io
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +55,75 @@ def pipeline(image_folder, tmp_path_factory):
     run("train", "--tokens", out / "tokens", "--out", out / "gen", "--preset", "tiny", "--set", "steps=6",
         "--set", "batch_size=4", "--set", "sample_every=3", "--device", "cpu")
     return out
+
+
+class _Cramped(io.FileIO):
+    """A file on a disk with `room` bytes left (shared by all such files): a write past it is short, the next
+    raises ENOSPC, as on a real full disk."""
+
+    room = 0
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        if len(data) and _Cramped.room == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written = super().write(data[:_Cramped.room])
+        _Cramped.room -= written
+        return written
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Files that `sundae.io` opens for writing (checkpoints, .npy files, log.jsonl lines) sit on a disk with
+    `room` bytes left. Returns a function setting `room` (None: unlimited, as before)."""
+    import sundae.io
+
+    limited = [False]
+
+    def fake_open(file, mode="r", buffering=-1, *args, **kwargs):
+        if not limited[0] or not any(c in mode for c in "wax"):
+            return open(file, mode, buffering, *args, **kwargs)
+        raw = _Cramped(file, mode.replace("b", ""))
+        return raw if buffering == 0 else io.BufferedWriter(raw)
+
+    def set_room(room: int | None) -> None:
+        limited[0] = room is not None
+        _Cramped.room = room or 0
+
+    monkeypatch.setattr(sundae.io, "open", fake_open, raising=False)
+    return set_room
+
+
+class Tmpfs:
+    """A mounted tmpfs: `path`, and `fill()` which takes its last free byte (a file `path/filler`)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fill(self) -> Path:
+        filler = self.path / "filler"
+        with open(filler, "ab", buffering=0) as fh:
+            for size in (1 << 16, 1):  # big blocks, then the bytes left in the last page
+                try:
+                    while fh.write(b"\0" * size):
+                        pass
+                except OSError as err:
+                    assert err.errno == errno.ENOSPC, err
+        return filler
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 16 MiB tmpfs mounted on a fresh folder (a `Tmpfs`), for writes that must meet a real full disk.
+    Skips the test where this process may not mount one."""
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip() or mounted.returncode}")
+    try:
+        yield Tmpfs(where)
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

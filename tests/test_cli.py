@@ -273,26 +273,58 @@ def test_overwrite_starts_over_and_is_never_implicit(image_folder, tmp_path, cap
     assert steps == sorted(set(steps)) and max(steps) == 2  # the old run's log (to step 3) is gone
 
 
-def test_full_disk_fails_in_one_line_and_keeps_the_last_checkpoint(image_folder, tmp_path, capsys, monkeypatch):
+def test_full_disk_fails_in_one_line_and_keeps_the_last_checkpoint(image_folder, tmp_path, capsys, monkeypatch,
+                                                                   full_disk):
     monkeypatch.setenv("TQDM_DISABLE", "1")
     out = tmp_path / "tok"
     tiny = ("--data", image_folder, "--out", out, *SET_TINY_VQ[:2], "--set", "batch_size=4", "--device", "cpu")
     run("train-vqgan", *tiny, "--set", "steps=2", "--set", "save_every=1")
-    real_save = torch.save
-
-    def disk_full(obj, f, *args, **kwargs):  # writes part of the file, then the disk is full
-        Path(f).write_bytes(b"PK\x03\x04 partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", disk_full)
+    full_disk(1000)  # the step-3 checkpoint (no log record before step 5) meets a full disk after 1000 bytes
     capsys.readouterr()
     err = fails(capsys, "train-vqgan", *tiny, "--set", "steps=4", "--set", "save_every=1", "--resume")
-    assert f"cannot write {out}" in err and "No space left on device" in err
-    monkeypatch.setattr(torch, "save", real_save)
+    assert err == (f"sundae train-vqgan: error: cannot write {out / 'tokenizer.pt'}: No space left on device "
+                   f"(the file there is unchanged)")
+    full_disk(None)
     assert torch.load(out / "tokenizer.pt", weights_only=True)["step"] == 2  # the last good checkpoint
     assert not list(out.glob(".*.tmp")) and not list((out / "checkpoints").glob(".*.tmp"))
     run("train-vqgan", *tiny, "--set", "steps=4", "--set", "save_every=1", "--resume")
     assert torch.load(out / "tokenizer.pt", weights_only=True)["step"] == 4
+
+
+def test_full_disk_on_a_real_file_system_during_training(image_folder, small_tmpfs, capsys, monkeypatch):
+    """A real ENOSPC (torch's writer turns it into a RuntimeError naming no file) during a resumed run: one
+    line naming the file, the run's checkpoint intact, and the run resumes once there is space, each step
+    once in its log (step 3's record, which fits the log's last page, is dropped on resume)."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = small_tmpfs.path / "tok"
+    tiny = ("--data", image_folder, "--out", out, *SET_TINY_VQ[:2], "--set", "batch_size=4", "--set", "log_every=1",
+            "--set", "sample_every=100", "--device", "cpu")
+    run("train-vqgan", *tiny, "--set", "steps=2", "--set", "save_every=2")
+    filler = small_tmpfs.fill()
+    err = fails(capsys, "train-vqgan", *tiny, "--set", "steps=4", "--set", "save_every=2", "--resume")
+    assert err == (f"sundae train-vqgan: error: cannot write {out / 'tokenizer.pt'}: No space left on device "
+                   f"(the file there is unchanged)")
+    assert torch.load(out / "tokenizer.pt", weights_only=True)["step"] == 2
+    assert sorted(p.name for p in out.rglob(".*")) == []  # no temporary files
+    filler.unlink()
+    run("train-vqgan", *tiny, "--set", "steps=4", "--set", "save_every=2", "--resume")
+    assert torch.load(out / "tokenizer.pt", weights_only=True)["step"] == 4
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_export_on_a_full_disk_fails_in_one_line(pipeline, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def disk_full(tensors, filename, metadata=None):  # what safetensors raises on ENOSPC
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    out = tmp_path / "exported"
+    err = fails(capsys, "export", pipeline / "gen", out)
+    written = out / "tokenizer" / "model.safetensors"  # a generator's bundle: its tokenizer is written first
+    assert err == f"sundae export: error: cannot write {written}: No space left on device"
+    assert [p for p in out.rglob("*") if p.is_file()] == []  # no temporary file left
 
 
 def test_export_folders_load_and_sample_like_the_checkpoints(pipeline, tmp_path, capsys):

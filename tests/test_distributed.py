@@ -216,9 +216,10 @@ SLOW_WRITER = """
 import sys, time, torch
 import sundae.checkpoint as C
 real_save, flag = torch.save, sys.argv[2]
-def save(obj, f):
+def save(obj, f):  # f: the open temporary file (sundae.io.save_torch)
     if obj["step"] >= 20:  # the second save: write half a file, then hang until killed
-        open(f, "wb").write(b"PK partial")
+        f.write(b"PK partial")
+        f.flush()
         open(flag, "w").write("writing")
         time.sleep(120)
     real_save(obj, f)

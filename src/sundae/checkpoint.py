@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from sundae.hourglass import Hourglass, HourglassConfig
-from sundae.io import atomic_write, file_digest, refused_globals, write_json
+from sundae.io import atomic_write, file_digest, refused_globals, save_torch, write_json
 from sundae.sundae import SamplerConfig
 from sundae.vqgan import VQGAN, VQGANConfig
 
@@ -64,11 +64,12 @@ def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config
 def save_checkpoint(path: str | Path, kind: str, config: Any, model: nn.Module | dict[str, Any],
                     **extra: Any) -> None:
     """Write a checkpoint atomically. `config` is the model's dataclass, `model` a module or its state dict;
-    `extra` adds keys (ema, step, ...)."""
+    `extra` adds keys (ema, step, ...). Raises OSError "cannot write PATH: ..." (errno ENOSPC for a full disk)
+    when the file cannot be written; a checkpoint already at `path` then stays as it was."""
     state = model if isinstance(model, dict) else model.state_dict()
     payload = {"format": FORMAT, "version": VERSION, "kind": kind, "config": dataclasses.asdict(config),
                "model": state, **extra}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    save_torch(path, payload)
 
 
 def resolve_checkpoint(path: str | Path, kind: str | None) -> Path:
@@ -146,7 +147,8 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu",
 def export(path: str | Path, out: str | Path, ema: bool = True, extra: dict[str, Any] | None = None) -> Path:
     """Write the model of checkpoint `path` (EMA weights by default) to the folder `out` as `config.json`
     (format, version, kind, model config, meta, source file and its sha256, and the `extra` keys) and
-    `model.safetensors`, each atomically. Returns `out`. Raises what `load_checkpoint` raises.
+    `model.safetensors`, each atomically. Returns `out`. Raises what `load_checkpoint` raises, and OSError naming
+    the file that could not be written (errno ENOSPC for a full disk).
     """
     import hashlib
 

@@ -145,6 +145,15 @@ class EpochBatchSampler(Sampler[list[int]]):
             epoch, skip = epoch + 1, 0
 
 
+def from_main(obj: Any, ctx: Dist) -> Any:
+    """Rank 0's `obj` (anything picklable) on every rank, so that all ranks take rank 0's decision."""
+    if not ctx.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_to_main(obj: Any, ctx: Dist) -> list[Any] | None:
     """Rank 0 receives the list of every rank's `obj` (in rank order); other ranks get None."""
     if not ctx.active:

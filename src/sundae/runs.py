@@ -4,14 +4,20 @@
 numbered copies in `out/checkpoints/`). They hold the unwrapped module's full weights and optimizer state
 keyed by parameter name, so a checkpoint written by one process, by DDP or by FSDP2 ranks resumes in any of
 those. `log.jsonl` gets one JSON record per logged step; `trim_log` drops what a resumed run will rewrite.
+`RunLock` keeps a second training run out of a folder while one writes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
+import os
 import signal
+import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +26,13 @@ from torch import nn
 
 from sundae import distributed
 from sundae.checkpoint import load_checkpoint, save_checkpoint
-from sundae.io import atomic_write
+from sundae.io import append_line, atomic_write, log
 
 
 def log_record(path: Path, record: dict[str, Any]) -> None:
-    """Append `record` as one JSON line to `path` (log.jsonl)."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    """Append `record` as one JSON line to `path` (log.jsonl). Raises OSError "cannot write PATH: ..." (errno
+    ENOSPC for a full disk), leaving the log as it was (no half-written line)."""
+    append_line(path, json.dumps(record))
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -45,6 +51,94 @@ def trim_log(path: Path, step: int) -> None:
     keep = [line for line in lines if before(line)]
     if len(keep) != len(lines):
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
+
+
+class RunInUse(OSError):
+    """Another training run holds the run folder (`RunLock`)."""
+
+
+class RunLock:
+    """Context manager: an advisory lock (flock) on `out/.lock` while a training run writes `out`, so that a
+    second run on the same folder is refused instead of both overwriting each other's checkpoints and logging
+    every step twice. The file holds the holder's pid, host and start time, which the refusal names; it is
+    removed on exit. The kernel drops a flock when its process dies, so the file a killed run leaves behind
+    holds no lock: the next run takes it over (with a warning naming the dead run). Under torchrun rank 0
+    takes the lock and all ranks follow its outcome. Where the file system offers no locks (some network file
+    systems) a warning says so and the run goes on unguarded.
+
+    Raises RunInUse (an OSError) naming the folder and the holder when another run holds the lock.
+    """
+
+    def __init__(self, out: Path, ctx: distributed.Dist):
+        self.path, self.ctx, self.fd = Path(out) / ".lock", ctx, None
+
+    def __enter__(self) -> "RunLock":
+        refusal = self._acquire() if self.ctx.main else None
+        refusal = distributed.from_main(refusal, self.ctx)
+        if refusal:
+            raise RunInUse(refusal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                self.path.unlink()  # while still locked: a run starting now waits for no file or a new one
+        except FileNotFoundError:
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+    def _acquire(self) -> str | None:
+        """Lock, and write this process's line into the file; the refusal message when another run holds it."""
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as err:
+                return self._unguarded(err)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = _holder(fd) or "it has not recorded its pid yet"
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    return self._unguarded(err)
+                return (f"{self.path.parent} is in use by another training run ({holder}); wait for it or choose "
+                        f"another --out")
+            try:  # a run that ended between our open and flock removed the file: lock the new one
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        stale = _holder(fd)
+        if stale:
+            log.warning(f"{self.path}: the run that held it ({stale}) ended without releasing it (killed?); "
+                        f"taking it over")
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        line = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}) + "\n"
+        self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, line.encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same, a refused run just cannot name us
+            pass
+        return None
+
+    def _unguarded(self, err: OSError) -> None:
+        log.warning(f"cannot lock {self.path} ({err.strerror or err}): nothing keeps a second training run out "
+                    f"of {self.path.parent}")
+
+
+def _holder(fd: int) -> str:
+    """The holder a lock file names, as "pid 1234 on host, started ..."; empty when it names none."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (OSError, ValueError, TypeError, KeyError):
+        return ""
 
 
 def rng_state() -> dict[str, Any]:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from sundae.checkpoint import load_tokenizer
 from sundae.distributed import Dist, barrier, gather_to_main, setup
-from sundae.io import atomic_write, file_digest, write_json
+from sundae.io import file_digest, save_npy, write_json
 from sundae.vqgan import VQGAN
 
 
@@ -167,16 +167,16 @@ def write_token_folder(out: str | Path, tokens: np.ndarray, labels: np.ndarray, 
     """Write `tokens.npy` (uint16 `N h w`), `labels.npy`, `meta.json` and, when given, `sources.npy`
     (`N 2` int64: source image index, flipped), `captions.json` (N strings) and the text encoder's
     `text_features.npy` (float16 `N n e`), `text_mask.npy` (bool `N n`), `text_pooled.npy` (float16 `N e`)
-    into `out`, each atomically."""
+    into `out`, each atomically. Raises OSError naming the file that could not be written (a full disk)."""
     out = Path(out)
     if captions is not None:
         write_json(out / "captions.json", list(captions))
     for name, array in zip(("text_features", "text_mask", "text_pooled"), text or ()):
-        atomic_write(out / f"{name}.npy", lambda tmp, a=array: np.save(open(tmp, "wb"), a))
-    atomic_write(out / "tokens.npy", lambda tmp: np.save(open(tmp, "wb"), tokens.astype(np.uint16)))
-    atomic_write(out / "labels.npy", lambda tmp: np.save(open(tmp, "wb"), labels.astype(np.int64)))
+        save_npy(out / f"{name}.npy", array)
+    save_npy(out / "tokens.npy", tokens.astype(np.uint16))
+    save_npy(out / "labels.npy", labels.astype(np.int64))
     if sources is not None:
-        atomic_write(out / "sources.npy", lambda tmp: np.save(open(tmp, "wb"), sources.astype(np.int64)))
+        save_npy(out / "sources.npy", sources.astype(np.int64))
     write_json(out / "meta.json", {**meta, "grid": list(tokens.shape[1:]), "count": len(tokens)})
 
 

@@ -2,7 +2,8 @@
 
 The only code that owns optimizers and writes files during training. A run folder holds `tokenizer.pt` or
 `generator.pt` (the last checkpoint, resumable), `checkpoints/step_NNNNNNN.pt`, `log.jsonl` and
-`samples/step_NNNNNNN.png` grids made with the EMA weights (see `sundae.runs`).
+`samples/step_NNNNNNN.png` grids made with the EMA weights (see `sundae.runs`), and `.lock` while a run
+trains in it: a second run on the same folder is refused (`runs.RunLock`).
 
 One code path from one CPU to many nodes (`sundae.distributed`): under `torchrun` the model is wrapped in
 DDP (or sharded with FSDP2 `fully_shard`, generator only), each rank reads its slice of the same global
@@ -191,11 +192,20 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     position, RNG, dead-code counts); `overwrite` starts over in a folder holding a run (`runs.restore`).
     Raises ValueError when the model's patches are larger than the token grid, FloatingPointError naming the
     step when the loss is not finite
-    (nothing is saved for that step), Interrupted after saving when SIGTERM/SIGINT arrive.
+    (nothing is saved for that step), Interrupted after saving when SIGTERM/SIGINT arrive, `runs.RunInUse`
+    when another training run holds `out` (`runs.RunLock`), OSError naming the file a full disk refused.
     """
     ctx = distributed.setup(device)
-    device, out = ctx.device, Path(out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with runs.RunLock(out, ctx):
+        return _train_vqgan(model_cfg, cfg, dataset, out, ctx, resume, progress, overwrite)
+
+
+def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset, out: Path, ctx: distributed.Dist,
+                 resume: bool, progress: bool, overwrite: bool) -> Path:
+    """`train_vqgan` itself, run while this process holds the run folder."""
+    device = ctx.device
     micro = _micro_batches(cfg, ctx)
     torch.manual_seed(cfg.seed)
     model = VQGAN(model_cfg).to(device)
@@ -334,11 +344,21 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     `out/generator.pt` exactly; `overwrite` starts over in a folder holding a run (`runs.restore`).
     Raises ValueError when the model's patches are larger than the token grid, FloatingPointError naming the
     step when the loss is not finite
-    (nothing is saved for that step), Interrupted after saving when SIGTERM/SIGINT arrive.
+    (nothing is saved for that step), Interrupted after saving when SIGTERM/SIGINT arrive, `runs.RunInUse`
+    when another training run holds `out` (`runs.RunLock`), OSError naming the file a full disk refused.
     """
     ctx = distributed.setup(device)
-    device, out = ctx.device, Path(out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with runs.RunLock(out, ctx):
+        return _train_generator(model_cfg, cfg, dataset, out, meta, tokenizer, ctx, resume, progress, overwrite)
+
+
+def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, dataset: Dataset, out: Path,
+                     meta: dict[str, Any], tokenizer: VQGAN | None, ctx: distributed.Dist, resume: bool,
+                     progress: bool, overwrite: bool) -> Path:
+    """`train_generator` itself, run while this process holds the run folder."""
+    device = ctx.device
     if meta.get("tokenizer"):  # lets `SundaePipeline.from_pretrained` find it again if both folders move together
         meta = {**meta, "tokenizer_relpath": os.path.relpath(Path(meta["tokenizer"]).resolve(), out.resolve())}
     micro = _micro_batches(cfg, ctx)

@@ -31,7 +31,7 @@ from torch import Tensor
 from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxImages, is_idx_dataset, open_images
 from sundae.eval.classifier import CLASSIFIER_FORMAT, SmallClassifier, predict, train_classifier
 from sundae.eval.metrics import LOW_CODEBOOK_USAGE, classifier_features, codebook_usage, frechet_distance, precision_recall, psnr, ssim
-from sundae.io import atomic_write, log
+from sundae.io import atomic_write, log, save_torch
 from sundae.sundae import SamplerConfig
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -162,7 +162,7 @@ def load_or_train_classifier(path: Path, ref: Reference, epochs: int, seed: int,
                   "trained_on": ref.info["classifier_trained_on"], "seconds": time.time() - t,
                   "class_counts": torch.bincount(ref.train_labels, minlength=ref.num_classes).tolist()}
         payload = {"format": CLASSIFIER_FORMAT, "data": key, "record": record, "model": model.state_dict()}
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        save_torch(path, payload)
         record = {**record, "path": str(path), "loaded": False}
     model.eval()
     record["accuracy_on_reference"] = (predict(model, ref.images) == ref.labels).float().mean().item()
