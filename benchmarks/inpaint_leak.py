@@ -67,7 +67,8 @@ def inpaint_batch(pipe: SundaePipeline, images: torch.Tensor, mask: torch.Tensor
 
 
 # (name, fill the masked pixels, dilate, rounds)
-WAYS = [("whole-image", False, 0, 1), ("fill", True, 0, 1), ("fill-dilate1", True, 1, 1), ("fill-2passes", True, 0, 2)]
+WAYS = [("whole-image", False, 0, 1), ("fill", True, 0, 1), ("fill-dilate1", True, 1, 1), ("fill-2passes", True, 0, 2),
+        ("fill-3passes", True, 0, 3)]
 
 
 def main() -> None:
