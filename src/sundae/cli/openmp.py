@@ -2,11 +2,12 @@
 
 PyTorch's CPU kernels run on OpenMP threads. With OMP_WAIT_POLICY unset, GNU libgomp (the runtime of the
 Linux wheels) lets a thread that has finished its share of a parallel region spin for GOMP_SPINCOUNT =
-300,000 iterations (a few milliseconds) before it sleeps. A training step of a small model is thousands of
-short parallel regions, so on a machine that other processes keep busy the threads spend the process's CPU
-share spinning while the thread they wait for waits for a core: the quickstart's generator ran many times
-slower than its CPU share alone explains (benchmarks/busy_cpu.py, benchmarks/RESULTS.md). PASSIVE makes a
-waiting thread sleep at once (GOMP_SPINCOUNT 0).
+300,000 iterations (a few milliseconds) before it sleeps. A training step of the quickstart's generator is
+about 600 parallel regions, one every third of a millisecond on idle cores, so the waiting threads spin
+nearly all the time. On a machine that other processes keep busy they spend the process's CPU share
+spinning while the thread they wait for waits for a core: the quickstart's training ran many times slower
+than its CPU share alone explains (benchmarks/busy_cpu.py, benchmarks/RESULTS.md). PASSIVE makes a waiting
+thread sleep at once (GOMP_SPINCOUNT 0).
 
 The runtime reads the variable once, when torch loads it, so `sundae.cli` calls `prefer_passive_waiting`
 before its first import of torch (the package `sundae` imports nothing heavy until its names are used).
