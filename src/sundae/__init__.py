@@ -7,13 +7,44 @@ The public API; everything else is importable from its module (see docs/layout.m
     images = pipe(num=8, seed=0).images                     # PIL images
 """
 
-from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
-from sundae.hourglass import Hourglass, HourglassConfig
-from sundae.pipeline import SundaeOutput, SundaePipeline
-from sundae.sundae import SAMPLER_PRESETS, SamplerConfig, corrupt, sample, unrolled_loss
-from sundae.vqgan import PRESETS as VQGAN_PRESETS
-from sundae.vqgan import VQGAN, VQGANConfig
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the same names as _PUBLIC, for type checkers and readers
+    from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
+    from sundae.hourglass import Hourglass, HourglassConfig
+    from sundae.pipeline import SundaeOutput, SundaePipeline
+    from sundae.sundae import SAMPLER_PRESETS, SamplerConfig, corrupt, sample, unrolled_loss
+    from sundae.vqgan import PRESETS as VQGAN_PRESETS
+    from sundae.vqgan import VQGAN, VQGANConfig
 
 __version__ = "0.1.0"
-__all__ = ["SundaePipeline", "SundaeOutput", "SamplerConfig", "SAMPLER_PRESETS", "VQGAN", "VQGANConfig",
-           "VQGAN_PRESETS", "Hourglass", "HourglassConfig", "HOURGLASS_PRESETS", "sample", "unrolled_loss", "corrupt"]
+
+# Imported on first use (PEP 562), so that importing `sundae.cli` does not load torch before the command line
+# has made its OpenMP settings (`sundae.cli.openmp`): the runtime reads them once, when torch loads it.
+# Public name -> (module, name there).
+_PUBLIC = {
+    "SundaePipeline": ("sundae.pipeline", "SundaePipeline"), "SundaeOutput": ("sundae.pipeline", "SundaeOutput"),
+    "SamplerConfig": ("sundae.sundae", "SamplerConfig"), "SAMPLER_PRESETS": ("sundae.sundae", "SAMPLER_PRESETS"),
+    "VQGAN": ("sundae.vqgan", "VQGAN"), "VQGANConfig": ("sundae.vqgan", "VQGANConfig"),
+    "VQGAN_PRESETS": ("sundae.vqgan", "PRESETS"), "Hourglass": ("sundae.hourglass", "Hourglass"),
+    "HourglassConfig": ("sundae.hourglass", "HourglassConfig"), "HOURGLASS_PRESETS": ("sundae.hourglass", "PRESETS"),
+    "sample": ("sundae.sundae", "sample"), "unrolled_loss": ("sundae.sundae", "unrolled_loss"),
+    "corrupt": ("sundae.sundae", "corrupt"),
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'sundae' has no attribute {name!r}")
+    module, attribute = _PUBLIC[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # later lookups find it without this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -15,12 +15,16 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sundae.cli import evaluate, sampling, training
-from sundae.cli.args import UsageError, rank
-from sundae.cli.outputs import check_out_folder, missing_folders, remove_if_empty
-from sundae.distributed import teardown
-from sundae.io import error_line, log
-from sundae.train import Interrupted
+from sundae.cli.openmp import prefer_passive_waiting
+
+prefer_passive_waiting()  # before the imports below load torch, and the OpenMP runtime with it
+
+from sundae.cli import evaluate, sampling, training  # noqa: E402
+from sundae.cli.args import UsageError, rank  # noqa: E402
+from sundae.cli.outputs import check_out_folder, missing_folders, remove_if_empty  # noqa: E402
+from sundae.distributed import teardown  # noqa: E402
+from sundae.io import error_line, log  # noqa: E402
+from sundae.train import Interrupted  # noqa: E402
 
 __all__ = ["main", "build_parser", "UsageError"]
 
