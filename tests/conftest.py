@@ -5,9 +5,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# Threads that wait sleep instead of spinning (libgomp's default), as the `sundae` command sets it
+# (sundae.cli.openmp): on a busy CI machine spinning threads make the suite many times slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image, ImageDraw
 
 torch.set_num_threads(2)
