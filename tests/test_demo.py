@@ -310,6 +310,38 @@ def test_bad_uploads_are_one_line_messages_and_huge_canvases_are_never_decoded(n
     assert event.show_progress == "hidden"  # a refused file: the message alone, no "Error" badge on the editor
 
 
+def test_inpaint_event_opens_the_editor_files_itself(nets, tmp_path, monkeypatch):
+    """Issue 19: the inpaint event took the editor's files through Gradio's preprocessing, which decoded them
+    before our checks: via the API, a non-image background was a server traceback and a small file declaring
+    a huge canvas was decoded whole. The editor now hands over paths, opened with the header check."""
+    app = demo.build_app(SundaePipeline(*nets, GRID), max_pixels=64 * 64)
+    (event,) = [fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "inpaint"]
+    editor = event.inputs[0]
+    actions = demo.Actions(SundaePipeline(*nets, GRID), max_pixels=64 * 64)
+    decodes = count_decodes(monkeypatch)
+    (tmp_path / "notes.png").write_text("hello, not an image\n")
+    png_declaring(tmp_path / "bomb.png", 9000, 9000, 9000)
+    layer = Image.new("RGBA", (32, 32))
+    layer.paste((255, 0, 255, 255), (8, 8, 16, 16))
+    layer.save(tmp_path / "layer.png")
+    sampler = demo.sampler_values(SamplerConfig(steps=4, min_steps=2))
+    for name, message in (("notes.png", "Cannot read image notes.png: not an image Pillow can read"),
+                          ("bomb.png", "Image bomb.png declares 9000x9000 = 81000000 pixels; the limit is 4096")):
+        value = editor.preprocess({"background": {"path": str(tmp_path / name)},
+                                   "layers": [{"path": str(tmp_path / "layer.png")}], "composite": None})
+        with pytest.raises(gr.Error) as err:
+            actions.inpaint(value, 0, 1, 1, 0, 0, *sampler)
+        assert err.value.message.startswith(message) and str(tmp_path) not in err.value.message
+    assert decodes == []  # neither the text nor the canvas was decoded
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    value = editor.preprocess({"background": {"path": str(tmp_path / "a.png")},
+                               "layers": [{"path": str(tmp_path / "layer.png")}], "composite": None})
+    _, from_paths, _ = actions.inpaint(value, 0, 1, 1, 0, 0, *sampler)
+    pil = {"background": Image.open(tmp_path / "a.png").convert("RGBA"), "layers": [layer]}
+    _, from_images, _ = actions.inpaint(pil, 0, 1, 1, 0, 0, *sampler)
+    assert np.array_equal(np.asarray(from_paths[0]), np.asarray(from_images[0]))
+
+
 def test_inpaint_action_regenerates_exactly_the_painted_cells(nets, monkeypatch):
     net, tokenizer = nets
     pipe = SundaePipeline(net, tokenizer, GRID)

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sundae.images import ImageError, check_text, image_to_tensor, make_grid, read_image, tensor_to_image
+from sundae.images import (ImageError, check_text, image_to_tensor, make_grid, open_image_file, read_image,
+                           tensor_to_image)
 from sundae.io import error_line
 from sundae.pipeline import SundaePipeline
 from sundae.sundae import LogitsFn, SamplerConfig, guidance_scales, sample, token_keep_mask
@@ -250,11 +251,31 @@ def upload_limit(max_pixels: int) -> int:
     return 5 * max_pixels
 
 
-def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+def _opened(image: Image.Image | str, max_pixels: int) -> Image.Image:
+    """A PIL image, or a file `_editor_paths` passed on, opened by `open_image_file` (its header checked
+    before decoding); gr.Error (one line, no server folder) for a refused file or over `max_pixels` pixels."""
+    if isinstance(image, (str, Path)):
+        try:
+            image = open_image_file(image, max_pixels=max_pixels)
+        except ImageError as err:
+            raise _fail(str(err).replace(str(Path(image).parent) + "/", "")) from None
     width, height = image.size
     if width * height > max_pixels:
         raise _fail(f"the image is {width}x{height} = {width * height} pixels; this demo takes at most "
                     f"{max_pixels} pixels")
+    return image
+
+
+def _editor_paths(payload: Any) -> dict[str, Any] | None:
+    """The editor's preprocessing (set on the instance): its payload -> {background, layers} as file paths.
+    Gradio's own decodes them before our checks (a traceback, or a huge canvas decoded, via the API)."""
+    if payload is None:
+        return None
+    get = payload.get if isinstance(payload, dict) else (lambda key: getattr(payload, key, None))
+
+    def path(data: Any) -> str | None:
+        return None if data is None else (data.get("path") if isinstance(data, dict) else data.path)
+    return {"background": path(get("background")), "layers": [path(x) for x in get("layers") or []]}
 
 
 def _editor_image_and_mask(editor: dict[str, Any] | None, channels: int,
@@ -267,13 +288,14 @@ def _editor_image_and_mask(editor: dict[str, Any] | None, channels: int,
     background = (editor or {}).get("background")
     if background is None:
         raise _fail("upload an image first")
-    _check_pixels(background, max_pixels)
+    background = _opened(background, max_pixels)
     width, height = background.size
     white = Image.new("RGBA", background.size, (255, 255, 255, 255))
     rgb = Image.alpha_composite(white, background.convert("RGBA"))
     image = image_to_tensor(rgb.convert("L" if channels == 1 else "RGB"))
     painted = np.zeros((height, width), dtype=bool)
     for layer in editor.get("layers") or []:
+        layer = None if layer is None else _opened(layer, max_pixels)
         if layer is not None and layer.size == background.size:
             painted |= np.asarray(layer.convert("RGBA"))[:, :, 3] > 0
     if not painted.any():
@@ -439,6 +461,7 @@ def build_app(pipe: SundaePipeline, max_pixels: int = 2048 * 2048, max_samples: 
                 editor = gr.ImageEditor(type="pil", sources=(), transforms=(), layers=False, format="png",
                                         label="2. Paint the region to regenerate", elem_id="editor", scale=2,
                                         brush=brush, eraser=gr.Eraser(default_size=max(2, f)), height=300)
+                editor.preprocess = _editor_paths  # our checks open the files, not Gradio
             with gr.Row():
                 icond = _condition_controls(pipe, cycle=False, prefix="inp")
                 inum = gr.Slider(1, max_samples, value=min(4, max_samples), step=1, precision=0, label="Completions",
