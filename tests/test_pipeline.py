@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 from sundae import SamplerConfig, SundaePipeline
 from sundae.checkpoint import export_bundle, save_checkpoint
@@ -163,6 +164,12 @@ def test_inpainting_knows_nothing_of_the_masked_pixels(run):
     assert outs[0].steps.tolist() == [2 * FAST.steps] * 2
     with pytest.raises(ValueError, match="passes must be >= 1"):
         pipe.inpaint(image, mask, num=1, class_labels=0, sampler=FAST, passes=0)
+    for kwargs, message in (({"num": 0}, "num must be >= 1"), ({"num": -1}, "num must be >= 1"),
+                            ({"image": image[None]}, "one `c H W` tensor"),
+                            ({"mask": Image.new("L", (32, 32))}, "the mask must be a tensor")):
+        args = {"image": image, "mask": mask, "num": 1, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            pipe.inpaint(args.pop("image"), args.pop("mask"), class_labels=0, sampler=FAST, **args)
     # The old way, encoding the whole image, lets the hidden pixels change kept tokens of this very tokenizer.
     assert not torch.equal(pipe.encode(image[None])[0, keep], pipe.encode(other[None])[0, keep])
 

@@ -341,11 +341,18 @@ class SundaePipeline:
         sampler and seeds as for `__call__`; a class-conditional generator needs `class_labels`. Returns
         `SundaeOutput(images, steps, tokens)` (steps: T x passes for every completion). The masked pixels never reach
         the model, and `passes` (default 2) re-encodes each completion and samples it again: see
-        `inpaint_images`. Raises ValueError for a mask of another size, dilate < 0, passes < 1, or a
-        condition the generator cannot take."""
+        `inpaint_images`. Raises ValueError for a mask that is not a tensor or of another size, an image
+        that is not `c H W`, num < 1, dilate < 0, passes < 1, or a condition the generator cannot take."""
         if isinstance(image, Image.Image):
             from sundae.images import image_to_tensor
             image = image_to_tensor(image.convert("L" if self.tokenizer.cfg.in_channels == 1 else "RGB"))
+        if not isinstance(mask, Tensor) or mask.ndim not in (2, 3):
+            raise ValueError(f"the mask must be a tensor `1 H W` or `H W` (nonzero = regenerate), got "
+                             f"{type(mask).__name__}; `sundae.images.load_mask(path, (H, W))` reads a mask file")
+        if image.ndim != 3:
+            raise ValueError(f"the image must be one `c H W` tensor, got shape {tuple(image.shape)}")
+        if num < 1:
+            raise ValueError(f"num must be >= 1 completions, got {num}")
         mask = mask if mask.ndim == 3 else mask[None]
         if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
             raise ValueError(f"the mask is {mask.shape[-2]}x{mask.shape[-1]} (HxW), the image "
