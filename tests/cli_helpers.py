@@ -1,7 +1,10 @@
 """Running the `sundae` command line in-process from tests."""
 
+import json
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sundae.cli import main
@@ -26,3 +29,12 @@ def fails(capsys, *argv) -> str:
     errors = list(re.finditer(r"sundae [a-z-]+: error: ", err))
     assert "\n" not in err and "Traceback" not in err and len(errors) == 1, err
     return err[errors[0].start():]
+
+
+def write_random_tokens(root: Path, count: int, num_classes: int) -> Path:
+    """A token folder at `root` of `count` random 4x4 grids over 64 codes with random labels (seed 0)."""
+    rng = np.random.default_rng(0)
+    np.save(root / "tokens.npy", rng.integers(0, 64, (count, 4, 4)).astype(np.uint16))
+    np.save(root / "labels.npy", rng.integers(0, num_classes, count).astype(np.int64))
+    (root / "meta.json").write_text(json.dumps({"grid": [4, 4], "codebook_size": 64, "num_classes": num_classes}))
+    return root

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import write_random_tokens
 from sundae.checkpoint import load_checkpoint, load_tokenizer
 from sundae.hourglass import PRESETS as HG
 from sundae.tokens import TokenDataset
@@ -75,12 +76,7 @@ def _assert_same(a: dict, b: dict, atol: float, weights_atol: float | None = Non
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> Path:
     """21 token grids: an odd count, so 2 ranks cannot split the dataset evenly."""
-    root = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(0)
-    np.save(root / "tokens.npy", rng.integers(0, 64, (21, 4, 4)).astype(np.uint16))
-    np.save(root / "labels.npy", rng.integers(0, 10, 21).astype(np.int64))
-    (root / "meta.json").write_text(json.dumps({"grid": [4, 4], "codebook_size": 64, "num_classes": 10}))
-    return root
+    return write_random_tokens(tmp_path_factory.mktemp("tokens"), 21, 10)
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from cli_helpers import fails, run
+from cli_helpers import fails, run, write_random_tokens
 from sundae.distributed import Dist
 from sundae.hourglass import PRESETS as HG
 from sundae.runs import RunInUse, RunLock
@@ -54,12 +53,7 @@ def _steps(out: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(0)
-    np.save(root / "tokens.npy", rng.integers(0, 64, (8, 4, 4)).astype(np.uint16))
-    np.save(root / "labels.npy", rng.integers(0, 2, 8).astype(np.int64))
-    (root / "meta.json").write_text(json.dumps({"grid": [4, 4], "codebook_size": 64, "num_classes": 2}))
-    return root
+    return write_random_tokens(tmp_path_factory.mktemp("tokens"), 8, 2)
 
 
 def test_the_lock_refuses_a_second_holder_until_released(tmp_path):
