@@ -154,7 +154,8 @@ def test_ssim_averages_wang_et_al_valid_region_as_scikit_image():
         assert ssim(x, y) == pytest.approx(expected, abs=1e-5)
 
 
-def _brute_force_knn(real: np.ndarray, fake: np.ndarray, k: int, inside=np.less_equal) -> tuple[np.ndarray, float, float]:
+def _brute_force_knn(real: np.ndarray, fake: np.ndarray, k: int,
+                     inside=np.less_equal) -> tuple[np.ndarray, float, float]:
     """Integer points: squared distances are exact integers, so ties and boundaries are decided exactly.
     Returns (squared k-NN radii of `real`, precision, recall); `inside(distance^2, radius^2)` decides
     membership (a point on a ball's boundary is inside for the metric's `<=`)."""

@@ -182,7 +182,8 @@ def generate(pipe, labels: Tensor | None, num: int, batch_size: int, sampler: Sa
 
 @torch.no_grad()
 def measure_reconstructions(tokenizer, images: Tensor, batch_size: int, device: torch.device,
-                            measures: dict[str, Callable[[Tensor], Tensor]]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+                            measures: dict[str, Callable[[Tensor], Tensor]],
+                            ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The tokenizer on `images` (`n c H W` in [-1, 1]): encoded and decoded `batch_size` at a time, each batch
     measured and dropped, so the reconstructions are never all held (at 10,000 images, those and one SSIM over
     all of them were most of `evaluate`'s memory). Returns (`psnr_db` (dB, peak-to-peak 2), `ssim`,
