@@ -3,6 +3,7 @@ the JSON, the Inception network and its missing-weights message, one-line errors
 
 import hashlib
 import json
+import math
 
 import numpy as np
 import pytest
@@ -226,3 +227,38 @@ def test_image_folder_reference_limit_takes_a_seeded_subset_of_every_class(image
     # Each kept image is one of the folder's, in file order.
     rows = [int(torch.nonzero((whole.images == x).flatten(1).all(1))[0]) for x in ref.images]
     assert rows == sorted(set(rows))
+
+
+class _LevelTokenizer:
+    """A stand-in tokenizer: one token per pixel, the nearest of 4 grey levels (codebook of 8, so half unused)."""
+
+    class cfg:
+        codebook_size = 8
+
+    def encode(self, x):
+        return ((x[:, 0] + 1) * 1.5).round().long()  # b H W in 0..3
+
+    def decode(self, z, size):
+        assert size == tuple(z.shape[-2:])
+        return (z.float() / 1.5 - 1)[:, None]
+
+
+def test_measure_reconstructions_batch_by_batch_equals_the_whole_set():
+    from sundae.eval.metrics import ssim
+    from sundae.eval.protocol import measure_reconstructions
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(10, 1, 16, 16, generator=gen) * 2 - 1
+    images[:, :, :8] = -1  # the top half black: level 0 is used most
+    tokenizer = _LevelTokenizer()
+    recon = tokenizer.decode(tokenizer.encode(images), (16, 16))
+    measures = {"mean": lambda x: x.mean((1, 2, 3)), "corner": lambda x: x[:, 0, 0, :2]}
+    for batch_size in (3, 10, 64):  # 3 does not divide 10
+        scores, outputs = measure_reconstructions(tokenizer, images, batch_size, torch.device("cpu"), measures)
+        assert scores["psnr_db"] == pytest.approx(psnr(recon, images), rel=1e-9)
+        assert scores["ssim"] == pytest.approx(ssim(recon, images), abs=1e-6)
+        assert scores["codebook_usage"] == 4 / 8 and scores["tokens"] == 10 * 16 * 16
+        torch.testing.assert_close(outputs["mean"], recon.mean((1, 2, 3)))
+        assert outputs["corner"].shape == (10, 2) and torch.equal(outputs["corner"], recon[:, 0, 0, :2])
+    # Rounding to 4 levels 2/3 apart: every error is at most 1/3, so PSNR > 10 log10(4 / (1/3)^2) = 15.6 dB.
+    assert scores["psnr_db"] > 10 * math.log10(36)

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.spatial.distance
 import torch
 
 from sundae.eval.classifier import SmallClassifier
@@ -151,3 +152,103 @@ def test_ssim_averages_wang_et_al_valid_region_as_scikit_image():
                                                   gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
                             for i in range(3)])
         assert ssim(x, y) == pytest.approx(expected, abs=1e-5)
+
+
+def _brute_force_knn(real: np.ndarray, fake: np.ndarray, k: int,
+                     inside=np.less_equal) -> tuple[np.ndarray, float, float]:
+    """Integer points: squared distances are exact integers, so ties and boundaries are decided exactly.
+    Returns (squared k-NN radii of `real`, precision, recall); `inside(distance^2, radius^2)` decides
+    membership (a point on a ball's boundary is inside for the metric's `<=`)."""
+    def sq(a, b):
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+    def radii2(x):  # column k of each sorted row: index 0 is the point itself (distance 0)
+        return np.sort(sq(x, x), axis=1)[:, k]
+
+    r_real, r_fake = radii2(real), radii2(fake)
+    precision = inside(sq(fake, real), r_real[None]).any(1).mean()
+    recall = inside(sq(real, fake), r_fake[None]).any(1).mean()
+    return r_real, precision, recall
+
+
+def test_knn_metrics_on_a_lattice_with_ties_match_brute_force_for_every_block_size():
+    # Points on a 5x5x5 integer lattice, drawn with repeats: many equal distances, duplicates at distance 0 and
+    # samples lying exactly on a ball's boundary. Every squared distance is a small integer, exact in float64.
+    rng = np.random.default_rng(0)
+    real, fake = rng.integers(0, 5, (301, 3)), rng.integers(0, 5, (157, 3))
+    for k in (1, 3, 7):
+        r2, precision, recall = _brute_force_knn(real, fake, k)
+        _, strict_precision, strict_recall = _brute_force_knn(real, fake, k, inside=np.less)
+        assert strict_precision < precision and strict_recall < recall  # the boundary cases decide the values
+        r, f = torch.tensor(real, dtype=torch.float32), torch.tensor(fake, dtype=torch.float32)
+        radii = torch.tensor(r2, dtype=torch.float64).sqrt()  # torch's sqrt, as cdist's (numpy's can differ by 1 ulp)
+        for chunk in (None, 1, 7, 100, 301, 1000):  # 7 and 100 do not divide 301 or 157
+            assert torch.equal(knn_radii(r, k, chunk=chunk), radii)
+            assert precision_recall(r, f, k, chunk=chunk) == (precision, recall)
+
+
+def test_knn_metrics_do_not_depend_on_the_block_size():
+    gen = torch.Generator().manual_seed(8)
+    real, fake = torch.randn(1000, 16, generator=gen), torch.randn(777, 16, generator=gen) * 1.1 + 0.1
+    whole_radii = knn_radii(real, 3, chunk=len(real))  # the whole n x n matrix in one block
+    whole = precision_recall(real, fake, 3, chunk=max(len(real), len(fake)))
+    exact = np.sort(scipy.spatial.distance.cdist(real.double().numpy(), real.double().numpy()), axis=1)[:, 3]
+    np.testing.assert_allclose(whole_radii.numpy(), exact, rtol=1e-12)  # an independent distance computation
+    assert 0.3 < whole[0] < 1 and 0.3 < whole[1] < 1
+    for chunk in (None, 1, 7, 333, 999):
+        torch.testing.assert_close(knn_radii(real, 3, chunk=chunk), whole_radii, rtol=1e-13, atol=0)
+        assert precision_recall(real, fake, 3, chunk=chunk) == whole
+
+
+def test_knn_distance_blocks_stay_within_the_bound(monkeypatch):
+    """Memory: no distance block holds more than DISTANCE_BLOCK entries, whatever the set sizes (a fixed
+    1024 rows of 60,000 reference features would be 0.5 GB of float64 distances)."""
+    import sundae.eval.metrics as metrics
+
+    gen = torch.Generator().manual_seed(9)
+    real, fake = torch.randn(900, 8, generator=gen), torch.randn(400, 8, generator=gen)
+    expected_radii, expected = knn_radii(real, 3, chunk=900), precision_recall(real, fake, 3, chunk=900)
+    blocks = []
+    cdist = torch.cdist
+
+    def recording_cdist(a, b):
+        blocks.append(len(a) * len(b))
+        return cdist(a, b)
+
+    monkeypatch.setattr(metrics, "DISTANCE_BLOCK", 5000)
+    monkeypatch.setattr(metrics.torch, "cdist", recording_cdist)
+    torch.testing.assert_close(knn_radii(real, 3), expected_radii, rtol=1e-13, atol=0)
+    assert precision_recall(real, fake, 3) == expected
+    # Blocks of 5 rows of 900 columns and 12 rows of 400: the radii of real (900 rows) in 180 blocks, then
+    # those of real again and of fake (34), fake against real (80) and real against fake (75).
+    assert max(blocks) <= 5000 and max(blocks) == 12 * 400 and len(blocks) == 180 + (180 + 34 + 80 + 75)
+
+
+def test_gaussian_stats_accumulated_in_blocks_match_numpy(monkeypatch):
+    import sundae.eval.metrics as metrics
+
+    x = torch.randn(103, 5, generator=torch.Generator().manual_seed(10)) * 4 + 2
+    monkeypatch.setattr(metrics, "STATS_BLOCK", 7)  # 103 = 14 blocks of 7 and one of 5
+    mean, cov = metrics.gaussian_stats(x)
+    assert mean.dtype == cov.dtype == torch.float64 and cov.shape == (5, 5)
+    np.testing.assert_allclose(mean.numpy(), x.double().numpy().mean(0), rtol=1e-13)
+    np.testing.assert_allclose(cov.numpy(), np.cov(x.double().numpy(), rowvar=False), rtol=1e-12)
+
+
+def test_psnr_and_ssim_of_batches_equal_those_of_the_whole_set(monkeypatch):
+    from skimage.metrics import structural_similarity
+
+    import sundae.eval.metrics as metrics
+    # PSNR by hand: every pixel off by 0.5 -> MSE 0.25, 10 log10(4 / 0.25) = 10 log10(16) dB.
+    assert metrics.psnr(torch.zeros(2, 1, 4, 4), torch.full((2, 1, 4, 4), 0.5)) == pytest.approx(10 * math.log10(16))
+    gen = torch.Generator().manual_seed(11)
+    x = torch.rand(7, 1, 32, 32, generator=gen) * 2 - 1
+    y = (x + 0.3 * torch.randn(7, 1, 32, 32, generator=gen)).clamp(-1, 1)
+    squared = sum(metrics.squared_error(x[i:i + 3], y[i:i + 3]) for i in range(0, 7, 3))
+    assert metrics.psnr_of_mse(squared / x.numel()) == pytest.approx(metrics.psnr(x, y), rel=1e-12)
+    expected = np.mean([structural_similarity(x[i, 0].numpy(), y[i, 0].numpy(), data_range=2.0,
+                                              gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+                        for i in range(7)])
+    whole = metrics.ssim(x, y)
+    monkeypatch.setattr(metrics, "SSIM_BATCH", 3)  # 7 images: batches of 3, 3 and 1
+    assert metrics.ssim(x, y) == pytest.approx(whole, abs=1e-7) and whole == pytest.approx(expected, abs=1e-5)

@@ -87,7 +87,7 @@ class IdxImages(Dataset):
         if size < max(h, w):
             raise ValueError(f"size {size} is smaller than the {h}x{w} images in {root}")
         top, left = (size - h) // 2, (size - w) // 2
-        x = torch.from_numpy(images.copy()).float().div(127.5).sub(1.0)
+        x = torch.from_numpy(images.copy()).float().div_(127.5).sub_(1.0)  # in place: 60,000 images are 188 MB a copy
         self.images = torch.nn.functional.pad(x, (left, size - w - left, top, size - h - top), value=-1.0)[:, None]
         self.num_classes = int(self.labels.max()) + 1
 

@@ -4,7 +4,9 @@ tokenizer's: PSNR, SSIM and codebook usage.
 Everything here works on features `n d` (one row per image) from any extractor: Inception-V3 for the
 standard FID, or the penultimate layer of a classifier trained on the dataset (`classifier_features`) for
 an "Inception-free" FID that also works on 28x28 grayscale data where Inception's ImageNet features mean
-little. Statistics and distances are computed in float64.
+little. Statistics and distances are computed in float64. Memory does not grow with the square of the set
+sizes: k-NN distances are computed in blocks of at most `DISTANCE_BLOCK` entries, covariances `STATS_BLOCK`
+rows at a time, SSIM `SSIM_BATCH` images at a time.
 
 Why these are written here rather than taken from a library: torchmetrics' `FrechetInceptionDistance` is a
 stateful metric that runs its own feature extractor over images, and its matrix square root takes the
@@ -21,11 +23,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _as_features(x: Tensor, name: str) -> Tensor:
+def _checked_features(x: Tensor, name: str) -> Tensor:
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"{name}: expected features of shape (n, d), got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
@@ -33,13 +34,33 @@ def _as_features(x: Tensor, name: str) -> Tensor:
         raise ValueError(f"{name}: need at least 2 feature vectors for a covariance, got {len(x)}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name}: features contain NaN or infinite values")
-    return x.detach().to("cpu", torch.float64)
+    return x.detach().cpu()
+
+
+def _as_features(x: Tensor, name: str) -> Tensor:
+    return _checked_features(x, name).to(torch.float64)
+
+
+# Rows of features converted to float64 at a time by `gaussian_stats`: 60,000 Inception features (2048 wide)
+# would be 0.9 GiB in float64, and torch.cov makes a centred copy of as much again.
+STATS_BLOCK = 4096
 
 
 def gaussian_stats(feats: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean `d`, unbiased covariance `d d`) of features `n d`, float64. Raises ValueError for n < 2."""
-    x = _as_features(feats, "features")
-    return x.mean(0), torch.cov(x.T).reshape(x.shape[1], x.shape[1])
+    """(mean `d`, unbiased covariance `d d`) of features `n d` (any float dtype), float64, accumulated
+    `STATS_BLOCK` rows at a time (the same values as torch.cov up to rounding). Raises ValueError for n < 2
+    or non-finite values."""
+    x = _checked_features(feats, "features")
+    n, d = x.shape
+    mean = torch.zeros(d, dtype=torch.float64)
+    for i in range(0, n, STATS_BLOCK):
+        mean += x[i:i + STATS_BLOCK].to(torch.float64).sum(0)
+    mean /= n
+    cov = torch.zeros(d, d, dtype=torch.float64)
+    for i in range(0, n, STATS_BLOCK):
+        centred = x[i:i + STATS_BLOCK].to(torch.float64) - mean
+        cov.addmm_(centred.T, centred)
+    return mean, cov / (n - 1)
 
 
 def _sqrt_psd(m: Tensor) -> Tensor:
@@ -87,50 +108,69 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
     fitted to each (mean and unbiased covariance, float64; `frechet_distance_gaussians`). Depends on the
     sample sizes (a biased estimator: compare numbers only at equal n and m). Raises ValueError for sets of
     fewer than 2 rows, different widths, or non-finite values."""
-    a, b = _as_features(feats_a, "first feature set"), _as_features(feats_b, "second feature set")
+    a, b = _checked_features(feats_a, "first feature set"), _checked_features(feats_b, "second feature set")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature widths differ: {a.shape[1]} vs {b.shape[1]}")
     return frechet_distance_gaussians(*gaussian_stats(a), *gaussian_stats(b))
 
 
-def _kth_neighbour_radii(x: Tensor, k: int, chunk: int) -> Tensor:
+# The k-NN metrics never hold more than this many pairwise distances at once (float64: 32 MiB, plus as much
+# again for the k-th value's working copy), whatever the set sizes: a block is DISTANCE_BLOCK // m rows of the
+# n x m distance matrix. A whole 60,000 x 60,000 matrix would be 27 GiB, and even a fixed 1024 rows of it
+# 0.46 GiB before cdist's and kthvalue's temporaries.
+DISTANCE_BLOCK = 1 << 22
+
+
+def _block_rows(columns: int, chunk: int | None) -> int:
+    return chunk if chunk else max(1, DISTANCE_BLOCK // max(columns, 1))
+
+
+def _kth_neighbour_radii(x: Tensor, k: int, chunk: int | None) -> Tensor:
     """Distance from each row of `x` (`n d`) to its k-th nearest other row: `n`."""
-    radii = []
-    for i in range(0, len(x), chunk):
-        dist = torch.cdist(x[i:i + chunk], x)
-        radii.append(dist.kthvalue(k + 1, dim=1).values)  # k + 1: the row itself is at distance 0
-    return torch.cat(radii)
+    rows = _block_rows(len(x), chunk)
+    radii = torch.empty(len(x), dtype=x.dtype)
+    for i in range(0, len(x), rows):
+        dist = torch.cdist(x[i:i + rows], x)
+        radii[i:i + rows] = dist.kthvalue(k + 1, dim=1).values  # k + 1: the row itself is at distance 0
+        del dist  # before the next block's cdist allocates its own
+    return radii
 
 
-def _coverage(points: Tensor, centres: Tensor, radii: Tensor, chunk: int) -> float:
+def _coverage(points: Tensor, centres: Tensor, radii: Tensor, chunk: int | None) -> float:
     """Fraction of `points` inside at least one ball (centre, radius)."""
-    inside = [(torch.cdist(points[i:i + chunk], centres) <= radii[None]).any(1)
-              for i in range(0, len(points), chunk)]
-    return torch.cat(inside).double().mean().item()
+    rows = _block_rows(len(centres), chunk)
+    inside = 0
+    for i in range(0, len(points), rows):
+        inside += int((torch.cdist(points[i:i + rows], centres) <= radii[None]).any(1).sum())
+    return inside / len(points)
 
 
-def knn_radii(feats: Tensor, k: int = 3, chunk: int = 1024) -> Tensor:
-    """Distance from each feature vector (`n d`, n > k) to its k-th nearest other one: `n` float64. The real
-    manifold's radii of `precision_recall`, computed once for a reference set that many sample sets are
-    compared against (the n x n distances dominate the cost for a large reference)."""
+def knn_radii(feats: Tensor, k: int = 3, chunk: int | None = None) -> Tensor:
+    """Distance from each feature vector (`n d`, n > k) to its k-th nearest other one: `n` float64 (Euclidean,
+    the features' units). The real manifold's radii of `precision_recall`, computed once for a reference set
+    that many sample sets are compared against (the n x n distances dominate the cost for a large reference).
+    The distances are computed `chunk` rows at a time; by default as many rows as keep a block of the n x n
+    matrix within `DISTANCE_BLOCK` entries, so memory does not grow with n^2 (the result does not depend on
+    `chunk`). Raises ValueError for k < 1, at most k vectors, or non-finite features."""
     x = _as_features(feats, "features")
     if k < 1 or len(x) <= k:
         raise ValueError(f"need k >= 1 and more than k vectors, got k={k} and {len(x)} vectors")
     return _kth_neighbour_radii(x, k, chunk)
 
 
-def precision_recall(real_feats: Tensor, fake_feats: Tensor, k: int = 3, chunk: int = 1024,
+def precision_recall(real_feats: Tensor, fake_feats: Tensor, k: int = 3, chunk: int | None = None,
                      real_radii: Tensor | None = None) -> tuple[float, float]:
     """Improved precision and recall of generated samples (Kynkaanniemi et al. 2019, Sec. 2).
 
     The real manifold is the union of balls around each real feature vector with radius the distance to its
     k-th nearest real neighbour; likewise the fake manifold. Precision = fraction of fake vectors inside the
     real manifold (how many samples look real); recall = fraction of real vectors inside the fake manifold (how
-    much of the data the samples cover). `real_feats` `n d`, `fake_feats` `m d`, n and m > k; distances
-    Euclidean in float64, computed `chunk` rows at a time. Returns (precision, recall), each in [0, 1]. Both
-    are 1 for identical sets. `real_radii`: `knn_radii(real_feats, k)` computed beforehand (same result,
-    without the n x n distances). Raises ValueError for k < 1, sets of at most k rows, different widths, or
-    radii of another length.
+    much of the data the samples cover). A vector on a ball's boundary is inside. `real_feats` `n d`,
+    `fake_feats` `m d`, n and m > k; distances Euclidean in float64, computed `chunk` rows at a time (default:
+    blocks of at most `DISTANCE_BLOCK` distances, see `knn_radii`; the result does not depend on it). Returns
+    (precision, recall), each in [0, 1]. Both are 1 for identical sets. `real_radii`: `knn_radii(real_feats, k)`
+    computed beforehand (same result, without the n x n distances). Raises ValueError for k < 1, sets of at
+    most k rows, different widths, or radii of another length.
     """
     real, fake = _as_features(real_feats, "real features"), _as_features(fake_feats, "fake features")
     if k < 1:
@@ -164,10 +204,26 @@ def classifier_features(model: nn.Module, images: Tensor, batch_size: int = 500)
                       for i in range(0, len(images), batch_size)]) if len(images) else torch.zeros(0, 0)
 
 
+def squared_error(x: Tensor, y: Tensor) -> float:
+    """Sum of the squared differences of two image tensors of one shape (any shape, values clamped to
+    [-1, 1]), accumulated in float64: the numerator of `psnr`'s mean squared error, for images measured a batch
+    at a time (`psnr_of_mse(sum of the batches' squared_error / element count)`)."""
+    return float((x.float().clamp(-1, 1) - y.float().clamp(-1, 1)).square().sum(dtype=torch.float64))
+
+
+def psnr_of_mse(mse: float) -> float:
+    """Peak signal-to-noise ratio in dB of a mean squared error of images in [-1, 1] (peak-to-peak 2): inf for 0."""
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
 def psnr(x: Tensor, y: Tensor) -> float:
     """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2), over the whole batch."""
-    mse = F.mse_loss(x.float().clamp(-1, 1), y.float().clamp(-1, 1)).item()
-    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+    return psnr_of_mse(squared_error(x, y) / x.numel())
+
+
+# Images per torchmetrics call in `ssim`: it pads and stacks five copies of its whole input and keeps several
+# maps of it, about 0.4 MB per 32x32 grayscale image (4 GB for 10,000 images in one call).
+SSIM_BATCH = 256
 
 
 def ssim(x: Tensor, y: Tensor) -> float:
@@ -175,14 +231,20 @@ def ssim(x: Tensor, y: Tensor) -> float:
     range 2), over the positions where the whole window lies inside the image, as Wang et al.'s reference code
     and scikit-image average. The SSIM map is torchmetrics'; its own mean also counts the 5-pixel border, where
     the window reaches reflected pixels (on 32x32 images that border is over half the map, and it moved the
-    value by up to 0.07). Images of 10 pixels or less on a side are averaged whole."""
+    value by up to 0.07). Images of 10 pixels or less on a side are averaged whole. Computed `SSIM_BATCH`
+    images at a time (every image has as many positions, so the mean of the batch means weighted by their
+    sizes is the mean over all), so memory does not grow with n."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    _, full = structural_similarity_index_measure(x.float().clamp(-1, 1), y.float().clamp(-1, 1), data_range=2.0,
-                                                  return_full_image=True)
-    if min(full.shape[-2:]) > 10:
-        full = full[..., 5:-5, 5:-5]
-    return float(full.mean())
+    total = 0.0
+    for i in range(0, len(x), SSIM_BATCH):
+        _, full = structural_similarity_index_measure(x[i:i + SSIM_BATCH].float().clamp(-1, 1),
+                                                      y[i:i + SSIM_BATCH].float().clamp(-1, 1), data_range=2.0,
+                                                      return_full_image=True)
+        if min(full.shape[-2:]) > 10:
+            full = full[..., 5:-5, 5:-5]
+        total += float(full.mean(dtype=torch.float64)) * len(full)
+    return total / len(x)
 
 
 # Below this share of codes in use the codebook is collapsing: training and `evaluate` warn (healthy runs of

@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -30,7 +30,8 @@ from torch import Tensor
 
 from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxImages, is_idx_dataset, open_images
 from sundae.eval.classifier import CLASSIFIER_FORMAT, SmallClassifier, predict, train_classifier
-from sundae.eval.metrics import LOW_CODEBOOK_USAGE, classifier_features, codebook_usage, frechet_distance, precision_recall, psnr, ssim
+from sundae.eval.metrics import (LOW_CODEBOOK_USAGE, classifier_features, frechet_distance_gaussians, gaussian_stats,
+                                 knn_radii, precision_recall, psnr_of_mse, squared_error, ssim)
 from sundae.io import atomic_write, log, save_torch
 from sundae.sundae import SamplerConfig
 
@@ -180,15 +181,33 @@ def generate(pipe, labels: Tensor | None, num: int, batch_size: int, sampler: Sa
 
 
 @torch.no_grad()
-def reconstruct(tokenizer, images: Tensor, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Encode and decode `images` (`n c H W` in [-1, 1]) -> (reconstructions `n c H W` CPU, tokens `n h w`)."""
-    recon, tokens = [], []
+def measure_reconstructions(tokenizer, images: Tensor, batch_size: int, device: torch.device,
+                            measures: dict[str, Callable[[Tensor], Tensor]],
+                            ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The tokenizer on `images` (`n c H W` in [-1, 1]): encoded and decoded `batch_size` at a time, each batch
+    measured and dropped, so the reconstructions are never all held (at 10,000 images, those and one SSIM over
+    all of them were most of `evaluate`'s memory). Returns (`psnr_db` (dB, peak-to-peak 2), `ssim`,
+    `codebook_usage` (share of the codebook in the tokens), `tokens` (how many); {name: `fn` of every batch of
+    reconstructions, concatenated along the batch} for each name, fn of `measures` (features, predicted
+    classes: `b c H W` -> `b ...`, on the CPU))."""
+    size = tokenizer.cfg.codebook_size
+    seen = torch.zeros(size, dtype=torch.bool)
+    squared = ssim_total = 0.0
+    count = 0
+    outputs: dict[str, list[Tensor]] = {name: [] for name in measures}
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device)
-        z = tokenizer.encode(x)
-        recon.append(tokenizer.decode(z, size=tuple(x.shape[-2:])).cpu())
-        tokens.append(z.cpu())
-    return torch.cat(recon), torch.cat(tokens)
+        x = images[i:i + batch_size]
+        z = tokenizer.encode(x.to(device))
+        recon = tokenizer.decode(z, size=tuple(x.shape[-2:])).cpu()
+        seen[z.flatten().cpu()] = True
+        count += z.numel()
+        squared += squared_error(recon, x)
+        ssim_total += ssim(recon, x) * len(x)
+        for name, fn in measures.items():
+            outputs[name].append(fn(recon))
+    scores = {"psnr_db": psnr_of_mse(squared / images.numel()), "ssim": ssim_total / len(images),
+              "codebook_usage": seen.sum().item() / size, "tokens": count}
+    return scores, {name: torch.cat(parts) for name, parts in outputs.items()}
 
 
 def balanced_labels(num: int, num_classes: int) -> Tensor:
@@ -196,9 +215,10 @@ def balanced_labels(num: int, num_classes: int) -> Tensor:
     return torch.arange(num) % num_classes
 
 
-def _feature_scores(ref_feats: Tensor, feats: Tensor, k: int) -> dict[str, float]:
-    p, r = precision_recall(ref_feats, feats, k)
-    return {"fid": frechet_distance(ref_feats, feats), "precision": p, "recall": r}
+def _feature_scores(ref_stats: tuple[Tensor, Tensor], ref_radii: Tensor, ref_feats: Tensor, feats: Tensor,
+                    k: int) -> dict[str, float]:
+    p, r = precision_recall(ref_feats, feats, k, real_radii=ref_radii)
+    return {"fid": frechet_distance_gaussians(*ref_stats, *gaussian_stats(feats)), "precision": p, "recall": r}
 
 
 def tool_versions() -> dict[str, str]:
@@ -275,18 +295,23 @@ def evaluate(pipe, ref: Reference, samplers: Sequence[SamplerConfig], num: int, 
     if inception is not None:
         extractors["inception"] = inception
     ref_feats = {name: fn(ref.images) for name, fn in extractors.items()}
+    ref_stats = {name: gaussian_stats(feats) for name, feats in ref_feats.items()}
 
-    recon, tokens = reconstruct(tokenizer, ref.images, batch_size, pipe.device)
-    tok = {"psnr_db": psnr(recon, ref.images), "ssim": ssim(recon, ref.images),
-           "codebook_usage": codebook_usage(tokens, tokenizer.cfg.codebook_size), "images": len(ref.images)}
-    if tok["codebook_usage"] < LOW_CODEBOOK_USAGE and tokens.numel() >= 4 * tokenizer.cfg.codebook_size:
+    measures = dict(extractors)
+    if classifier is not None:
+        measures["predicted"] = lambda x: predict(classifier, x)
+    tok, recon = measure_reconstructions(tokenizer, ref.images, batch_size, pipe.device, measures)
+    tokens = tok.pop("tokens")
+    tok["images"] = len(ref.images)
+    if tok["codebook_usage"] < LOW_CODEBOOK_USAGE and tokens >= 4 * tokenizer.cfg.codebook_size:
         log.warning(f"the tokenizer uses {tok['codebook_usage']:.0%} of its {tokenizer.cfg.codebook_size} codes on "
                     f"{len(ref.images)} reference images: its codebook has collapsed (retrain it with "
                     f"restart_dead_codes, e.g. --set restart_dead_codes=1000)")
-    for name, fn in extractors.items():
-        tok[f"rfid_{name}"] = frechet_distance(ref_feats[name], fn(recon))
+    for name in extractors:
+        tok[f"rfid_{name}"] = frechet_distance_gaussians(*ref_stats[name], *gaussian_stats(recon[name]))
     if classifier is not None:
-        tok["classifier_accuracy_on_reconstructions"] = (predict(classifier, recon) == ref.labels).float().mean().item()
+        tok["classifier_accuracy_on_reconstructions"] = (recon["predicted"] == ref.labels).float().mean().item()
+    ref_radii = {name: knn_radii(feats, k) for name, feats in ref_feats.items()}  # once for every sampler setting
 
     conditional = bool(net.cfg.num_classes)
     labels = balanced_labels(num, net.cfg.num_classes) if conditional else None
@@ -299,7 +324,8 @@ def evaluate(pipe, ref: Reference, samplers: Sequence[SamplerConfig], num: int, 
         row: dict[str, Any] = {"steps": sampler.steps, "mean_steps_taken": taken.float().mean().item(),
                                "seconds_per_image": seconds / num}
         for name, fn in extractors.items():
-            row.update({f"{key}_{name}": value for key, value in _feature_scores(ref_feats[name], fn(images), k).items()})
+            scores = _feature_scores(ref_stats[name], ref_radii[name], ref_feats[name], fn(images), k)
+            row.update({f"{key}_{name}": value for key, value in scores.items()})
         if judge_labels:
             row["class_accuracy"] = (predict(classifier, images) == labels).float().mean().item()
         rows.append(row)
