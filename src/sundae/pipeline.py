@@ -342,7 +342,7 @@ class SundaePipeline:
         `SundaeOutput(images, steps, tokens)` (steps: T x passes for every completion). The masked pixels never reach
         the model, and `passes` (default 2) re-encodes each completion and samples it again: see
         `inpaint_images`. Raises ValueError for a mask that is not a tensor or of another size, an image
-        that is not `c H W`, num < 1, dilate < 0, passes < 1, or a condition the generator cannot take."""
+        that is not `c H W`, num < 1, dilate < 0, passes < 1 (checked by `inpaint_images`), or a condition the generator cannot take."""
         if isinstance(image, Image.Image):
             from sundae.images import image_to_tensor
             image = image_to_tensor(image.convert("L" if self.tokenizer.cfg.in_channels == 1 else "RGB"))
@@ -359,8 +359,6 @@ class SundaePipeline:
                              f"{image.shape[-2]}x{image.shape[-1]}: they must be the same size")
         if dilate < 0:
             raise ValueError(f"dilate must be >= 0 token cells, got {dilate}")
-        if passes < 1:
-            raise ValueError(f"passes must be >= 1, got {passes}")
         if self.num_classes and class_labels is None:
             raise ValueError(f"{self.source or 'the generator'} is class-conditional: pass class labels "
                              f"(0..{self.num_classes - 1})")
