@@ -10,8 +10,8 @@ from sundae.data import IdxImages, ImageFolder
 from sundae.hourglass import PRESETS as HG
 from sundae.images import make_grid
 from sundae.tokens import TokenDataset
-from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, EpochBatchSampler, train_generator,
-                          train_vqgan)
+from sundae.train import (GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, EpochBatchSampler, lr_factor,
+                          train_generator, train_vqgan)
 from sundae.vqgan import PRESETS as VQ
 
 
@@ -227,3 +227,23 @@ def test_dead_code_restarts_are_counted_and_never_at_the_last_step(image_folder,
 
 def test_every_tokenizer_preset_has_a_collapse_remedy():
     assert all(cfg.restart_dead_codes > 0 for cfg in VQGAN_TRAIN_PRESETS.values()), VQGAN_TRAIN_PRESETS
+
+
+def test_cosine_lr_warms_up_then_falls_to_zero_at_the_last_step(token_dir, tmp_path):
+    cfg = dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=110, warmup_steps=10, lr_schedule="cosine")
+    factors = [lr_factor(cfg, s) for s in range(cfg.steps + 1)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0) and factors[10] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.5)  # half-way through the 100 decay steps
+    assert factors[110] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    constant = dataclasses.replace(cfg, lr_schedule="constant")
+    assert [lr_factor(constant, s) for s in (0, 9, 10, 110)] == pytest.approx([0.1, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="lr_schedule"):
+        dataclasses.replace(cfg, lr_schedule="linear")
+    # The training loop follows it: the logged lr of the last step is the schedule's, near 0.
+    run = dataclasses.replace(cfg, steps=8, warmup_steps=0, batch_size=4, log_every=1, lr=1e-3)
+    train_generator(HG["tiny"], run, TokenDataset(token_dir), tmp_path / "g", {"grid": [4, 4]}, progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "g" / "log.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in logged if "lr" in r}
+    assert lrs[1] == pytest.approx(1e-3 * lr_factor(run, 1))
+    assert lrs[8] == pytest.approx(0.0, abs=1e-12) and lrs[4] == pytest.approx(1e-3 * lr_factor(run, 4))

@@ -322,8 +322,20 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
     return save() if step == 0 else out / "tokenizer.pt"  # step > 0: saved at the last step
 
 
+def lr_factor(cfg: GeneratorTrainConfig, step: int) -> float:
+    """The multiplier of `cfg.lr` for optimizer step `step` (0-based), in (0, 1]: a linear warm-up over
+    `warmup_steps`, then 1 ("constant") or a half cosine falling to 0 at step `cfg.steps` ("cosine",
+    Loshchilov & Hutter 2017, without restarts)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+
+
 def _lr_lambda(cfg: GeneratorTrainConfig):
-    return lambda step: min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    return lambda step: lr_factor(cfg, step)
 
 
 def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, dataset: Dataset, out: str | Path,

@@ -13,6 +13,10 @@ import torch
 
 from sundae.sundae import CORRUPTIONS
 
+# The learning rate after the warm-up: "constant", or "cosine": a half cosine from lr to 0 at the last step
+# (Loshchilov & Hutter 2017, SGDR, without restarts), which lets a short run end on small, averaged-out steps.
+LR_SCHEDULES = ("constant", "cosine")
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -88,6 +92,7 @@ class GeneratorTrainConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after the warm-up: "constant" or "cosine" (to 0 at `steps`), LR_SCHEDULES
     grad_clip: float = 0.0  # 0 = off
     unroll_steps: int = 2
     unroll_share: float = 1.0  # share of each batch that runs the unrolled steps t > 1 (sundae.unrolled_loss)
@@ -111,6 +116,8 @@ class GeneratorTrainConfig:
         if not 0 < self.unroll_share <= 1 or self.corruption not in CORRUPTIONS:
             raise ValueError(f"unroll_share must lie in (0, 1] and corruption be one of {', '.join(CORRUPTIONS)}, "
                              f"got {self.unroll_share} and {self.corruption!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 <= self.cond_dropout <= 1:
             raise ValueError(f"cond_dropout must lie in [0, 1], got {self.cond_dropout}")
         if self.sharding not in ("ddp", "fsdp"):
