@@ -21,11 +21,11 @@ Protocol:
    (the hourglass preset `fashion`, ~1.4M): `sundae` (unroll 2), `sundae_u1`, `sundae_u3`, `maskgit`
    (the same hourglass + a [MASK] id), `ar` (a flat causal stack, its depth matched by parameters; see
    `baselines.py`), and lever ablations at unroll 2: `sundae_share` (unroll_share 0.25), `sundae_cosine`
-   (corruption "cosine"), `sundae_s1` (shorten_factor 1: no hourglass valley). The default leaves out
-   `sundae_u3` to fit the time (`--methods` takes it). The 1D-shortening model of the earlier equal-CPU-time
-   benchmark is dropped: it tied with 2D shortening there.
-   Each trains once per seed to `--budget` steps (1000); `--seeds` (3) seeds for `--seeded` (sundae,
-   sundae_u1, maskgit), one for the others. Checkpoints at budget/8, /4, /2 and budget keep the cumulative
+   (corruption "cosine"), `sundae_s1` (shorten_factor 1: no hourglass valley). The default runs `sundae`,
+   `sundae_u1`, `maskgit`, `ar` and `sundae_s1` to fit the time; `--methods` takes the others. The 1D-shortening
+   model of the earlier equal-CPU-time benchmark is dropped: it tied with 2D shortening there.
+   Each trains once per seed to `--budget` steps (512); `--seeds` (3) seeds for `--seeded` (sundae, maskgit:
+   the pair the verdict compares), one for the others. Checkpoints at budget/8, /4, /2 and budget keep the cumulative
    training CPU (`time.process_time`) and wall seconds, so one set of rows gives FID against steps and
    against CPU seconds. Equal steps, not equal time: at a few hundred steps equal time measures the cost of
    an update rather than what a model learns.
@@ -46,16 +46,15 @@ Protocol:
 
 Outputs: `--out` (JSON, default benchmarks/results/quality.json; written atomically after every evaluated
 checkpoint), a printed table, and a PNG beside the JSON. `--work` keeps the tokenizer, the judge, the tokens
-and each run's state at each checkpoint (about 22 MB each; ~1.2 GB for the default run); `--resume` skips
+and each run's state at each checkpoint (about 22 MB each; ~0.8 GB for the default run); `--resume` skips
 what the JSON already holds and continues training from the last saved state. Given the seed and the thread
 count, a resumed run gives the same numbers as an uninterrupted one.
 
-Time on 2 idle cores, from measured costs (a training step at batch 64: unroll-2 0.40 s, unroll-1 0.19 s,
-MaskGIT/AR ~0.2 s; a batch-250 forward 0.24 s, so a 500-sample set at T = 16 ~8 s): judge, tokenizer and
-encoding ~10 min (~4 with --tokenizer), training ~62 min, sampling and judging at most ~24 min (149 sample
-sets and the sweeps; SUNDAE's early stop makes it less): at most ~97 minutes, about 90 expected. The full
-plan (all 8 methods, the 12-point SUNDAE grid, every sweep) came to ~115 minutes, so the default leaves out `sundae_u3` (10 min of training:
-`--methods` adds it back), SUNDAE temperature 0.7 and the T sweep of the lever ablations. The run prints its
+Time on 2 cores, from costs measured on 2026-12-01 (a training step at batch 64: unroll-1 0.38 s, unroll-2
+0.73 s, MaskGIT-style 0.34 s, AR 0.65 s, no valley 1.47x; a batch-250 forward 0.385 s): judge, tokenizer and
+encoding ~10 min (~4 with --tokenizer), training ~45 min, sampling and judging at most ~28 min (an upper bound:
+SUNDAE's early stop makes it less): about 83 minutes. Adding every lever (`--methods` with all 8, `--seeded`
+sundae,sundae_u1,maskgit) comes to about 125 minutes. The run prints its
 own estimate at the start, scaled by a forward pass timed there (on a loaded machine everything is slower),
 and each stage's time as it goes. `--smoke` (1000 training images of which 200 validation, 200 test, the
 `tiny` hourglass preset at batch 16, budget 8, 2 seeds, 20 samples, two-point grids) takes about a minute.
@@ -93,8 +92,10 @@ from sundae.train import VQGAN_TRAIN_PRESETS, train_vqgan
 from sundae.vqgan import PRESETS as VQGAN_PRESETS
 
 NUM_CLASSES = 10
-SEEDED = ("sundae", "sundae_u1", "maskgit")
-DEFAULT_METHODS = tuple(m for m in METHODS if m != "sundae_u3")  # unroll 3: ~10 more minutes; --methods adds it
+SEEDED = ("sundae", "maskgit")
+# What fits about 90 minutes on 2 cores: the two methods the verdict compares with 3 seeds, unroll 1, AR and
+# the valley ablation with one. `--methods` adds the other levers (sundae_u3, sundae_share, sundae_cosine).
+DEFAULT_METHODS = ("sundae", "sundae_u1", "maskgit", "ar", "sundae_s1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,7 @@ class Settings:
     tokenizer_steps: int = VQGAN_TRAIN_PRESETS["fashion"].steps
     samples: int = 500
     sample_batch: int = 250
-    budget: int = 1000
+    budget: int = 512
     seeds: int = 3
     tune_steps: int = 16
     sweep_steps: tuple[int, ...] = (4, 8, 16, 32, 64)
@@ -120,18 +121,20 @@ SMOKE = Settings(pool_images=1000, val_images=200, test_images=200, classifier_e
                  samples=20, sample_batch=20, budget=8, seeds=2, tune_steps=2, sweep_steps=(1, 2),
                  optim=Optim(warmup=5, batch_size=16), preset="tiny")
 
-# Seconds on 2 idle cores, measured: a training step at batch 64 (sundae: per unrolled forward and backward),
-# one batch-250 forward, and the fixed stages (the tokenizer per 2000 steps, encoding 60k, the judge per epoch).
-# An AR sample set (64 single-token steps with the KV cache) costs about 24 batch forwards; decoding and
-# judging about 1 ms per sample (both measured against a timed forward on a loaded machine).
-COST = {"step": 0.19, "unroll": 0.21, "shorten1": 1.3, "forward": 0.24, "tokenizer": 360.0, "encode": 90.0,
-        "judge_epoch": 75.0, "judge_per_sample": 0.001, "ar_forwards": 24}
+# Seconds on 2 cores, measured on 2026-12-01 (other jobs at the lowest priority): a training step at batch 64
+# (sundae unroll 1; each further unrolled step adds "unroll"; MaskGIT-style and AR their own), one batch-250
+# forward, and the fixed stages (the tokenizer per 2000 steps, encoding 60k, the judge per epoch). The first
+# table (0.19 s a step, 0.24 s a forward) was about half of what the steps cost by then, and the default run it
+# planned took more than twice its estimate. An AR sample set (64 single-token steps with the KV cache) costs
+# about 24 batch forwards; decoding and judging about 1 ms per sample.
+COST = {"step": 0.38, "unroll": 0.35, "maskgit": 0.34, "ar": 0.65, "shorten1": 1.47, "forward": 0.385,
+        "tokenizer": 360.0, "encode": 90.0, "judge_epoch": 75.0, "judge_per_sample": 0.001, "ar_forwards": 24}
 
 
 def step_cost(name: str) -> float:
     m = METHODS[name]
     if m.kind != "sundae":
-        return COST["step"]
+        return COST[m.kind]
     cost = COST["step"] + COST["unroll"] * (m.unroll - 1) * m.unroll_share
     return cost * (COST["shorten1"] if m.shorten_factor == 1 else 1.0)
 
@@ -177,10 +180,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(FASHION_MNIST_DIR), help="folder with the Fashion-MNIST idx files")
     p.add_argument("--tokenizer", help="a trained `fashion` tokenizer checkpoint (tokenizer.pt) to reuse")
-    p.add_argument("--budget", type=int, help="training steps per model (default 1000; smoke 8)")
+    p.add_argument("--budget", type=int, help="training steps per model (default 512; smoke 8)")
     p.add_argument("--seeds", type=int, help="seeds for the --seeded methods (default 3; smoke 2)")
     p.add_argument("--seeded", default=",".join(SEEDED), help=f"methods run with --seeds seeds ({','.join(SEEDED)})")
-    p.add_argument("--methods", help=f"some of {','.join(METHODS)} (default: all but sundae_u3; smoke: all)")
+    p.add_argument("--methods", help=f"some of {','.join(METHODS)} (default: sundae,sundae_u1,maskgit,ar,sundae_s1; smoke: all)")
     p.add_argument("--samples", type=int, help="class-balanced samples per evaluation (default 500; smoke 20)")
     p.add_argument("--val-images", type=int, help="training images held out for validation (default 5000)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: runs everything in about a minute")
