@@ -248,9 +248,12 @@ class SamplerConfig:
         if not 1 <= steps <= self.steps:
             raise ValueError(f"tail steps must lie in 1..{self.steps}, got {steps}")
         first = self.steps - steps
+
+        def at_first(start: float, end: float) -> float:  # the schedule's value at step `first`, in float64
+            return start + (end - start) * first / (self.steps - 1) if first else start
         return dataclasses.replace(self, steps=steps, min_steps=max(0, self.min_steps - first),
-                                   temperature=(self.temperatures()[first], self.temperature[1]),
-                                   update_proportion=(self.update_proportions()[first], self.update_proportion[1]))
+                                   temperature=(at_first(*self.temperature), self.temperature[1]),
+                                   update_proportion=(at_first(*self.update_proportion), self.update_proportion[1]))
 
 
 # The paper's sampler settings (McKinney & Willcocks section 4 and their released configs), by the name of the
