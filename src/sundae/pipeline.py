@@ -17,6 +17,7 @@ benchmarks.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
@@ -384,7 +385,7 @@ class SundaePipeline:
         W`, steps run, tokens `num h w`)`. Raises ValueError for a strength outside [0, 1], an image that is
         not `c H W`, num < 1, or a condition the generator cannot take."""
         image = self._image(image, num, class_labels)
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
             raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
         sampler = sampler or self.sampler
         labels, text = self.labels(class_labels, num), self.text(prompt, num)
