@@ -26,7 +26,7 @@ def fails(capsys, *argv) -> str:
         run(*argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
-    errors = list(re.finditer(r"sundae [a-z-]+: error: ", err))
+    errors = list(re.finditer(r"sundae [a-z0-9-]+: error: ", err))
     assert "\n" not in err and "Traceback" not in err and len(errors) == 1, err
     return err[errors[0].start():]
 

@@ -211,8 +211,8 @@ def test_quickstart_without_data_says_how_to_get_it(tmp_path, capsys):
 
 
 def test_every_verb_has_help():
-    for verb in ("train-vqgan", "convert-taming", "reconstruct", "tokenize", "train", "sample", "inpaint", "export",
-                 "demo", "quickstart"):
+    for verb in ("train-vqgan", "convert-taming", "reconstruct", "tokenize", "train", "sample", "inpaint", "img2img",
+                 "outpaint", "export", "demo", "quickstart"):
         result = subprocess.run([sys.executable, "-m", "sundae", verb, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: sundae" in result.stdout
 

@@ -152,6 +152,29 @@ def load_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(mask).float()[None]
 
 
+def outpaint_canvas(image: Tensor, extend: tuple[int, int, int, int],
+                    max_pixels: int | None = None) -> tuple[Tensor, Tensor]:
+    """The canvas and mask of an outpainting: `image` (`c H W`) grown by `extend` = (left, top, right, bottom)
+    pixels -> (canvas `c H' W'`, the image at rows top.., columns left.. and 0 (mid grey) around it; mask
+    `1 H' W'` float, 1 on the new pixels = regenerate), H' = top + H + bottom, W' = left + W + right.
+    Raises ValueError for an extent that is not four integers >= 0 with one of them > 0, or a canvas of
+    more than `max_pixels` pixels (checked before anything is allocated)."""
+    if (len(extend) != 4 or any(isinstance(v, bool) or int(v) != v or v < 0 for v in extend)
+            or not any(extend)):
+        raise ValueError(f"extend must be four integers >= 0 (left, top, right, bottom pixels), not all 0; got "
+                         f"{tuple(extend)}")
+    left, top, right, bottom = (int(v) for v in extend)
+    height, width = image.shape[-2] + top + bottom, image.shape[-1] + left + right
+    if max_pixels is not None and height * width > max_pixels:
+        raise ValueError(f"the outpainted canvas would be {width}x{height} = {width * height} pixels; the limit is "
+                         f"{max_pixels} pixels")
+    canvas = image.new_zeros(image.shape[0], height, width)
+    canvas[:, top:height - bottom, left:width - right] = image
+    mask = torch.ones(1, height, width)
+    mask[:, top:height - bottom, left:width - right] = 0
+    return canvas, mask
+
+
 def image_to_tensor(img: Image.Image) -> Tensor:
     """PIL image (L or RGB) -> `c H W` float in [-1, 1]."""
     arr = np.asarray(img, dtype=np.float32)

@@ -6,15 +6,18 @@
 
 Generation is the sampler of `sundae.sundae` (McKinney & Willcocks section 3.4) over a logits function built
 here from the network and its condition (class labels, text features, classifier-free guidance), then the
-tokenizer's decoder; inpainting is the same sampler with a keep-mask (section 3.5). Every sample draws its
-noise from its own generator seeded `seed + i`, so sample i is the same whether it is drawn alone (with its
-seed and its condition) or in any batch, and the batched sample -> decode loop lives here once for the CLI, the demo, the quickstart, the
-evaluation protocol, the training loop's sample grids and the benchmarks.
+tokenizer's decoder; inpainting is the same sampler with a keep-mask (section 3.5), outpainting an inpainting
+of a grown canvas, and img2img the sampler started from an image's tokens, a share of them corrupted. Every
+sample draws its noise from its own generator seeded `seed + i`, so sample i is the same whether it is drawn
+alone (with its seed and its condition) or in any batch, and the batched sample -> decode loop lives here
+once for the CLI, the demo, the quickstart, the evaluation protocol, the training loop's sample grids and the
+benchmarks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
@@ -27,9 +30,9 @@ from tqdm.auto import tqdm
 from sundae.checkpoint import (bundle_info, check_pair, load_generator, load_tokenizer, resolve_checkpoint,
                                resolve_tokenizer, stored_sampler)
 from sundae.hourglass import Hourglass
-from sundae.images import tensor_to_image
-from sundae.sundae import (GuidanceScale, LogitsFn, SamplerConfig, fill_masked, guidance_scales, guided_logits_fn,
-                           sample, token_keep_mask)
+from sundae.images import image_to_tensor, outpaint_canvas, tensor_to_image
+from sundae.sundae import (GuidanceScale, LogitsFn, SamplerConfig, corrupt_share, fill_masked, guidance_scales,
+                           guided_logits_fn, sample, share_count, token_keep_mask)
 from sundae.vqgan import VQGAN
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the network's autocast dtype
@@ -140,7 +143,7 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 
 
 class SundaePipeline:
-    """A generator (`Hourglass`) with its tokenizer (`VQGAN`): sample, inpaint, encode, decode.
+    """A generator (`Hourglass`) with its tokenizer (`VQGAN`): sample, inpaint, img2img, outpaint, encode, decode.
 
     `meta` is the generator checkpoint's: `grid` (h, w tokens), `image_size` (H, W pixels, when the
     tokenizer padded the training images), `class_names`, `text_encoder`. `precision` ("fp32", or "bf16" /
@@ -343,25 +346,16 @@ class SundaePipeline:
         the model, and `passes` (default 2) re-encodes each completion and samples it again: see
         `inpaint_images`. Raises ValueError for a mask that is not a tensor or of another size, an image
         that is not `c H W`, num < 1, dilate < 0, passes < 1 (checked by `inpaint_images`), or a condition the generator cannot take."""
-        if isinstance(image, Image.Image):
-            from sundae.images import image_to_tensor
-            image = image_to_tensor(image.convert("L" if self.tokenizer.cfg.in_channels == 1 else "RGB"))
+        image = self._image(image, num, class_labels)
         if not isinstance(mask, Tensor) or mask.ndim not in (2, 3):
             raise ValueError(f"the mask must be a tensor `1 H W` or `H W` (nonzero = regenerate), got "
                              f"{type(mask).__name__}; `sundae.images.load_mask(path, (H, W))` reads a mask file")
-        if image.ndim != 3:
-            raise ValueError(f"the image must be one `c H W` tensor, got shape {tuple(image.shape)}")
-        if num < 1:
-            raise ValueError(f"num must be >= 1 completions, got {num}")
         mask = mask if mask.ndim == 3 else mask[None]
         if tuple(mask.shape[-2:]) != tuple(image.shape[-2:]):
             raise ValueError(f"the mask is {mask.shape[-2]}x{mask.shape[-1]} (HxW), the image "
                              f"{image.shape[-2]}x{image.shape[-1]}: they must be the same size")
         if dilate < 0:
             raise ValueError(f"dilate must be >= 0 token cells, got {dilate}")
-        if self.num_classes and class_labels is None:
-            raise ValueError(f"{self.source or 'the generator'} is class-conditional: pass class labels "
-                             f"(0..{self.num_classes - 1})")
         sampler = sampler or self.sampler
         labels, text = self.labels(class_labels, num), self.text(prompt, num)
         gens = [torch.Generator(self.device).manual_seed(s) for s in self.seeds(seed, num)]
@@ -371,6 +365,77 @@ class SundaePipeline:
                                              passes)
         return SundaeOutput(self._output(images.float().cpu(), output_type),
                             torch.full((num,), sampler.steps * passes, dtype=torch.long), z.cpu())
+
+    def img2img(self, image: Tensor | Image.Image, strength: float, num: int = 4, class_labels: Any = None,
+                prompt: str | Sequence[str] | None = None, guidance_scale: GuidanceScale = 1.0,
+                sampler: SamplerConfig | None = None, seed: int | Sequence[int] = 0,
+                output_type: str = "pil") -> SundaeOutput:
+        """`num` variations of `image` (`c H W` float in [-1, 1] or a PIL image, any H, W): SUNDAE refines any
+        token state, so encode it, corrupt a share `strength` of its tokens and sample from there.
+
+        Exactly k = round(strength * h * w) positions (halves up) of each variation take a token drawn
+        uniformly from the codebook, chosen by the variation's own generator (`sundae.sundae.corrupt_share`:
+        the training corruption at a fixed rate); the sampler then runs the last round(strength * T) steps
+        (at least 1 when strength > 0) of `sampler`'s T-step schedule (`SamplerConfig.tail`) over every
+        position, as a diffusion model's img2img strength sets both its noise and its steps. strength 0:
+        no draw changes anything and no step runs, the images are the reconstruction (the tokens are
+        `encode(image)`'s); strength 1: a uniform start and all T steps, nothing of the image is left.
+        Variation i depends only on its seed (seed + i), not on `num`. Conditions and seeds as for
+        `__call__`; a class-conditional generator needs `class_labels`. Returns `SundaeOutput(images `num c H
+        W`, steps run, tokens `num h w`)`. Raises ValueError for a strength outside [0, 1], an image that is
+        not `c H W`, num < 1, or a condition the generator cannot take."""
+        image = self._image(image, num, class_labels)
+        if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
+            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+        sampler = sampler or self.sampler
+        labels, text = self.labels(class_labels, num), self.text(prompt, num)
+        gens = [torch.Generator(self.device).manual_seed(s) for s in self.seeds(seed, num)]
+        steps = 0 if strength == 0 else max(1, share_count(strength, sampler.steps))
+        with torch.inference_mode():
+            tokens = self.tokenizer.encode(image[None].to(self.device)).expand(num, -1, -1)
+            start, _ = corrupt_share(tokens, strength, self.generator.cfg.codebook_size, gens)
+            taken = torch.zeros(num, dtype=torch.long)
+            if steps:
+                fn = self.logits_fn(labels, text, guidance_scale, steps)
+                start, taken = sample(fn, tuple(start.shape), self.generator.cfg.codebook_size, sampler.tail(steps),
+                                      init=start, generator=gens, device=self.device)
+            images = torch.cat([self.decode(start[i:i + 1], tuple(image.shape[-2:])) for i in range(num)])
+        return SundaeOutput(self._output(images.float().cpu(), output_type), taken.cpu(), start.cpu())
+
+    def outpaint(self, image: Tensor | Image.Image, extend: tuple[int, int, int, int], num: int = 4,
+                 class_labels: Any = None, prompt: str | Sequence[str] | None = None,
+                 guidance_scale: GuidanceScale = 1.0, sampler: SamplerConfig | None = None,
+                 seed: int | Sequence[int] = 0, output_type: str = "pil", passes: int = INPAINT_PASSES,
+                 max_pixels: int | None = None) -> SundaeOutput:
+        """`num` completions of `image` (`c H W` in [-1, 1] or a PIL image) grown by `extend` = (left, top,
+        right, bottom) pixels: the new border is generated by `inpaint` (its mask is the border,
+        `sundae.images.outpaint_canvas`) and the image is kept exactly. Token cells lie on the grown canvas
+        from its top-left corner, so where an extent is not a multiple of f the cells along the image's
+        edge hold both new and original pixels: they are regenerated, and the original pixels are pasted
+        back over them. Returns `SundaeOutput(images `num c H' W'`, steps, tokens)`, H' = top + H + bottom,
+        W' = left + W + right. Raises ValueError for an extent that is not four integers >= 0 (not all 0),
+        a canvas over `max_pixels` pixels (None: no limit), or what `inpaint` raises."""
+        image = self._image(image, num, class_labels)
+        canvas, mask = outpaint_canvas(image, extend, max_pixels)
+        out = self.inpaint(canvas, mask, num, class_labels, prompt, guidance_scale, sampler, seed,
+                           output_type="pt", passes=passes)
+        left, top = extend[0], extend[1]
+        images = out.images.clone()
+        images[:, :, top:top + image.shape[1], left:left + image.shape[2]] = image  # exact, whatever the cells
+        return SundaeOutput(self._output(images, output_type), out.steps, out.tokens)
+
+    def _image(self, image: Tensor | Image.Image, num: int, class_labels: Any) -> Tensor:
+        """A PIL image or tensor -> `c H W` float for the tokenizer's channels; the checks `inpaint` makes."""
+        if isinstance(image, Image.Image):
+            image = image_to_tensor(image.convert("L" if self.tokenizer.cfg.in_channels == 1 else "RGB"))
+        if not isinstance(image, Tensor) or image.ndim != 3:
+            raise ValueError(f"the image must be one `c H W` tensor, got {getattr(image, 'shape', type(image))}")
+        if num < 1:
+            raise ValueError(f"num must be >= 1, got {num}")
+        if self.num_classes and class_labels is None:
+            raise ValueError(f"{self.source or 'the generator'} is class-conditional: pass class labels "
+                             f"(0..{self.num_classes - 1})")
+        return image
 
     # ---- the tokenizer ----
 

@@ -72,6 +72,34 @@ def corrupt(tokens: Tensor, codebook_size: int, generator: Generators = None, co
     return torch.where(replace, noise, tokens)
 
 
+def share_count(share: float, total: int) -> int:
+    """round(share * total), halves rounded up: how many of `total` items a share in [0, 1] names.
+    Raises ValueError for a share that is not a number in [0, 1]."""
+    if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0 <= share <= 1:  # also NaN
+        raise ValueError(f"share must be a number in [0, 1], got {share!r}")
+    return min(total, int(share * total + 0.5))
+
+
+def corrupt_share(tokens: Tensor, share: float, codebook_size: int,
+                  generator: Generators = None) -> tuple[Tensor, Tensor]:
+    """The training corruption (`corrupt`) at a fixed rate, for img2img: in each sample exactly k =
+    `share_count(share, h * w)` positions, chosen uniformly without replacement, take a token drawn uniformly
+    from the codebook (which may be the token already there: 1 in v). With one generator per sample, sample
+    i's positions and tokens come from generator i alone (first h*w uniform draws ranking the positions,
+    the k lowest chosen; then h*w uniform codes), so they do not depend on the batch.
+
+    `b h w` int64 -> (`b h w` int64, chosen `b h w` bool). share 1: every token uniform, nothing of `tokens`
+    left; share 0: `tokens` unchanged (the draws are still made). Raises ValueError for a share outside [0, 1].
+    """
+    b, h, w = tokens.shape
+    k = share_count(share, h * w)
+    scores = _draw(torch.rand, (b, h * w), tokens.device, generator)
+    rank = scores.argsort(dim=1, stable=True).argsort(dim=1)  # position -> its place in the sample's random order
+    chosen = (rank < k).view(b, h, w)
+    noise = _draw(torch.randint, tokens.shape, tokens.device, generator, 0, codebook_size)
+    return torch.where(chosen, noise, tokens), chosen
+
+
 def sample_logits(logits: Tensor, temperature: float | Tensor = 1.0, generator: Generators = None,
                   uniform: Tensor | None = None) -> Tensor:
     """Draw from Categorical(softmax(logits / temperature)) at every position, in float32 (Gumbel-max).
@@ -212,6 +240,21 @@ class SamplerConfig:
         """p_n for n in [0, T), linear from start to end."""
         return linear_schedule(*self.update_proportion, self.steps).tolist()
 
+    def tail(self, steps: int) -> "SamplerConfig":
+        """The last `steps` of these T steps as a sampler of their own (img2img starts part-way): the same
+        temperatures and update proportions at those steps (a linear schedule's tail is linear), and early
+        stop allowed where it was (min_steps less the T - steps skipped). Raises ValueError unless
+        1 <= steps <= T."""
+        if not 1 <= steps <= self.steps:
+            raise ValueError(f"tail steps must lie in 1..{self.steps}, got {steps}")
+        first = self.steps - steps
+
+        def at_first(start: float, end: float) -> float:  # the schedule's value at step `first`, in float64
+            return start + (end - start) * first / (self.steps - 1) if first else start
+        return dataclasses.replace(self, steps=steps, min_steps=max(0, self.min_steps - first),
+                                   temperature=(at_first(*self.temperature), self.temperature[1]),
+                                   update_proportion=(at_first(*self.update_proportion), self.update_proportion[1]))
+
 
 # The paper's sampler settings (McKinney & Willcocks section 4 and their released configs), by the name of the
 # model preset they go with.
@@ -228,7 +271,8 @@ def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size: int,
            compact_every: int = 10, **overrides: Any) -> tuple[Tensor, Tensor]:
     """SUNDAE sampling (Savinov et al. section 3.3; McKinney & Willcocks section 3.4).
 
-    Start from tokens uniform over the codebook (or `init` where `keep` is True). For step n of T, temperature
+    Start from tokens uniform over the codebook (or `init` where `keep` is True; `init` everywhere without a
+    `keep`: img2img refines a given state, every position sampled). For step n of T, temperature
     tau_n and update proportion p_n follow `sampler`'s schedules; draw z' ~ Categorical(logits / tau_n) at every
     position and take z' where rand < p_n (never where `keep`). With early stop, a sample is finished once a
     whole step after the first `min_steps` changes no token; its tokens are frozen from then on and it leaves
@@ -244,18 +288,20 @@ def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size: int,
 
     logits_fn(z, rows, step): see `LogitsFn`. shape: (b, h, w) tokens. sampler: `SamplerConfig` (default: the
     paper's FFHQ256 setting); `overrides` are its fields (steps=, temperature=, ...), applied on top and
-    validated there. init: `b h w` int64, required with keep. keep: `b h w` bool, True = known token that is
-    never resampled (inpainting). progress(step, active) is called after every step, with the number of
+    validated there. init: `b h w` int64 (of `shape`), required with keep. keep: `b h w` bool, True = known
+    token that is never resampled (inpainting). progress(step, active) is called after every step, with the number of
     samples still in the batch as of the last compaction.
     Returns (tokens `b h w` int64, steps taken `b` int64 in [1, T]).
-    Raises ValueError for an invalid sampler setting (`SamplerConfig`), compact_every < 1, or a keep-mask
-    without an init of the same shape.
+    Raises ValueError for an invalid sampler setting (`SamplerConfig`), compact_every < 1, an init of another
+    shape, or a keep-mask without an init of the same shape.
     """
     sampler = dataclasses.replace(sampler or SamplerConfig(), **overrides)
     if compact_every < 1:
         raise ValueError(f"compact_every must be >= 1, got {compact_every}")
     if keep is not None and (init is None or keep.shape != init.shape or tuple(keep.shape) != tuple(shape)):
         raise ValueError(f"keep needs an init of the same shape {shape}")
+    if init is not None and tuple(init.shape) != tuple(shape):
+        raise ValueError(f"init has shape {tuple(init.shape)}, the sampler was asked for {tuple(shape)}")
     with torch.inference_mode():
         return _sample_loop(logits_fn, shape, codebook_size, sampler, init, keep, generator, device, progress,
                             compact_every)
@@ -270,7 +316,10 @@ def _sample_loop(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size
     if device is None:
         device = init.device if init is not None else "cpu"
     per_sample = generator is not None and not isinstance(generator, torch.Generator)
-    z = _draw(torch.randint, shape, device, generator, 0, codebook_size)
+    if init is not None and keep is None:  # img2img: the given state, no uniform start drawn
+        z = init.to(device)
+    else:
+        z = _draw(torch.randint, shape, device, generator, 0, codebook_size)
     if keep is not None:
         z = torch.where(keep.to(device), init.to(device), z)
     taus, props = sampler.temperatures(), sampler.update_proportions()  # host floats: no device reads in the loop

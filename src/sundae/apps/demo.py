@@ -1,34 +1,28 @@
-"""`sundae demo`: a local Gradio web app to watch the SUNDAE sampler denoise and to inpaint with a brush.
+"""`sundae demo`: a local Gradio web app to watch the SUNDAE sampler denoise, inpaint with a brush, redraw an
+image (img2img) and grow its canvas (outpaint).
 
-A thin client of one `sundae.pipeline.SundaePipeline`, in two tabs. *Generate*: the sampler of
+A thin client of one `sundae.pipeline.SundaePipeline`, in four tabs. *Generate*: the sampler of
 `sundae.sundae.sample` (McKinney & Willcocks section 3.4) over the pipeline's logits function, the image grid
 redrawn every few steps while it runs, and the steps each sample actually took (early stop); sample i draws
 from its own generator seeded seed + i, so the grid holds exactly the images of `pipe(num, class_labels,
 seed=seed, sampler=...)`. *Inpaint*: upload an image, paint the region to regenerate, get several completions
 (section 3.5, `SundaePipeline.inpaint`); pixels outside the regenerated token cells are the input's.
+*Image to image*: `SundaePipeline.img2img` at a strength (the share of tokens corrupted and of the sampler's
+steps run). *Outpaint*: `SundaePipeline.outpaint` by four extents, the upload's pixels kept exactly.
 
-The schedule widgets are generated from `SamplerConfig`'s fields, with the pipeline's sampler as their
-defaults, and validated by building a `SamplerConfig`. Nothing here samples on its own: live previews come
-from wrapping the logits function, which sees the current tokens `z` (`b' h w`), the rows still in the batch
-and the step at every step. Bad input becomes a message in the page (`gr.Error`), never a traceback. Gradio
-is an optional dependency (`pip install -e ".[demo]"`); analytics are off and the page loads nothing from
-outside the machine.
-
-Conditioning (`_condition_controls`, read back by `_condition`): a class box when the generator has classes,
-a prompt box when it is text-conditional (one prompt per line, cycled over the samples, like `sundae sample
---prompt` repeated; encoded by the pipeline's text encoder, loaded once when the app is built), and for
-either a classifier-free guidance scale (Ho & Salimans 2022; `sundae.pipeline.class_logits_fn`, 1 = none).
+The inputs (conditioning, sampler schedule, uploads) and their checks live in `sundae.apps.demo_inputs`.
+Nothing here samples on its own: live previews come from wrapping the logits function, which sees the
+current tokens `z` (`b' h w`), the rows still in the batch and the step at every step. Bad input becomes a
+message in the page (`gr.Error`), never a traceback. Gradio is an optional dependency (`pip install -e
+".[demo]"`); analytics are off and the page loads nothing from outside the machine.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import queue
 import threading
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no phoning home
@@ -38,21 +32,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sundae.images import (ImageError, check_text, image_to_tensor, make_grid, open_image_file, read_image,
-                           tensor_to_image)
+from sundae.apps.demo_inputs import (ALL_CLASSES, REGENERATED, SAMPLER_INPUTS, _condition,  # noqa: F401 (API)
+                                     _condition_controls, _editor_image_and_mask, _editor_paths, _fail, _grid,
+                                     _read_upload, _sampler, _sampler_controls, _seed, _upload_path, sampler_values,
+                                     upload_limit)
+from sundae.images import image_to_tensor, tensor_to_image
 from sundae.io import error_line
 from sundae.pipeline import SundaePipeline
-from sundae.sundae import LogitsFn, SamplerConfig, guidance_scales, sample, token_keep_mask
+from sundae.sundae import LogitsFn, SamplerConfig, sample, share_count, token_keep_mask
 
-ALL_CLASSES = -1  # the Generate tab's "cycle through all classes" choice
-REGENERATED = (255, 0, 255)  # the brush's colour: the Inpaint tab shows the regenerated token cells in it
 # Small images are a few dozen pixels: scale them up to the panel, without blurring.
 CSS = ("#grid img, #cells img, #upload img { width: 100%; height: 100%; object-fit: contain; }\n"
        "#grid img, #cells img, #upload img, #completions img { image-rendering: pixelated; }")
-# The page's inputs for `SamplerConfig`, in its field order: (field, label); a (start, end) schedule is two.
-SAMPLER_INPUTS = [(f.name, f.name.replace("_", " ") + part) for f in dataclasses.fields(SamplerConfig)
-                  for part in ((" start", " end") if isinstance(f.default, tuple) else ("",))]
-LABELS = {"steps": "Steps T", "min steps": "Min steps before early stop"}  # widget labels beyond capitalising
 
 
 class _Stopped(Exception):
@@ -122,185 +113,6 @@ def sample_live(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size:
     finally:
         stop.set()
         thread.join()
-
-
-def _grid(images: torch.Tensor) -> Image.Image:
-    """`b c H W` in [-1, 1] -> one PIL image, ceil(sqrt(b)) images per row, 2 white pixels between."""
-    return tensor_to_image(make_grid(images.cpu(), nrow=math.ceil(math.sqrt(len(images)))))
-
-
-def _fail(message: str) -> gr.Error:
-    """A message for the page (first letter capitalised), with no traceback on the server's console."""
-    return gr.Error(message[:1].upper() + message[1:], print_exception=False)
-
-
-def sampler_values(sampler: SamplerConfig) -> list[Any]:
-    """A `SamplerConfig` as the page's sampler inputs (`SAMPLER_INPUTS`: a schedule's start and end apart)."""
-    values = (getattr(sampler, f.name) for f in dataclasses.fields(sampler))
-    return [x for value in values for x in (value if isinstance(value, tuple) else (value,))]
-
-
-def _sampler(values: list[Any]) -> SamplerConfig:
-    """The page's sampler inputs (`SAMPLER_INPUTS` order) -> the `SamplerConfig` they make; gr.Error for an
-    empty box or for the ValueError of `SamplerConfig`'s checks (its field names in the page's words)."""
-    fields: dict[str, list[Any]] = {}
-    for (name, label), value in zip(SAMPLER_INPUTS, values, strict=True):
-        if value is None:
-            raise _fail(f"{label} is empty: enter a number")
-        fields.setdefault(name, []).append(value)
-    try:
-        return SamplerConfig(**{name: v[0] if len(v) == 1 else tuple(v) for name, v in fields.items()})
-    except ValueError as err:
-        message = str(err)
-        name = next((name for name in fields if message.startswith(name)), "")  # min_steps -> min steps
-        raise _fail(name.replace("_", " ") + message[len(name):]) from None
-
-
-def _seed(seed, num: int) -> int:
-    """The page's seed box (empty = 0); sample i uses seed + i. gr.Error unless every seed fits 0..2**63-1."""
-    seed = int(seed or 0)
-    if not 0 <= seed <= 2 ** 63 - num:
-        raise _fail(f"seed must lie in 0..{2 ** 63 - num} (sample i uses seed + i), got {seed}")
-    return seed
-
-
-def _condition_controls(pipe: SundaePipeline, cycle: bool, prefix: str) -> list[gr.components.Component]:
-    """The conditioning inputs of a tab, in this order: a class box for a class-conditional generator (`cycle`
-    adds the choice "all classes, cycled over the samples"), a prompt box for a text-conditional one, and a
-    guidance scale for either; nothing for an unconditional generator."""
-    controls, cfg = [], pipe.generator.cfg
-    if cfg.num_classes:
-        choices = [(name if name == str(i) else f"{i}: {name}", i) for i, name in enumerate(pipe.class_names)]
-        if cycle:
-            choices = [("all, cycled over the samples", ALL_CLASSES)] + choices
-        controls.append(gr.Dropdown(choices, value=choices[0][1], label="Class", elem_id=f"{prefix}-class"))
-    if cfg.text_dim:
-        controls.append(gr.Textbox("", lines=2, max_lines=8, label="Prompt", elem_id=f"{prefix}-prompt", scale=2,
-                                   placeholder="one prompt per line; empty: the empty caption",
-                                   info="One prompt per line, cycled over the samples; an empty line or an empty "
-                                   "box is the empty caption"))
-    if cfg.num_classes or cfg.text_dim:
-        controls.append(gr.Number(1.0, step=0.5, label="Guidance scale", elem_id=f"{prefix}-guidance",
-                                  info="Classifier-free: 1 = none, 0 = unconditional, above 1 follows the "
-                                  "condition more closely"))
-    return controls
-
-
-def _condition(pipe: SundaePipeline, values: list[Any]) -> tuple[int | None, tuple[str, ...] | None, float]:
-    """The conditioning inputs' values (`_condition_controls`' order) -> the pipeline's `class_labels` (a
-    class index, or None for "all" or a generator without classes), `prompt` (the lines, or None) and
-    `guidance_scale`. gr.Error for a missing or unknown class (`SundaePipeline.labels`), a prompt that is
-    not valid text, or an empty or non-finite scale (`sundae.sundae.guidance_scales`, as `sundae sample
-    --guidance-scale` checks it; any finite scale is accepted)."""
-    values, cfg = list(values), pipe.generator.cfg
-    label = prompts = None
-    scale = 1.0
-    try:
-        if cfg.num_classes:
-            if values[0] is None:
-                raise ValueError("choose a class")
-            label = int(values.pop(0))
-            label = None if label == ALL_CLASSES else label
-            pipe.labels(label, 1)  # a class outside the trained ones: the pipeline's message
-        if cfg.text_dim:
-            prompts = tuple((values.pop(0) or "").splitlines()) or ("",)  # a line per prompt; empty box: ""
-            for i, prompt in enumerate(prompts):
-                check_text(prompt, f"prompt line {i + 1}")
-        if cfg.num_classes or cfg.text_dim:
-            if values[0] is None:
-                raise ValueError("guidance scale is empty: enter a number (1 = no guidance)")
-            scale = float(values[0])
-            guidance_scales(scale, 1)
-    except ValueError as err:
-        raise _fail(str(err)) from None
-    return label, prompts, scale
-
-
-def _sampler_controls(sampler: SamplerConfig, prefix: str) -> list[gr.components.Component]:
-    """The seed, then an input per `SAMPLER_INPUTS` entry (its order), showing `sampler` (the pipeline's)."""
-    widgets = []
-    for (name, label), value in zip(SAMPLER_INPUTS, sampler_values(sampler)):
-        common = dict(label=LABELS.get(label, label.capitalize()), elem_id=f"{prefix}-{label.replace(' ', '-')}",
-                      render=False)  # placed in rows below
-        if isinstance(value, bool):
-            widgets.append(gr.Checkbox(value, info="a sample stops once a step changes none of its tokens", **common))
-        elif isinstance(value, int):
-            top = max(500 if name == "steps" else 100, value)
-            widgets.append(gr.Slider(int(name == "steps"), top, value=value, step=1, precision=0, **common))
-        elif name == "update_proportion":
-            widgets.append(gr.Slider(0.01, 1.0, value=value, step=0.01, **common))
-        else:  # temperatures: any number, for SamplerConfig to check
-            widgets.append(gr.Number(value, **common))
-    schedule = [isinstance(getattr(sampler, name), tuple) for name, _ in SAMPLER_INPUTS]
-    with gr.Row():
-        seed = gr.Number(0, precision=0, label="Seed", elem_id=f"{prefix}-seed", info="sample i uses seed + i")
-        for widget, pair in zip(widgets, schedule):
-            if not pair:
-                widget.render()
-    with gr.Row():
-        for widget, pair in zip(widgets, schedule):
-            if pair:
-                widget.render()
-    return [seed, *widgets]
-
-
-def upload_limit(max_pixels: int) -> int:
-    """Bytes the server accepts in one upload: 5 per pixel of the largest image. The editor sends its
-    background back as a PNG, which for `max_pixels` RGBA pixels stays under 4 bytes per pixel plus headers,
-    so an image that passed the pixel check never bounces; bigger files are refused before they are read."""
-    return 5 * max_pixels
-
-
-def _opened(image: Image.Image | str, max_pixels: int) -> Image.Image:
-    """A PIL image, or a file `_editor_paths` passed on, opened by `open_image_file` (its header checked
-    before decoding); gr.Error (one line, no server folder) for a refused file or over `max_pixels` pixels."""
-    if isinstance(image, (str, Path)):
-        try:
-            image = open_image_file(image, max_pixels=max_pixels)
-        except ImageError as err:
-            raise _fail(str(err).replace(str(Path(image).parent) + "/", "")) from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise _fail(f"the image is {width}x{height} = {width * height} pixels; this demo takes at most "
-                    f"{max_pixels} pixels")
-    return image
-
-
-def _editor_paths(payload: Any) -> dict[str, Any] | None:
-    """The editor's preprocessing (set on the instance): its payload -> {background, layers} as file paths.
-    Gradio's own decodes them before our checks (a traceback, or a huge canvas decoded, via the API)."""
-    if payload is None:
-        return None
-    get = payload.get if isinstance(payload, dict) else (lambda key: getattr(payload, key, None))
-
-    def path(data: Any) -> str | None:
-        return None if data is None else (data.get("path") if isinstance(data, dict) else data.path)
-    return {"background": path(get("background")), "layers": [path(x) for x in get("layers") or []]}
-
-
-def _editor_image_and_mask(editor: dict[str, Any] | None, channels: int,
-                           max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The editor's value -> (image `c H W` float in [-1, 1], mask `1 H W` float, 1 = painted).
-
-    Transparent parts of the uploaded image are laid onto white. gr.Error without an image, for one of
-    more than `max_pixels` pixels, or without paint.
-    """
-    background = (editor or {}).get("background")
-    if background is None:
-        raise _fail("upload an image first")
-    background = _opened(background, max_pixels)
-    width, height = background.size
-    white = Image.new("RGBA", background.size, (255, 255, 255, 255))
-    rgb = Image.alpha_composite(white, background.convert("RGBA"))
-    image = image_to_tensor(rgb.convert("L" if channels == 1 else "RGB"))
-    painted = np.zeros((height, width), dtype=bool)
-    for layer in editor.get("layers") or []:
-        layer = None if layer is None else _opened(layer, max_pixels)
-        if layer is not None and layer.size == background.size:
-            painted |= np.asarray(layer.convert("RGBA"))[:, :, 3] > 0
-    if not painted.any():
-        raise _fail("paint the region to regenerate with the brush first")
-    return image, torch.from_numpy(painted).float()[None]
 
 
 class Actions:
@@ -379,10 +191,7 @@ class Actions:
         decompression bomb, or a header declaring more than `max_pixels` pixels (refused before decoding)."""
         if path is None:
             return None
-        try:
-            image = read_image(path, self.pipe.tokenizer.cfg.in_channels, max_pixels=self.max_pixels)
-        except ImageError as err:
-            raise _fail(str(err).replace(str(Path(path).parent) + "/", "")) from None  # no server paths
+        image = _read_upload(path, self.pipe.tokenizer.cfg.in_channels, self.max_pixels)
         return {"background": image.convert("RGBA"), "layers": [], "composite": None}
 
     def upload(self, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -413,6 +222,48 @@ class Actions:
         status = (f"{num} completions in {time.time() - start:.1f} s; {int((~keep).sum())} of {keep.numel()} token "
                   f"cells ({f}x{f} pixels each) regenerated, every other pixel copied from the input")
         return Image.fromarray(shown), completions, status
+
+    def _edit_inputs(self, path: str | None, values: tuple, count: int) -> tuple:
+        """(upload path, (*conditioning, num, *`count` values, seed, *sampler inputs)) -> (image `c H W`,
+        num, the `count` values, class label, prompts, guidance scale, seed, sampler), checked."""
+        n = len(SAMPLER_INPUTS)
+        cond, (num, *rest, seed), sampler = values[:-n - count - 2], values[-n - count - 2:-n], _sampler(values[-n:])
+        num = self._count(num, "images")
+        image = image_to_tensor(_read_upload(path, self.pipe.tokenizer.cfg.in_channels, self.max_pixels))
+        label, prompts, scale = _condition(self.pipe, cond)
+        return image, num, rest, label, prompts, scale, _seed(seed, num), sampler
+
+    def img2img(self, path: str | None, *values) -> tuple[list[Image.Image], str]:
+        """(upload path, *conditioning, images, strength, seed, *sampler inputs) -> (`pipe.img2img`'s images,
+        status text). Conditioning: see the class docstring; a class-conditional generator needs a class."""
+        image, num, (strength,), label, prompts, scale, seed, sampler = self._edit_inputs(path, values, 1)
+        if strength is None:
+            raise _fail("strength is empty: enter a number in [0, 1]")
+        start = time.time()
+        try:
+            out = self.pipe.img2img(image, float(strength), num, label, prompts, scale, sampler, seed)
+        except (ValueError, RuntimeError) as err:  # a strength outside [0, 1], a size the networks cannot take
+            raise _fail(f"cannot redraw this {image.shape[2]}x{image.shape[1]} image: {error_line(err)}") from None
+        cells = out.tokens[0].numel()
+        return out.images, (f"{num} images in {time.time() - start:.1f} s: {share_count(strength, cells)} of "
+                            f"{cells} tokens replaced by random codes in each, then the last "
+                            f"{int(out.steps.max())} of {sampler.steps} sampler steps")
+
+    def outpaint(self, path: str | None, *values) -> tuple[list[Image.Image], str]:
+        """(upload path, *conditioning, images, left, top, right, bottom, seed, *sampler inputs) ->
+        (`pipe.outpaint`'s images, status text); the grown canvas is limited to `max_pixels`."""
+        image, num, extend, label, prompts, scale, seed, sampler = self._edit_inputs(path, values, 4)
+        if any(v is None for v in extend):
+            raise _fail("an extent is empty: enter the pixels to add on each side (0 for none)")
+        start = time.time()
+        try:
+            out = self.pipe.outpaint(image, tuple(int(v) if float(v).is_integer() else v for v in extend), num,
+                                     label, prompts, scale, sampler, seed, max_pixels=self.max_pixels)
+        except (ValueError, RuntimeError) as err:
+            raise _fail(f"cannot outpaint this {image.shape[2]}x{image.shape[1]} image: {error_line(err)}") from None
+        width, height = out.images[0].size
+        return out.images, (f"{num} images of {width}x{height} pixels in {time.time() - start:.1f} s; the "
+                            f"upload's pixels are kept exactly")
 
 
 def build_app(pipe: SundaePipeline, max_pixels: int = 2048 * 2048, max_samples: int = 64) -> gr.Blocks:
@@ -480,6 +331,34 @@ def build_app(pipe: SundaePipeline, max_pixels: int = 2048 * 2048, max_samples: 
                           show_progress="hidden")  # a refused file: the message alone, no "Error" on the editor
             irun.click(actions.inpaint, [editor, *icond, inum, dilate, iseed, *isampler], [cells, gallery, istatus],
                        concurrency_id="network")
+        for tab, prefix, action, text in (
+                ("Image to image", "i2i", actions.img2img, "Upload an image: a share of its tokens (the strength) "
+                 "is replaced by random codes and the sampler runs that share of its steps from there. Strength 0 "
+                 "gives the tokenizer's reconstruction, 1 ignores the image."),
+                ("Outpaint", "out", actions.outpaint, "Upload an image and choose how many pixels to add on each "
+                 "side: the new border is generated (as an inpainting), the image's pixels are kept exactly.")):
+            with gr.Tab(tab, id=prefix):
+                gr.Markdown(text)
+                with gr.Row():
+                    box = gr.Image(type="filepath", sources=["upload", "clipboard"], format="png", height=240,
+                                   label="Upload an image", elem_id=f"{prefix}-upload", scale=1)
+                    box.preprocess = _upload_path  # our checks open the file, not Gradio
+                    out = gr.Gallery(label="Images", format="png", type="pil", columns=4, elem_id=f"{prefix}-images",
+                                     scale=3, interactive=False, height=240)
+                with gr.Row():
+                    econd = _condition_controls(pipe, cycle=False, prefix=prefix)
+                    enum = gr.Slider(1, max_samples, value=min(4, max_samples), step=1, precision=0, label="Images",
+                                     elem_id=f"{prefix}-num")
+                    if prefix == "i2i":
+                        extra = [gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Strength", elem_id="i2i-strength")]
+                    else:
+                        extra = [gr.Number(value, precision=0, label=f"{side} (pixels)", elem_id=f"out-{side.lower()}")
+                                 for side, value in (("Left", 0), ("Top", 0), ("Right", 4 * f), ("Bottom", 0))]
+                eseed, *esampler = _sampler_controls(pipe.sampler, prefix)
+                erun = gr.Button(tab, variant="primary", elem_id=f"{prefix}-run")
+                estatus = gr.Markdown(elem_id=f"{prefix}-status")
+                erun.click(action, [box, *econd, enum, *extra, eseed, *esampler], [out, estatus],
+                           concurrency_id="network")
     return app
 
 

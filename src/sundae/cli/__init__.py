@@ -1,7 +1,7 @@
 """`sundae <verb>`: the command line, a thin client of the library (`sundae.pipeline`, `sundae.train`, ...).
 
 Verbs: train-vqgan, convert-taming, reconstruct, tokenize, train (`cli.training`); sample, inpaint, export,
-demo (`cli.sampling`); evaluate, quickstart (`cli.evaluate`). Configs come from named presets plus
+demo (`cli.sampling`); img2img, outpaint (`cli.editing`); evaluate, quickstart (`cli.evaluate`). Configs come from named presets plus
 `--set key=value` overrides checked against the dataclass fields (`cli.args`); the sampler's flags are
 generated from `SamplerConfig`. Errors are one line (`--debug` shows the traceback); the library's warnings
 (skipped files, ...) print as `sundae VERB: warning: ...`.
@@ -19,7 +19,7 @@ from sundae.cli.openmp import prefer_passive_waiting
 
 prefer_passive_waiting()  # before the imports below load torch, and the OpenMP runtime with it
 
-from sundae.cli import evaluate, sampling, training  # noqa: E402
+from sundae.cli import editing, evaluate, sampling, training  # noqa: E402
 from sundae.cli.args import UsageError, rank  # noqa: E402
 from sundae.cli.outputs import check_out_folder, missing_folders, remove_if_empty  # noqa: E402
 from sundae.distributed import teardown  # noqa: E402
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True)
     training.add_parsers(sub)
     sampling.add_parsers(sub)
+    editing.add_parsers(sub)
     evaluate.add_parsers(sub)
     return parser
 
