@@ -1,8 +1,12 @@
 """End-to-end: every verb of the `sundae` command on the tiny presets, and its one-line errors."""
 
+import argparse
 import dataclasses
+import importlib.metadata
 import json
 import os
+import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +19,8 @@ from PIL import Image
 
 from cli_helpers import SET_TINY_VQ, fails, run
 from sundae.data import FASHION_MNIST_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -366,3 +372,136 @@ def test_the_models_recorded_sampler_is_the_default_of_every_verb(pipeline, tmp_
     run("export", tmp_path / "run", tmp_path / "bundle")
     assert SamplerConfig(**bundle_info(tmp_path / "bundle")["sampler"]) == recorded
     assert SundaePipeline.from_pretrained(tmp_path / "bundle").sampler == recorded
+
+
+def test_version_names_the_package_version_and_where_it_runs_from(capsys):
+    import sundae
+
+    wanted = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), flags=re.M).group(1)
+    with pytest.raises(SystemExit) as exit_:
+        run("--version")
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == (f"sundae {wanted} from {Path(sundae.__file__).parent} (torch "
+                                       f"{torch.__version__}, Python {platform.python_version()})\n")
+
+
+def test_version_in_a_source_checkout_comes_from_pyproject(monkeypatch, tmp_path):
+    import sundae
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    wanted = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), flags=re.M).group(1)
+    assert sundae._package_version(ROOT) == wanted
+    assert sundae._package_version(tmp_path) == "unknown"  # neither installed nor beside a pyproject.toml
+
+
+def _verb_help(capsys, verb: str) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run(verb, "--help")
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse's line breaks undone
+
+
+def test_help_of_every_verb_taking_a_generator_names_every_kind(capsys, monkeypatch):
+    from sundae.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "100")
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    verbs = [verb for verb, p in sub.choices.items() if "--generator" in p._option_string_actions]
+    assert sorted(verbs) == ["demo", "evaluate", "inpaint", "sample"]
+    for verb in verbs:
+        text = _verb_help(capsys, verb)
+        # The kinds test_every_kind_of_generator_the_help_names_loads loads.
+        for kind in ("bundle folder (`sundae export`", "an export folder (config.json + model.safetensors)",
+                     "a run folder of `sundae train` (its generator.pt)",
+                     "a quickstart output folder (its generator/generator.pt)",
+                     "a checkpoint file (generator.pt, or a run's checkpoints/step_NNNNNNN.pt)"):
+            assert kind in text, (verb, kind)
+        for kind in ("--tokenizer TOKENIZER the tokenizer the generator was trained with", "an export folder",
+                     "a run folder of `sundae train-vqgan` (its tokenizer.pt)",
+                     "a quickstart output folder (its tokenizer/tokenizer.pt)", "a checkpoint file (.pt)"):
+            assert kind in text, (verb, kind)
+
+
+def test_every_kind_of_generator_the_help_names_loads(pipeline, tmp_path):
+    from sundae import SundaePipeline
+    from sundae.checkpoint import export
+
+    gen, tok = pipeline / "gen", pipeline / "tok"
+    run("export", gen, tmp_path / "bundle")
+    export(gen / "generator.pt", tmp_path / "export")  # the generator alone: it names its tokenizer
+    export(tok / "tokenizer.pt", tmp_path / "tok_export")
+    quick = tmp_path / "quick"  # a quickstart's layout: generator/ and tokenizer/ run folders side by side
+    shutil.copytree(gen, quick / "generator")
+    shutil.copytree(tok, quick / "tokenizer")
+    numbered = sorted((gen / "checkpoints").glob("step_*.pt"))[-1]  # the last step: generator.pt's weights
+    reference = SundaePipeline.from_pretrained(gen / "generator.pt")
+    for path in (tmp_path / "bundle", tmp_path / "export", gen, quick, gen / "generator.pt", numbered):
+        pipe = SundaePipeline.from_pretrained(path)
+        for a, b in ((pipe.generator, reference.generator), (pipe.tokenizer, reference.tokenizer)):
+            state = b.state_dict()
+            assert all(torch.equal(v, state[k]) for k, v in a.state_dict().items()), path
+    for path in (tmp_path / "tok_export", tok, quick, tok / "tokenizer.pt"):  # --tokenizer's kinds
+        pipe = SundaePipeline.from_pretrained(gen, tokenizer=path)
+        state = reference.tokenizer.state_dict()
+        assert all(torch.equal(v, state[k]) for k, v in pipe.tokenizer.state_dict().items()), path
+
+
+def test_samples_jsonl_describes_every_image(pipeline, tmp_path):
+    run("sample", "--generator", pipeline / "gen", "--out", tmp_path / "s", "--num", 3, "--seed", 7,
+        "--class", "squares,0", "--guidance-scale", "2,1", "--steps", 3, "--no-early-stop", "--device", "cpu")
+    records = [json.loads(line) for line in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
+    # Classes cycle over "squares,0"; the scale is the --guidance-scale pair; without early stop every image
+    # takes all 3 steps.
+    assert records == [
+        {"file": f"samples/{i:05d}.png", "seed": 7 + i, "steps": 3, "guidance_scale": [2.0, 1.0],
+         "class": label, "class_name": ["circles", "squares"][label]}
+        for i, label in enumerate([1, 0, 1])]
+    assert sorted(p.name for p in (tmp_path / "s" / "samples").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+
+
+def test_samples_jsonl_of_a_run_stopped_midway_holds_its_finished_batches(pipeline, tmp_path, monkeypatch, capsys):
+    import sundae.cli.sampling as sampling
+
+    saved = []
+
+    def save_or_fail(image, path):
+        if len(saved) == 3:  # the second image of the second batch of 2
+            raise OSError(28, "No space left on device", str(path))
+        saved.append(path)
+        save_image(image, path)
+
+    save_image = sampling.save_image
+    monkeypatch.setattr(sampling, "save_image", save_or_fail)
+    fails(capsys, "sample", "--generator", pipeline / "gen", "--out", tmp_path / "s", "--num", 5,
+          "--batch-size", 2, "--steps", 2, "--device", "cpu")
+    out = tmp_path / "s"
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == ["samples/00000.png", "samples/00001.png"]  # whole lines, batch 1 only
+    assert [r["seed"] for r in records] == [0, 1]
+    assert not list(out.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_sample_in_fp16_on_cpu(pipeline, tmp_path):
+    from sundae import SundaePipeline
+    from sundae.pipeline import class_logits_fn
+
+    # The library: the network runs under fp16 autocast (its logits differ from fp32's by fp16 rounding),
+    # and the logits handed to the sampler are float32.
+    pipe = SundaePipeline.from_pretrained(pipeline / "gen")
+    z = torch.randint(0, 64, (2, 4, 4), generator=torch.Generator().manual_seed(0))
+    rows, labels = torch.arange(2), torch.tensor([0, 1])
+    with torch.inference_mode():
+        full = class_logits_fn(pipe.generator, labels, "fp32")(z, rows, 0)
+        half = class_logits_fn(pipe.generator, labels, "fp16")(z, rows, 0)
+    assert half.dtype == torch.float32 and half.isfinite().all()
+    assert not torch.equal(half, full)  # autocast did run in fp16 (a disabled autocast would give fp32's bits)
+    torch.testing.assert_close(half, full, rtol=0.02, atol=0.02)
+    # The command line: --precision fp16 on the CPU samples and records like fp32.
+    run("sample", "--generator", pipeline / "gen", "--out", tmp_path / "h", "--num", 2, "--steps", 3,
+        "--precision", "fp16", "--device", "cpu")
+    assert len((tmp_path / "h" / "samples.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in (tmp_path / "h" / "samples").iterdir()) == ["00000.png", "00001.png"]

@@ -10,6 +10,9 @@ The public API; everything else is importable from its module (see docs/layout.m
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the same names as _PUBLIC, for type checkers and readers
@@ -20,7 +23,22 @@ if TYPE_CHECKING:  # the same names as _PUBLIC, for type checkers and readers
     from sundae.vqgan import PRESETS as VQGAN_PRESETS
     from sundae.vqgan import VQGAN, VQGANConfig
 
-__version__ = "0.1.0"
+
+def _package_version(root: Path = Path(__file__).resolve().parents[2]) -> str:
+    """The installed distribution's version (importlib.metadata); in a source checkout that is not installed,
+    the `version` of the checkout's pyproject.toml at `root`; "unknown" without either."""
+    try:
+        return importlib.metadata.version("sundae")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        found = re.search(r'^version\s*=\s*"([^"]+)"', (root / "pyproject.toml").read_text(), flags=re.M)
+    except OSError:
+        found = None
+    return found.group(1) if found else "unknown"
+
+
+__version__ = _package_version()
 
 # Imported on first use (PEP 562), so that importing `sundae.cli` does not load torch before the command line
 # has made its OpenMP settings (`sundae.cli.openmp`): the runtime reads them once, when torch loads it.

@@ -1,8 +1,8 @@
 """Training-only losses of the VQ-GAN tokenizer (Esser et al., arXiv 2012.09841, section 3.1).
 
-LPIPS perceptual loss on a VGG16 read from a local file, the PatchGAN discriminator, hinge losses and the
-adaptive weight that balances the GAN term against reconstruction. None of this ships in a tokenizer
-checkpoint.
+LPIPS perceptual loss (a VGG16 read from a local file, the learned heads shipped with the package), the
+PatchGAN discriminator, hinge losses and the adaptive weight that balances the GAN term against
+reconstruction. None of this ships in a tokenizer checkpoint.
 """
 
 from __future__ import annotations
@@ -64,18 +64,35 @@ def default_vgg16_path() -> Path:
     return Path(os.environ.get("SUNDAE_HOME", Path.home() / ".cache" / "sundae")) / "vgg16.pth"
 
 
-class LPIPS(nn.Module):
-    """Learned perceptual distance with a frozen VGG16 backbone (Zhang et al. 2018).
+# LPIPS's learned linear heads for VGG, shipped with the package: the `lpips` package's weights/v0.1/vgg.pth,
+# unchanged, under its BSD-2-Clause licence (weights/LICENSE-lpips.txt beside it).
+LPIPS_HEADS_PATH = Path(__file__).parent / "weights" / "lpips_vgg_v0.1.pth"
+_STAGE_WIDTHS = (64, 128, 256, 512, 512)
+# Released key -> ours. The released heads are nn.Sequential(Dropout, Conv2d): the conv is `model.1`.
+_HEAD_KEYS = {f"lin{i}.model.1.weight": f"heads.{i}.weight" for i in range(len(_STAGE_WIDTHS))}
 
-    `vgg16_path` holds torchvision's VGG16 state dict (`features.N.weight` keys). `lin_path`, optional,
-    holds LPIPS's linear heads (`linK.model.1.weight`, shape `1 c 1 1`); without it every channel has
-    weight 1 (the paper's "baseline" LPIPS variant).
+
+class LPIPS(nn.Module):
+    """LPIPS-VGG perceptual distance (Zhang et al. 2018), as published: a frozen VGG16 backbone and the learned
+    linear heads.
+
+    d(x, y) = sum over the 5 stages s of mean over positions of sum_c w_s[c] * (fx_s - fy_s)[c]^2, where
+    fx_s (`b c_s h_s w_s`) is stage s's relu output (relu1_2 .. relu5_3) unit-normalised over channels and
+    w_s the head of stage s, a 1x1 convolution without bias from c_s = 64, 128, 256, 512, 512 channels to 1
+    (`heads[s]`, weight `1 c_s 1 1`, every entry >= 0 as released). These heads are what the VQ-GAN loss
+    weights (perceptual 1.0) were tuned with (taming-transformers' LPIPS loads the same file). The "baseline"
+    variant with every channel weighted 1 is not offered: the released weights average 0.07 to 0.11 per
+    channel in each stage, so it gives values roughly 10x larger and upsets that balance.
+
+    `vgg16_path` (default `default_vgg16_path()`) holds torchvision's VGG16 state dict (`features.N.weight`
+    keys); it is not shipped and never downloaded at run time. `heads_path` (default `LPIPS_HEADS_PATH`, the
+    released v0.1 heads shipped with sundae) holds the heads in the released layout (`linK.model.1.weight`).
 
     Raises FileNotFoundError naming the expected path and where to get the file; ValueError naming the file
     when it is not readable PyTorch weights or lacks a key (or has one of another shape) of that layout.
     """
 
-    def __init__(self, vgg16_path: str | Path | None = None, lin_path: str | Path | None = None):
+    def __init__(self, vgg16_path: str | Path | None = None, heads_path: str | Path | None = None):
         super().__init__()
         path = Path(vgg16_path) if vgg16_path else default_vgg16_path()
         if not path.is_file():
@@ -98,19 +115,18 @@ class LPIPS(nn.Module):
         want = {f"features.{k}": v.shape for k, v in self.features.state_dict().items()}
         _check_keys(path, state, want, expected)
         self.features.load_state_dict({k.removeprefix("features."): state[k] for k in want})
-        widths = (64, 128, 256, 512, 512)
-        lins = [torch.ones(1, c, 1, 1) for c in widths]
-        if lin_path:
-            lin_path = Path(lin_path)
-            lin_expected = "LPIPS's linear heads for VGG (lin0..lin4.model.1.weight of shape 1 c 1 1)"
-            if not lin_path.is_file():
-                raise FileNotFoundError(f"LPIPS linear heads {lin_path} do not exist: expected {lin_expected}")
-            lin_state = _load_tensors(lin_path, lin_expected)
-            _check_keys(lin_path, lin_state, {f"lin{i}.model.1.weight": torch.Size((1, c, 1, 1))
-                                              for i, c in enumerate(widths)}, lin_expected)
-            lins = [lin_state[f"lin{i}.model.1.weight"].float() for i in range(len(widths))]
-        for i, w in enumerate(lins):
-            self.register_buffer(f"lin{i}", w, persistent=False)
+
+        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _STAGE_WIDTHS)
+        heads_path = Path(heads_path) if heads_path else LPIPS_HEADS_PATH
+        heads_expected = "LPIPS's linear heads for VGG (lin0..lin4.model.1.weight of shape 1 c 1 1, c = 64 .. 512)"
+        if not heads_path.is_file():
+            hint = " (shipped with sundae: reinstall the package)" if heads_path == LPIPS_HEADS_PATH else ""
+            raise FileNotFoundError(f"LPIPS linear heads {heads_path} do not exist{hint}: expected {heads_expected}")
+        released = _load_tensors(heads_path, heads_expected)
+        _check_keys(heads_path, released, {k: torch.Size((1, c, 1, 1)) for k, c in zip(_HEAD_KEYS, _STAGE_WIDTHS)},
+                    heads_expected)
+        self.heads.load_state_dict({ours.removeprefix("heads."): released[theirs].float()
+                                    for theirs, ours in _HEAD_KEYS.items()})
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None], persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None], persistent=False)
         self.requires_grad_(False).eval()
@@ -130,7 +146,7 @@ class LPIPS(nn.Module):
         floats cannot be told apart and give other numbers); `y`, a reconstruction, may leave the range.
         Features are unit-normalised per position in float32 with x * rsqrt(|x|^2 + 1e-20), which stays
         finite, with a finite gradient, for all-zero feature vectors and under fp16/bf16 autocast (an eps
-        of 1e-10 added to the norm rounds to 0 in fp16 and gave NaN).
+        of 1e-10 added to the norm rounds to 0 in fp16 and gave NaN); the heads run in float32 too.
         """
         for name, t in (("x", x), ("y", y)):
             if not t.is_floating_point():
@@ -141,11 +157,12 @@ class LPIPS(nn.Module):
         if x.shape[1] == 1:
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
         dist = x.new_zeros(x.shape[0], dtype=torch.float32)
-        for i, (fx, fy) in enumerate(zip(self._taps(x), self._taps(y))):
+        for head, fx, fy in zip(self.heads, self._taps(x), self._taps(y)):
             fx, fy = fx.float(), fy.float()
             fx = fx * torch.rsqrt(fx.square().sum(1, keepdim=True) + 1e-20)
             fy = fy * torch.rsqrt(fy.square().sum(1, keepdim=True) + 1e-20)
-            dist = dist + ((fx - fy) ** 2 * getattr(self, f"lin{i}").float()).sum(1).mean((1, 2))
+            with torch.autocast(x.device.type, enabled=False):  # autocast would run the 1x1 conv in fp16/bf16
+                dist = dist + head((fx - fy).square()).mean((1, 2, 3))
         return dist
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import platform
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,9 @@ from sundae.cli.openmp import prefer_passive_waiting
 
 prefer_passive_waiting()  # before the imports below load torch, and the OpenMP runtime with it
 
+import torch  # noqa: E402
+
+import sundae  # noqa: E402
 from sundae.cli import editing, evaluate, sampling, training  # noqa: E402
 from sundae.cli.args import UsageError, rank  # noqa: E402
 from sundae.cli.outputs import check_out_folder, missing_folders, remove_if_empty  # noqa: E402
@@ -42,12 +46,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sundae", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error instead of "
                         "one line (also accepted after the verb)")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print sundae's version, the folder it is "
+                        "imported from, and torch's and Python's versions")
     sub = parser.add_subparsers(dest="verb", required=True)
     training.add_parsers(sub)
     sampling.add_parsers(sub)
     editing.add_parsers(sub)
     evaluate.add_parsers(sub)
     return parser
+
+
+def version_line() -> str:
+    """`sundae 0.1.0 from /path/to/sundae (torch 2.13.0, Python 3.11.2)`, the form of `pip --version`: the
+    package's version (`sundae.__version__`: the installed metadata, else a source checkout's pyproject.toml)
+    and the folder the code is imported from, so a bug report says which copy ran."""
+    return (f"sundae {sundae.__version__} from {Path(sundae.__file__).parent} (torch {torch.__version__}, "
+            f"Python {platform.python_version()})")
+
+
+class _Version(argparse.Action):
+    """--version: prints `version_line()` unwrapped (argparse's own "version" action wraps it) and exits 0."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -179,8 +179,14 @@ def add_strict(p: argparse.ArgumentParser) -> None:
                    "file instead of skipping it with a warning")
 
 
-GENERATOR_HELP = ("a bundle or export folder (`sundae export`), a run folder of `sundae train`, a quickstart "
-                  "output folder, or a generator checkpoint (.pt)")
+# Every kind `SundaePipeline.from_pretrained` (checkpoint.resolve_checkpoint) takes; tests/test_cli.py loads each.
+GENERATOR_HELP = ("the generator: a bundle folder (`sundae export`: config.json + model.safetensors, its tokenizer "
+                  "in tokenizer/), an export folder (config.json + model.safetensors), a run folder of `sundae "
+                  "train` (its generator.pt), a quickstart output folder (its generator/generator.pt), or a "
+                  "checkpoint file (generator.pt, or a run's checkpoints/step_NNNNNNN.pt)")
+TOKENIZER_HELP = ("the tokenizer the generator was trained with (checked by sha256), when it is not where the "
+                  "generator names it: an export folder, a run folder of `sundae train-vqgan` (its tokenizer.pt), a "
+                  "quickstart output folder (its tokenizer/tokenizer.pt), or a checkpoint file (.pt)")
 
 # SamplerConfig field -> (flag type, help). The flags, defaults and metavars come from SamplerConfig itself.
 _SAMPLER_FLAGS = {

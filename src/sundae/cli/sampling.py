@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from sundae.checkpoint import export, export_bundle, load_checkpoint, resolve_checkpoint
-from sundae.cli.args import (GENERATOR_HELP, UsageError, add_common, add_debug, add_guidance, add_precision,
-                             add_sampler, check_guidance, pixels, port, positive, sampler_from_args)
+from sundae.cli.args import (GENERATOR_HELP, TOKENIZER_HELP, UsageError, add_common, add_debug, add_guidance,
+                             add_precision, add_sampler, check_guidance, pixels, port, positive, sampler_from_args)
 from sundae.cli.outputs import claim_outputs, clear_outputs
 from sundae.images import check_text, load_image, load_mask, save_grid, save_image
 from sundae.io import atomic_write, log
@@ -76,7 +76,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sampler = sampler_from_args(args, base=pipe.sampler)
     clear_outputs(old)
     out, t0 = Path(args.out), time.time()
-    images, taken, records = [], [], []  # images: only the first GRID_MAX, for grid.png; memory stays bounded
+    images, taken, lines = [], [], []  # images: only the first GRID_MAX, for grid.png; memory stays bounded
     conditions = pipe.labels(labels, args.num)
     seeds = pipe.seeds(args.seed, args.num)
     for start, batch, steps, _ in pipe.generate(args.num, labels, texts, tuple(args.guidance_scale), sampler,
@@ -84,15 +84,20 @@ def cmd_sample(args: argparse.Namespace) -> None:
         for j, (image, n) in enumerate(zip(batch, steps.tolist())):  # written as they come
             i = start + j
             save_image(image, out / "samples" / f"{i:05d}.png")
-            records.append({"file": f"samples/{i:05d}.png", "seed": seeds[i], "steps": n,
-                            "guidance_scale": list(args.guidance_scale),
-                            **({"class": int(conditions[i])} if conditions is not None else {}),
-                            **({"prompt": texts[i % len(texts)]} if texts else {})})
+            record = {"file": f"samples/{i:05d}.png", "seed": seeds[i], "steps": n,
+                      "guidance_scale": list(args.guidance_scale)}
+            if conditions is not None:
+                record.update({"class": int(conditions[i]), "class_name": pipe.class_names[int(conditions[i])]})
+            if texts:
+                record["prompt"] = texts[i % len(texts)]
+            lines.append(json.dumps(record) + "\n")
+        # Rewritten whole after every batch, atomically: a run stopped midway leaves the records of its
+        # finished batches, never a torn line.
+        text = "".join(lines)
+        atomic_write(out / "samples.jsonl", lambda tmp: Path(tmp).write_text(text))
         images.append(batch[:max(0, GRID_MAX - start)])
         taken.append(steps)
     images = torch.cat(images)
-    lines = "".join(json.dumps(record) + "\n" for record in records)
-    atomic_write(out / "samples.jsonl", lambda tmp: Path(tmp).write_text(lines))
     save_grid(images, out / "grid.png", nrow=args.nrow or int(np.ceil(np.sqrt(len(images)))))
     shown = "" if args.num <= GRID_MAX else f"; grid.png shows the first {GRID_MAX}"
     print(f"{args.num} sample{'s' if args.num != 1 else ''} in {time.time() - t0:.1f} s (mean "
@@ -178,7 +183,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def add_sampling_args(p: argparse.ArgumentParser, steps_type=None) -> None:
     """--generator/--tokenizer, the condition, the sampler's flags (from SamplerConfig), seed and precision."""
     p.add_argument("--generator", required=True, help=GENERATOR_HELP)
-    p.add_argument("--tokenizer", help="tokenizer checkpoint or export; default: the one the generator was trained on")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     add_sampler(p, steps_type)
     add_guidance(p)
     add_precision(p)
@@ -198,8 +203,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--seed", type=int, default=0, help="image i uses seed + i, so any one can be redrawn alone")
         add_common(p)
     p = sub.choices["sample"]
-    p.add_argument("--out", required=True, help="folder: grid.png, samples/NNNNN.png and samples.jsonl (seed, "
-                   "condition and steps of each image)")
+    p.add_argument("--out", required=True, help="folder: grid.png, samples/NNNNN.png and samples.jsonl (one JSON "
+                   "line per image: file, seed, class and class_name or prompt, guidance_scale, steps taken)")
     p.add_argument("--batch-size", type=positive, default=64)
     p.add_argument("--nrow", type=positive, default=None, help="images per grid row; default: square")
     p.add_argument("--overwrite", action="store_true", help="replace the samples of an earlier run in OUT")
@@ -228,7 +233,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="a local web app: watch sampling step by step, inpaint with a brush")
     p.add_argument("--generator", help=GENERATOR_HELP)
-    p.add_argument("--tokenizer", help="tokenizer checkpoint or export; default: the one the generator was trained on")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     p.add_argument("--run", help="a quickstart output folder (the same as --generator with that folder)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port, default=7860, help="port (default 7860)")
