@@ -67,10 +67,11 @@ def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_t
     if args.resume:
         log.warning(f"--resume: no {last} to resume, starting a new run")
     name = args.preset or "ffhq256"
-    model_cfg, init_meta = preset(model_table, name, kind), {}
     if args.init_from:  # fine-tuning: the source's architecture, the preset's training settings
         path, src = init_source(args.init_from, kind)
         model_cfg, init_meta = config_from_dict(model_cls, src["config"], str(path)), src.get("meta", {})
+    else:
+        model_cfg, init_meta = preset(model_table, name, kind), {}
     train_cfg = preset(train_table, name, f"{kind} training")
     model_cfg, train_cfg = apply_overrides(args.set, model_cfg, train_cfg)
     return model_cfg, train_cfg, {}, init_meta
