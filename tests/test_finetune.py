@@ -156,3 +156,33 @@ def test_train_vqgan_python_api_refuses_another_architecture(pipeline, image_fol
     with pytest.raises(ValueError, match="ch is 16 there, 32 here"):
         train_vqgan(dataclasses.replace(VQ["tiny"], ch=32), VQGAN_TRAIN_PRESETS["tiny"], data, tmp_path / "ft",
                     progress=False, init_from=pipeline / "tok")
+
+
+def test_the_fine_tuning_page_commands_run(pipeline, image_folder, tmp_path, monkeypatch, capsys):
+    """docs/fine-tuning.md's commands, on a quickstart-like folder made of the tiny runs: as written, with 2
+    training steps of batch 4 appended (a later --set wins) and the tiny image folder for Fashion-MNIST."""
+    import shlex
+    import shutil
+    from pathlib import Path
+
+    quickstart = tmp_path / "quickstart"
+    shutil.copytree(pipeline / "gen", quickstart / "generator")
+    (quickstart / "tokenizer").symlink_to(pipeline / "tok")
+    (quickstart / "tokens").symlink_to(pipeline / "tokens")
+    monkeypatch.chdir(tmp_path)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "fine-tuning.md").read_text()
+    lines = [line for block in page.split("```bash\n")[1:] for line in block.split("```")[0].splitlines()]
+    ran = 0
+    for line in lines:
+        args = shlex.split(line.replace("/usr/share/datasets/fashion-mnist", str(image_folder)))
+        if args[0] != "sundae":
+            continue  # tensorboard --logdir ...
+        if args[1] in ("train", "train-vqgan"):
+            args += ["--set", "steps=2", "--set", "batch_size=4", "--device", "cpu"]
+        run(*args[1:])
+        ran += 1
+    assert ran == 5
+    init = torch.load("runs/finetuned/generator.pt", weights_only=True)["init"]
+    assert init["path"] == str((quickstart / "generator" / "generator.pt").resolve())
+    assert list(Path("runs/watched/tensorboard").glob("events.out.tfevents.*"))
+    assert Path("quickstart/generator/curves.png").is_file() and Path("finetuned-samples/grid.png").is_file()
