@@ -64,7 +64,7 @@ def plot_curves(xs: Sequence[float], series: dict[str, Sequence[float | None]], 
     `xlog`: a log2 x axis (None: when every x > 0 and there are at most 12 of them, as in a sweep over T,
     each then labelled). Missing (None) or non-finite values are left out. Written atomically as PNG.
     Returns the y tick labels drawn in each panel (and "x": the x labels)."""
-    panel_h, width, left, right, top = 150, 720, 90, 20, 30
+    panel_h, width, left, right, top = 150, 640, 90, 20, 30
     height = top + panel_h * len(series) + 40
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
