@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from sundae.io import atomic_write
+from sundae.plots import tick_labels  # as many digits as it takes to tell the ticks apart
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127)]
@@ -44,10 +45,6 @@ def _ticks(lo: float, hi: float, log: bool) -> list[float]:
     return [start + i * step for i in range(int((hi - start) / step) + 1)]
 
 
-def _label(v: float) -> str:
-    return f"{v:.3g}"
-
-
 def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], panel: Panel,
                colours: dict[str, tuple[int, int, int]]) -> None:
     """Draw `panel` into the pixel rectangle `box` = (left, top, right, bottom)."""
@@ -69,15 +66,16 @@ def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], panel:
 
     draw.text((left + 60, top + 8), panel.title, fill="black")
     draw.rectangle((x0, y0, x1, y1), outline="black")
-    for t in _ticks(xlo, xhi, panel.xlog):
+    xticks, yticks = _ticks(xlo, xhi, panel.xlog), _ticks(ylo, yhi, False)
+    for t, label in zip(xticks, tick_labels(xticks)):
         x, _ = px(t, ylo)
         draw.line((x, y1, x, y1 + 4), fill="black")
-        draw.text((x - 8, y1 + 6), _label(t), fill="black")
-    for t in _ticks(ylo, yhi, False):
+        draw.text((x - 8, y1 + 6), label, fill="black")
+    for t, label in zip(yticks, tick_labels(yticks)):
         _, y = px(xlo, t)
         draw.line((x0 - 4, y, x0, y), fill="black")
         draw.line((x0, y, x1, y), fill=(230, 230, 230))
-        draw.text((left + 4, y - 6), _label(t), fill="black")
+        draw.text((left + 4, y - 6), label, fill="black")
     draw.text(((x0 + x1) // 2 - 40, y1 + 24), panel.xlabel, fill="black")
     draw.text((left + 4, top + 16), panel.ylabel, fill="black")
     for name, y in panel.hlines.items():

@@ -7,6 +7,7 @@ version); only its torch + einops modules are imported. Its modules get random w
 """
 
 import contextlib
+import hashlib
 import io
 import sys
 import types
@@ -346,3 +347,29 @@ def test_every_loader_names_what_it_refused_and_never_suggests_the_unsafe_load(t
         err = fails(capsys, *verb)
         assert name in err and "truncated" not in err and "weights_only" not in err, err
     assert not marker.exists()
+
+
+def test_fine_tuning_a_converted_tokenizer_gives_it_a_fresh_discriminator(tmp_path, image_folder):
+    from sundae.distributed import Dist
+    from sundae.losses import PatchDiscriminator
+    from sundae.runs import start_from
+
+    m = taming_vqmodel(SMALL, 64, 8, seed=4)
+    converted = convert_taming(*write_taming(tmp_path, m, SMALL, 64, 8), tmp_path / "conv")
+    source = torch.load(converted, weights_only=True)
+    assert "disc" not in source and "ema" not in source
+    # Before any step: the model and the EMA are the converted weights, the discriminator its own fresh one.
+    ours, ema = VQGAN(load_tokenizer(converted).cfg), VQGAN(load_tokenizer(converted).cfg).requires_grad_(False)
+    disc = PatchDiscriminator(3, 8, 3)
+    fresh = {k: v.clone() for k, v in disc.state_dict().items()}
+    start_from(tmp_path / "conv", "tokenizer", ours.cfg, {"model": ours, "disc": disc}, ema, {}, tmp_path, Dist())
+    for module in (ours, ema):
+        assert all(torch.equal(v, source["model"][k]) for k, v in module.state_dict().items())
+    assert all(torch.equal(v, fresh[k]) for k, v in disc.state_dict().items())
+    # Through the command line: 2 steps with the GAN on from the start.
+    run("train-vqgan", "--data", image_folder, "--out", tmp_path / "ft", "--preset", "tiny", "--set", "steps=2",
+        "--set", "batch_size=4", "--set", "disc_start=0", "--init-from", converted, "--device", "cpu")
+    tuned = torch.load(tmp_path / "ft" / "tokenizer.pt", weights_only=True)
+    assert tuned["step"] == 2 and tuned["config"] == source["config"]
+    assert tuned["init"]["sha256"] == hashlib.sha256(converted.read_bytes()).hexdigest()
+    assert not torch.equal(tuned["model"]["decoder.conv_out.weight"], source["model"]["decoder.conv_out.weight"])

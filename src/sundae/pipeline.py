@@ -289,7 +289,8 @@ class SundaePipeline:
         """The batched sample -> decode loop, one batch at a time: yields (index of the batch's first sample,
         images `b c H W` float in [-1, 1] on the CPU, steps taken `b` int64, tokens `b h w` int64 on the CPU).
         Arguments as for `__call__`; `text_features` (a text encoder's output for the `num` samples) can stand
-        in for `prompt`. Memory is bounded by `batch_size`, whatever `num`."""
+        in for `prompt`. Memory is bounded by `batch_size`, whatever `num`. The progress bar (stderr; off with
+        `progress=False`, TQDM_DISABLE or without a terminal) counts sampler steps, T per batch."""
         if num < 1 or batch_size < 1:
             raise ValueError(f"num and batch size must be >= 1, got {num} and {batch_size}")
         sampler = sampler or self.sampler
@@ -298,16 +299,22 @@ class SundaePipeline:
         text = text_features if text_features is not None else self.text(prompt, num)
         guidance_scales(guidance_scale, sampler.steps)  # checked before any work
         device = self.device
-        with torch.inference_mode():
-            for start in tqdm(range(0, num, batch_size), desc=desc, dynamic_ncols=True,
-                              disable=not progress or bool(os.environ.get("TQDM_DISABLE")) or None):
+        starts = range(0, num, batch_size)
+        # The bar counts sampler steps over all batches (T per batch), so that one big image shows progress.
+        bar = tqdm(total=len(starts) * sampler.steps, desc=desc, unit="step", dynamic_ncols=True,
+                   disable=not progress or bool(os.environ.get("TQDM_DISABLE")) or None)
+        with torch.inference_mode(), bar:
+            for b, start in enumerate(starts):
                 part = slice(start, min(start + batch_size, num))
                 fn = self.logits_fn(None if labels is None else labels[part],
                                     None if text is None else tuple(t[part] for t in text), guidance_scale,
                                     sampler.steps)
                 gens = [torch.Generator(device).manual_seed(s) for s in seeds[part]]
+                done = b * sampler.steps  # steps of the batches before this one
                 z, taken = sample(fn, (len(gens), *self.grid), self.generator.cfg.codebook_size, sampler,
-                                  generator=gens, device=device)
+                                  generator=gens, device=device, progress=lambda n, _: bar.update(done + n - bar.n))
+                bar.update(done + sampler.steps - bar.n)  # a batch that stopped early skips its last steps
+                bar.set_postfix_str(f"{part.stop}/{num} images", refresh=False)
                 # One image at a time: batched convolutions round differently by batch size (about 1e-5 on
                 # the CPU), which would make an image depend on its batchmates.
                 images = torch.cat([self.decode(z[i:i + 1]).float().cpu() for i in range(len(z))])

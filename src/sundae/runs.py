@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from sundae import distributed
-from sundae.checkpoint import load_checkpoint, save_checkpoint
-from sundae.io import append_line, atomic_write, log
+from sundae.checkpoint import (bundle_info, config_from_dict, load_checkpoint, resolve_checkpoint,
+                               save_checkpoint)
+from sundae.io import append_line, atomic_write, file_digest, log
 
 
 def log_record(path: Path, record: dict[str, Any]) -> None:
@@ -196,7 +197,8 @@ def restore(out: Path, kind: str, parts: dict[str, Any], ema: nn.Module, resume:
     ckpt: dict[str, Any] = {}
     if overwrite and not resume:
         if ctx.main:
-            old = [path, out / "log.jsonl", *out.glob("checkpoints/step_*.pt"), *out.glob("samples/step_*.png")]
+            old = [path, out / "log.jsonl", *out.glob("checkpoints/step_*.pt"), *out.glob("samples/step_*.png"),
+                   *out.glob("tensorboard/events.out.tfevents.*")]
             for file in old:
                 file.unlink(missing_ok=True)
     elif path.is_file():
@@ -302,3 +304,113 @@ def save(out: Path, kind: str, model_cfg: Any, train_cfg: Any, parts: dict[str, 
                             **{k: v for k, v in states.items() if k != "model"}, **extra)
     distributed.barrier(ctx)
     return last
+
+
+# ---- a new run from existing weights (fine-tuning) ----------------------------------------------------
+
+CLASS_ROWS = "class_embedding.embedding.weight"  # the generator's class embedding: rows 0..n-1, then the null class
+
+
+def init_source(source: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint a new run of `kind` starts from, and its contents: `source` is a checkpoint file, a run
+    folder, a quickstart output folder, an export folder, or (for a tokenizer) a bundle, whose `tokenizer/`
+    is used. Raises FileNotFoundError or ValueError naming the file (not a checkpoint, the other kind)."""
+    path = Path(source)
+    bundled = bundle_info(path).get("bundle", {}) if kind == "tokenizer" else {}
+    if isinstance(bundled, dict) and bundled.get("tokenizer"):
+        path = path / bundled["tokenizer"]
+    path = resolve_checkpoint(path, kind)
+    return path, load_checkpoint(path, kind)
+
+
+def _weights_digest(path: Path) -> str:
+    """sha256 of the file the weights were read from (an export folder's model.safetensors)."""
+    return file_digest(path / "model.safetensors" if path.is_dir() else path)
+
+
+def _grow_classes(state: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
+    """`state` with its class embedding grown to the rows of `fresh` (a freshly initialised model's state):
+    the old classes keep their rows, the null class (the last row, used by condition dropout and guidance)
+    keeps its row and moves to the new last index, the new classes get the fresh rows."""
+    old, new = state.get(CLASS_ROWS), fresh.get(CLASS_ROWS)
+    if old is None or new is None or old.shape[0] == new.shape[0]:
+        return state
+    rows = new.clone()
+    rows[:old.shape[0] - 1], rows[-1] = old[:-1], old[-1]
+    return {**state, CLASS_ROWS: rows}
+
+
+def start_from(source: str | Path | None, kind: str, model_cfg: Any, parts: dict[str, Any], ema: nn.Module,
+               ckpt: dict[str, Any], out: Path, ctx: distributed.Dist) -> dict[str, Any] | None:
+    """Start a new run from the weights of `source` (`init_source`): the model and EMA weights (an export
+    holds one set: both start from it), and the discriminator (`parts["disc"]`) when the source holds one of
+    the same shape (else it starts fresh, as from a converted taming tokenizer, which holds none). The
+    optimizer, step, lr schedule and data order start afresh. A generator may gain classes: `model_cfg`
+    with more classes than the source adds rows (`_grow_classes`); every other field must be the source's.
+
+    `ckpt` is what `restore` loaded: when the run already has a checkpoint (`--resume`) it wins, `source` is
+    not read, and the record it stored comes back. Otherwise returns the record {"path", "sha256", "step"}
+    (written to the checkpoints and as a `log.jsonl` line `{"step": 0, "init_from": ..., "init_sha256": ...}`),
+    or None without a source. Raises ValueError naming the field whose value differs from the source's.
+    """
+    if ckpt or source is None:
+        return ckpt.get("init")
+    path, src = init_source(source, kind)
+    stored = config_from_dict(type(model_cfg), src["config"], str(path))
+    for field in dataclasses.fields(stored):
+        have, want = getattr(stored, field.name), getattr(model_cfg, field.name)
+        grows = field.name == "num_classes" and 0 < have <= want
+        if have != want and not grows:
+            raise ValueError(f"{path}: {field.name} is {have!r} there, {want!r} here: fine-tuning keeps the "
+                             f"architecture" + (" (a token folder may add classes, not remove them)"
+                                                if field.name == "num_classes" else ""))
+    model = parts["model"]
+    fresh = full_state(model, model)
+    for module, key in ((model, "model"), (ema, "ema" if src.get("ema") is not None else "model")):
+        load_state(module, _grow_classes(src[key], fresh), module)
+    disc, disc_state = parts.get("disc"), src.get("disc")
+    if disc is not None:
+        shapes = {k: tuple(v.shape) for k, v in disc.state_dict().items()}
+        if disc_state is not None and shapes == {k: tuple(v.shape) for k, v in disc_state.items()}:
+            disc.load_state_dict(disc_state)
+        else:
+            log.info(f"{path} holds no discriminator of this shape: it starts fresh")
+    record = {"path": str(path.resolve()), "sha256": _weights_digest(path), "step": src.get("step")}
+    if ctx.main:
+        log_record(out / "log.jsonl", {"step": 0, "init_from": record["path"], "init_sha256": record["sha256"]})
+    return record
+
+
+class RunLog:
+    """Context manager writing a run's log: one JSON line per record to `out/log.jsonl` (rank 0), and with
+    `logger` "tensorboard" also every number as a TensorBoard scalar under `out/tensorboard/` (events after
+    `step`, the step a run resumes from, are purged). Raises ImportError naming the package when tensorboard
+    is not installed."""
+
+    def __init__(self, out: Path, logger: str, step: int, ctx: distributed.Dist):
+        self.path, self.writer = out / "log.jsonl", None
+        if logger == "tensorboard" and ctx.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("logger=tensorboard needs the tensorboard package: pip install tensorboard "
+                                  "(or pip install -e \".[tensorboard]\")") from None
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=step or None)
+        self.main = ctx.main
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        log_record(self.path, record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -47,7 +47,7 @@ from sundae.sundae import SamplerConfig, condition_dropout, unrolled_loss
 from sundae.vqgan import VQGAN, VQGANConfig
 
 from sundae.train_config import (GENERATOR_TRAIN_PRESETS, PRECISIONS, VQGAN_TRAIN_PRESETS,  # noqa: F401
-                                 GeneratorTrainConfig, VQGANTrainConfig)
+                                 GeneratorTrainConfig, VQGANTrainConfig, lr_factor)
 
 
 class Interrupted(Exception):
@@ -180,7 +180,7 @@ def _check_finite(loss: Tensor, step: int, checkpoint: Path) -> None:
 
 def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset, out: str | Path,
                 device: str | torch.device = "cpu", resume: bool = False, progress: bool = True,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, init_from: str | Path | None = None) -> Path:
     """Train the tokenizer on `dataset` (items (`c H W` in [-1, 1], label)); returns `out/tokenizer.pt`.
 
     Per step: L = l1 * |x - x_hat| + perceptual * LPIPS + codebook * L_VQ (+ lambda * (-D(x_hat)) from
@@ -190,6 +190,8 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     never called. The adaptive weight compares this rank's gradients (per-rank, as in taming's DDP runs).
     `resume` continues from `out/tokenizer.pt` exactly (model, EMA, discriminator, optimizers, scaler, data
     position, RNG, dead-code counts); `overwrite` starts over in a folder holding a run (`runs.restore`).
+    `init_from` (a tokenizer checkpoint, run, export or bundle; `model_cfg` must be its config) starts a new
+    run from its weights and EMA, and its discriminator if it has one (`runs.start_from`; resume wins).
     Raises ValueError when the model's patches are larger than the token grid, FloatingPointError naming the
     step when the loss is not finite
     (nothing is saved for that step), Interrupted after saving when SIGTERM/SIGINT arrive, `runs.RunInUse`
@@ -199,11 +201,11 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with runs.RunLock(out, ctx):
-        return _train_vqgan(model_cfg, cfg, dataset, out, ctx, resume, progress, overwrite)
+        return _train_vqgan(model_cfg, cfg, dataset, out, ctx, resume, progress, overwrite, init_from)
 
 
 def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset, out: Path, ctx: distributed.Dist,
-                 resume: bool, progress: bool, overwrite: bool) -> Path:
+                 resume: bool, progress: bool, overwrite: bool, init_from: str | Path | None) -> Path:
     """`train_vqgan` itself, run while this process holds the run folder."""
     device = ctx.device
     micro = _micro_batches(cfg, ctx)
@@ -218,13 +220,14 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
     usage = torch.zeros(model_cfg.codebook_size, dtype=torch.long, device=device)  # since the last dead-code check
     parts = {"model": model, "disc": disc, "optimizer": opt, "optimizer_disc": opt_d, "scaler": scaler}
     step, rng, ckpt = runs.restore(out, "tokenizer", parts, ema, resume, ctx, overwrite)
+    init = runs.start_from(init_from, "tokenizer", model_cfg, parts, ema, ckpt, out, ctx)
     runs.set_hparams([opt, opt_d], None, cfg, step)
     if "usage" in ckpt:
         usage.copy_(ckpt["usage"])
     net, net_d = distributed.parallel(model, ctx), distributed.parallel(disc, ctx)
 
     def save() -> Path:
-        return runs.save(out, "tokenizer", model_cfg, cfg, parts, ema, step, ctx, usage=usage.cpu())
+        return runs.save(out, "tokenizer", model_cfg, cfg, parts, ema, step, ctx, usage=usage.cpu(), init=init)
 
     data = _loader(dataset, cfg, step, ctx, rng)
     fixed = torch.stack([dataset[i][0] for i in range(min(16, len(dataset)))]).to(device)
@@ -232,7 +235,7 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
     bar = tqdm(total=cfg.steps, initial=step, desc="train-vqgan", disable=_quiet(progress, ctx), dynamic_ncols=True)
     t0, images_seen, grid_tokens = time.time(), 0, 0
     restarted, warned = 0, False  # codes restarted since the last log record; low-usage warning given
-    with runs.StopOnSignal() as stop:
+    with runs.StopOnSignal() as stop, runs.RunLog(out, cfg.logger, step, ctx) as run_log:
         while step < cfg.steps:
             batch = next(data)[0].to(device)
             # Dead codes restart at the start of the step after every restart_dead_codes-th, never after the
@@ -299,8 +302,8 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
                           "images_per_s": images_seen / seconds, "tokens_per_s": images_seen * grid_tokens / seconds}
                 log_usage.zero_()
                 restarted = 0
+                run_log.log(record)
                 if ctx.main:
-                    runs.log_record(out / "log.jsonl", record)
                     if step >= 1000 and record["codebook_usage"] < LOW_CODEBOOK_USAGE and not warned:
                         warned = True  # once a run; by step 1000 a healthy codebook is in use
                         log.warning(f"step {step}: {record['codebook_usage']:.0%} of the codebook in use in the "
@@ -322,25 +325,10 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
     return save() if step == 0 else out / "tokenizer.pt"  # step > 0: saved at the last step
 
 
-def lr_factor(cfg: GeneratorTrainConfig, step: int) -> float:
-    """The multiplier of `cfg.lr` for optimizer step `step` (0-based), in (0, 1]: a linear warm-up over
-    `warmup_steps`, then 1 ("constant") or a half cosine falling to 0 at step `cfg.steps` ("cosine",
-    Loshchilov & Hutter 2017, without restarts)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
-
-
-def _lr_lambda(cfg: GeneratorTrainConfig):
-    return lambda step: lr_factor(cfg, step)
-
-
 def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, dataset: Dataset, out: str | Path,
                     meta: dict[str, Any], tokenizer: VQGAN | None = None, device: str | torch.device = "cpu",
-                    resume: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
+                    resume: bool = False, progress: bool = True, overwrite: bool = False,
+                    init_from: str | Path | None = None) -> Path:
     """Train the hourglass denoiser with the unrolled SUNDAE loss; returns `out/generator.pt`.
 
     `dataset` items are (`h w` int64 tokens, int label), plus (text features `n e`, mask `n`, pooled `e`)
@@ -354,6 +342,8 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     sample j of step s come from a generator seeded by (seed, s, j), so
     the update does not depend on the number of processes or `grad_accum`. `resume` continues from
     `out/generator.pt` exactly; `overwrite` starts over in a folder holding a run (`runs.restore`).
+    `init_from` (a generator checkpoint, run, export or bundle) starts a new run from its weights and EMA
+    (`runs.start_from`; resume wins): `model_cfg` must be its config, except for more classes (new rows).
     Raises ValueError when the model's patches are larger than the token grid, FloatingPointError naming the
     step when the loss is not finite
     (nothing is saved for that step), Interrupted after saving when SIGTERM/SIGINT arrive, `runs.RunInUse`
@@ -363,12 +353,13 @@ def train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, datas
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with runs.RunLock(out, ctx):
-        return _train_generator(model_cfg, cfg, dataset, out, meta, tokenizer, ctx, resume, progress, overwrite)
+        return _train_generator(model_cfg, cfg, dataset, out, meta, tokenizer, ctx, resume, progress, overwrite,
+                                init_from)
 
 
 def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, dataset: Dataset, out: Path,
                      meta: dict[str, Any], tokenizer: VQGAN | None, ctx: distributed.Dist, resume: bool,
-                     progress: bool, overwrite: bool) -> Path:
+                     progress: bool, overwrite: bool, init_from: str | Path | None) -> Path:
     """`train_generator` itself, run while this process holds the run folder."""
     device = ctx.device
     if meta.get("tokenizer"):  # lets `SundaePipeline.from_pretrained` find it again if both folders move together
@@ -390,15 +381,16 @@ def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, data
         (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, i))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
-    step, rng, _ = runs.restore(out, "generator", parts, ema, resume, ctx, overwrite)
+    step, rng, ckpt = runs.restore(out, "generator", parts, ema, resume, ctx, overwrite)
+    init = runs.start_from(init_from, "generator", model_cfg, parts, ema, ckpt, out, ctx)
     runs.set_hparams([opt], sched, cfg, step)
     net = model if sharded else distributed.parallel(model, ctx)
 
     def save() -> Path:
-        return runs.save(out, "generator", model_cfg, cfg, parts, ema, step, ctx, meta=meta)
+        return runs.save(out, "generator", model_cfg, cfg, parts, ema, step, ctx, meta=meta, init=init)
 
     has_classes, has_text = model_cfg.num_classes > 0, model_cfg.text_dim > 0
     conditional = has_classes or has_text
@@ -413,7 +405,7 @@ def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, data
         grid_labels = torch.arange(min(model_cfg.num_classes, 10) or 1, device=device).repeat_interleave(8)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=_quiet(progress, ctx), dynamic_ncols=True)
     t0, tokens_seen = time.time(), 0
-    with runs.StopOnSignal() as stop:
+    with runs.StopOnSignal() as stop, runs.RunLog(out, cfg.logger, step, ctx) as run_log:
         while step < cfg.steps:
             tokens, labels, *text = (t.to(device) for t in next(data))
             model.train()
@@ -450,8 +442,7 @@ def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, data
                           **{f"loss_{i + 1}": v.item() for i, v in enumerate(sums[1:])},
                           "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
                           "tokens_per_s": tokens_seen / (time.time() - t0)}
-                if ctx.main:
-                    runs.log_record(out / "log.jsonl", record)
+                run_log.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save()

@@ -1,4 +1,5 @@
-"""Training configurations and their presets: `VQGANTrainConfig` (stage 1), `GeneratorTrainConfig` (stage 2).
+"""Training configurations and their presets: `VQGANTrainConfig` (stage 1), `GeneratorTrainConfig` (stage 2), and
+the generator's lr schedule (`lr_factor`).
 
 Validated at construction: a bad value raises ValueError naming the field. `sundae.train` re-exports all of it.
 """
@@ -18,6 +19,10 @@ from sundae.sundae import CORRUPTIONS
 LR_SCHEDULES = ("constant", "cosine")
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Where a run logs: log.jsonl always (`sundae plot RUN` draws it); "tensorboard" also writes TensorBoard event
+# files into RUN/tensorboard/ (`runs.RunLog`; needs the tensorboard package).
+LOGGERS = ("jsonl", "tensorboard")
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class VQGANTrainConfig:
     precision: str = "fp32"  # "bf16" (autocast) or "fp16" (autocast + gradient scaler)
     seed: int = 0
     log_every: int = 50
+    logger: str = "jsonl"  # LOGGERS: "tensorboard" also writes event files
     sample_every: int = 1000
     save_every: int = 5000
 
@@ -79,6 +85,8 @@ def _check_train_config(cfg: Any) -> None:
         raise ValueError(f"grad_accum must be >= 1 and divide batch_size {cfg.batch_size}, got {cfg.grad_accum}")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.logger not in LOGGERS:
+        raise ValueError(f"logger must be one of {', '.join(LOGGERS)}, got {cfg.logger!r}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,7 @@ class GeneratorTrainConfig:
     sharding: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 fully_shard, for big models)
     seed: int = 0
     log_every: int = 50
+    logger: str = "jsonl"  # LOGGERS: "tensorboard" also writes event files
     sample_every: int = 1000
     save_every: int = 5000
     sample_steps: int = 50  # sampling steps for the grids written during training
@@ -122,6 +131,18 @@ class GeneratorTrainConfig:
             raise ValueError(f"cond_dropout must lie in [0, 1], got {self.cond_dropout}")
         if self.sharding not in ("ddp", "fsdp"):
             raise ValueError(f"sharding must be 'ddp' or 'fsdp', got {self.sharding!r}")
+
+
+def lr_factor(cfg: GeneratorTrainConfig, step: int) -> float:
+    """The multiplier of `cfg.lr` for optimizer step `step` (0-based), in (0, 1]: a linear warm-up over
+    `warmup_steps`, then 1 ("constant") or a half cosine falling to 0 at step `cfg.steps` ("cosine",
+    Loshchilov & Hutter 2017, without restarts)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
 
 
 VQGAN_TRAIN_PRESETS: dict[str, VQGANTrainConfig] = {

@@ -1,4 +1,4 @@
-"""Verbs that measure and demonstrate: evaluate, quickstart."""
+"""Verbs that measure and demonstrate: evaluate, plot, quickstart."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from sundae.cli.args import (UsageError, add_common, add_strict, non_negative, positive, preset, sampler_from_args,
+from sundae.cli.args import (UsageError, add_common, add_debug, add_strict, non_negative, positive, preset, sampler_from_args,
                              steps_list)
 from sundae.cli.outputs import claim_outputs, clear_outputs
 from sundae.cli.sampling import add_sampling_args, load_pipeline
@@ -47,7 +47,8 @@ def _inception(args: argparse.Namespace, has_classes: bool, skipped: dict[str, s
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from sundae.eval.protocol import evaluate, load_or_train_classifier, load_reference, plot_curves, tool_versions
+    from sundae.eval.protocol import evaluate, load_or_train_classifier, load_reference, tool_versions
+    from sundae.plots import plot_curves
 
     out = Path(args.out)
     old = claim_outputs(out, ["evaluation.json", "samples.png", "curves.png"], args.overwrite)
@@ -146,6 +147,11 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
           f"samples_by_class.png, inpainting.png)")
 
 
+def cmd_plot(args: argparse.Namespace) -> None:
+    from sundae.plots import plot_run
+    print(f"curves written to {plot_run(args.run)}")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="FID, classifier-FID, precision/recall, class accuracy and tokenizer "
                        "metrics of a generator against reference images; writes evaluation.json")
@@ -174,6 +180,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_strict(p)
     add_common(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("plot", help="draw a training run's log.jsonl (losses, lr, speed, PSNR, codebook usage, ...) "
+                       "to RUN/curves.png, one panel per quantity")
+    p.add_argument("run", help="run folder of `sundae train` or `sundae train-vqgan` (while it trains, too)")
+    add_debug(p)
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on Fashion-MNIST (or, with --dataset emoji, "
                        "text-to-image on emoji): tokenizer, generator, samples, metrics")

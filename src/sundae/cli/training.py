@@ -18,28 +18,34 @@ from sundae.eval.metrics import codebook_usage, psnr
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.images import load_image, save_grid
 from sundae.io import file_digest, log
+from sundae.runs import init_source
 from sundae.tokens import LEGACY_CODEBOOK_KEY, TokenDataset, tokenize
 from sundae.train import GENERATOR_TRAIN_PRESETS, VQGAN_TRAIN_PRESETS, train_generator, train_vqgan
 from sundae.vqgan import PRESETS as VQGAN_PRESETS
 
 
 def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_table: dict,
-                 data_fields: tuple[str, ...] = ()) -> tuple[Any, Any, dict[str, Any]]:
-    """The (model config, training config, stored meta) of a run: the preset's, or with --resume the ones
-    stored in the run's last checkpoint; then the --set overrides on top. `data_fields` are the model config
+                 data_fields: tuple[str, ...] = ()) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """The (model config, training config, stored meta, --init-from meta) of a run: the preset's, or with
+    --resume the ones stored in the run's last checkpoint, or with --init-from the source's architecture and
+    the preset's training settings; then the --set overrides on top. `data_fields` are the model config
     fields that the training data sets (the generator's codebook_size, num_classes, text_dim): a resumed run
     differing from --preset only there was trained with that preset.
 
     Raises UsageError for --resume with --overwrite, or --set values that change the architecture of the
-    run being resumed. Warns when --resume finds nothing to resume or nothing left to train, and when an
-    explicit --preset is ignored because the run's stored configs are used.
+    run being resumed. Warns when --resume finds nothing to resume or nothing left to train, when an
+    explicit --preset is ignored because the run's stored configs are used, and when --resume wins over
+    --init-from (the run already has a checkpoint).
     """
     last = Path(args.out) / f"{kind}.pt"
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
+    model_cls, train_cls = (type(next(iter(table.values()))) for table in (model_table, train_table))
     if args.resume and last.is_file():
+        if args.init_from:
+            log.warning(f"--resume continues the run in {args.out} from its checkpoint; --init-from "
+                        f"{args.init_from} was only read when the run started")
         ckpt = load_checkpoint(last, kind)
-        model_cls, train_cls = (type(next(iter(table.values()))) for table in (model_table, train_table))
         stored = config_from_dict(model_cls, ckpt["config"], str(last))
         train_cfg = config_from_dict(train_cls, ckpt["train"], str(last))
         asked = None
@@ -57,20 +63,25 @@ def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_t
         if train_cfg.steps <= ckpt.get("step", 0):
             log.warning(f"the run in {args.out} is already at step {ckpt.get('step', 0)} >= steps "
                         f"{train_cfg.steps}: nothing to train (raise it with --set steps=N)")
-        return model_cfg, train_cfg, ckpt.get("meta", {})
+        return model_cfg, train_cfg, ckpt.get("meta", {}), {}
     if args.resume:
         log.warning(f"--resume: no {last} to resume, starting a new run")
     name = args.preset or "ffhq256"
-    model_cfg = preset(model_table, name, kind)
+    if args.init_from:  # fine-tuning: the source's architecture, the preset's training settings
+        path, src = init_source(args.init_from, kind)
+        model_cfg, init_meta = config_from_dict(model_cls, src["config"], str(path)), src.get("meta", {})
+    else:
+        model_cfg, init_meta = preset(model_table, name, kind), {}
     train_cfg = preset(train_table, name, f"{kind} training")
     model_cfg, train_cfg = apply_overrides(args.set, model_cfg, train_cfg)
-    return model_cfg, train_cfg, {}
+    return model_cfg, train_cfg, {}, init_meta
 
 
 def cmd_train_vqgan(args: argparse.Namespace) -> None:
-    model_cfg, train_cfg, _ = _run_configs(args, "tokenizer", VQGAN_PRESETS, VQGAN_TRAIN_PRESETS)
+    model_cfg, train_cfg, _, _ = _run_configs(args, "tokenizer", VQGAN_PRESETS, VQGAN_TRAIN_PRESETS)
     dataset = open_images(args.data, model_cfg.resolution, model_cfg.in_channels, "train", args.strict)
-    path = train_vqgan(model_cfg, train_cfg, dataset, args.out, args.device, args.resume, overwrite=args.overwrite)
+    path = train_vqgan(model_cfg, train_cfg, dataset, args.out, args.device, args.resume, overwrite=args.overwrite,
+                       init_from=args.init_from)
     if rank() == 0:
         print(f"tokenizer written to {path}")
 
@@ -98,9 +109,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     if Path(args.tokens).is_file():
         raise UsageError(f"--tokens {args.tokens} is a file: expected a token folder from `sundae tokenize`")
     dataset = TokenDataset(args.tokens)
-    model_cfg, train_cfg, stored = _run_configs(args, "generator", HOURGLASS_PRESETS, GENERATOR_TRAIN_PRESETS,
-                                                ("codebook_size", "num_classes", "text_dim"))
+    model_cfg, train_cfg, stored, init_meta = _run_configs(args, "generator", HOURGLASS_PRESETS,
+                                                           GENERATOR_TRAIN_PRESETS,
+                                                           ("codebook_size", "num_classes", "text_dim"))
     num_classes = dataset.num_classes if model_cfg.num_classes else 0
+    if init_meta:  # fine-tuning keeps the source's classes; a token folder with more adds rows
+        _check_init_data(args, dataset, model_cfg, init_meta)
+        num_classes = max(model_cfg.num_classes, num_classes) if num_classes else num_classes
     asked = {pair.partition("=")[0] for pair in args.set}
     # A token folder with text features trains a text-conditional model unless --set text_dim=0 says not to.
     text_dim = 0 if "text_dim" in asked and model_cfg.text_dim == 0 else dataset.text_dim
@@ -131,10 +146,29 @@ def cmd_train(args: argparse.Namespace) -> None:
                              f"{tokenizer_path} (sha256 differs): pass the tokenizer that made them")
     meta = {k: dataset.meta.get(k) for k in ("grid", "codebook_size", "f", "tokenizer", "tokenizer_sha256",
                                               "class_names", "image_size", "text_encoder")}
+    if len(meta["class_names"] or []) < num_classes:  # fewer classes than the fine-tuned model: keep its names
+        meta["class_names"] = init_meta.get("class_names") or meta["class_names"]
     path = train_generator(model_cfg, train_cfg, dataset, args.out, meta, tokenizer, args.device, args.resume,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, init_from=args.init_from)
     if rank() == 0:
         print(f"generator written to {path}")
+
+
+def _check_init_data(args: argparse.Namespace, dataset: TokenDataset, model_cfg: Any, init_meta: dict) -> None:
+    """--init-from GENERATOR with a token folder: the codebook and text width must be the generator's
+    (UsageError naming the field); warns when another tokenizer made the tokens or class names differ."""
+    for key, value in (("codebook_size", dataset.meta["codebook_size"]), ("text_dim", dataset.text_dim)):
+        if getattr(model_cfg, key) != value:
+            raise UsageError(f"--init-from {args.init_from} has {key} {getattr(model_cfg, key)}, the token folder "
+                             f"{args.tokens} {value}: fine-tuning keeps the architecture")
+    ours, theirs = dataset.meta.get("tokenizer_sha256"), init_meta.get("tokenizer_sha256")
+    if ours and theirs and ours != theirs:
+        log.warning(f"the tokens in {args.tokens} were made by another tokenizer than the one {args.init_from} "
+                    f"was trained with (sha256 differs): its codes mean other things to the generator")
+    old, new = init_meta.get("class_names") or [], dataset.meta.get("class_names") or []
+    if old and new and old[:len(new)] != new[:len(old)]:
+        log.warning(f"class i of {args.tokens} continues class i of {args.init_from}, but their names differ "
+                    f"({', '.join(old[:3])} ... and {', '.join(new[:3])} ...)")
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -182,6 +216,11 @@ def _encode_args(p: argparse.ArgumentParser, out_help: str, split: str,
     add_common(p)
 
 
+INIT_HELP = ("a {0} checkpoint (.pt), a run or quickstart folder, an export folder; fresh optimizer, step 0 "
+             "and lr schedule; --preset sets the training settings, the architecture is the source's; with "
+             "--resume an existing checkpoint in OUT wins")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-vqgan", help="train the VQ-GAN tokenizer on a folder of images")
     p.add_argument("--data", required=True, help="image folder (sub-folders = classes) or idx folder")
@@ -189,6 +228,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help=f"one of {', '.join(VQGAN_PRESETS)} (default ffhq256)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", action="store_true", help="continue from OUT/tokenizer.pt")
+    p.add_argument("--init-from", metavar="TOKENIZER", help=f"fine-tune: start a new run from these weights "
+                   f"(and EMA, and discriminator if any): {INIT_HELP.format('tokenizer')}, a bundle")
     add_overwrite(p)
     add_strict(p)
     add_common(p)
@@ -233,6 +274,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="for the sample grids; default: the one named in meta.json")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", action="store_true", help="continue from OUT/generator.pt")
+    p.add_argument("--init-from", metavar="GENERATOR", help=f"fine-tune: start a new run from these weights "
+                   f"(and EMA): {INIT_HELP.format('generator')}; more classes in --tokens add rows")
     add_overwrite(p)
     add_common(p)
     p.set_defaults(func=cmd_train)

@@ -17,7 +17,6 @@ split, image size and resizing, seeds, sampler settings, batch size, feature ext
 from __future__ import annotations
 
 import importlib.metadata
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,14 +24,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from PIL import Image, ImageDraw
 from torch import Tensor
 
 from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxImages, is_idx_dataset, open_images
 from sundae.eval.classifier import CLASSIFIER_FORMAT, SmallClassifier, predict, train_classifier
 from sundae.eval.metrics import (LOW_CODEBOOK_USAGE, classifier_features, frechet_distance_gaussians, gaussian_stats,
                                  knn_radii, precision_recall, psnr_of_mse, squared_error, ssim)
-from sundae.io import atomic_write, log, save_torch
+from sundae.io import log, save_torch
 from sundae.sundae import SamplerConfig
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -230,49 +228,6 @@ def tool_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def plot_curves(xs: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, path: str | Path,
-                title: str = "") -> None:
-    """Line plots drawn with Pillow (no plotting dependency): one panel per entry of `series` against `xs`,
-    stacked, each with its own y axis (the metrics have different units), labelled at its bottom, middle and
-    top; log2 x axis when every x > 0. Missing (None) or non-finite values are left out. Written atomically
-    as PNG."""
-    panel_h, width, left, right, top = 150, 640, 80, 20, 30
-    height = top + panel_h * len(series) + 40
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((left, 8), title, fill="black")
-    use_log = all(x > 0 for x in xs)
-    fx = [math.log2(x) if use_log else float(x) for x in xs]
-    lo_x, hi_x = min(fx), (max(fx) if max(fx) > min(fx) else min(fx) + 1)
-    px = [left + 10 + (v - lo_x) / (hi_x - lo_x) * (width - left - right - 20) for v in fx]
-    for i, (name, ys) in enumerate(series.items()):
-        y0, y1 = top + i * panel_h + 18, top + (i + 1) * panel_h - 12  # plot area of this panel
-        draw.rectangle((left, y0, width - right, y1), outline="black")
-        draw.text((left + 4, y0 - 15), name, fill="black")
-        finite = [y for y in ys if y is not None and math.isfinite(y)]
-        if not finite:
-            continue
-        lo, hi = min(finite), max(finite)
-        pad = (hi - lo) * 0.1 if hi > lo else max(abs(hi) * 0.1, 1e-6)
-        lo, hi = lo - pad, hi + pad
-        for frac in (0.0, 0.5, 1.0):
-            y = y1 - 6 - frac * (y1 - y0 - 12)
-            draw.line((left - 4, y, left, y), fill="black")
-            draw.text((4, y - 6), f"{lo + frac * (hi - lo):.4g}", fill="black")
-        points = [(x, y1 - 6 - (y - lo) / (hi - lo) * (y1 - y0 - 12))
-                  for x, y in zip(px, ys) if y is not None and math.isfinite(y)]
-        if len(points) > 1:
-            draw.line(points, fill=(31, 119, 180), width=2)
-        for x, y in points:
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(31, 119, 180))
-    bottom = top + panel_h * len(series) - 12
-    for x, label in zip(px, xs):
-        draw.line((x, bottom, x, bottom + 5), fill="black")
-        draw.text((x - 8, bottom + 8), f"{label:g}", fill="black")
-    draw.text((width // 2 - 60, height - 18), xlabel + (" (log scale)" if use_log else ""), fill="black")
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def evaluate(pipe, ref: Reference, samplers: Sequence[SamplerConfig], num: int, batch_size: int, seed: int,
