@@ -1,9 +1,8 @@
 """`sundae <verb>`: the command line, a thin client of the library (`sundae.pipeline`, `sundae.train`, ...).
 
 Verbs: train-vqgan, convert-taming, reconstruct, tokenize, train (`cli.training`); sample, inpaint, export,
-demo (`cli.sampling`); img2img, outpaint (`cli.editing`); evaluate, plot, quickstart (`cli.evaluate`). Configs come
-from named presets plus
-`--set key=value` overrides checked against the dataclass fields (`cli.args`); the sampler's flags are
+demo (`cli.sampling`); img2img, outpaint (`cli.editing`); evaluate, plot, quickstart (`cli.evaluate`).
+Configs come from named presets plus `--set key=value` overrides checked against the dataclass fields (`cli.args`); the sampler's flags are
 generated from `SamplerConfig`. Errors are one line (`--debug` shows the traceback); the library's warnings
 (skipped files, ...) print as `sundae VERB: warning: ...`.
 """
