@@ -2,8 +2,8 @@
 
 Verbs: train-vqgan, convert-taming, reconstruct, tokenize, train (`cli.training`); sample, inpaint, export,
 demo (`cli.sampling`); img2img, outpaint (`cli.editing`); evaluate, plot, quickstart (`cli.evaluate`).
-Configs come from named presets plus `--set key=value` overrides checked against the dataclass fields (`cli.args`); the sampler's flags are
-generated from `SamplerConfig`. Errors are one line (`--debug` shows the traceback); the library's warnings
+Configs come from named presets plus `--set key=value` overrides checked against the dataclass fields
+(`cli.args`); the sampler's flags are generated from `SamplerConfig`. Errors are one line (`--debug` shows the traceback); the library's warnings
 (skipped files, ...) print as `sundae VERB: warning: ...`.
 """
 
