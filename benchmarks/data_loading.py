@@ -16,14 +16,17 @@ resizing, not the disk.
 
 Workers are processes, so they cannot go faster than the free cores allow: on a 2-core machine 4 workers
 only add processes competing for the same 2 cores. The load average before and after each measurement is
-recorded, since other processes on the machine change the figures. Prints a table and writes
+recorded, since other processes on the machine change the figures, and so are the CPU seconds of the main
+process and its workers per image (the work done, whatever share of the cores it got). Prints a table and writes
 benchmarks/results/data_loading.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -61,9 +64,17 @@ def make_folder(root: Path, count: int) -> dict[str, int]:
     return formats
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have ended (the workers)."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def measure(folder: Path, size: int, workers: int, batch_size: int) -> dict[str, float]:
-    """Seconds of the scan and of one pass over the folder with `workers`, and the load around them."""
+    """Seconds of the scan and of one pass over the folder with `workers`, the CPU seconds of all processes,
+    and the load around them."""
     load_before = os.getloadavg()[0]
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     dataset = ImageFolder(folder, size, 3, workers=workers)
     t1 = time.perf_counter()
@@ -71,11 +82,14 @@ def measure(folder: Path, size: int, workers: int, batch_size: int) -> dict[str,
     for x, _ in data_loader(dataset, workers, batch_size=batch_size):
         count += len(x)
     t2 = time.perf_counter()
+    gc.collect()  # the loaders are gone and their workers joined: their CPU time is counted
+    cpu = _cpu_seconds() - cpu0
     assert count == len(dataset) and tuple(x.shape[1:]) == (3, size, size)
     n = len(dataset)
     return {"workers": workers, "images": n, "scan_s": t1 - t0, "pass_s": t2 - t1,
             "scan_images_per_s": n / (t1 - t0), "pass_images_per_s": n / (t2 - t1),
             "images_per_s": n / (t2 - t0), "ms_per_image": 1000 * (t2 - t0) / n,
+            "cpu_ms_per_image": 1000 * cpu / n,
             "load_1min_before": load_before, "load_1min_after": os.getloadavg()[0]}
 
 
@@ -108,7 +122,8 @@ def main() -> None:
         row["speedup"] = row["images_per_s"] / base
     print_table(rows, [("workers", "workers", "d"), ("scan_images_per_s", "scan img/s", ".1f"),
                        ("pass_images_per_s", "pass img/s", ".1f"), ("images_per_s", "total img/s", ".1f"),
-                       ("ms_per_image", "ms/img", ".0f"), ("speedup", f"vs {counts[0]}", ".2f"),
+                       ("ms_per_image", "ms/img", ".0f"), ("cpu_ms_per_image", "CPU ms/img", ".0f"),
+                       ("speedup", f"vs {counts[0]}", ".2f"),
                        ("load_1min_before", "load before", ".1f"), ("load_1min_after", "load after", ".1f")])
     write_json(args.out, {
         "what": "ImageFolder scan + one pass of sundae.data.data_loader over a folder of real photos",
