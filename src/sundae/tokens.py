@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from sundae.checkpoint import load_tokenizer
+from sundae.data import data_loader
 from sundae.distributed import Dist, barrier, gather_to_main, setup
 from sundae.io import file_digest, save_npy, write_json
 from sundae.vqgan import VQGAN
@@ -115,13 +116,14 @@ class TokenDataset(Dataset):
 
 @torch.no_grad()
 def encode_dataset(tokenizer: VQGAN, dataset: torch.utils.data.Dataset, batch_size: int,
-                   device: torch.device, desc: str = "tokenize",
-                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Encode every image of `dataset` -> (tokens uint16 `N h w`, labels int64 `N`)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+                   device: torch.device, desc: str = "tokenize", progress: bool = True,
+                   workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Encode every image of `dataset`, read in `workers` DataLoader processes (the same batches as 0) ->
+    (tokens uint16 `N h w`, labels int64 `N`). Raises ImageError naming a file that cannot be read."""
+    loader = data_loader(dataset, workers, device, batch_size=batch_size)
     tokens, labels = [], []
     for x, y in tqdm(loader, desc=desc, dynamic_ncols=True, disable=not progress or None):
-        tokens.append(tokenizer.encode(x.to(device)).cpu().numpy().astype(np.uint16))
+        tokens.append(tokenizer.encode(x.to(device, non_blocking=True)).cpu().numpy().astype(np.uint16))
         labels.append(y.numpy().astype(np.int64))
     if not tokens:
         return np.zeros((0, 0, 0), np.uint16), np.zeros(0, np.int64)
@@ -181,11 +183,12 @@ def write_token_folder(out: str | Path, tokens: np.ndarray, labels: np.ndarray, 
 
 
 def _encode_rows(tokenizer: VQGAN, dataset: torch.utils.data.Dataset, rows: np.ndarray, batch_size: int,
-                 ctx: Dist, desc: str) -> tuple[np.ndarray, np.ndarray]:
+                 ctx: Dist, desc: str, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Encode `rows` of `dataset`, a contiguous share per rank, gathered on rank 0 in the original order
     (other ranks get empty arrays). Ranks never wait on each other while encoding, whatever the count."""
     share = np.array_split(np.arange(len(rows)), ctx.world)[ctx.rank]
-    part = encode_dataset(tokenizer, SourceRows(dataset, rows[share]), batch_size, ctx.device, desc, ctx.main)
+    part = encode_dataset(tokenizer, SourceRows(dataset, rows[share]), batch_size, ctx.device, desc, ctx.main,
+                          workers)
     parts = gather_to_main(part, ctx)
     if parts is None:
         return np.zeros((0, 0, 0), np.uint16), np.zeros(0, np.int64)
@@ -196,8 +199,9 @@ def _encode_rows(tokenizer: VQGAN, dataset: torch.utils.data.Dataset, rows: np.n
 def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out: str | Path,
              device: torch.device, batch_size: int = 256, class_names: Sequence[str] = (), flip: bool = False,
              eval_fraction: float = 0.0, split_seed: int = 0, text_encoder: str | None = "all-MiniLM-L6-v2",
-             before_write: Callable[[], None] | None = None) -> Path:
-    """Encode `dataset` with the tokenizer checkpoint into a token folder (see `sundae.tokens`).
+             before_write: Callable[[], None] | None = None, workers: int = 0) -> Path:
+    """Encode `dataset` with the tokenizer checkpoint into a token folder (see `sundae.tokens`), the images
+    read in `workers` DataLoader processes (0: in this one; the files written are the same).
 
     A captioned dataset (`dataset.captions`, see `sundae.images.read_captions`) also gets `captions.json` and,
     unless `text_encoder` is None, the features of `sundae.text.TextEncoder(text_encoder)` for every row
@@ -235,7 +239,7 @@ def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out:
     for split, rows, folder in (("train", train_rows, Path(out)), ("eval", eval_rows, Path(out) / "eval")):
         if len(rows) == 0:
             continue
-        tokens, labels = _encode_rows(tokenizer, dataset, rows, batch_size, ctx, f"tokenize {split}")
+        tokens, labels = _encode_rows(tokenizer, dataset, rows, batch_size, ctx, f"tokenize {split}", workers)
         if ctx.main:
             src = rows[:, 0]
             write_token_folder(folder, tokens, labels, {**meta, "split": split}, sources=rows,

@@ -27,15 +27,17 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from sundae import distributed
 from sundae import runs
+from sundae.data import data_loader
 from sundae.distributed import EpochBatchSampler
 from sundae.eval.metrics import LOW_CODEBOOK_USAGE
 from sundae.hourglass import Hourglass, HourglassConfig
@@ -75,11 +77,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def _loader(dataset: Dataset, cfg: Any, start_step: int, ctx: distributed.Dist, rng: Any = None) -> Iterator:
-    """Endless (this rank's share of the global batch) from `start_step` on; a resumed run's RNG state `rng`
-    is set after the loader is built, since building it draws from the global RNG."""
+def _loader(dataset: Dataset, cfg: Any, start_step: int, ctx: distributed.Dist, rng: Any = None,
+            workers: int = 0) -> Iterator:
+    """Endless (this rank's share of the global batch) from `start_step` on, read in `workers` processes; the
+    sampler picks the batches here, so they do not depend on `workers`. The workers are seeded from (seed,
+    start_step, rank) (`data_loader`): a resumed run's do not replay the first steps' random draws. A resumed
+    run's RNG state `rng` is set after the loader is built."""
     sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_step, ctx.rank, ctx.world)
-    loader = iter(DataLoader(dataset, batch_sampler=sampler))
+    seed = int(np.random.SeedSequence([cfg.seed, start_step, ctx.rank]).generate_state(1)[0])
+    loader = iter(data_loader(dataset, workers, ctx.device, batch_sampler=sampler, seed=seed))
     if rng is not None:
         runs.set_rng_state(rng)
     return loader
@@ -180,8 +186,9 @@ def _check_finite(loss: Tensor, step: int, checkpoint: Path) -> None:
 
 def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset, out: str | Path,
                 device: str | torch.device = "cpu", resume: bool = False, progress: bool = True,
-                overwrite: bool = False, init_from: str | Path | None = None) -> Path:
-    """Train the tokenizer on `dataset` (items (`c H W` in [-1, 1], label)); returns `out/tokenizer.pt`.
+                overwrite: bool = False, init_from: str | Path | None = None, workers: int = 0) -> Path:
+    """Train the tokenizer on `dataset` (items (`c H W` in [-1, 1], label)), read in `workers` DataLoader
+    processes (the same batches and result as 0, `sundae.data.data_loader`); returns `out/tokenizer.pt`.
 
     Per step: L = l1 * |x - x_hat| + perceptual * LPIPS + codebook * L_VQ (+ lambda * (-D(x_hat)) from
     `disc_start`, lambda the adaptive weight), then one discriminator hinge step (Esser et al. eq. 5-7).
@@ -201,11 +208,11 @@ def train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with runs.RunLock(out, ctx):
-        return _train_vqgan(model_cfg, cfg, dataset, out, ctx, resume, progress, overwrite, init_from)
+        return _train_vqgan(model_cfg, cfg, dataset, out, ctx, resume, progress, overwrite, init_from, workers)
 
 
 def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset, out: Path, ctx: distributed.Dist,
-                 resume: bool, progress: bool, overwrite: bool, init_from: str | Path | None) -> Path:
+                 resume: bool, progress: bool, overwrite: bool, init_from: str | Path | None, workers: int) -> Path:
     """`train_vqgan` itself, run while this process holds the run folder."""
     device = ctx.device
     micro = _micro_batches(cfg, ctx)
@@ -229,7 +236,7 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
     def save() -> Path:
         return runs.save(out, "tokenizer", model_cfg, cfg, parts, ema, step, ctx, usage=usage.cpu(), init=init)
 
-    data = _loader(dataset, cfg, step, ctx, rng)
+    data = _loader(dataset, cfg, step, ctx, rng, workers)
     fixed = torch.stack([dataset[i][0] for i in range(min(16, len(dataset)))]).to(device)
     log_usage = torch.zeros_like(usage)
     bar = tqdm(total=cfg.steps, initial=step, desc="train-vqgan", disable=_quiet(progress, ctx), dynamic_ncols=True)
@@ -237,7 +244,7 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
     restarted, warned = 0, False  # codes restarted since the last log record; low-usage warning given
     with runs.StopOnSignal() as stop, runs.RunLog(out, cfg.logger, step, ctx) as run_log:
         while step < cfg.steps:
-            batch = next(data)[0].to(device)
+            batch = next(data)[0].to(device, non_blocking=True)
             # Dead codes restart at the start of the step after every restart_dead_codes-th, never after the
             # last one (a code restarted then would be used with a decoder that never saw it); a resumed run
             # does it first, from the saved counts, as the uninterrupted run would have.

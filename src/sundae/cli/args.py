@@ -179,6 +179,12 @@ def add_strict(p: argparse.ArgumentParser) -> None:
                    "file instead of skipping it with a warning")
 
 
+def add_workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=non_negative, default=0, metavar="N", help="processes that decode and "
+                   "resize the image files beside this one (default 0: this process does it); the results are "
+                   "the same for every N. About one per free CPU core")
+
+
 # Every kind `SundaePipeline.from_pretrained` (checkpoint.resolve_checkpoint) takes; tests/test_cli.py loads each.
 GENERATOR_HELP = ("the generator: a bundle folder (`sundae export`: config.json + model.safetensors, its tokenizer "
                   "in tokenizer/), an export folder (config.json + model.safetensors), a run folder of `sundae "

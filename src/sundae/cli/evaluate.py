@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from sundae.cli.args import (UsageError, add_common, add_debug, add_strict, non_negative, positive, preset, sampler_from_args,
-                             steps_list)
+from sundae.cli.args import (UsageError, add_common, add_debug, add_strict, add_workers, non_negative, positive,
+                             preset, sampler_from_args, steps_list)
 from sundae.cli.outputs import claim_outputs, clear_outputs
 from sundae.cli.sampling import add_sampling_args, load_pipeline
 from sundae.data import FASHION_MNIST_DIR
@@ -66,7 +66,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.num <= args.k:
         raise UsageError(f"--num {args.num}: precision/recall need more than --k {args.k} samples")
     ref = load_reference(args.reference, size[0], pipe.tokenizer.cfg.in_channels, args.reference_limit,
-                         args.classifier_train_limit, args.strict)
+                         args.classifier_train_limit, args.strict, args.workers)
     if len(ref.images) <= args.k:
         raise UsageError(f"--reference {args.reference}: {len(ref.images)} reference images, precision/recall "
                          f"need more than --k {args.k}")
@@ -178,6 +178,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=3, help="neighbours for precision/recall (default 3)")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUT")
     add_strict(p)
+    add_workers(p)
     add_common(p)
     p.set_defaults(func=cmd_evaluate)
 

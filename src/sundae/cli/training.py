@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from sundae.checkpoint import config_from_dict, load_checkpoint, load_tokenizer
-from sundae.cli.args import (UsageError, add_common, add_debug, add_overwrite, add_strict, apply_overrides,
-                             non_negative, positive, preset, rank)
+from sundae.cli.args import (UsageError, add_common, add_debug, add_overwrite, add_strict, add_workers,
+                             apply_overrides, non_negative, positive, preset, rank)
 from sundae.cli.outputs import claim_outputs, clear_outputs
-from sundae.data import FASHION_MNIST_CLASSES, is_idx_dataset, open_images
+from sundae.data import FASHION_MNIST_CLASSES, is_idx_dataset, open_images, stack_items
 from sundae.eval.metrics import codebook_usage, psnr
 from sundae.hourglass import PRESETS as HOURGLASS_PRESETS
 from sundae.images import load_image, save_grid
@@ -79,9 +79,9 @@ def _run_configs(args: argparse.Namespace, kind: str, model_table: dict, train_t
 
 def cmd_train_vqgan(args: argparse.Namespace) -> None:
     model_cfg, train_cfg, _, _ = _run_configs(args, "tokenizer", VQGAN_PRESETS, VQGAN_TRAIN_PRESETS)
-    dataset = open_images(args.data, model_cfg.resolution, model_cfg.in_channels, "train", args.strict)
+    dataset = open_images(args.data, model_cfg.resolution, model_cfg.in_channels, "train", args.strict, args.workers)
     path = train_vqgan(model_cfg, train_cfg, dataset, args.out, args.device, args.resume, overwrite=args.overwrite,
-                       init_from=args.init_from)
+                       init_from=args.init_from, workers=args.workers)
     if rank() == 0:
         print(f"tokenizer written to {path}")
 
@@ -93,14 +93,15 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     if args.split is not None and not is_idx_dataset(args.data):
         raise UsageError(f"--split applies to idx folders (Fashion-MNIST), not to {args.data}")
     dataset = open_images(args.data, args.image_size or cfg.resolution, cfg.in_channels, args.split or "train",
-                          args.strict)
+                          args.strict, args.workers)
     names = FASHION_MNIST_CLASSES if is_idx_dataset(args.data) else ()
     if args.text_encoder not in (None, "none") and getattr(dataset, "captions", None) is None:
         log.warning("--text-encoder %s given, but %s has no captions (no metadata.jsonl, no .txt sidecars): "
                     "the tokens get no text features", args.text_encoder, args.data)
     encoder = None if args.text_encoder == "none" else args.text_encoder or "all-MiniLM-L6-v2"
     out = tokenize(args.tokenizer, dataset, args.out, args.device, args.batch_size, names, args.flip,
-                   args.eval_fraction, args.split_seed, encoder, before_write=lambda: clear_outputs(old))
+                   args.eval_fraction, args.split_seed, encoder, before_write=lambda: clear_outputs(old),
+                   workers=args.workers)
     if rank() == 0:
         print(f"tokens written to {out}")
 
@@ -185,8 +186,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         x = load_image(args.data, tokenizer.cfg.in_channels)[None].to(device)
     else:
         dataset = open_images(args.data, args.image_size or tokenizer.cfg.resolution, tokenizer.cfg.in_channels,
-                              args.split or "test", args.strict)
-        x = torch.stack([dataset[i][0] for i in range(min(args.num, len(dataset)))]).to(device)
+                              args.split or "test", args.strict, args.workers)
+        x = stack_items(dataset, range(min(args.num, len(dataset))), args.workers)[0].to(device)
     with torch.inference_mode():
         tokens = tokenizer.encode(x)
         recon = tokenizer.decode(tokens, size=tuple(x.shape[-2:]))
@@ -213,6 +214,7 @@ def _encode_args(p: argparse.ArgumentParser, out_help: str, split: str,
                    f"(default {split})")
     p.add_argument("--image-size", type=non_negative, default=0, help="pixels; default: the tokenizer's resolution")
     add_strict(p)
+    add_workers(p)
     add_common(p)
 
 
@@ -232,6 +234,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    f"(and EMA, and discriminator if any): {INIT_HELP.format('tokenizer')}, a bundle")
     add_overwrite(p)
     add_strict(p)
+    add_workers(p)
     add_common(p)
     p.set_defaults(func=cmd_train_vqgan)
 

@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from sundae.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxImages, is_idx_dataset, open_images
+from sundae.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, IdxImages, is_idx_dataset, open_images,
+                         stack_items)
 from sundae.eval.classifier import CLASSIFIER_FORMAT, SmallClassifier, predict, train_classifier
 from sundae.eval.metrics import (LOW_CODEBOOK_USAGE, classifier_features, frechet_distance_gaussians, gaussian_stats,
                                  knn_radii, precision_recall, psnr_of_mse, squared_error, ssim)
@@ -60,22 +61,21 @@ class Reference:
 SUBSET_SEED = 0  # the seed of the random subset an image-folder reference keeps under a limit
 
 
-def _stack(dataset, limit: int) -> tuple[Tensor, Tensor]:
+def _stack(dataset, limit: int, workers: int = 0) -> tuple[Tensor, Tensor]:
     """All images of `dataset` and their labels, or `limit` of them: the first ones of an idx split (stored in
     shuffled order), a seeded random subset of an image folder (whose files are sorted by class), in file
-    order."""
+    order, read in `workers` processes."""
     n = min(limit, len(dataset)) if limit else len(dataset)
     if isinstance(dataset, IdxImages):
         x = dataset.images[:n]
         return (x if dataset.channels == 1 else x.repeat(1, dataset.channels, 1, 1)), dataset.labels[:n].clone()
     rows = range(n) if n == len(dataset) else \
         torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SUBSET_SEED))[:n].sort().values.tolist()
-    items = [dataset[i] for i in rows]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64)
+    return stack_items(dataset, rows, workers)
 
 
 def load_reference(spec: str, size: int, channels: int, limit: int = 0, classifier_limit: int = 0,
-                   strict: bool = False) -> Reference:
+                   strict: bool = False, workers: int = 0) -> Reference:
     """The reference set named by `spec`: "fashion-mnist" or "fashion-mnist:train|test" (the idx files in
     `sundae.data.FASHION_MNIST_DIR`, default test split), "DIR" or "DIR:train|test" for another idx folder,
     or an image folder (sub-folders = classes). Images at `size` x `size` pixels with `channels` channels by
@@ -83,6 +83,8 @@ def load_reference(spec: str, size: int, channels: int, limit: int = 0, classifi
     `limit` keeps N reference images, `classifier_limit` N classifier training images (0 = all): the first N
     of an idx split, a random subset (seed `SUBSET_SEED`) of an image folder, whose sorted files would
     otherwise give the first classes only. `info["class_counts"]` counts the kept reference images per class.
+    An image folder is scanned and read in `workers` DataLoader processes (0: in this one; the same images),
+    once when both limits keep the same images.
     Raises ValueError / FileNotFoundError naming the spec.
     """
     path_text, sep, split = spec.rpartition(":") if spec.rpartition(":")[2] in ("train", "test") else (spec, "", "")
@@ -111,9 +113,10 @@ def load_reference(spec: str, size: int, channels: int, limit: int = 0, classifi
         if sep:
             raise ValueError(f"--reference {spec}: :{split} applies to idx folders (Fashion-MNIST), not to an "
                              f"image folder")
-        ds = open_images(root, size, channels, strict=strict)
-        images, labels = _stack(ds, limit)
-        train_images, train_labels = _stack(ds, classifier_limit)
+        ds = open_images(root, size, channels, strict=strict, workers=workers)
+        images, labels = _stack(ds, limit, workers)
+        same = min(limit or len(ds), len(ds)) == min(classifier_limit or len(ds), len(ds))  # the same rows
+        train_images, train_labels = (images, labels) if same else _stack(ds, classifier_limit, workers)
         resizing = (f"image files: shorter side resized (bicubic) to {size}, centre crop {size}x{size}, "
                     f"{'grayscale' if channels == 1 else 'RGB'} by sundae.images.read_image")
         classes, split, trained_on = list(getattr(ds, "classes", [])), "all", "the reference images themselves"
