@@ -411,7 +411,7 @@ def test_help_of_every_verb_taking_a_generator_names_every_kind(capsys, monkeypa
     monkeypatch.setenv("COLUMNS", "100")
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     verbs = [verb for verb, p in sub.choices.items() if "--generator" in p._option_string_actions]
-    assert sorted(verbs) == ["demo", "evaluate", "inpaint", "sample"]
+    assert sorted(verbs) == ["demo", "evaluate", "img2img", "inpaint", "outpaint", "sample"]
     for verb in verbs:
         text = _verb_help(capsys, verb)
         # The kinds test_every_kind_of_generator_the_help_names_loads loads.
