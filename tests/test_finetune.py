@@ -124,6 +124,26 @@ def test_cli_fine_tunes_a_bundle_and_resume_wins(pipeline, tmp_path, capsys):
     assert len(list((tmp_path / "samples" / "samples").glob("*.png"))) == 2
 
 
+def test_overwrite_refuses_a_source_inside_out_before_deleting_it(pipeline, image_folder, tmp_path, capsys):
+    # A fine-tuned run restarted from its own folder (or a checkpoint in it) with --overwrite: the clearing
+    # would delete the weights it starts from (it did, then failed reading them). Refused, nothing deleted.
+    out = tmp_path / "ft"
+    base = ["train", "--tokens", pipeline / "tokens", "--preset", "tiny", "--set", "batch_size=4", "--set",
+            "sample_every=100", "--set", "save_every=1", "--device", "cpu"]
+    run(*base, "--out", out, "--set", "steps=2", "--init-from", pipeline / "gen")
+    files = sorted(p.name for p in out.rglob("*") if p.is_file())
+    for source in (out, out / "checkpoints" / "step_0000001.pt"):
+        err = fails(capsys, *base, "--out", out, "--set", "steps=3", "--init-from", source, "--overwrite")
+        assert f"--init-from {source} lies in --out {out}" in err
+        assert sorted(p.name for p in out.rglob("*") if p.is_file()) == files
+    assert torch.load(out / "generator.pt", weights_only=True)["step"] == 2
+    tok = tmp_path / "tok"
+    run("train-vqgan", "--data", image_folder, "--out", tok, *SET_TINY_VQ, "--set", "steps=1", "--device", "cpu")
+    err = fails(capsys, "train-vqgan", "--data", image_folder, "--out", tok, *SET_TINY_VQ, "--set", "steps=2",
+                "--init-from", tok, "--overwrite", "--device", "cpu")
+    assert "lies in --out" in err and (tok / "tokenizer.pt").is_file()
+
+
 def test_cli_mismatched_token_folder_is_one_line(source, tmp_path, capsys):
     (tmp_path / "tokens").mkdir()
     write_random_tokens(tmp_path / "tokens", 16, 3)

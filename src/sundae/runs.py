@@ -183,18 +183,26 @@ class StopOnSignal:
 
 
 def restore(out: Path, kind: str, parts: dict[str, Any], ema: nn.Module, resume: bool,
-            ctx: distributed.Dist, overwrite: bool = False) -> tuple[int, Any, dict[str, Any]]:
+            ctx: distributed.Dist, overwrite: bool = False,
+            init_from: str | Path | None = None) -> tuple[int, Any, dict[str, Any]]:
     """Load the run's last checkpoint `out/<kind>.pt` into `parts` (key -> object with load_state_dict) and
     the EMA. Returns (step, RNG state, the checkpoint), or (0, None, {}) when there is no checkpoint yet.
     Every rank reads the file (the run folder must be on storage all nodes see). Rank 0 drops log records
     after the restored step and the temporary files of checkpoint writes that a crash interrupted.
 
     `overwrite` (without `resume`) starts a new run over an old one: rank 0 deletes the old run's
-    checkpoints, log and sample grids first.
-    Raises FileExistsError when a checkpoint exists and neither `resume` nor `overwrite` is set.
+    checkpoints, log and sample grids first, unless the run's `init_from` source (fine-tuning) is `out` or
+    lies inside it: that would delete the weights the new run is to start from.
+    Raises FileExistsError when a checkpoint exists and neither `resume` nor `overwrite` is set; ValueError
+    (before anything is deleted) for an `init_from` inside `out` with `overwrite`.
     """
     path = out / f"{kind}.pt"
     ckpt: dict[str, Any] = {}
+    if overwrite and not resume and init_from is not None:
+        source, folder = Path(init_from).resolve(), out.resolve()
+        if source == folder or folder in source.parents:
+            raise ValueError(f"--init-from {init_from} lies in --out {out}, which --overwrite would clear before "
+                             f"reading it: copy the source elsewhere, or choose another --out")
     if overwrite and not resume:
         if ctx.main:
             old = [path, out / "log.jsonl", *out.glob("checkpoints/step_*.pt"), *out.glob("samples/step_*.png"),

@@ -226,7 +226,7 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
     ema = _ema_copy(model)
     usage = torch.zeros(model_cfg.codebook_size, dtype=torch.long, device=device)  # since the last dead-code check
     parts = {"model": model, "disc": disc, "optimizer": opt, "optimizer_disc": opt_d, "scaler": scaler}
-    step, rng, ckpt = runs.restore(out, "tokenizer", parts, ema, resume, ctx, overwrite)
+    step, rng, ckpt = runs.restore(out, "tokenizer", parts, ema, resume, ctx, overwrite, init_from)
     init = runs.start_from(init_from, "tokenizer", model_cfg, parts, ema, ckpt, out, ctx)
     runs.set_hparams([opt, opt_d], None, cfg, step)
     if "usage" in ckpt:
@@ -391,7 +391,7 @@ def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, data
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, i))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
-    step, rng, ckpt = runs.restore(out, "generator", parts, ema, resume, ctx, overwrite)
+    step, rng, ckpt = runs.restore(out, "generator", parts, ema, resume, ctx, overwrite, init_from)
     init = runs.start_from(init_from, "generator", model_cfg, parts, ema, ckpt, out, ctx)
     runs.set_hparams([opt], sched, cfg, step)
     net = model if sharded else distributed.parallel(model, ctx)
