@@ -146,3 +146,15 @@ def test_the_sampling_bar_advances_every_sampler_step(monkeypatch):
     pipe(num=5, class_labels=0, batch_size=2, sampler=SamplerConfig(steps=12, min_steps=2))
     bar = _Bar.made[-1]
     assert bar.total == 36 and bar.n == 36 and all(k >= 0 for k in bar.updates)
+
+
+def test_plot_warns_about_a_diverged_loss_and_takes_the_log_file(tmp_path, caplog):
+    from sundae.plots import plot_run
+
+    records = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": float("nan")}, {"step": 3, "loss": float("inf")},
+               {"step": 4, "loss": 1.5}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # NaN, Infinity literals
+    with caplog.at_level("WARNING", logger="sundae"):
+        out = plot_run(tmp_path / "log.jsonl")  # the file itself names its run folder
+    assert out == tmp_path / "curves.png" and out.is_file()
+    assert "loss is NaN or infinite in 2 record(s), first at step 2" in caplog.text

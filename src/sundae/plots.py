@@ -12,7 +12,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
-from sundae.io import atomic_write
+from sundae.io import atomic_write, log
 
 BLUE = (31, 119, 180)
 
@@ -138,9 +138,18 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     """Draw every number a training run logged (`RUN/log.jsonl`: losses, per-unroll-step losses, lr,
     tokens/s or images/s, PSNR, codebook usage, ...) against the step, one panel per quantity in the order
     the log first names them, to `out` (default `RUN/curves.png`), atomically. Returns the PNG's path.
+    A value that is NaN or infinite (a diverged loss) cannot be drawn: a warning names the quantity, how many
+    records hold such values and the first step. `run` may also be the log.jsonl file itself.
     Raises FileNotFoundError when RUN has no log.jsonl, ValueError when it holds no logged step yet."""
     run = Path(run)
+    if run.name == "log.jsonl" and run.is_file():
+        run = run.parent
     records = [r for r in read_log(run / "log.jsonl") if _finite(r.get("step"))]
+    for key in dict.fromkeys(k for r in records for k in r):
+        bad = [r["step"] for r in records if isinstance(r.get(key), float) and not math.isfinite(r[key])]
+        if bad:
+            log.warning(f"{run / 'log.jsonl'}: {key} is NaN or infinite in {len(bad)} record(s), first at step "
+                        f"{bad[0]}: not drawn (the run diverged there)")
     keys = list(dict.fromkeys(k for r in records for k, v in r.items() if k != "step" and _finite(v)))
     records = [r for r in records if any(_finite(r.get(k)) for k in keys)]
     if not records:
