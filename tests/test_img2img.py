@@ -176,7 +176,7 @@ def test_bad_inputs_are_value_errors(pipe):
     for strength in (-0.1, 1.5, float("nan"), None):
         with pytest.raises(ValueError, match=r"strength must be a number in \[0, 1\]"):
             pipe.img2img(image, strength, num=1, class_labels=0, sampler=FAST)
-    for extend in ((-1, 0, 0, 0), (0, 0, 0, 0), (1, 2, 3), (0.5, 0, 0, 0)):
+    for extend in ((-1, 0, 0, 0), (0, 0, 0, 0), (1, 2, 3), (0.5, 0, 0, 0), None, 4, (float("nan"), 0, 0, 0), ("a", 0, 0, 0)):
         with pytest.raises(ValueError, match="extend must be four integers >= 0"):
             pipe.outpaint(image, extend, num=1, class_labels=0, sampler=FAST)
     with pytest.raises(ValueError, match="would be 40x32 = 1280 pixels; the limit is 1024 pixels"):

@@ -18,6 +18,9 @@ sidecars (`a.png` + `a.txt`). Neither is read as an image (a .txt without an ima
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import glob
 import json
 import warnings
@@ -159,10 +162,12 @@ def outpaint_canvas(image: Tensor, extend: tuple[int, int, int, int],
     `1 H' W'` float, 1 on the new pixels = regenerate), H' = top + H + bottom, W' = left + W + right.
     Raises ValueError for an extent that is not four integers >= 0 with one of them > 0, or a canvas of
     more than `max_pixels` pixels (checked before anything is allocated)."""
-    if (len(extend) != 4 or any(isinstance(v, bool) or int(v) != v or v < 0 for v in extend)
+    if (not isinstance(extend, (tuple, list)) or len(extend) != 4
+            or any(isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or int(v) != v or v < 0
+                   for v in extend)
             or not any(extend)):
         raise ValueError(f"extend must be four integers >= 0 (left, top, right, bottom pixels), not all 0; got "
-                         f"{tuple(extend)}")
+                         f"{tuple(extend) if isinstance(extend, (tuple, list)) else extend!r}")
     left, top, right, bottom = (int(v) for v in extend)
     height, width = image.shape[-2] + top + bottom, image.shape[-1] + left + right
     if max_pixels is not None and height * width > max_pixels:
