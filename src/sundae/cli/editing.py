@@ -65,7 +65,9 @@ def cmd_img2img(args: argparse.Namespace) -> None:
     for i, img in enumerate(result.images):
         save_image(img, out / f"output_{i:02d}.png")
     save_grid(torch.cat([call["image"][None], result.images]), out / "figure.png", nrow=args.num + 1)
-    print(f"{args.num} variations at strength {args.strength} ({result.steps.max()} sampler steps) written to {out}")
+    steps = int(result.steps.max())
+    print(f"{args.num} variation{'s' * (args.num != 1)} at strength {args.strength} (at most {steps} sampler "
+          f"step{'s' * (steps != 1)} run) written to {out}")
 
 
 def cmd_outpaint(args: argparse.Namespace) -> None:
@@ -86,7 +88,7 @@ def cmd_outpaint(args: argparse.Namespace) -> None:
     shown = torch.ones_like(result.images[0])  # the input on a white canvas: the border is what is generated
     shown[:, top:top + image.shape[1], left:left + image.shape[2]] = image
     save_grid(torch.cat([shown[None], result.images]), out / "figure.png", nrow=args.num + 1)
-    print(f"{args.num} outpaintings of {width}x{height} pixels written to {out}")
+    print(f"{args.num} outpainting{'s' * (args.num != 1)} of {width}x{height} pixels written to {out}")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
