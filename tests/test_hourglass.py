@@ -70,6 +70,32 @@ def test_bf16_autocast_logits_are_fp32_and_close():
     assert (low - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+def test_cpu_autocast_runs_attention_in_float32(monkeypatch):
+    # The CPU bf16 flash-attention backward is slower than float32 (hourglass.Attention): under CPU autocast
+    # every attention call gets float32 inputs, while the linear layers around it still run in bf16.
+    import torch.nn.functional as F
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = _model()
+    tokens = torch.randint(0, TINY.codebook_size, (2, 4, 4))
+    projected = []
+    model.pre[0].attn.to_q.register_forward_hook(lambda module, args, out: projected.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(tokens)
+    low.float().sum().backward()
+    assert seen and all(d == (torch.float32, torch.float32, torch.float32, False) for d in seen)
+    assert projected == [torch.bfloat16]  # autocast still reaches the projections
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    seen.clear()
+    model(tokens)  # without autocast the inputs are the float32 tensors as they come
+    assert seen and all(d[:3] == (torch.float32,) * 3 for d in seen)
+
+
 def test_paper_presets_have_paper_shapes():
     assert PRESETS["ffhq1024"].dim == 2048 and PRESETS["ffhq1024"].depth == (2, 10, 2)
     assert PRESETS["ffhq1024"].codebook_size == 8192 and PRESETS["ffhq256"].heads == 8
