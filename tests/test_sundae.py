@@ -324,3 +324,53 @@ def test_fill_masked_is_a_function_of_the_visible_pixels_only():
     assert torch.equal(fill_masked(flat, torch.ones(1, 1, 9, 9)), torch.zeros(1, 1, 9, 9))  # nothing visible
     with pytest.raises(ValueError, match="does not fit"):
         fill_masked(image, mask[..., :10])
+
+
+def _informed_logits(score, seen):
+    """Logits whose draw is always z + 1 (mod V) and whose probability of the current token is ordered by
+    `score` (`h w`, per position): lower score = the current token less likely. Records each z in `seen`."""
+    def fn(z, rows, step):
+        seen.append(z.clone())
+        logits = torch.full((*z.shape, V), -30.0)
+        logits.scatter_(-1, ((z + 1) % V)[..., None], 10.0)
+        logits.scatter_(-1, z[..., None], score.expand_as(z)[..., None].float())
+        return logits
+    return fn
+
+
+def test_informed_update_positions_take_the_least_likely_current_tokens():
+    score = torch.randperm(16, generator=torch.Generator().manual_seed(0)).float().view(4, 4) - 20.0  # distinct
+    init = torch.randint(0, V, (3, 4, 4))
+    keep = torch.zeros(3, 4, 4, dtype=torch.bool)
+    keep[2, :2] = True  # sample 2: 8 known tokens, 8 free; samples 0 and 1 all free
+    for p in (0.25, 0.5, 1.0):
+        seen = []
+        out, _ = sample(_informed_logits(score, seen), (3, 4, 4), V, steps=1, update_proportion=p, init=init,
+                        keep=keep, update_positions="informed", generator=torch.Generator().manual_seed(0))
+        changed = out != seen[0]
+        for i, free in ((0, ~keep[0]), (1, ~keep[1]), (2, ~keep[2])):
+            k = round(p * int(free.sum()))  # exactly round(p * free) positions: the lowest-scored free ones
+            assert not changed[i][~free].any() and changed[i].sum() == k
+            assert torch.equal(changed[i][free], score[free] <= score[free].sort().values[k - 1])
+    with pytest.raises(ValueError, match="update_positions"):
+        sample(_copy_logits, (1, 2, 2), V, update_positions="lowest")
+
+
+def test_informed_update_positions_are_per_sample_whatever_the_batch():
+    net = Hourglass(PRESETS["tiny"]).eval()
+    labels = torch.tensor([0, 3, 5])
+    v = PRESETS["tiny"].codebook_size
+
+    def run(idx):
+        gens = [torch.Generator().manual_seed(10 + i) for i in idx]
+        with torch.no_grad():
+            return sample(lambda z, rows, step: net(z, labels[idx][rows]), (len(idx), 4, 4), v, steps=12, min_steps=3,
+                          update_proportion=(1.0, 0.3), update_positions="informed", generator=gens)
+    both, taken = run([0, 1, 2])
+    for i in range(3):
+        alone, alone_taken = run([i])
+        assert torch.equal(alone[0], both[i]) and alone_taken[0] == taken[i]
+    random_positions, _ = sample(lambda z, rows, step: net(z, labels[rows]), (3, 4, 4), v, steps=12, min_steps=3,
+                                 update_proportion=(1.0, 0.3),
+                                 generator=[torch.Generator().manual_seed(10 + i) for i in range(3)])
+    assert not torch.equal(random_positions, both)  # the rule changes which draws are taken

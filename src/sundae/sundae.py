@@ -192,6 +192,9 @@ def _pair(value: Schedule, name: str) -> tuple[float, float]:
         raise ValueError(f"{name} must be a number or a (start, end) pair, got {value!r}") from None
 
 
+UPDATE_POSITIONS = ("random", "informed")
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """The SUNDAE sampler's settings (McKinney & Willcocks section 3.4; Savinov et al. section 3.3).
@@ -203,6 +206,12 @@ class SamplerConfig:
     min_steps: no early stop before this many steps, >= 0.
     early_stop: a sample is finished once a whole step after `min_steps` changes no token (it then leaves the
         batch); False runs every sample for all T steps.
+    update_positions: which positions take their new draw. "random" (the paper's): each free position with
+        probability p_n. "informed": in each sample exactly round(p_n * free positions) (at least 1), those whose
+        current token the model finds least likely (lowest log-softmax of the logits at tau 1; ties broken
+        at random), in the spirit of the informed correctors of Zhao et al. 2024 ("Informed
+        correctors for discrete diffusion models"). On the quickstart's generator it tied with "random"
+        (benchmarks/RESULTS.md).
 
     The defaults are the paper's FFHQ256 setting (T=100, tau 0.8, p 0.5, min 10); `SAMPLER_PRESETS` holds
     the paper's others. Numbers given for the schedules are stored as (start, end) pairs. Validated once here:
@@ -214,6 +223,7 @@ class SamplerConfig:
     update_proportion: Schedule = (0.5, 0.5)
     min_steps: int = 10
     early_stop: bool = True
+    update_positions: str = "random"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "temperature", _pair(self.temperature, "temperature"))
@@ -231,6 +241,9 @@ class SamplerConfig:
             raise ValueError(f"update proportion must lie in (0, 1], got {self.update_proportion}")
         if not isinstance(self.early_stop, bool):
             raise ValueError(f"early_stop must be True or False, got {self.early_stop!r}")
+        if self.update_positions not in UPDATE_POSITIONS:
+            raise ValueError(f"update_positions must be one of {', '.join(UPDATE_POSITIONS)}, "
+                             f"got {self.update_positions!r}")
 
     def temperatures(self) -> list[float]:
         """tau_n for n in [0, T), linear from start to end."""
@@ -274,7 +287,8 @@ def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size: int,
     Start from tokens uniform over the codebook (or `init` where `keep` is True; `init` everywhere without a
     `keep`: img2img refines a given state, every position sampled). For step n of T, temperature
     tau_n and update proportion p_n follow `sampler`'s schedules; draw z' ~ Categorical(logits / tau_n) at every
-    position and take z' where rand < p_n (never where `keep`). With early stop, a sample is finished once a
+    position and take z' where rand < p_n (never where `keep`), or with `update_positions="informed"` at the
+    round(p_n * free) positions whose current token is least likely under the logits. With early stop, a sample is finished once a
     whole step after the first `min_steps` changes no token; its tokens are frozen from then on and it leaves
     the batch at the next compaction, so later steps cost less. The random draws are made for the whole batch
     and indexed by the rows still in it, so a sample's result does not depend on when the others finish, nor
@@ -307,11 +321,25 @@ def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size: int,
                             compact_every)
 
 
+def _least_likely(logits: Tensor, z: Tensor, frozen: Tensor, proportion: float, flip: Tensor) -> Tensor:
+    """`b h w v` logits, `b h w` int64 tokens, `b h w` bool frozen (True = never updated), p in (0, 1], `b h w`
+    U(0, 1) draws -> `b h w` bool: in each sample the round(p * free) (at least 1) free positions with the
+    lowest log-probability of their current token; the draws (scaled by 1e-6) break ties. Per sample only."""
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, z[..., None])[..., 0]  # b h w
+    score = torch.where(frozen, float("inf"), logp - 1e-6 * flip).flatten(1)
+    rank = torch.empty_like(score, dtype=torch.long).scatter_(
+        1, score.argsort(dim=1, stable=True), torch.arange(score.shape[1], device=score.device).expand_as(score))
+    free = (~frozen).flatten(1).sum(1, keepdim=True)
+    k = (free * proportion).round().clamp(min=1)
+    return (rank < k).view_as(z) & ~frozen
+
+
 def _sample_loop(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size: int, sampler: SamplerConfig,
                  init: Tensor | None, keep: Tensor | None, generator: Generators,
                  device: torch.device | str | None, progress: Callable[[int, int], None] | None,
                  compact_every: int) -> tuple[Tensor, Tensor]:
     b, steps = shape[0], sampler.steps
+    informed = sampler.update_positions == "informed"
     min_steps = sampler.min_steps if sampler.early_stop else steps
     if device is None:
         device = init.device if init is not None else "cpu"
@@ -341,8 +369,12 @@ def _sample_loop(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size
             flip = torch.rand(shape, device=device, generator=generator)
             if active < b:
                 uniform, flip = uniform[rows], flip[rows]
-        proposal = sample_logits(logits_fn(z, rows, n), taus[n], uniform=uniform)
-        update = (flip < props[n]) & ~frozen & ~done[:, None, None]  # finished samples stay as they are
+        logits = logits_fn(z, rows, n)
+        proposal = sample_logits(logits, taus[n], uniform=uniform)
+        if informed:
+            update = _least_likely(logits, z, frozen, props[n], flip) & ~done[:, None, None]
+        else:
+            update = (flip < props[n]) & ~frozen & ~done[:, None, None]  # finished samples stay as they are
         z_next = torch.where(update, proposal, z)
         if min_steps <= n + 1 < steps:
             newly = (z_next == z).flatten(1).all(1) & ~done

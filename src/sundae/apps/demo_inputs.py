@@ -28,7 +28,7 @@ from PIL import Image
 from sundae.images import (ImageError, check_text, image_to_tensor, make_grid, open_image_file, read_image,
                            tensor_to_image)
 from sundae.pipeline import SundaePipeline
-from sundae.sundae import SamplerConfig, guidance_scales
+from sundae.sundae import UPDATE_POSITIONS, SamplerConfig, guidance_scales
 
 ALL_CLASSES = -1  # the Generate tab's "cycle through all classes" choice
 REGENERATED = (255, 0, 255)  # the brush's colour: the Inpaint tab shows the regenerated token cells in it
@@ -136,7 +136,9 @@ def _sampler_controls(sampler: SamplerConfig, prefix: str) -> list[gr.components
     for (name, label), value in zip(SAMPLER_INPUTS, sampler_values(sampler)):
         common = dict(label=LABELS.get(label, label.capitalize()), elem_id=f"{prefix}-{label.replace(' ', '-')}",
                       render=False)  # placed in rows below
-        if isinstance(value, bool):
+        if isinstance(value, str):  # update_positions: one of the sampler's named rules
+            widgets.append(gr.Radio(list(UPDATE_POSITIONS), value=value, **common))
+        elif isinstance(value, bool):
             widgets.append(gr.Checkbox(value, info="a sample stops once a step changes none of its tokens", **common))
         elif isinstance(value, int):
             top = max(500 if name == "steps" else 100, value)

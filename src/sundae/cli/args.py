@@ -200,6 +200,8 @@ _SAMPLER_FLAGS = {
     "temperature": (pair, "tau or tau_start,tau_end, linear over the steps"),
     "update_proportion": (pair, "p or p_start,p_end: the share of positions updated per step, linear over the steps"),
     "min_steps": (int, "no early stop before this many steps"),
+    "update_positions": (str, "which positions take their new draw at a step: random (the paper's) or informed "
+                         "(those whose current token the model finds least likely)"),
 }
 
 
@@ -238,7 +240,7 @@ def sampler_from_args(args: argparse.Namespace, steps: int | None = None,
         return SamplerConfig(**values)
     except ValueError as err:
         message = str(err)
-        for field in ("min_steps", "early_stop"):
+        for field in ("min_steps", "early_stop", "update_positions"):
             if message.startswith(field):
                 message = "--" + field.replace("_", "-") + message[len(field):]
         raise UsageError(message) from None
