@@ -81,6 +81,9 @@ def test_sample(pipeline, tmp_path):
     run("sample", "--generator", gen, "--out", tmp_path / "c", "--num", 5, "--steps", 4, "--class", "1",
         "--temperature", "1.0,0.7", "--device", "cpu", "--precision", "bf16")
     assert len(list((tmp_path / "c" / "samples").iterdir())) == 5
+    run("sample", "--generator", gen, "--out", tmp_path / "d", "--num", 5, "--steps", 4, "--class", "1",
+        "--temperature", "1.0,0.7", "--device", "cpu", "--update-positions", "informed")
+    assert (tmp_path / "a" / "grid.png").read_bytes() != (tmp_path / "d" / "grid.png").read_bytes()
 
 
 def test_sample_image_i_redrawn_alone_and_every_verb_takes_a_run_folder_or_bundle(pipeline, image_folder, tmp_path,
@@ -359,7 +362,8 @@ def test_the_models_recorded_sampler_is_the_default_of_every_verb(pipeline, tmp_
     from sundae.pipeline import SundaePipeline
     from sundae.sundae import SamplerConfig
     ckpt = torch.load(pipeline / "gen" / "generator.pt", weights_only=True)
-    recorded = SamplerConfig(steps=3, temperature=(1.0, 0.9), update_proportion=0.7, min_steps=0, early_stop=False)
+    recorded = SamplerConfig(steps=3, temperature=(1.0, 0.9), update_proportion=0.7, min_steps=0, early_stop=False,
+                             update_positions="informed")
     ckpt["meta"]["sampler"] = dataclasses.asdict(recorded)
     (tmp_path / "run").mkdir()
     torch.save(ckpt, tmp_path / "run" / "generator.pt")

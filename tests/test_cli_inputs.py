@@ -159,6 +159,8 @@ def test_argument_errors(models, tmp_path, capsys):
     for value in ("0", "1.5", "0.5,0"):
         assert "update proportion must lie in (0, 1]" in fails(capsys, "sample", "--generator", gen, *out,
                                                                "--update-proportion", value)
+    assert "--update-positions must be one of random, informed, got 'lowest'" in fails(
+        capsys, "sample", "--generator", gen, *out, "--update-positions", "lowest")
     assert "--class 2 is outside the trained classes 0..1" in fails(capsys, "sample", "--generator", gen, *out,
                                                                     "--class", 2)
     assert "--class -1 is outside the trained classes 0..1" in fails(capsys, "sample", "--generator", gen, *out,
