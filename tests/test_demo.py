@@ -141,16 +141,18 @@ def test_sampler_inputs_are_sampler_config_fields_and_its_errors_page_messages()
     values are checked by building a SamplerConfig, whose ValueError becomes the page's message."""
     assert [label for _, label in demo.SAMPLER_INPUTS] == [
         "steps", "temperature start", "temperature end", "update proportion start", "update proportion end",
-        "min steps", "early stop"]
-    cfg = SamplerConfig(steps=20, temperature=(1.0, 0.5), update_proportion=(0.8, 0.2), min_steps=5, early_stop=False)
-    assert demo.sampler_values(cfg) == [20, 1.0, 0.5, 0.8, 0.2, 5, False]
-    assert demo._sampler([20, 1.0, 0.5, 0.8, 0.2, 5, False]) == cfg
-    for values, message in (([20, 1.0, None, 0.5, 0.5, 5, True], "Temperature end is empty: enter a number"),
-                            ([20, 0.0, 1.0, 0.5, 0.5, 5, True], r"Temperature must be .*> 0"),
-                            ([0, 1.0, 1.0, 0.5, 0.5, 5, True], "Steps must be >= 1, got 0"),
-                            ([2.5, 1.0, 1.0, 0.5, 0.5, 5, True], "Steps must be an integer, got 2.5"),
-                            ([20, 1.0, 1.0, 0.5, 1.5, 5, True], r"Update proportion must lie in \(0, 1\]"),
-                            ([20, 1.0, 1.0, 0.5, 0.5, -1, True], "Min steps must be >= 0, got -1")):
+        "min steps", "early stop", "update positions"]
+    cfg = SamplerConfig(steps=20, temperature=(1.0, 0.5), update_proportion=(0.8, 0.2), min_steps=5, early_stop=False,
+                        update_positions="informed")
+    assert demo.sampler_values(cfg) == [20, 1.0, 0.5, 0.8, 0.2, 5, False, "informed"]
+    assert demo._sampler([20, 1.0, 0.5, 0.8, 0.2, 5, False, "informed"]) == cfg
+    for values, message in (([20, 1.0, None, 0.5, 0.5, 5, True, "random"], "Temperature end is empty: enter a number"),
+                            ([20, 0.0, 1.0, 0.5, 0.5, 5, True, "random"], r"Temperature must be .*> 0"),
+                            ([0, 1.0, 1.0, 0.5, 0.5, 5, True, "random"], "Steps must be >= 1, got 0"),
+                            ([2.5, 1.0, 1.0, 0.5, 0.5, 5, True, "random"], "Steps must be an integer, got 2.5"),
+                            ([20, 1.0, 1.0, 0.5, 1.5, 5, True, "random"], r"Update proportion must lie in \(0, 1\]"),
+                            ([20, 1.0, 1.0, 0.5, 0.5, -1, True, "random"], "Min steps must be >= 0, got -1"),
+                            ([20, 1.0, 1.0, 0.5, 0.5, 5, True, "lowest"], "Update positions must be one of")):
         with pytest.raises(gr.Error, match=message):
             demo._sampler(values)
 
@@ -240,12 +242,13 @@ def test_each_generator_gets_its_own_conditioning_inputs(nets, text_pipe):
 
 def test_sampler_widgets_show_the_pipelines_sampler(nets):
     """One widget per SamplerConfig input in each tab, holding the pipeline's sampler (a bundle's own)."""
-    sampler = SamplerConfig(steps=40, temperature=(1.0, 0.7), update_proportion=0.6, min_steps=3, early_stop=False)
+    sampler = SamplerConfig(steps=40, temperature=(1.0, 0.7), update_proportion=0.6, min_steps=3, early_stop=False,
+                            update_positions="informed")
     app = demo.build_app(SundaePipeline(*nets, GRID, sampler=sampler))
     values = {block.elem_id: block.value for block in app.blocks.values() if block.elem_id}
     for tab in ("gen", "inp"):
         shown = [values[f"{tab}-{label.replace(' ', '-')}"] for _, label in demo.SAMPLER_INPUTS]
-        assert shown == [40, 1.0, 0.7, 0.6, 0.6, 3, False]
+        assert shown == [40, 1.0, 0.7, 0.6, 0.6, 3, False, "informed"]
 
 
 def test_unconditional_generator_needs_no_class(nets):

@@ -206,12 +206,9 @@ class SamplerConfig:
     min_steps: no early stop before this many steps, >= 0.
     early_stop: a sample is finished once a whole step after `min_steps` changes no token (it then leaves the
         batch); False runs every sample for all T steps.
-    update_positions: which positions take their new draw. "random" (the paper's): each free position with
-        probability p_n. "informed": in each sample exactly round(p_n * free positions) (at least 1), those whose
-        current token the model finds least likely (lowest log-softmax of the logits at tau 1; ties broken
-        at random), in the spirit of the informed correctors of Zhao et al. 2024 ("Informed
-        correctors for discrete diffusion models"). On the quickstart's generator it tied with "random"
-        (benchmarks/RESULTS.md).
+    update_positions: "random" (the paper's: each free position takes its draw with probability p_n) or
+        "informed" (exactly round(p_n * free), at least 1, per sample: those whose current token the model finds
+        least likely; after Zhao et al. 2024's informed correctors; it tied with "random", RESULTS.md).
 
     The defaults are the paper's FFHQ256 setting (T=100, tau 0.8, p 0.5, min 10); `SAMPLER_PRESETS` holds
     the paper's others. Numbers given for the schedules are stored as (start, end) pairs. Validated once here:
@@ -284,17 +281,16 @@ def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size: int,
            compact_every: int = 10, **overrides: Any) -> tuple[Tensor, Tensor]:
     """SUNDAE sampling (Savinov et al. section 3.3; McKinney & Willcocks section 3.4).
 
-    Start from tokens uniform over the codebook (or `init` where `keep` is True; `init` everywhere without a
-    `keep`: img2img refines a given state, every position sampled). For step n of T, temperature
-    tau_n and update proportion p_n follow `sampler`'s schedules; draw z' ~ Categorical(logits / tau_n) at every
-    position and take z' where rand < p_n (never where `keep`), or with `update_positions="informed"` at the
-    round(p_n * free) positions whose current token is least likely under the logits. With early stop, a sample is finished once a
-    whole step after the first `min_steps` changes no token; its tokens are frozen from then on and it leaves
-    the batch at the next compaction, so later steps cost less. The random draws are made for the whole batch
-    and indexed by the rows still in it, so a sample's result does not depend on when the others finish, nor
-    on `compact_every`. With one generator per sample (`generator` a sequence of b), every draw of sample i
-    comes from generator i alone, so sample i is the same whatever the batch it is drawn in (up to the
-    network's own batch invariance).
+    Start from tokens uniform over the codebook (or `init` where `keep` is True; `init` everywhere without a `keep`:
+    img2img refines a given state, every position sampled). For step n of T, temperature tau_n and update proportion
+    p_n follow `sampler`'s schedules; draw z' ~ Categorical(logits / tau_n) at every position and take z' where rand
+    < p_n (never where `keep`; `update_positions` "informed": see SamplerConfig). With early stop, a sample is
+    finished once a whole step after the first `min_steps` changes no token; its tokens are frozen from then on and
+    it leaves the batch at the next compaction, so later steps cost less. The random draws are made for the whole
+    batch and indexed by the rows still in it, so a sample's result does not depend on when the others finish, nor
+    on `compact_every`. With one generator per sample (`generator` a sequence of b), every draw of sample i comes
+    from generator i alone, so sample i is the same whatever the batch it is drawn in (up to the network's own batch
+    invariance).
 
     The step loop keeps the early-stop bookkeeping on the device: the host waits for the device only at a
     compaction, once every `compact_every` steps (the batch size must be known to launch the next step).
@@ -322,9 +318,8 @@ def sample(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size: int,
 
 
 def _least_likely(logits: Tensor, z: Tensor, frozen: Tensor, proportion: float, flip: Tensor) -> Tensor:
-    """`b h w v` logits, `b h w` int64 tokens, `b h w` bool frozen (True = never updated), p in (0, 1], `b h w`
-    U(0, 1) draws -> `b h w` bool: in each sample the round(p * free) (at least 1) free positions with the
-    lowest log-probability of their current token; the draws (scaled by 1e-6) break ties. Per sample only."""
+    """`b h w v` logits, `b h w` tokens, `b h w` bool frozen, p, `b h w` U(0, 1) tie-breakers -> `b h w` bool: per
+    sample the round(p * free) (>= 1) free positions with the lowest log-probability of their current token."""
     logp = torch.log_softmax(logits.float(), -1).gather(-1, z[..., None])[..., 0]  # b h w
     score = torch.where(frozen, float("inf"), logp - 1e-6 * flip).flatten(1)
     rank = torch.empty_like(score, dtype=torch.long).scatter_(
@@ -371,10 +366,8 @@ def _sample_loop(logits_fn: LogitsFn, shape: tuple[int, int, int], codebook_size
                 uniform, flip = uniform[rows], flip[rows]
         logits = logits_fn(z, rows, n)
         proposal = sample_logits(logits, taus[n], uniform=uniform)
-        if informed:
-            update = _least_likely(logits, z, frozen, props[n], flip) & ~done[:, None, None]
-        else:
-            update = (flip < props[n]) & ~frozen & ~done[:, None, None]  # finished samples stay as they are
+        chosen = _least_likely(logits, z, frozen, props[n], flip) if informed else (flip < props[n]) & ~frozen
+        update = chosen & ~done[:, None, None]  # finished samples stay as they are
         z_next = torch.where(update, proposal, z)
         if min_steps <= n + 1 < steps:
             newly = (z_next == z).flatten(1).all(1) & ~done

@@ -242,7 +242,8 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
     bar = tqdm(total=cfg.steps, initial=step, desc="train-vqgan", disable=_quiet(progress, ctx), dynamic_ncols=True)
     t0, images_seen, grid_tokens = time.time(), 0, 0
     restarted, warned = 0, False  # codes restarted since the last log record; low-usage warning given
-    with runs.StopOnSignal() as stop, runs.RunLog(out, cfg.logger, step, ctx) as run_log:
+    # `bar` in the with: an error mid-run closes it at once, not when a later garbage collection prints it.
+    with runs.StopOnSignal() as stop, runs.RunLog(out, cfg.logger, step, ctx) as run_log, bar:
         while step < cfg.steps:
             batch = next(data)[0].to(device, non_blocking=True)
             # Dead codes restart at the start of the step after every restart_dead_codes-th, never after the
@@ -412,7 +413,7 @@ def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, data
         grid_labels = torch.arange(min(model_cfg.num_classes, 10) or 1, device=device).repeat_interleave(8)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=_quiet(progress, ctx), dynamic_ncols=True)
     t0, tokens_seen = time.time(), 0
-    with runs.StopOnSignal() as stop, runs.RunLog(out, cfg.logger, step, ctx) as run_log:
+    with runs.StopOnSignal() as stop, runs.RunLog(out, cfg.logger, step, ctx) as run_log, bar:
         while step < cfg.steps:
             tokens, labels, *text = (t.to(device) for t in next(data))
             model.train()
