@@ -242,7 +242,7 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
     bar = tqdm(total=cfg.steps, initial=step, desc="train-vqgan", disable=_quiet(progress, ctx), dynamic_ncols=True)
     t0, images_seen, grid_tokens = time.time(), 0, 0
     restarted, warned = 0, False  # codes restarted since the last log record; low-usage warning given
-    # `bar` in the with: an error mid-run closes it at once, not when a later garbage collection prints it.
+    # `bar` in the with closes it on any exit: an error mid-run prints it at once, not at a later garbage collection.
     with runs.StopOnSignal() as stop, runs.RunLog(out, cfg.logger, step, ctx) as run_log, bar:
         while step < cfg.steps:
             batch = next(data)[0].to(device, non_blocking=True)
@@ -327,9 +327,7 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
             signum = distributed.largest(stop.signum, ctx)  # a signal on any rank stops all
             if signum and step < cfg.steps:
                 path = save()
-                bar.close()
                 raise Interrupted(signum, step, path)
-    bar.close()
     return save() if step == 0 else out / "tokenizer.pt"  # step > 0: saved at the last step
 
 
@@ -468,7 +466,5 @@ def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, data
             signum = distributed.largest(stop.signum, ctx)  # a signal on any rank stops all
             if signum and step < cfg.steps:
                 path = save()
-                bar.close()
                 raise Interrupted(signum, step, path)
-    bar.close()
     return save() if step == 0 else out / "generator.pt"  # step > 0: saved at the last step
