@@ -247,3 +247,25 @@ def test_cosine_lr_warms_up_then_falls_to_zero_at_the_last_step(token_dir, tmp_p
     lrs = {r["step"]: r["lr"] for r in logged if "lr" in r}
     assert lrs[1] == pytest.approx(1e-3 * lr_factor(run, 1))
     assert lrs[8] == pytest.approx(0.0, abs=1e-12) and lrs[4] == pytest.approx(1e-3 * lr_factor(run, 4))
+
+
+def test_bf16_tokenizer_training_keeps_float32_weights_and_codebook_distances(image_folder, tmp_path):
+    """The quickstart trains its tokenizer under bf16 autocast (2.2x faster a step on CPU): the nearest code
+    must still be chosen by float32 distances, and the adversarial phase must stay finite."""
+    from sundae.vqgan import VQGAN
+    torch.manual_seed(0)
+    quantizer = VQGAN(VQ["tiny"]).quantizer
+    z = torch.randn(2, VQ["tiny"].embed_dim, 4, 4)
+    exact = quantizer.lookup(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(quantizer.lookup(z), exact)
+    cfg = dataclasses.replace(VQGAN_TRAIN_PRESETS["tiny"], steps=4, batch_size=4, disc_start=1, log_every=1,
+                              precision="bf16")
+    path = train_vqgan(VQ["tiny"], cfg, ImageFolder(image_folder, 32, 3), tmp_path / "t", progress=False)
+    state = torch.load(path, weights_only=True)
+    for part in ("model", "disc"):
+        for key, value in state[part].items():
+            assert not value.is_floating_point() or (value.dtype == torch.float32 and value.isfinite().all()), key
+    logged = [json.loads(line) for line in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
+    adversarial = [r for r in logged if r.get("step", 0) > 1 and "d_loss" in r]
+    assert adversarial and all(np.isfinite(r["loss"]) and np.isfinite(r["d_loss"]) for r in adversarial)

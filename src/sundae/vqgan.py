@@ -187,10 +187,12 @@ class VectorQuantizer(nn.Module):
         nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
 
     def lookup(self, z: Tensor) -> Tensor:
-        """`b d h w` float latents -> `b h w` int64 indices of the nearest code by L2 distance."""
-        flat = rearrange(z, "b d h w -> (b h w) d").float()
-        e = self.codebook.weight.float()
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
+        """`b d h w` float latents -> `b h w` int64 indices of the nearest code by L2 distance, computed in
+        float32 also under autocast (which would run the matmul in bf16/fp16 and pick wrong codes)."""
+        with torch.autocast(z.device.type, enabled=False):
+            flat = rearrange(z, "b d h w -> (b h w) d").float()
+            e = self.codebook.weight.float()
+            dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
         return dist.argmin(1).view(z.shape[0], z.shape[2], z.shape[3])
 
     def embed(self, tokens: Tensor) -> Tensor:
