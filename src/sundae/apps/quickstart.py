@@ -49,7 +49,8 @@ class QuickstartConfig:
     # and 61.0 +- 4.7 for the constant lr 1e-3 used before (benchmarks/RESULTS.md, "The quickstart's
     # generator"). Trained under bf16 autocast (attention stays float32 on CPU): 0.34 s a step against 0.42,
     # and 45.2 +- 1.1 against fp32's 47.9 +- 2.0 for the same training seed (a tie). 2000 steps instead of 1460
-    # (the time the bf16 tokenizer saves): 38.8 +- 3.1 against 45.2 +- 1.1; AdamW betas (0.9, 0.95): 45.1 +- 0.6.
+    # (the time the bf16 tokenizer saves): 40.0 +- 3.1 against 45.8 +- 1.3 (three sampling seeds each);
+    # AdamW betas (0.9, 0.95): 45.1 +- 0.6.
     hourglass: HourglassConfig = dataclasses.replace(HOURGLASS_PRESETS["fashion"], depth=(1, 6, 1))
     generator_train: GeneratorTrainConfig = dataclasses.replace(
         GENERATOR_TRAIN_PRESETS["fashion"], unroll_steps=1, steps=2000, lr=2e-3, lr_schedule="cosine",
