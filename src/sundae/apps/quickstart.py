@@ -39,8 +39,8 @@ class QuickstartConfig:
     """What the quickstart trains and measures. `*_limit` 0 = the whole split."""
 
     vqgan: VQGANConfig = VQGAN_PRESETS["fashion"]
-    # Trained under bf16 autocast (codebook distances stay float32): 2.2x faster a step than fp32, most in the
-    # adversarial phase (3x); classifier-rFID 9.2 for one run against 10.6-12.3 for three fp32 runs.
+    # Trained under bf16 autocast (codebook distances stay float32): 120-step commands 2.3x faster than fp32 with
+    # the discriminator, 1.6x without (benchmarks/RESULTS.md, "The quickstart, fourth round", for its rFID).
     vqgan_train: VQGANTrainConfig = dataclasses.replace(VQGAN_TRAIN_PRESETS["fashion"], precision="bf16")
     # The `fashion` preset with a deeper valley, (1, 6, 1) blocks: the 4x4 valley blocks cost a quarter of a full
     # 8x8 one, so four more cost 23% more per step; trained at unroll 1 with lr 2e-3 falling on a half cosine,
