@@ -198,6 +198,27 @@ def test_rotary_reaches_every_head():
             assert not torch.allclose(rotated[0, head, pos], q[0, head, pos])
 
 
+@pytest.mark.parametrize("compiling", [False, True])  # the complex (eager) and the real (torch.compile) form
+def test_rotary_rotates_each_channel_pair_by_its_angle(compiling, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    # Reference in float64: channels (2j, 2j + 1) of a position turn by angle j of that position.
+    torch.manual_seed(0)
+    angles = rotary_angles(3, 5, 16, 10000.0)  # 15 positions, 8 angles each
+    x = torch.randn(2, 4, 15, 16)
+    a, x64 = angles.double(), x.double()
+    ref = torch.empty_like(x64)
+    ref[..., 0::2] = x64[..., 0::2] * a.cos() - x64[..., 1::2] * a.sin()
+    ref[..., 1::2] = x64[..., 0::2] * a.sin() + x64[..., 1::2] * a.cos()
+    torch.testing.assert_close(apply_rotary(x, angles).double(), ref, rtol=1e-5, atol=1e-5)
+    # A non-contiguous bf16 input (as the attention passes it) keeps its dtype, and the gradient flows.
+    xb = x.transpose(1, 2).to(torch.bfloat16).requires_grad_(True)
+    out = apply_rotary(xb.transpose(1, 2), angles)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+    out.float().pow(2).sum().backward()  # a rotation keeps norms: d|Rx|^2/dx = 2x
+    torch.testing.assert_close(xb.grad.float(), 2 * xb.detach().float(), rtol=3e-2, atol=3e-2)
+
+
 def test_rotary_scores_depend_on_relative_2d_offset_only():
     head_dim = 16
     angles = rotary_angles(6, 6, head_dim, 10000.0).reshape(6, 6, -1)

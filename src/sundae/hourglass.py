@@ -83,10 +83,19 @@ def rotary_angles(h: int, w: int, head_dim: int, base: float, stride: float | tu
 
 
 def apply_rotary(x: Tensor, angles: Tensor) -> Tensor:
-    """Rotate channel pairs of `x` (`b heads n head_dim`) by `angles` (`n head_dim/2`), in every head."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).type_as(x)
+    """Rotate channel pairs of `x` (`b heads n head_dim`) by `angles` (`n head_dim/2`), in every head.
+
+    Pair (x1, x2) becomes (x1 cos - x2 sin, x1 sin + x2 cos), in float32. Run eagerly it is one complex
+    product (x1 + i x2) * e^(i angle): on the CPU its forward and backward take a fifth of the time of the
+    real form, whose strided slices and stack cost 10% of a quickstart training step. Under `torch.compile`
+    the real form is used: inductor fuses it into one kernel but generates no code for complex operators.
+    """
+    if torch.compiler.is_compiling():
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = angles.cos(), angles.sin()
+        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).type_as(x)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):

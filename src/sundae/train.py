@@ -121,6 +121,16 @@ def _rows_fn(net: nn.Module, labels: Tensor | None, kwargs: dict) -> Any:
     return fn
 
 
+def fused_optimizer(device: torch.device, sharded: bool = False) -> dict[str, bool]:
+    """`fused=True` for Adam/AdamW on CPU and CUDA unless the parameters are FSDP2-sharded DTensors.
+
+    On the CPU the default ("foreach") update runs its steps parameter by parameter: 22 ms of a 0.45 s
+    quickstart generator step on one thread, against 10 ms for the fused kernel (the same update up to
+    float rounding). A resumed run keeps the setting its checkpoint's optimizer was saved with.
+    """
+    return {"fused": True} if device.type in ("cpu", "cuda") and not sharded else {}
+
+
 def _ema_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).requires_grad_(False)
 
@@ -220,8 +230,8 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
     model = VQGAN(model_cfg).to(device)
     disc = PatchDiscriminator(model_cfg.in_channels, cfg.disc_filters, cfg.disc_layers).to(device)
     lpips = LPIPS(cfg.vgg16_path or None).to(device) if cfg.perceptual_weight > 0 else None
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, **fused_optimizer(device))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas, **fused_optimizer(device))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     ema = _ema_copy(model)
     usage = torch.zeros(model_cfg.codebook_size, dtype=torch.long, device=device)  # since the last dead-code check
@@ -386,7 +396,8 @@ def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, data
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
+                            **fused_optimizer(device, sharded))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, i))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
