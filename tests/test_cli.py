@@ -234,6 +234,7 @@ def test_quickstart_tiny_console_script(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "quickstart" / "metrics.json").read_text())
     assert metrics["samples"]["count"] == 20
+    assert metrics["classifier"]["train_images"] == 128 and metrics["dataset"]["train_images"] == 256
     # With the progress bars off, stdout still says what runs, and ends with the key figures.
     lines = result.stdout.splitlines()
     assert [line[:5] for line in lines if line.startswith("[")] == ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"]

@@ -58,6 +58,9 @@ class QuickstartConfig:
     train_limit: int = 0
     test_limit: int = 0
     classifier_epochs: int = 1  # test accuracy 0.890 (2 epochs: 0.905) in half the time
+    # The judge's training images: the first 30,000 (0: all) give test accuracy 0.875 in half the time of all
+    # 60,000 (0.890). It scores only the quickstart's own metrics.json; `sundae evaluate` trains its own.
+    classifier_images: int = 30_000
     samples_per_class: int = 100
     sample_batch_size: int = 250
     sampler: SamplerConfig = SamplerConfig(steps=32, temperature=1.0, update_proportion=(1.0, 0.5))
@@ -74,7 +77,8 @@ QUICKSTART_PRESETS: dict[str, QuickstartConfig] = {
         vqgan_train=VQGAN_TRAIN_PRESETS["tiny"],
         hourglass=HOURGLASS_PRESETS["tiny"],
         generator_train=GENERATOR_TRAIN_PRESETS["tiny"],
-        train_limit=256, test_limit=128, classifier_epochs=1, samples_per_class=2, sample_batch_size=10,
+        train_limit=256, test_limit=128, classifier_epochs=1, classifier_images=128, samples_per_class=2,
+        sample_batch_size=10,
         sampler=SamplerConfig(steps=4, min_steps=2), inpaint_images=2, inpaint_completions=3),
 }
 
@@ -103,7 +107,8 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
 
     t = time.time()
     stage(1, "judge classifier on the real training images")
-    judge = train_classifier(train.images, train.labels, num_classes, cfg.classifier_epochs, seed=cfg.seed)
+    n = min(len(train), cfg.classifier_images or len(train))
+    judge = train_classifier(train.images[:n], train.labels[:n], num_classes, cfg.classifier_epochs, seed=cfg.seed)
     judge_acc = accuracy(judge, test.images, test.labels)
     seconds["classifier"] = time.time() - t
 
@@ -177,7 +182,8 @@ def quickstart(cfg: QuickstartConfig, data_dir: str | Path, out: str | Path,
     metrics = {
         "dataset": {"name": "Fashion-MNIST", "path": str(data_dir), "train_images": len(train),
                     "test_images": len(test), "image_size": cfg.image_size},
-        "classifier": {"test_accuracy": judge_acc, "epochs": cfg.classifier_epochs},
+        "classifier": {"test_accuracy": judge_acc, "epochs": cfg.classifier_epochs,
+                       "train_images": n},
         "tokenizer": {**tokenizer_metrics, "codebook_size": cfg.vqgan.codebook_size, "f": f, "grid": [h, w],
                       "parameters": sum(p.numel() for p in tokenizer.parameters())},
         "generator": {"parameters": sum(p.numel() for p in net.parameters()),
