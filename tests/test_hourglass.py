@@ -82,8 +82,8 @@ def _spy_sdpa(monkeypatch):
 
 
 def test_cpu_bf16_autocast_attention_is_the_softmax_attention(monkeypatch):
-    # Under CPU bf16 autocast the attention is two bf16 matrix products around a float32 masked softmax
-    # (the SDPA kernels are slow there, hourglass._cpu_autocast_attention); the linear layers stay bf16.
+    # Training under CPU bf16 autocast, the attention is two bf16 matrix products around a float32 masked
+    # softmax (the SDPA kernels are slow there, hourglass._cpu_autocast_attention); the linears stay bf16.
     seen = _spy_sdpa(monkeypatch)
     model = _model()
     tokens = torch.randint(0, TINY.codebook_size, (2, 4, 4))
@@ -98,6 +98,10 @@ def test_cpu_bf16_autocast_attention_is_the_softmax_attention(monkeypatch):
     assert seen and all(d[:3] == (torch.float32,) * 3 for d in seen)
     seen.clear()
     with torch.autocast("cpu", dtype=torch.float16):  # fp16 keeps the float32 kernel (no overflow)
+        model(tokens)
+    assert seen and all(d == (torch.float32, torch.float32, torch.float32, False) for d in seen)
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference too (no `b heads n m` scores)
         model(tokens)
     assert seen and all(d == (torch.float32, torch.float32, torch.float32, False) for d in seen)
 

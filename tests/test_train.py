@@ -141,6 +141,32 @@ def test_fp16_training_resumes_with_its_gradient_scaler(token_dir, tmp_path):
         torch.testing.assert_close(sa["model"][key], sb["model"][key], rtol=0, atol=0)
 
 
+def test_fp16_resume_from_an_unfused_checkpoint_trains_fused(token_dir, tmp_path, monkeypatch, image_folder):
+    """Checkpoints saved before the optimizers were fused resume: the saved groups' `fused` (None) must not
+    leave an optimizer that GradScaler treats as fused (the unfused update then rejects grad_scale)."""
+    import sundae.train as T
+    ds, meta = TokenDataset(token_dir), {"grid": [4, 4]}
+    cfg = dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=3, batch_size=4, save_every=3, precision="fp16")
+    real = T.fused_optimizer
+    monkeypatch.setattr(T, "fused_optimizer", lambda *a, **k: {})
+    train_generator(HG["tiny"], cfg, ds, tmp_path / "g", meta, progress=False)
+    vcfg = dataclasses.replace(VQGAN_TRAIN_PRESETS["tiny"], steps=3, batch_size=4, disc_start=1, save_every=3,
+                               precision="fp16")
+    images = ImageFolder(image_folder, 32, 3)
+    train_vqgan(VQ["tiny"], vcfg, images, tmp_path / "t", progress=False)
+    for path in (tmp_path / "g" / "generator.pt", tmp_path / "t" / "tokenizer.pt"):
+        assert torch.load(path, weights_only=True)["optimizer"]["param_groups"][0]["fused"] is None
+    monkeypatch.setattr(T, "fused_optimizer", real)
+    out = train_generator(HG["tiny"], dataclasses.replace(cfg, steps=6), ds, tmp_path / "g", meta, resume=True,
+                          progress=False)
+    tok = train_vqgan(VQ["tiny"], dataclasses.replace(vcfg, steps=6), images, tmp_path / "t", resume=True,
+                      progress=False)
+    for path, key in ((out, "optimizer"), (tok, "optimizer"), (tok, "optimizer_disc")):
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["step"] == 6 and ckpt[key]["param_groups"][0]["fused"] is True
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
 def test_token_folder_with_the_old_codebook_key(token_dir):
     """Token folders written before the codebook size had one name say "n_codes" in meta.json: they load."""
     (token_dir / "meta.json").write_text(json.dumps({"grid": [4, 4], "n_codes": 64, "num_classes": 10}))

@@ -87,7 +87,8 @@ def apply_rotary(x: Tensor, angles: Tensor) -> Tensor:
 
     Pair (x1, x2) becomes (x1 cos - x2 sin, x1 sin + x2 cos), in float32. Run eagerly it is one complex
     product (x1 + i x2) * e^(i angle): on the CPU its forward and backward take a fifth of the time of the
-    real form, whose strided slices and stack cost 10% of a quickstart training step. Under `torch.compile`
+    real form, whose strided slices and stack cost 10% of a quickstart training step (one thread, the Xeon
+    of benchmarks/RESULTS.md). Under `torch.compile`
     the real form is used: inductor fuses it into one kernel but generates no code for complex operators.
     """
     if torch.compiler.is_compiling():
@@ -100,12 +101,13 @@ def apply_rotary(x: Tensor, angles: Tensor) -> Tensor:
 
 def _cpu_autocast_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
     """softmax(q k^T / sqrt(e)) v for `b heads n e` queries and `b heads m e` keys/values, for CPU bf16
-    autocast: both matrix products in `dtype`, the scores' mask and softmax in float32 -> `b heads n e` in
-    `dtype`. `mask`: bool, broadcastable to `b heads n m`, True = attend.
+    autocast training: both matrix products in `dtype`, the scores' mask and softmax in float32 -> `b heads n
+    e` in `dtype`. `mask`: bool, broadcastable to `b heads n m`, True = attend; a row without any True is NaN
+    (the hourglass's masks never make one). Holds the `b heads n m` scores (float32) at once.
 
     Not `F.scaled_dot_product_attention`: its bf16 flash-attention backward on CPU took 8x the float32 one
-    (torch 2.13), and its float32 kernel costs 18% of a quickstart training step; this form takes the step
-    from 0.389 to 0.355 s (one thread, bf16 autocast). Same math as the kernel (Vaswani et al. 2017, eq. 1).
+    (torch 2.13), and its float32 kernel costs 18% of a quickstart training step; this form makes the step
+    1.12x faster (benchmarks/RESULTS.md, "The quickstart, fifth round"). Vaswani et al. 2017, eq. 1.
     """
     scores = (q.to(dtype) * q.shape[-1] ** -0.5) @ k.to(dtype).transpose(-1, -2)
     scores = scores.float()
@@ -136,10 +138,12 @@ class Attention(nn.Module):
         if angles is not None:
             q, k = apply_rotary(q, angles), apply_rotary(k, angles)
         if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # fp16 keeps the float32 kernel: its scores could overflow where bf16's (float32's range) cannot.
-            bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16
+            # bf16 training only: fp16 keeps the float32 kernel (its scores could overflow where bf16's, with
+            # float32's range, cannot), and so does inference, where the kernel's backward does not matter and
+            # it never holds the `b heads n m` scores at once (large for big grids).
+            manual = torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_grad_enabled()
             with torch.autocast("cpu", enabled=False):
-                out = (_cpu_autocast_attention(q, k, v, mask, torch.bfloat16) if bf16 else
+                out = (_cpu_autocast_attention(q, k, v, mask, torch.bfloat16) if manual else
                        F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask))
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -70,7 +70,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16/fp16 autocast, nothing for "fp32". Logits, cross-entropy, sampling and the codebook distances
-    stay fp32 inside the models; attention runs in scaled_dot_product_attention (fp32 softmax accumulation)."""
+    stay fp32 inside the models; attention accumulates its softmax in fp32 (`hourglass.Attention`)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]
@@ -126,9 +126,24 @@ def fused_optimizer(device: torch.device, sharded: bool = False) -> dict[str, bo
 
     On the CPU the default ("foreach") update runs its steps parameter by parameter: 22 ms of a 0.45 s
     quickstart generator step on one thread, against 10 ms for the fused kernel (the same update up to
-    float rounding). A resumed run keeps the setting its checkpoint's optimizer was saved with.
+    float rounding). Other devices keep the default. `keep_fused` restores the setting after a resume.
     """
     return {"fused": True} if device.type in ("cpu", "cuda") and not sharded else {}
+
+
+def keep_fused(opts: list[torch.optim.Optimizer], fused: dict[str, bool]) -> None:
+    """Put `fused` (from `fused_optimizer`) back into optimizers whose state a resume loaded: the saved groups
+    carry the old run's setting, and a checkpoint saved without it would leave an optimizer that GradScaler
+    treats as fused (fp16 runs then fail in the unfused update) or a fused update on FSDP2-sharded weights."""
+    for opt in opts:
+        for group in opt.param_groups:
+            group["fused"] = fused.get("fused")
+            if group["fused"]:
+                group["foreach"] = None
+                for p in group["params"]:  # the fused kernels take the step count as float32 on the device
+                    state = opt.state.get(p, {})
+                    if torch.is_tensor(state.get("step")):
+                        state["step"] = state["step"].to(p.device, torch.float32)
 
 
 def _ema_copy(model: nn.Module) -> nn.Module:
@@ -239,6 +254,7 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
     step, rng, ckpt = runs.restore(out, "tokenizer", parts, ema, resume, ctx, overwrite, init_from)
     init = runs.start_from(init_from, "tokenizer", model_cfg, parts, ema, ckpt, out, ctx)
     runs.set_hparams([opt, opt_d], None, cfg, step)
+    keep_fused([opt, opt_d], fused_optimizer(device))
     if "usage" in ckpt:
         usage.copy_(ckpt["usage"])
     net, net_d = distributed.parallel(model, ctx), distributed.parallel(disc, ctx)
@@ -404,6 +420,7 @@ def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, data
     step, rng, ckpt = runs.restore(out, "generator", parts, ema, resume, ctx, overwrite, init_from)
     init = runs.start_from(init_from, "generator", model_cfg, parts, ema, ckpt, out, ctx)
     runs.set_hparams([opt], sched, cfg, step)
+    keep_fused([opt], fused_optimizer(device, sharded))
     net = model if sharded else distributed.parallel(model, ctx)
 
     def save() -> Path:

@@ -1,6 +1,6 @@
 """`sundae quickstart`: the whole pipeline on Fashion-MNIST, with numbers that say whether it worked.
 
-Steps: train a small judge classifier on the real training set; train the tokenizer; measure its PSNR and
+Steps: train a small judge classifier on real training images; train the tokenizer; measure its PSNR and
 codebook usage on the test set; tokenize the training set; train a class-conditional hourglass with the
 SUNDAE loss; sample 100 images per class and let the judge classify them; inpaint test images. Writes
 into `out`: `reconstructions.png`, `samples_by_class.png` (a row per class), `inpainting.png` (per row: the
@@ -68,6 +68,10 @@ class QuickstartConfig:
     inpaint_completions: int = 4
     seed: int = 0
     image_size: int = 32
+
+    def __post_init__(self) -> None:
+        if min(self.train_limit, self.test_limit, self.classifier_images) < 0:
+            raise ValueError("train_limit, test_limit and classifier_images must be >= 0 (0 = all)")
 
 
 QUICKSTART_PRESETS: dict[str, QuickstartConfig] = {

@@ -1,6 +1,6 @@
 """A small classifier that judges class accuracy and gives classifier-FID its feature space.
 
-The classifier is the quickstart's judge of class-conditional samples: trained on the real training set,
+The classifier is the quickstart's judge of class-conditional samples: trained on real training images,
 reported with its own test accuracy so a reader knows how much its verdict is worth. `sundae evaluate`
 trains one per reference set and keeps it in a file (`sundae.eval.protocol.load_or_train_classifier`).
 """
