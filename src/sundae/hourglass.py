@@ -88,8 +88,8 @@ def apply_rotary(x: Tensor, angles: Tensor) -> Tensor:
     Pair (x1, x2) becomes (x1 cos - x2 sin, x1 sin + x2 cos), in float32. Run eagerly it is one complex
     product (x1 + i x2) * e^(i angle): on the CPU its forward and backward take a fifth of the time of the
     real form, whose strided slices and stack cost 10% of a quickstart training step (one thread, the Xeon
-    of benchmarks/RESULTS.md). Under `torch.compile`
-    the real form is used: inductor fuses it into one kernel but generates no code for complex operators.
+    of benchmarks/RESULTS.md). Under `torch.compile` the real form is used: inductor fuses it into one
+    kernel but generates no code for complex operators.
     """
     if torch.compiler.is_compiling():
         x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
@@ -97,23 +97,6 @@ def apply_rotary(x: Tensor, angles: Tensor) -> Tensor:
         return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).type_as(x)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
     return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2).type_as(x)
-
-
-def _cpu_autocast_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """softmax(q k^T / sqrt(e)) v for `b heads n e` queries and `b heads m e` keys/values, for CPU bf16
-    autocast training: both matrix products in `dtype`, the scores' mask and softmax in float32 -> `b heads n
-    e` in `dtype`. `mask`: bool, broadcastable to `b heads n m`, True = attend; a row without any True is NaN
-    (the hourglass's masks never make one). Holds the `b heads n m` scores (float32) at once.
-
-    Not `F.scaled_dot_product_attention`: its bf16 flash-attention backward on CPU took 8x the float32 one
-    (torch 2.13), and its float32 kernel costs 18% of a quickstart training step; this form makes the step
-    1.12x faster (benchmarks/RESULTS.md, "The quickstart, fifth round"). Vaswani et al. 2017, eq. 1.
-    """
-    scores = (q.to(dtype) * q.shape[-1] ** -0.5) @ k.to(dtype).transpose(-1, -2)
-    scores = scores.float()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1).to(dtype) @ v.to(dtype)
 
 
 class Attention(nn.Module):
@@ -138,13 +121,12 @@ class Attention(nn.Module):
         if angles is not None:
             q, k = apply_rotary(q, angles), apply_rotary(k, angles)
         if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # bf16 training only: fp16 keeps the float32 kernel (its scores could overflow where bf16's, with
-            # float32's range, cannot), and so does inference, where the kernel's backward does not matter and
-            # it never holds the `b heads n m` scores at once (large for big grids).
-            manual = torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_grad_enabled()
+            # Under CPU autocast attention runs in float32: the bf16 flash-attention backward on CPU took 8x
+            # the float32 one (torch 2.13, measured on the quickstart generator), more than autocast saves.
+            # Two bf16 matrix products around a float32 softmax made a training step 1.12x faster but tied
+            # or lost on classifier-FID (benchmarks/RESULTS.md, "The quickstart, fifth round").
             with torch.autocast("cpu", enabled=False):
-                out = (_cpu_autocast_attention(q, k, v, mask, torch.bfloat16) if manual else
-                       F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask))
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(rearrange(out, "b heads n e -> b n (heads e)"))
