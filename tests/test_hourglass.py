@@ -210,6 +210,10 @@ def test_rotary_rotates_each_channel_pair_by_its_angle(compiling, monkeypatch):
     ref[..., 0::2] = x64[..., 0::2] * a.cos() - x64[..., 1::2] * a.sin()
     ref[..., 1::2] = x64[..., 0::2] * a.sin() + x64[..., 1::2] * a.cos()
     torch.testing.assert_close(apply_rotary(x, angles).double(), ref, rtol=1e-5, atol=1e-5)
+    # A float32 view like the attention's k (an offset into the kv projection, heads moved forward).
+    kv = torch.cat([x, x], -1).transpose(1, 2).contiguous().transpose(1, 2)[..., 16:]
+    assert not kv.is_contiguous() and kv.storage_offset() == 16
+    torch.testing.assert_close(apply_rotary(kv, angles).double(), ref, rtol=1e-5, atol=1e-5)
     # A non-contiguous bf16 input (as the attention passes it) keeps its dtype, and the gradient flows.
     xb = x.transpose(1, 2).to(torch.bfloat16).requires_grad_(True)
     out = apply_rotary(xb.transpose(1, 2), angles)
