@@ -245,8 +245,9 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
     model = VQGAN(model_cfg).to(device)
     disc = PatchDiscriminator(model_cfg.in_channels, cfg.disc_filters, cfg.disc_layers).to(device)
     lpips = LPIPS(cfg.vgg16_path or None).to(device) if cfg.perceptual_weight > 0 else None
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, **fused_optimizer(device))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas, **fused_optimizer(device))
+    fused = fused_optimizer(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, **fused)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas, **fused)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     ema = _ema_copy(model)
     usage = torch.zeros(model_cfg.codebook_size, dtype=torch.long, device=device)  # since the last dead-code check
@@ -254,7 +255,7 @@ def _train_vqgan(model_cfg: VQGANConfig, cfg: VQGANTrainConfig, dataset: Dataset
     step, rng, ckpt = runs.restore(out, "tokenizer", parts, ema, resume, ctx, overwrite, init_from)
     init = runs.start_from(init_from, "tokenizer", model_cfg, parts, ema, ckpt, out, ctx)
     runs.set_hparams([opt, opt_d], None, cfg, step)
-    keep_fused([opt, opt_d], fused_optimizer(device))
+    keep_fused([opt, opt_d], fused)
     if "usage" in ckpt:
         usage.copy_(ckpt["usage"])
     net, net_d = distributed.parallel(model, ctx), distributed.parallel(disc, ctx)
@@ -408,19 +409,18 @@ def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, data
     if sharded:  # every block, then the root; parameters become sharded DTensors in place
         for module in (model, ema):
             distributed.parallel(module, ctx, shard=[*module.pre, *module.valley, *module.post])
-    decay, no_decay = [], []
+    decay, no_decay, fused = [], [], fused_optimizer(device, sharded)
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
-                            **fused_optimizer(device, sharded))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, **fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, i))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
     step, rng, ckpt = runs.restore(out, "generator", parts, ema, resume, ctx, overwrite, init_from)
     init = runs.start_from(init_from, "generator", model_cfg, parts, ema, ckpt, out, ctx)
     runs.set_hparams([opt], sched, cfg, step)
-    keep_fused([opt], fused_optimizer(device, sharded))
+    keep_fused([opt], fused)
     net = model if sharded else distributed.parallel(model, ctx)
 
     def save() -> Path:
