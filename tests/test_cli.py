@@ -48,6 +48,13 @@ def test_tokenize_writes_memmap_and_meta(pipeline, image_folder):
     assert len(meta["tokenizer_sha256"]) == 64
 
 
+def test_tokenize_takes_the_tokenizer_run_folder(pipeline, image_folder, tmp_path):
+    run("tokenize", "--tokenizer", pipeline / "tok", "--data", image_folder, "--out", tmp_path / "t", "--device", "cpu")
+    np.testing.assert_array_equal(np.load(tmp_path / "t" / "tokens.npy"), np.load(pipeline / "tokens" / "tokens.npy"))
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    assert Path(meta["tokenizer"]) == (pipeline / "tok" / "tokenizer.pt").resolve()
+
+
 def test_train_writes_generator_and_sample_grids(pipeline):
     ckpt = torch.load(pipeline / "gen" / "generator.pt", weights_only=True)
     assert ckpt["kind"] == "generator" and ckpt["config"]["num_classes"] == 2 and ckpt["config"]["codebook_size"] == 64

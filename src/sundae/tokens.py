@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from sundae.checkpoint import load_tokenizer
+from sundae.checkpoint import load_tokenizer, resolve_checkpoint
 from sundae.data import data_loader
 from sundae.distributed import Dist, barrier, gather_to_main, setup
 from sundae.io import file_digest, save_npy, write_json
@@ -215,6 +215,7 @@ def tokenize(tokenizer_path: str | Path, dataset: torch.utils.data.Dataset, out:
     outputs there).
     """
     ctx = setup(device)
+    tokenizer_path = resolve_checkpoint(tokenizer_path, "tokenizer")  # a run or quickstart folder: its .pt
     tokenizer = load_tokenizer(tokenizer_path, ctx.device)
     if tokenizer.cfg.codebook_size > 65536:
         raise ValueError(f"{tokenizer_path}: {tokenizer.cfg.codebook_size} codes do not fit the uint16 token file")
