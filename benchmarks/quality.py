@@ -21,7 +21,8 @@ Protocol:
    (the hourglass preset `fashion`, ~1.4M): `sundae` (unroll 2), `sundae_u1`, `sundae_u3`, `maskgit`
    (the same hourglass + a [MASK] id), `ar` (a flat causal stack, its depth matched by parameters; see
    `baselines.py`), and lever ablations at unroll 2: `sundae_share` (unroll_share 0.25), `sundae_cosine`
-   (corruption "cosine"), `sundae_s1` (shorten_factor 1: no hourglass valley). The default runs `sundae`,
+   (corruption "cosine"), `sundae_s1` (shorten_factor 1: no hourglass valley), `sundae_muon` (Muon for the
+   hidden matrices, `sundae.optim`). The default runs `sundae`,
    `sundae_u1`, `maskgit`, `ar` and `sundae_s1` to fit the time; `--methods` takes the others. The 1D-shortening
    model of the earlier equal-CPU-time benchmark is dropped: it tied with 2D shortening there.
    Each trains once per seed to `--budget` steps (512); `--seeds` (3) seeds for `--seeded` (sundae, maskgit:
@@ -53,7 +54,7 @@ count, a resumed run gives the same numbers as an uninterrupted one.
 Time on 2 cores, from costs measured on 2026-12-01 (a training step at batch 64: unroll-1 0.38 s, unroll-2
 0.73 s, MaskGIT-style 0.34 s, AR 0.65 s, no valley 1.47x; a batch-250 forward 0.385 s): judge, tokenizer and
 encoding ~10 min (~4 with --tokenizer), training ~45 min, sampling and judging at most ~28 min (an upper bound:
-SUNDAE's early stop makes it less): about 83 minutes. Adding every lever (`--methods` with all 8, `--seeded`
+SUNDAE's early stop makes it less): about 83 minutes. Adding every lever (`--methods` with all 9, `--seeded`
 sundae,sundae_u1,maskgit) comes to about 125 minutes. The run prints its
 own estimate at the start, scaled by a forward pass timed there (on a loaded machine everything is slower),
 and each stage's time as it goes. `--smoke` (1000 training images of which 200 validation, 200 test, the
@@ -127,7 +128,7 @@ SMOKE = Settings(pool_images=1000, val_images=200, test_images=200, classifier_e
 # table (0.19 s a step, 0.24 s a forward) was about half of what the steps cost by then, and the default run it
 # planned took more than twice its estimate. An AR sample set (64 single-token steps with the KV cache) costs
 # about 24 batch forwards; decoding and judging about 1 ms per sample.
-COST = {"step": 0.38, "unroll": 0.35, "maskgit": 0.34, "ar": 0.65, "shorten1": 1.47, "forward": 0.385,
+COST = {"step": 0.38, "unroll": 0.35, "muon": 0.10, "maskgit": 0.34, "ar": 0.65, "shorten1": 1.47, "forward": 0.385,
         "tokenizer": 360.0, "encode": 90.0, "judge_epoch": 75.0, "judge_per_sample": 0.001, "ar_forwards": 24}
 
 
@@ -135,7 +136,7 @@ def step_cost(name: str) -> float:
     m = METHODS[name]
     if m.kind != "sundae":
         return COST[m.kind]
-    cost = COST["step"] + COST["unroll"] * (m.unroll - 1) * m.unroll_share
+    cost = COST["step"] + COST["unroll"] * (m.unroll - 1) * m.unroll_share + COST["muon"] * (m.optimizer == "muon")
     return cost * (COST["shorten1"] if m.shorten_factor == 1 else 1.0)
 
 
@@ -352,7 +353,7 @@ def main() -> None:
             net = build(method, base, grid, ar_layers)
             print(f"{name} seed {seed}: {sum(p.numel() for p in net.parameters()):,} params", flush=True)
             train_to_checkpoints(net, loss_fn(method, codebook_size), tokens, labels, checkpoints, s.optim,
-                                 args.seed + 1000 * seed, folder)
+                                 args.seed + 1000 * seed, folder, optimizer=method.optimizer)
             stage("training", t)
             t = time.perf_counter()
             if seed == 0 and name not in payload["tuning"]:

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import statistics
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ from baselines import (Autoregressive, MaskGIT, autoregressive_loss, autoregress
 from sundae.eval.classifier import predict
 from sundae.eval.metrics import classifier_features, frechet_distance, knn_radii, precision_recall
 from sundae.hourglass import Hourglass, HourglassConfig
+from sundae.optim import generator_optimizers
 from sundae.pipeline import class_logits_fn
 from sundae.sundae import SamplerConfig, sample, unrolled_loss
 from sundae.train import ema_update
@@ -38,6 +40,7 @@ class Method:
     unroll_share: float = 1.0
     corruption: str = "uniform"
     shorten_factor: int | None = None  # None: the preset's
+    optimizer: str = "adamw"  # "muon": Muon for the hidden matrices (sundae.optim.generator_optimizers)
 
 
 METHODS: dict[str, Method] = {
@@ -49,6 +52,7 @@ METHODS: dict[str, Method] = {
     "sundae_share": Method("sundae", unroll_share=0.25),
     "sundae_cosine": Method("sundae", corruption="cosine"),
     "sundae_s1": Method("sundae", shorten_factor=1),
+    "sundae_muon": Method("sundae", optimizer="muon"),
 }
 
 
@@ -94,8 +98,19 @@ def state_path(folder: Path, step: int) -> Path:
     return folder / f"step{step:06d}.pt"
 
 
+def optimizers(net: nn.Module, opt_cfg: Optim, optimizer: str = "adamw") -> list[torch.optim.Optimizer]:
+    """AdamW over every parameter, or for "muon" the generator's Muon + AdamW pair (`generator_optimizers`:
+    Muon on the hidden matrices at AdamW's update RMS, AdamW without weight decay on embeddings and vectors)."""
+    if optimizer == "adamw":
+        return [torch.optim.AdamW(net.parameters(), lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)]
+    cfg = types.SimpleNamespace(optimizer=optimizer, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay,
+                                betas=(0.9, 0.999))
+    return list(generator_optimizers(net, cfg, {}).values())
+
+
 def train_to_checkpoints(net: nn.Module, loss: Callable, tokens: Tensor, labels: Tensor, checkpoints: list[int],
-                         opt_cfg: Optim, seed: int, folder: Path, log: Callable[[str], None] = print) -> None:
+                         opt_cfg: Optim, seed: int, folder: Path, log: Callable[[str], None] = print,
+                         optimizer: str = "adamw") -> None:
     """Train `net` to max(checkpoints) steps, saving the whole state (weights, EMA, optimizer, data and RNG
     state, cumulative training CPU and wall seconds, recent loss) at each checkpoint as `folder/stepNNNNNN.pt`.
     Continues from the latest saved checkpoint: the result is the same as one uninterrupted run (the data
@@ -107,14 +122,15 @@ def train_to_checkpoints(net: nn.Module, loss: Callable, tokens: Tensor, labels:
         return
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
+    opts = optimizers(net, opt_cfg, optimizer)
     ema = copy.deepcopy(net).requires_grad_(False)
     step, cpu_s, wall_s, losses = 0, 0.0, 0.0, []
     if done:
         state = torch.load(state_path(folder, max(done)), weights_only=True)
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
+        for opt, key in zip(opts, ("optimizer", "optimizer_muon")):
+            opt.load_state_dict(state[key])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         step, cpu_s, wall_s, losses = state["step"], state["train_cpu_s"], state["train_wall_s"], state["losses"]
@@ -123,18 +139,21 @@ def train_to_checkpoints(net: nn.Module, loss: Callable, tokens: Tensor, labels:
     cpu0, wall0 = time.process_time() - cpu_s, time.perf_counter() - wall_s
     while step < todo[-1]:
         idx = torch.randint(0, len(tokens), (opt_cfg.batch_size,), generator=gen)
-        for group in opt.param_groups:
+        for group in (g for opt in opts for g in opt.param_groups):
             group["lr"] = opt_cfg.lr * min(1.0, (step + 1) / opt_cfg.warmup)
         value = loss(net, tokens[idx], labels[idx], gen)
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         value.backward()
         nn.utils.clip_grad_norm_(net.parameters(), opt_cfg.clip)
-        opt.step()
+        for opt in opts:
+            opt.step()
         ema_update(ema, net, opt_cfg.ema_decay, step)
         losses = (losses + [value.item()])[-20:]
         step += 1
         if step in todo:
-            state = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            state = {"model": net.state_dict(), "ema": ema.state_dict(),
+                     **{key: opt.state_dict() for opt, key in zip(opts, ("optimizer", "optimizer_muon"))},
                      "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
                      "train_cpu_s": time.process_time() - cpu0, "train_wall_s": time.perf_counter() - wall0,
                      "losses": losses}

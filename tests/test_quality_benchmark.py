@@ -13,7 +13,8 @@ from PIL import Image
 from sundae.data import FASHION_MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["sundae", "sundae_u1", "sundae_u3", "maskgit", "ar", "sundae_share", "sundae_cosine", "sundae_s1"]
+METHODS = ["sundae", "sundae_u1", "sundae_u3", "maskgit", "ar", "sundae_share", "sundae_cosine", "sundae_s1",
+           "sundae_muon"]
 SEEDED = {"sundae", "maskgit"}  # quality.SEEDED: the pair the verdict compares
 TIMING = {"s_per_image", "cpu_s_per_image", "train_cpu_s", "train_wall_s"}  # differ between runs
 

@@ -235,7 +235,9 @@ def set_hparams(opts: list[torch.optim.Optimizer], sched: Any, cfg: Any, step: i
     factor = sched.lr_lambdas[0](step) if sched is not None else 1.0
     for opt in opts:
         for group in opt.param_groups:
-            group["lr"], group["initial_lr"], group["betas"] = cfg.lr * factor, cfg.lr, cfg.betas
+            group["lr"], group["initial_lr"] = cfg.lr * factor, cfg.lr
+            if "betas" in group:  # Adam's; Muon has a momentum instead
+                group["betas"] = cfg.betas
     if sched is not None:
         sched.base_lrs = [cfg.lr] * len(sched.base_lrs)
         sched._last_lr = [group["lr"] for group in opts[0].param_groups]

@@ -44,6 +44,7 @@ from sundae.hourglass import Hourglass, HourglassConfig
 from sundae.images import save_grid
 from sundae.io import log
 from sundae.losses import LPIPS, PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
+from sundae.optim import fused_optimizer, generator_optimizers, keep_fused
 from sundae.pipeline import SundaePipeline
 from sundae.sundae import SamplerConfig, condition_dropout, unrolled_loss
 from sundae.vqgan import VQGAN, VQGANConfig
@@ -119,31 +120,6 @@ def _rows_fn(net: nn.Module, labels: Tensor | None, kwargs: dict) -> Any:
         part = {k: tuple(t[rows] for t in v) if isinstance(v, tuple) else v[rows] for k, v in kwargs.items()}
         return net(z, None if labels is None else labels[rows], **part)
     return fn
-
-
-def fused_optimizer(device: torch.device, sharded: bool = False) -> dict[str, bool]:
-    """`fused=True` for Adam/AdamW on CPU and CUDA unless the parameters are FSDP2-sharded DTensors.
-
-    On the CPU the default ("foreach") update runs its steps parameter by parameter: 22 ms of a 0.45 s
-    quickstart generator step on one thread, against 10 ms for the fused kernel (the same update up to
-    float rounding). Other devices keep the default. `keep_fused` restores the setting after a resume.
-    """
-    return {"fused": True} if device.type in ("cpu", "cuda") and not sharded else {}
-
-
-def keep_fused(opts: list[torch.optim.Optimizer], fused: dict[str, bool]) -> None:
-    """Put `fused` (from `fused_optimizer`) back into optimizers whose state a resume loaded: the saved groups
-    carry the old run's setting, and a checkpoint saved without it would leave an optimizer that GradScaler
-    treats as fused (fp16 runs then fail in the unfused update) or a fused update on FSDP2-sharded weights."""
-    for opt in opts:
-        for group in opt.param_groups:
-            group["fused"] = fused.get("fused")
-            if group["fused"]:
-                group["foreach"] = None
-                for p in group["params"]:  # the fused kernels take the step count as float32 on the device
-                    state = opt.state.get(p, {})
-                    if torch.is_tensor(state.get("step")):
-                        state["step"] = state["step"].to(p.device, torch.float32)
 
 
 def _ema_copy(model: nn.Module) -> nn.Module:
@@ -409,18 +385,17 @@ def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, data
     if sharded:  # every block, then the root; parameters become sharded DTensors in place
         for module in (model, ema):
             distributed.parallel(module, ctx, shard=[*module.pre, *module.valley, *module.post])
-    decay, no_decay, fused = [], [], fused_optimizer(device, sharded)
-    for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, **fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, i))
+    fused = fused_optimizer(device, sharded)
+    opts = generator_optimizers(model, cfg, fused, sharded)  # "optimizer" (AdamW), "optimizer_muon" (Muon)
+    scheds = {k.replace("optimizer", "scheduler"): torch.optim.lr_scheduler.LambdaLR(o, lambda i: lr_factor(cfg, i))
+              for k, o in opts.items()}
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    parts = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+    parts = {"model": model, **opts, **scheds, "scaler": scaler}
     step, rng, ckpt = runs.restore(out, "generator", parts, ema, resume, ctx, overwrite, init_from)
     init = runs.start_from(init_from, "generator", model_cfg, parts, ema, ckpt, out, ctx)
-    runs.set_hparams([opt], sched, cfg, step)
-    keep_fused([opt], fused)
+    for opt, sched in zip(opts.values(), scheds.values()):
+        runs.set_hparams([opt], sched, cfg, step)
+    keep_fused([opts["optimizer"]], fused)
     net = model if sharded else distributed.parallel(model, ctx)
 
     def save() -> Path:
@@ -443,7 +418,8 @@ def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, data
         while step < cfg.steps:
             tokens, labels, *text = (t.to(device) for t in next(data))
             model.train()
-            opt.zero_grad(set_to_none=True)
+            for opt in opts.values():
+                opt.zero_grad(set_to_none=True)
             sums = torch.zeros(cfg.unroll_steps + 1, device=device)  # loss, then per unroll step
             for m in range(cfg.grad_accum):
                 rows = slice(m * micro, (m + 1) * micro)
@@ -460,12 +436,14 @@ def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, data
                 sums += torch.stack([loss, *per_step]).detach().float() / cfg.grad_accum
             sums = distributed.mean(sums, ctx)
             _check_finite(sums[0], step, out / "generator.pt")
-            scaler.unscale_(opt)
+            for opt in opts.values():
+                scaler.unscale_(opt)
             grad_norm = distributed.local(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
-            scaler.step(opt)
+            for opt, sched in zip(opts.values(), scheds.values()):
+                scaler.step(opt)
+                sched.step()
             scaler.update()
-            sched.step()
             ema_update(ema, model, cfg.ema_decay, step)
             step += 1
             tokens_seen += tokens.numel() * ctx.world
@@ -474,7 +452,7 @@ def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, data
             if step % cfg.log_every == 0 or step == cfg.steps:
                 record = {"step": step, "loss": sums[0].item(),
                           **{f"loss_{i + 1}": v.item() for i, v in enumerate(sums[1:])},
-                          "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
+                          "grad_norm": grad_norm.item(), "lr": scheds["scheduler"].get_last_lr()[0],
                           "tokens_per_s": tokens_seen / (time.time() - t0)}
                 run_log.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}")

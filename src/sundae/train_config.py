@@ -18,6 +18,10 @@ from sundae.sundae import CORRUPTIONS
 # (Loshchilov & Hutter 2017, SGDR, without restarts), which lets a short run end on small, averaged-out steps.
 LR_SCHEDULES = ("constant", "cosine")
 
+# The generator's optimizer: "adamw", or "muon": Muon for the hourglass's hidden matrices and AdamW for the rest
+# (`sundae.optim.generator_optimizers`), both at `lr` on its schedule.
+OPTIMIZERS = ("adamw", "muon")
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Where a run logs: log.jsonl always (`sundae plot RUN` draws it); "tensorboard" also writes TensorBoard event
@@ -102,6 +106,7 @@ class GeneratorTrainConfig:
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # after the warm-up: "constant" or "cosine" (to 0 at `steps`), LR_SCHEDULES
     grad_clip: float = 0.0  # 0 = off
+    optimizer: str = "adamw"  # OPTIMIZERS
     unroll_steps: int = 2
     unroll_share: float = 1.0  # share of each batch that runs the unrolled steps t > 1 (sundae.unrolled_loss)
     corruption: str = "uniform"  # corruption-rate distribution: "uniform" (the paper) or "cosine"
@@ -129,6 +134,8 @@ class GeneratorTrainConfig:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0 <= self.cond_dropout <= 1:
             raise ValueError(f"cond_dropout must lie in [0, 1], got {self.cond_dropout}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.sharding not in ("ddp", "fsdp"):
             raise ValueError(f"sharding must be 'ddp' or 'fsdp', got {self.sharding!r}")
 
