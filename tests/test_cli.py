@@ -417,6 +417,15 @@ def _verb_help(capsys, verb: str) -> str:
     return " ".join(capsys.readouterr().out.split())  # argparse's line breaks undone
 
 
+def test_every_option_of_every_verb_has_help_text():
+    from sundae.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    bare = [(verb, a.option_strings[0]) for verb, p in sub.choices.items() for a in p._actions
+            if a.option_strings and not a.help]
+    assert bare == []
+
+
 def test_help_of_every_verb_taking_a_generator_names_every_kind(capsys, monkeypatch):
     from sundae.cli import build_parser
 

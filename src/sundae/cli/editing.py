@@ -96,7 +96,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        ("outpaint", "grow an image's canvas and generate the new border, the image kept exactly")):
         p = sub.add_parser(verb, help=text)
         add_sampling_args(p)
-        p.add_argument("--image", required=True)
+        p.add_argument("--image", required=True, help="the image file to start from (any size; PNG, JPEG, ...)")
         p.add_argument("--num", type=positive, default=4, help="number of images (default 4)")
         p.add_argument("--class", dest="class_", help="class label or class name for a class-conditional "
                        "generator (comma-separated: cycled over the images)")

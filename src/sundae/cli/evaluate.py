@@ -166,10 +166,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=positive, default=10000, help="samples per sampling setting (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="seeds the samples (sample i: seed + i) and a newly "
                    "trained classifier")
-    p.add_argument("--batch-size", type=positive, default=250)
+    p.add_argument("--batch-size", type=positive, default=250, help="samples drawn at once (default 250); "
+                   "the results do not depend on it")
     p.add_argument("--classifier", help="classifier file for classifier-FID and class accuracy: read if it exists, "
                    "else trained on the labelled reference data and written there (default OUT/classifier.pt)")
-    p.add_argument("--classifier-epochs", type=positive, default=2)
+    p.add_argument("--classifier-epochs", type=positive, default=2, help="epochs of a newly trained classifier "
+                   "(default 2)")
     p.add_argument("--classifier-train-limit", type=non_negative, default=0,
                    help="train a new classifier on the first N images only (default 0: all)")
     p.add_argument("--inception", help="the FID Inception-V3 weights (pt_inception-2015-12-05-6726825d.pth); "

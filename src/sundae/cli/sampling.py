@@ -205,13 +205,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.choices["sample"]
     p.add_argument("--out", required=True, help="folder: grid.png, samples/NNNNN.png and samples.jsonl (one JSON "
                    "line per image: file, seed, class and class_name or prompt, guidance_scale, steps taken)")
-    p.add_argument("--batch-size", type=positive, default=64)
+    p.add_argument("--batch-size", type=positive, default=64, help="images sampled at once (default 64); the "
+                   "images do not depend on it")
     p.add_argument("--nrow", type=positive, default=None, help="images per grid row; default: square")
     p.add_argument("--overwrite", action="store_true", help="replace the samples of an earlier run in OUT")
     p.set_defaults(func=cmd_sample)
 
     p = sub.choices["inpaint"]
-    p.add_argument("--image", required=True)
+    p.add_argument("--image", required=True, help="the image file to complete (any size; PNG, JPEG, ...)")
     p.add_argument("--mask", required=True, help="same size as the image; white (or transparent) = regenerate")
     p.add_argument("--dilate", type=int, default=0, help="grow the regenerated token cells by this many cells "
                    "(8-neighbourhood: a 3x3 square of cells per step; default 0)")

