@@ -12,6 +12,7 @@ from sundae import SamplerConfig, SundaePipeline
 from sundae.checkpoint import export_bundle, save_checkpoint
 from sundae.hourglass import PRESETS as HG
 from sundae.hourglass import Hourglass
+from sundae.images import image_to_tensor, tensor_to_image
 from sundae.io import file_digest
 from sundae.sundae import SAMPLER_PRESETS, fill_masked, guided_logits_fn, sample
 from sundae.vqgan import PRESETS as VQ
@@ -137,6 +138,13 @@ def test_inpaint_keeps_the_known_cells_and_reconstruct_round_trips(run):
         pipe.inpaint(image, mask[:, :20], num=1, class_labels=0, sampler=FAST)
     recon = pipe.reconstruct(image[None])
     assert recon.shape == (1, 3, 30, 17) and torch.equal(pipe.encode(recon), pipe.encode(recon))
+    # PIL images encode as their tensors do (8-bit pixels, so the tensor is the PIL round trip of `image`).
+    pil = tensor_to_image(image)
+    tokens = pipe.encode(image_to_tensor(pil)[None])
+    assert tokens.shape == (1, 8, 5) and torch.equal(pipe.encode(pil), tokens)
+    assert torch.equal(pipe.encode([pil, pil.convert("L").convert("RGB")])[0], tokens[0])
+    with pytest.raises(ValueError, match="one size"):
+        pipe.encode([pil, pil.crop((0, 0, 10, 10))])
 
 
 def test_inpainting_knows_nothing_of_the_masked_pixels(run):

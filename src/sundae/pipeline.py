@@ -431,10 +431,14 @@ class SundaePipeline:
         images[:, :, top:top + image.shape[1], left:left + image.shape[2]] = image  # exact, whatever the cells
         return SundaeOutput(self._output(images, output_type), out.steps, out.tokens)
 
+    def _pil(self, image: Image.Image) -> Tensor:
+        """A PIL image -> `c H W` float in [-1, 1] with the tokenizer's channels (grey or RGB)."""
+        return image_to_tensor(image.convert("L" if self.tokenizer.cfg.in_channels == 1 else "RGB"))
+
     def _image(self, image: Tensor | Image.Image, num: int, class_labels: Any) -> Tensor:
         """A PIL image or tensor -> `c H W` float for the tokenizer's channels; the checks `inpaint` makes."""
         if isinstance(image, Image.Image):
-            image = image_to_tensor(image.convert("L" if self.tokenizer.cfg.in_channels == 1 else "RGB"))
+            image = self._pil(image)
         if not isinstance(image, Tensor) or image.ndim != 3:
             raise ValueError(f"the image must be one `c H W` tensor, got {getattr(image, 'shape', type(image))}")
         if num < 1:
@@ -446,8 +450,16 @@ class SundaePipeline:
 
     # ---- the tokenizer ----
 
-    def encode(self, images: Tensor) -> Tensor:
-        """`b c H W` float in [-1, 1] (any H, W) -> tokens `b h w` int64, h = ceil(H / f), w = ceil(W / f)."""
+    def encode(self, images: Tensor | Image.Image | Sequence[Image.Image]) -> Tensor:
+        """`b c H W` float in [-1, 1] (any H, W), or PIL images (one, or a list of one size, converted to the
+        tokenizer's channels) -> tokens `b h w` int64, h = ceil(H / f), w = ceil(W / f).
+        Raises ValueError for a list of PIL images of different sizes."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, (list, tuple)):
+            if len({image.size for image in images}) > 1:
+                raise ValueError(f"encode takes PIL images of one size, got {sorted({i.size for i in images})}")
+            images = torch.stack([self._pil(image) for image in images])
         with torch.inference_mode():
             return self.tokenizer.encode(images.to(self.device))
 
