@@ -276,8 +276,10 @@ def test_overwrite_starts_over_and_is_never_implicit(image_folder, tmp_path, cap
     monkeypatch.setenv("TQDM_DISABLE", "1")
     out = tmp_path / "tok"
     tiny = ("--data", image_folder, "--out", out, *SET_TINY_VQ[:2], "--set", "batch_size=4", "--device", "cpu")
-    run("train-vqgan", *tiny, "--set", "steps=3", "--set", "save_every=1")
+    run("train-vqgan", *tiny, "--set", "steps=3", "--set", "save_every=1", "--set", "log_every=1")
     assert len(list((out / "checkpoints").glob("step_*.pt"))) == 3
+    run("plot", out)
+    assert (out / "curves.png").is_file()
     before = (out / "tokenizer.pt").read_bytes()
     capsys.readouterr()
     assert "--overwrite" in fails(capsys, "train-vqgan", *tiny, "--set", "steps=2")
@@ -288,6 +290,7 @@ def test_overwrite_starts_over_and_is_never_implicit(image_folder, tmp_path, cap
     assert [p.name for p in (out / "checkpoints").glob("step_*.pt")] == ["step_0000002.pt"]  # old ones gone
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and max(steps) == 2  # the old run's log (to step 3) is gone
+    assert not (out / "curves.png").exists()  # and its plot, which no longer matched the log
 
 
 def test_full_disk_fails_in_one_line_and_keeps_the_last_checkpoint(image_folder, tmp_path, capsys, monkeypatch,

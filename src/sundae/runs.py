@@ -205,7 +205,8 @@ def restore(out: Path, kind: str, parts: dict[str, Any], ema: nn.Module, resume:
                              f"reading it: copy the source elsewhere, or choose another --out")
     if overwrite and not resume:
         if ctx.main:
-            old = [path, out / "log.jsonl", *out.glob("checkpoints/step_*.pt"), *out.glob("samples/step_*.png"),
+            old = [path, out / "log.jsonl", out / "curves.png", *out.glob("checkpoints/step_*.pt"),
+                   *out.glob("samples/step_*.png"),
                    *out.glob("tensorboard/events.out.tfevents.*")]
             for file in old:
                 file.unlink(missing_ok=True)

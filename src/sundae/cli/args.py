@@ -171,7 +171,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 def add_overwrite(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="start a new run in an OUT that holds one, deleting "
-                   "its checkpoints, log and sample grids (without it, such an OUT is refused)")
+                   "its checkpoints, log, plot and sample grids (without it, such an OUT is refused)")
 
 
 def add_strict(p: argparse.ArgumentParser) -> None:
