@@ -55,7 +55,7 @@ Time on 2 cores, from costs measured on 2026-12-01 (a training step at batch 64:
 0.73 s, MaskGIT-style 0.34 s, AR 0.65 s, no valley 1.47x; a batch-250 forward 0.385 s): judge, tokenizer and
 encoding ~10 min (~4 with --tokenizer), training ~45 min, sampling and judging at most ~28 min (an upper bound:
 SUNDAE's early stop makes it less): about 83 minutes. Adding every lever (`--methods` with all 9, `--seeded`
-sundae,sundae_u1,maskgit) comes to about 125 minutes. The run prints its
+sundae,sundae_u1,maskgit) comes to about 130 minutes. The run prints its
 own estimate at the start, scaled by a forward pass timed there (on a loaded machine everything is slower),
 and each stage's time as it goes. `--smoke` (1000 training images of which 200 validation, 200 test, the
 `tiny` hourglass preset at batch 16, budget 8, 2 seeds, 20 samples, two-point grids) takes about a minute.
@@ -128,8 +128,13 @@ SMOKE = Settings(pool_images=1000, val_images=200, test_images=200, classifier_e
 # table (0.19 s a step, 0.24 s a forward) was about half of what the steps cost by then, and the default run it
 # planned took more than twice its estimate. An AR sample set (64 single-token steps with the KV cache) costs
 # about 24 batch forwards; decoding and judging about 1 ms per sample.
-COST = {"step": 0.38, "unroll": 0.35, "muon": 0.10, "maskgit": 0.34, "ar": 0.65, "shorten1": 1.47, "forward": 0.385,
+COST = {"step": 0.38, "unroll": 0.35, "muon": 0.06, "maskgit": 0.34, "ar": 0.65, "shorten1": 1.47, "forward": 0.385,
         "tokenizer": 360.0, "encode": 90.0, "judge_epoch": 75.0, "judge_per_sample": 0.001, "ar_forwards": 24}
+
+
+def method_settings(name: str) -> dict[str, Any]:
+    """The method's fields for the JSON, the default optimizer left out (JSONs from before it still resume)."""
+    return {k: v for k, v in dataclasses.asdict(METHODS[name]).items() if (k, v) != ("optimizer", "adamw")}
 
 
 def step_cost(name: str) -> float:
@@ -224,9 +229,10 @@ def main() -> None:
     protocol = {
         "dataset": "Fashion-MNIST, zero-padded to 32x32", "data": str(args.data), "seed": args.seed,
         "tokenizer_given": args.tokenizer,
-        "settings": dataclasses.asdict(s), "methods": {m: dataclasses.asdict(METHODS[m]) for m in methods},
+        "settings": dataclasses.asdict(s), "methods": {m: method_settings(m) for m in methods},
         "seeds": seeds, "checkpoints": checkpoints, "smoke": args.smoke,
-        "optimizer": "AdamW (weight decay, clip, lr with linear warm-up as in settings.optim); EMA decay "
+        "optimizer": "AdamW (weight decay, clip, lr with linear warm-up as in settings.optim; a method with "
+                     "optimizer muon: Muon on the hourglass's hidden matrices, AdamW on the rest); EMA decay "
                      "min(ema_decay, (1+step)/(10+step)) (sundae.train.ema_decay_at)",
         "sampler_grids": {k: sampler_grid(k, args.smoke) for k in ("sundae", "maskgit", "ar")},
         "tuning": f"classifier-FID against the validation split at step {s.budget}, seed 0, EMA weights, "

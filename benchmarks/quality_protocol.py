@@ -11,7 +11,6 @@ import dataclasses
 import math
 import statistics
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +22,7 @@ from baselines import (Autoregressive, MaskGIT, autoregressive_loss, autoregress
 from sundae.eval.classifier import predict
 from sundae.eval.metrics import classifier_features, frechet_distance, knn_radii, precision_recall
 from sundae.hourglass import Hourglass, HourglassConfig
-from sundae.optim import generator_optimizers
+from sundae.optim import is_muon_param
 from sundae.pipeline import class_logits_fn
 from sundae.sundae import SamplerConfig, sample, unrolled_loss
 from sundae.train import ema_update
@@ -99,13 +98,17 @@ def state_path(folder: Path, step: int) -> Path:
 
 
 def optimizers(net: nn.Module, opt_cfg: Optim, optimizer: str = "adamw") -> list[torch.optim.Optimizer]:
-    """AdamW over every parameter, or for "muon" the generator's Muon + AdamW pair (`generator_optimizers`:
-    Muon on the hidden matrices at AdamW's update RMS, AdamW without weight decay on embeddings and vectors)."""
-    if optimizer == "adamw":
-        return [torch.optim.AdamW(net.parameters(), lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)]
-    cfg = types.SimpleNamespace(optimizer=optimizer, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay,
-                                betas=(0.9, 0.999))
-    return list(generator_optimizers(net, cfg, {}).values())
+    """AdamW over every parameter (weight decay on all, as the benchmark has always trained); for "muon" the
+    hidden matrices (`sundae.optim.is_muon_param`) go to Muon instead, at AdamW's update RMS and the same
+    lr and weight decay, so that the optimizer of those matrices is the only change."""
+    named = list(net.named_parameters())
+    muon = [p for n, p in named if optimizer == "muon" and is_muon_param(n, p)]
+    rest = [p for n, p in named if not (optimizer == "muon" and is_muon_param(n, p))]
+    opts = [torch.optim.AdamW(rest, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)]
+    if muon:
+        opts.append(torch.optim.Muon(muon, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay,
+                                     adjust_lr_fn="match_rms_adamw"))
+    return opts
 
 
 def train_to_checkpoints(net: nn.Module, loss: Callable, tokens: Tensor, labels: Tensor, checkpoints: list[int],

@@ -76,7 +76,7 @@ def test_muon_run_resumes_exactly_and_both_optimizers_follow_the_schedule(token_
     train_generator(HG["tiny"], dataclasses.replace(cfg, steps=3), ds, tmp_path / "b", meta, progress=False)
     train_generator(HG["tiny"], dataclasses.replace(cfg, optimizer="adamw", steps=3), ds, tmp_path / "c", meta,
                     progress=False)
-    with pytest.raises(ValueError, match="different config"):  # an AdamW-only checkpoint lacks Muon's state
+    with pytest.raises(ValueError, match="trained with optimizer 'adamw', this run asks for 'muon'"):
         train_generator(HG["tiny"], cfg, ds, tmp_path / "c", meta, resume=True, progress=False)
     b = train_generator(HG["tiny"], cfg, ds, tmp_path / "b", meta, resume=True, progress=False)
     sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
@@ -92,6 +92,43 @@ def test_muon_run_resumes_exactly_and_both_optimizers_follow_the_schedule(token_
     assert 0 < lr_factor(cfg, 3) < 1
 
 
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_an_fp16_overflow_in_one_optimizers_weights_skips_every_step(token_dir, tmp_path, monkeypatch, grad_clip):
+    # One inf in the scaled gradient of a Muon matrix at step 3 (as when a token-summed weight gradient overflows):
+    # neither optimizer may step (clipping would otherwise hand AdamW NaN or zeroed gradients), the scale halves,
+    # and the run goes on with finite weights.
+    import sundae.train as T
+    real, calls, seen = T.generator_optimizers, {"n": 0}, {}
+
+    def with_overflow(model, cfg, fused, sharded=False):
+        def hook(g):
+            calls["n"] += 1
+            return g.clone().fill_(float("inf")) if calls["n"] == 3 else g
+        model.get_parameter("pre.0.mlp.0.weight").register_hook(hook)
+        opts = real(model, cfg, fused, sharded)
+        for key, opt in opts.items():  # the weights each optimizer holds, after every step
+            opt.register_step_post_hook(lambda o, a, k, key=key: seen.setdefault(key, []).append(calls["n"]))
+        return opts
+    monkeypatch.setattr(T, "generator_optimizers", with_overflow)
+    cfg = dataclasses.replace(MUON, steps=5, batch_size=4, precision="fp16", grad_clip=grad_clip, log_every=1,
+                              save_every=5, sample_every=100)
+    path = train_generator(HG["tiny"], cfg, TokenDataset(token_dir), tmp_path / "g", {"grid": [4, 4]}, progress=False)
+    assert seen == {"optimizer": [1, 2, 4, 5], "optimizer_muon": [1, 2, 4, 5]}  # step 3 skipped by both
+    ckpt = torch.load(path, weights_only=True)
+    assert all(v.isfinite().all() for v in ckpt["model"].values())
+    assert ckpt["scaler"]["scale"] == 2.0**16 / 2  # halved once, at step 3
+
+
+def test_resuming_with_the_other_optimizer_names_it(token_dir, tmp_path):
+    ds, meta = TokenDataset(token_dir), {"grid": [4, 4]}
+    cfg = dataclasses.replace(MUON, steps=2, batch_size=4, save_every=2, sample_every=100)
+    train_generator(HG["tiny"], cfg, ds, tmp_path / "m", meta, progress=False)
+    with pytest.raises(ValueError, match="trained with optimizer 'muon', this run asks for 'adamw': resume with "
+                                         "--set optimizer=muon"):
+        train_generator(HG["tiny"], dataclasses.replace(cfg, optimizer="adamw", steps=3), ds, tmp_path / "m", meta,
+                        resume=True, progress=False)
+
+
 def test_muon_is_refused_on_sharded_weights_and_unknown_optimizers_by_name():
     net = Hourglass(HG["tiny"])
     with pytest.raises(ValueError, match="sharding 'ddp'"):
@@ -99,3 +136,9 @@ def test_muon_is_refused_on_sharded_weights_and_unknown_optimizers_by_name():
     assert list(generator_optimizers(net, GENERATOR_TRAIN_PRESETS["tiny"], {}, sharded=True)) == ["optimizer"]
     with pytest.raises(ValueError, match="optimizer must be one of adamw, muon, got 'sgd'"):
         GeneratorTrainConfig(optimizer="sgd")
+
+
+def test_muon_on_a_torch_without_it_is_a_clear_error(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(ValueError, match=r"torch.optim.Muon \(PyTorch 2.9 or later\)"):
+        generator_optimizers(Hourglass(HG["tiny"]), MUON, {})

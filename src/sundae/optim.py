@@ -54,8 +54,13 @@ def generator_optimizers(model: nn.Module, cfg: Any, fused: dict[str, bool],
     momentum 0.95 with Nesterov, the update orthogonalised by 5 Newton-Schulz steps; `torch.optim.Muon`).
     Its update is rescaled to AdamW's RMS, 0.2 * sqrt(max(rows, cols)) (Liu et al. 2025, "Muon is Scalable
     for LLM Training", section 2.2), so that `cfg.lr`, its schedule and `cfg.weight_decay` serve both.
-    Raises ValueError for "muon" on FSDP2-sharded parameters (the Newton-Schulz steps need whole matrices).
+    Raises ValueError for "muon" on FSDP2-sharded parameters (the Newton-Schulz steps need whole matrices) or
+    on a torch without `torch.optim.Muon` (before 2.9). `to_kv` is one matrix, so K and V are orthogonalised
+    together.
     """
+    if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"optimizer 'muon' needs torch.optim.Muon (PyTorch 2.9 or later); this is torch "
+                         f"{torch.__version__}: upgrade torch, or use optimizer 'adamw'")
     if cfg.optimizer == "muon" and sharded:
         raise ValueError("optimizer 'muon' needs whole weight matrices: use sharding 'ddp' with it, or "
                          "optimizer 'adamw' with sharding 'fsdp'")

@@ -215,6 +215,10 @@ def restore(out: Path, kind: str, parts: dict[str, Any], ema: nn.Module, resume:
             raise FileExistsError(f"{path} exists: pass --resume to continue that run, --overwrite to start over "
                                   f"(deleting it), or choose another --out")
         ckpt = load_checkpoint(path, kind)
+        if kind == "generator" and ("optimizer_muon" in ckpt) != ("optimizer_muon" in parts):
+            was, now = ("muon", "adamw") if "optimizer_muon" in ckpt else ("adamw", "muon")
+            raise ValueError(f"{path} was trained with optimizer {was!r}, this run asks for {now!r}: resume with "
+                             f"--set optimizer={was}, or start a new run")
         try:
             for key, obj in parts.items():
                 load_state(obj, ckpt[key], parts[_OWNER.get(key, "model")])

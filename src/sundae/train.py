@@ -440,8 +440,12 @@ def _train_generator(model_cfg: HourglassConfig, cfg: GeneratorTrainConfig, data
                 scaler.unscale_(opt)
             grad_norm = distributed.local(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+            # fp16: an overflow anywhere skips every optimizer's step (each `unscale_` sees only its own gradients,
+            # and the clipping above spreads one optimizer's inf to the others' as NaN or zeros).
+            overflow = scaler.is_enabled() and not torch.isfinite(grad_norm)
             for opt, sched in zip(opts.values(), scheds.values()):
-                scaler.step(opt)
+                if not overflow:
+                    scaler.step(opt)
                 sched.step()
             scaler.update()
             ema_update(ema, model, cfg.ema_decay, step)
