@@ -1,5 +1,6 @@
 import errno
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -131,3 +132,14 @@ def small_tmpfs(tmp_path):
         yield Tmpfs(where)
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture()
+def token_dir(tmp_path):
+    """A token folder of 20 random 4x4 grids (64 codes, 10 classes) for the training-loop tests."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "tokens").mkdir()
+    np.save(tmp_path / "tokens" / "tokens.npy", rng.integers(0, 64, (20, 4, 4)).astype(np.uint16))
+    np.save(tmp_path / "tokens" / "labels.npy", rng.integers(0, 10, 20).astype(np.int64))
+    (tmp_path / "tokens" / "meta.json").write_text(json.dumps({"grid": [4, 4], "codebook_size": 64, "num_classes": 10}))
+    return tmp_path / "tokens"

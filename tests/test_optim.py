@@ -1,7 +1,5 @@
 import dataclasses
-import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,16 +11,6 @@ from sundae.train import GENERATOR_TRAIN_PRESETS, lr_factor, train_generator
 from sundae.train_config import GeneratorTrainConfig
 
 MUON = dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], optimizer="muon")
-
-
-@pytest.fixture()
-def token_dir(tmp_path):
-    rng = np.random.default_rng(0)
-    (tmp_path / "tokens").mkdir()
-    np.save(tmp_path / "tokens" / "tokens.npy", rng.integers(0, 64, (20, 4, 4)).astype(np.uint16))
-    np.save(tmp_path / "tokens" / "labels.npy", rng.integers(0, 10, 20).astype(np.int64))
-    (tmp_path / "tokens" / "meta.json").write_text(json.dumps({"grid": [4, 4], "codebook_size": 64, "num_classes": 10}))
-    return tmp_path / "tokens"
 
 
 def _ids(opt):

@@ -39,16 +39,6 @@ def test_ranks_split_the_same_global_batches():
         EpochBatchSampler(11, 4, seed=0, world=3)
 
 
-@pytest.fixture()
-def token_dir(tmp_path):
-    rng = np.random.default_rng(0)
-    (tmp_path / "tokens").mkdir()
-    np.save(tmp_path / "tokens" / "tokens.npy", rng.integers(0, 64, (20, 4, 4)).astype(np.uint16))
-    np.save(tmp_path / "tokens" / "labels.npy", rng.integers(0, 10, 20).astype(np.int64))
-    (tmp_path / "tokens" / "meta.json").write_text(json.dumps({"grid": [4, 4], "codebook_size": 64, "num_classes": 10}))
-    return tmp_path / "tokens"
-
-
 def test_generator_resume_matches_uninterrupted_run(token_dir, tmp_path):
     ds = TokenDataset(token_dir)
     cfg = dataclasses.replace(GENERATOR_TRAIN_PRESETS["tiny"], steps=6, batch_size=4, save_every=3, sample_every=100)
