@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -418,6 +419,26 @@ def _verb_help(capsys, verb: str) -> str:
         run(verb, "--help")
     assert exit_.value.code == 0
     return " ".join(capsys.readouterr().out.split())  # argparse's line breaks undone
+
+
+def test_an_error_line_is_one_write(tmp_path, monkeypatch):
+    # The ranks of a torchrun job share stderr: a line written in two pieces (print's text, then its newline)
+    # interleaved with the other rank's (seen in CI as "...--outsundae train: error: ...").
+    from sundae.cli import main
+
+    class Recorder(io.StringIO):
+        writes: list = []
+
+        def write(self, text):
+            self.writes.append(text)
+            return super().write(text)
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    with pytest.raises(SystemExit):
+        main(["tokenize", "--tokenizer", str(tmp_path / "missing.pt"), "--data", str(tmp_path), "--out",
+              str(tmp_path / "t")])
+    errors = [w for w in Recorder.writes if ": error: " in w]
+    assert len(errors) == 1 and errors[0].startswith("sundae tokenize: error: ") and errors[0].endswith("\n")
+    assert errors[0].count("\n") == 1
 
 
 def test_every_option_of_every_verb_has_help_text():

@@ -88,6 +88,13 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _stderr_line(text: str) -> None:
+    """`text` and its newline in one write: `print` makes two, and the ranks of a torchrun job share stderr,
+    so their error lines interleaved mid-line."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the command line. Errors print one line `sundae VERB: error: ...` and exit with status 2 (130 on
     Ctrl-C); `--debug` re-raises them with the traceback."""
@@ -106,13 +113,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.debug:
             raise
         if rank() == 0:
-            print(f"sundae {args.verb}: {err}", file=sys.stderr)
+            _stderr_line(f"sundae {args.verb}: {err}")
         sys.exit(128 + err.signum)
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"sundae {args.verb}: interrupted; training runs continue from their last checkpoint with --resume",
-              file=sys.stderr)
+        _stderr_line(f"sundae {args.verb}: interrupted; training runs continue from their last checkpoint with "
+                     f"--resume")
         sys.exit(130)
     except Exception as err:
         remove_if_empty(new_folders)  # a run that failed before writing anything leaves no folder behind
@@ -121,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         expected = isinstance(err, (UsageError, OSError, ValueError, FloatingPointError, ImportError))
         text = error_line(err)
         hint = "" if expected else f" ({type(err).__name__}; run with --debug for the traceback)"
-        print(f"sundae {args.verb}: error: {text}{hint}", file=sys.stderr)
+        _stderr_line(f"sundae {args.verb}: error: {text}{hint}")
         sys.exit(2)
     finally:
         log.removeHandler(handler)
