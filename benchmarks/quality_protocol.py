@@ -22,7 +22,7 @@ from baselines import (Autoregressive, MaskGIT, autoregressive_loss, autoregress
 from sundae.eval.classifier import predict
 from sundae.eval.metrics import classifier_features, frechet_distance, knn_radii, precision_recall
 from sundae.hourglass import Hourglass, HourglassConfig
-from sundae.optim import is_muon_param
+from sundae.optim import is_muon_param, muon
 from sundae.pipeline import class_logits_fn
 from sundae.sundae import SamplerConfig, sample, unrolled_loss
 from sundae.train import ema_update
@@ -101,13 +101,12 @@ def optimizers(net: nn.Module, opt_cfg: Optim, optimizer: str = "adamw") -> list
     """AdamW over every parameter (weight decay on all, as the benchmark has always trained); for "muon" the
     hidden matrices (`sundae.optim.is_muon_param`) go to Muon instead, at AdamW's update RMS and the same
     lr and weight decay, so that the optimizer of those matrices is the only change."""
-    named = list(net.named_parameters())
-    muon = [p for n, p in named if optimizer == "muon" and is_muon_param(n, p)]
-    rest = [p for n, p in named if not (optimizer == "muon" and is_muon_param(n, p))]
+    hidden, rest = [], []
+    for name, p in net.named_parameters():
+        (hidden if optimizer == "muon" and is_muon_param(name, p) else rest).append(p)
     opts = [torch.optim.AdamW(rest, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)]
-    if muon:
-        opts.append(torch.optim.Muon(muon, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay,
-                                     adjust_lr_fn="match_rms_adamw"))
+    if hidden:
+        opts.append(muon(hidden, opt_cfg.lr, opt_cfg.weight_decay))
     return opts
 
 

@@ -44,6 +44,16 @@ def is_muon_param(name: str, p: torch.Tensor) -> bool:
     return p.ndim == 2 and name.startswith(MUON_MODULES)
 
 
+def muon(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """`torch.optim.Muon` over 2D `params`, its update rescaled to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`,
+    see `generator_optimizers`), so that AdamW's `lr` and `weight_decay` apply as they are.
+    Raises ValueError on a torch without `torch.optim.Muon` (before 2.9)."""
+    if not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"optimizer 'muon' needs torch.optim.Muon (PyTorch 2.9 or later); this is torch "
+                         f"{torch.__version__}: upgrade torch, or use optimizer 'adamw'")
+    return torch.optim.Muon(params, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+
+
 def generator_optimizers(model: nn.Module, cfg: Any, fused: dict[str, bool],
                          sharded: bool = False) -> dict[str, torch.optim.Optimizer]:
     """The generator's optimizers, keyed by their checkpoint names, for `cfg` (a `GeneratorTrainConfig`).
@@ -58,22 +68,18 @@ def generator_optimizers(model: nn.Module, cfg: Any, fused: dict[str, bool],
     on a torch without `torch.optim.Muon` (before 2.9). `to_kv` is one matrix, so K and V are orthogonalised
     together.
     """
-    if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        raise ValueError(f"optimizer 'muon' needs torch.optim.Muon (PyTorch 2.9 or later); this is torch "
-                         f"{torch.__version__}: upgrade torch, or use optimizer 'adamw'")
     if cfg.optimizer == "muon" and sharded:
         raise ValueError("optimizer 'muon' needs whole weight matrices: use sharding 'ddp' with it, or "
                          "optimizer 'adamw' with sharding 'fsdp'")
-    decay, no_decay, muon = [], [], []
+    decay, no_decay, hidden = [], [], []
     for name, p in model.named_parameters():
         if cfg.optimizer == "muon" and is_muon_param(name, p):
-            muon.append(p)
+            hidden.append(p)
         else:
             (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
     opts: dict[str, torch.optim.Optimizer] = {"optimizer": torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=cfg.betas, **fused)}
-    if muon:
-        opts["optimizer_muon"] = torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                                  adjust_lr_fn="match_rms_adamw")
+    if hidden:
+        opts["optimizer_muon"] = muon(hidden, cfg.lr, cfg.weight_decay)
     return opts
